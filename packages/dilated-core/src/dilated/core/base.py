@@ -1,0 +1,290 @@
+"""Base modules that every dilated-attention implementation subclasses.
+
+:class:`BaseDilatedAttention` owns the config, the call signature and the dropout/causality
+defaults; a subclass implements only :meth:`BaseDilatedAttention._attention`.
+:class:`BaseMultiheadDilatedAttention` owns the projections, the MAGNETO sub-layer norm and the
+initialisation; a subclass chooses its inner attention through
+:meth:`BaseMultiheadDilatedAttention._make_attention`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dilated.core.config import DilatedAttentionConfig, MultiheadConfig
+
+__all__ = ["BaseDilatedAttention", "BaseMultiheadDilatedAttention"]
+
+
+def _warn_op(op: Any) -> None:
+    if op is not None:
+        warnings.warn(
+            "op= selected an xformers operator in dilated-attention-pytorch 0.2.0 and is ignored "
+            "here; choose an implementation with create_dilated_attention(kind=...) instead",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+
+class BaseDilatedAttention(nn.Module, ABC):
+    """Dilated attention over ``(batch, seq, heads, head_dim)`` inputs.
+
+    Construct from keywords, ``Cls(segment_lengths, dilation_rates, softmax_scale=None,
+    attention_dropout=0.0)`` as in dilated-attention-pytorch, or from a config, ``Cls(config)``.
+
+    Attributes:
+        config: the validated :class:`~dilated.core.config.DilatedAttentionConfig`.
+    """
+
+    config: DilatedAttentionConfig
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int] | DilatedAttentionConfig,
+        dilation_rates: Sequence[int] | None = None,
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        op: Any = None,
+        *,
+        is_causal: bool = False,
+    ) -> None:
+        super().__init__()
+        _warn_op(op)
+        if isinstance(segment_lengths, DilatedAttentionConfig):
+            if dilation_rates is not None:
+                raise ValueError("pass either a DilatedAttentionConfig or dilation_rates, not both")
+            self.config = segment_lengths
+        else:
+            if dilation_rates is None:
+                raise ValueError("dilation_rates is required when segment_lengths is given")
+            self.config = DilatedAttentionConfig(
+                segment_lengths=tuple(segment_lengths),
+                dilation_rates=tuple(dilation_rates),
+                dropout=attention_dropout,
+                scale=softmax_scale,
+                is_causal=is_causal,
+            )
+
+    @property
+    def segment_lengths(self) -> tuple[int, ...]:
+        """Segment length of each branch."""
+        return self.config.segment_lengths
+
+    @property
+    def dilation_rates(self) -> tuple[int, ...]:
+        """Dilation rate of each branch."""
+        return self.config.dilation_rates
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        is_causal: bool | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend.
+
+        Args:
+            query: ``(batch, seq, heads, head_dim)``.
+            key, value: ``(batch, seq, kv_heads, head_dim)``, ``heads % kv_heads == 0``.
+            is_causal: None uses ``config.is_causal``.
+            key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+
+        Returns:
+            ``(batch, seq, heads, head_dim)`` in the dtype of ``query``.
+        """
+        return self._attention(
+            query,
+            key,
+            value,
+            is_causal=self.config.is_causal if is_causal is None else is_causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=self.config.dropout if self.training else 0.0,
+        )
+
+    @abstractmethod
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        """Compute the attention with this implementation (inputs as in :meth:`forward`)."""
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"segment_lengths={list(c.segment_lengths)}, dilation_rates={list(c.dilation_rates)}, "
+            f"dropout={c.dropout}, scale={c.scale}, is_causal={c.is_causal}"
+        )
+
+
+class BaseMultiheadDilatedAttention(nn.Module, ABC):
+    """Multi-head dilated attention with MAGNETO initialisation and sub-layer norm.
+
+    Keyword construction follows dilated-attention-pytorch 0.2.0 (note ``dilation_rates`` before
+    ``segment_lengths``)::
+
+        Cls(embed_dim, num_heads, dilation_rates, segment_lengths, dropout=0.0, bias=True,
+            layer_norm=True, layer_norm_eps=1e-5, gamma_init=1.0, device=None, dtype=None)
+
+    or from configs, ``Cls(MultiheadConfig(...), DilatedAttentionConfig(...))``. Extra keywords
+    (``num_kv_heads``, ``softmax_scale``, ``is_causal``) extend the original.
+
+    Inputs are ``(batch, seq, embed_dim)``; :meth:`forward` returns ``(out, None)``.
+
+    Attributes:
+        multihead_config, attention_config: the validated configs.
+        attention: the inner :class:`BaseDilatedAttention`.
+    """
+
+    multihead_config: MultiheadConfig
+    attention_config: DilatedAttentionConfig
+
+    def __init__(
+        self,
+        embed_dim: int | MultiheadConfig,
+        num_heads: int | DilatedAttentionConfig | None = None,
+        dilation_rates: Sequence[int] | None = None,
+        segment_lengths: Sequence[int] | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        layer_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        gamma_init: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        op: Any = None,
+        *,
+        num_kv_heads: int | None = None,
+        softmax_scale: float | None = None,
+        is_causal: bool = False,
+    ) -> None:
+        super().__init__()
+        _warn_op(op)
+        if isinstance(embed_dim, MultiheadConfig):
+            if not isinstance(num_heads, DilatedAttentionConfig):
+                raise ValueError(
+                    "with a MultiheadConfig, the second argument must be a DilatedAttentionConfig, "
+                    f"got {type(num_heads).__name__}"
+                )
+            self.multihead_config, self.attention_config = embed_dim, num_heads
+        else:
+            if isinstance(num_heads, DilatedAttentionConfig) or num_heads is None:
+                raise ValueError("num_heads must be an int when embed_dim is an int")
+            if segment_lengths is None or dilation_rates is None:
+                raise ValueError("segment_lengths and dilation_rates are required")
+            self.multihead_config = MultiheadConfig(
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                bias=bias,
+                layer_norm=layer_norm,
+                layer_norm_eps=layer_norm_eps,
+                gamma_init=gamma_init,
+                device=device,
+                dtype=dtype,
+            )
+            self.attention_config = DilatedAttentionConfig(
+                segment_lengths=tuple(segment_lengths),
+                dilation_rates=tuple(dilation_rates),
+                dropout=dropout,
+                scale=softmax_scale,
+                is_causal=is_causal,
+            )
+        mc = self.multihead_config
+        factory: dict[str, Any] = {"device": mc.device, "dtype": mc.dtype}
+        kv_dim = mc.kv_heads * mc.head_dim
+        self.q_proj = nn.Linear(mc.embed_dim, mc.embed_dim, bias=mc.bias, **factory)
+        self.k_proj = nn.Linear(mc.embed_dim, kv_dim, bias=mc.bias, **factory)
+        self.v_proj = nn.Linear(mc.embed_dim, kv_dim, bias=mc.bias, **factory)
+        self.norm: nn.Module | None = (
+            nn.LayerNorm(mc.embed_dim, eps=mc.layer_norm_eps, **factory) if mc.layer_norm else None
+        )
+        self.out_proj = nn.Linear(mc.embed_dim, mc.embed_dim, bias=mc.bias, **factory)
+        self.attention = self._make_attention(self.attention_config)
+        self._reset_parameters()
+
+    @property
+    def embed_dim(self) -> int:
+        """Model width."""
+        return self.multihead_config.embed_dim
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads."""
+        return self.multihead_config.num_heads
+
+    @abstractmethod
+    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
+        """Build the inner attention module of this implementation."""
+
+    def _reset_parameters(self) -> None:
+        # MAGNETO (arXiv 2210.06423): Xavier-normal q/k, and v/out scaled by gamma_init.
+        gamma = self.multihead_config.gamma_init
+        for proj, gain in (
+            (self.q_proj, 1.0),
+            (self.k_proj, 1.0),
+            (self.v_proj, gamma),
+            (self.out_proj, gamma),
+        ):
+            nn.init.xavier_normal_(proj.weight, gain=gain)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        is_causal: bool | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Project, attend, normalise and project back.
+
+        Args:
+            query: ``(batch, seq, embed_dim)``.
+            key, value: ``(batch, seq, embed_dim)`` (same ``seq`` as ``query``).
+            is_causal: None uses ``attention_config.is_causal``.
+            key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+            need_weights: must be False: the sparse weights are never materialised.
+            attn_mask: must be None: express masks with ``is_causal``/``key_padding_mask``.
+
+        Returns:
+            ``(out, None)`` with ``out`` ``(batch, seq, embed_dim)``.
+        """
+        if need_weights:
+            raise ValueError("need_weights=True is not supported: dilated attention weights are never materialised")
+        if attn_mask is not None:
+            raise ValueError(
+                "attn_mask is not supported; use is_causal and key_padding_mask (True = real token)"
+            )
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), "
+                    f"got {tuple(t.shape)}"
+                )
+        mc = self.multihead_config
+        b, n, _ = query.shape
+        q = self.q_proj(query).view(b, n, mc.num_heads, mc.head_dim)
+        k = self.k_proj(key).view(key.shape[0], key.shape[1], mc.kv_heads, mc.head_dim)
+        v = self.v_proj(value).view(value.shape[0], value.shape[1], mc.kv_heads, mc.head_dim)
+        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        x = x.reshape(b, n, mc.embed_dim)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.out_proj(x), None

@@ -1,0 +1,261 @@
+"""Frozen, validated configuration dataclasses shared by every ``dilated`` package.
+
+Each config checks itself in ``__post_init__`` and raises :class:`ValueError` naming the field,
+the value and the rule. Lists given for ``segment_lengths``/``dilation_rates`` are stored as tuples
+so that configs stay hashable and immutable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from dilated.core.checks import check_branches, check_dropout, check_positive_int, check_scale
+
+__all__ = [
+    "DilatedAttentionConfig",
+    "DistributedConfig",
+    "MemoryPoolConfig",
+    "MultiheadConfig",
+    "RingAttentionConfig",
+    "RingDistributedConfig",
+    "SparseAttentionConfig",
+]
+
+
+def _set(obj: object, name: str, value: Any) -> None:
+    # Frozen dataclasses normalise their own fields (list -> tuple) through object.__setattr__.
+    object.__setattr__(obj, name, value)
+
+
+@dataclass(frozen=True)
+class DilatedAttentionConfig:
+    """The attention pattern: one branch per ``(segment_length, dilation_rate)`` pair.
+
+    Attributes:
+        segment_lengths: ``w_i`` per branch (positive).
+        dilation_rates: ``r_i`` per branch (positive, ``w_i % r_i == 0``).
+        dropout: dropout on attention probabilities in training, in ``[0, 1)``.
+        scale: softmax scale; None means ``head_dim ** -0.5``.
+        is_causal: default causality of calls that do not say.
+    """
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    dropout: float = 0.0
+    scale: float | None = None
+    is_causal: bool = False
+
+    def __post_init__(self) -> None:
+        ws, rs = check_branches(self.segment_lengths, self.dilation_rates)
+        _set(self, "segment_lengths", ws)
+        _set(self, "dilation_rates", rs)
+        check_dropout("dropout", self.dropout)
+        if self.scale is not None:
+            check_scale(self.scale, 1)
+        if not isinstance(self.is_causal, bool):
+            raise ValueError(f"is_causal must be a bool, got {self.is_causal!r}")
+
+    @property
+    def num_branches(self) -> int:
+        """Number of ``(w, r)`` branches."""
+        return len(self.segment_lengths)
+
+    @property
+    def max_segment_length(self) -> int:
+        """The largest segment length ``max_i w_i``."""
+        return max(self.segment_lengths)
+
+
+@dataclass(frozen=True)
+class MultiheadConfig:
+    """Shape and initialisation of a multi-head dilated attention layer.
+
+    Attributes:
+        embed_dim: model width; a multiple of ``num_heads``.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention); None means ``num_heads``.
+            ``num_heads`` must be a multiple of it.
+        bias: biases in the q/k/v/out projections.
+        layer_norm: MAGNETO sub-layer norm before the output projection.
+        layer_norm_eps: epsilon of that norm.
+        gamma_init: gain of the Xavier init of the v and out projections (MAGNETO).
+        device, dtype: where and in what dtype parameters are created.
+    """
+
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    bias: bool = True
+    layer_norm: bool = True
+    layer_norm_eps: float = 1e-5
+    gamma_init: float = 1.0
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("embed_dim", self.embed_dim)
+        check_positive_int("num_heads", self.num_heads)
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.num_kv_heads is not None:
+            check_positive_int("num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads != 0:
+                raise ValueError(
+                    f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                    f"({self.num_kv_heads}) for grouped-query attention"
+                )
+        for name in ("layer_norm_eps", "gamma_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite positive number, got {value}")
+        if self.dtype is not None and not (
+            isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point
+        ):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {self.dtype!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one head, ``embed_dim // num_heads``."""
+        return self.embed_dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads, resolving None to ``num_heads``."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class MemoryPoolConfig:
+    """Bounds of a :class:`~dilated.core.memory_pool.MemoryPool`.
+
+    Attributes:
+        max_bytes: bytes the pool may keep while idle; beyond it the least recently used buffers
+            are evicted.
+        max_buffers_per_key: idle buffers kept per (shape, dtype, device).
+        enabled: False makes every acquire a fresh allocation (for debugging).
+    """
+
+    max_bytes: int = 1 << 30
+    max_buffers_per_key: int = 4
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int):
+            raise ValueError(f"max_bytes must be a non-negative integer, got {self.max_bytes!r}")
+        if self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative integer, got {self.max_bytes}")
+        check_positive_int("max_buffers_per_key", self.max_buffers_per_key)
+
+
+@dataclass(frozen=True)
+class RingAttentionConfig(DilatedAttentionConfig):
+    """A dilated pattern computed over a sequence split across ranks.
+
+    ``dilation_rates`` may be left out, which means rate 1 for every branch.
+
+    Attributes:
+        load_balance: how the sequence is split: ``"contiguous"`` shards, or ``"zigzag"`` /
+            ``"striped"`` to even out causal work.
+        overlap: overlap the next key/value transfer with the current block's compute.
+        checkpoint: recompute the attention in the backward pass instead of storing it.
+    """
+
+    # Left out (empty), every branch gets rate 1; the positional order of the parent still works.
+    dilation_rates: tuple[int, ...] = ()
+    load_balance: Literal["contiguous", "zigzag", "striped"] = "contiguous"
+    overlap: bool = True
+    checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dilation_rates, (tuple, list)) and len(self.dilation_rates) == 0:
+            _set(self, "dilation_rates", (1,) * len(self.segment_lengths))
+        super().__post_init__()
+        if self.load_balance not in ("contiguous", "zigzag", "striped"):
+            raise ValueError(
+                "load_balance must be 'contiguous', 'zigzag' or 'striped', "
+                f"got {self.load_balance!r}"
+            )
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Process-group settings of sequence-parallel attention.
+
+    Attributes:
+        world_size: ranks expected in the group (None: read it from the group at run time).
+        strategy: ``"ring"`` (rotating K/V blocks), ``"allgather"`` (LongNet's algorithm) or
+            ``"ulysses"`` (all-to-all over heads).
+        timeout_s: seconds a collective may wait before failing.
+        backend: ``torch.distributed`` backend to use when the group is created here.
+    """
+
+    world_size: int | None = None
+    strategy: Literal["ring", "allgather", "ulysses"] = "ring"
+    timeout_s: float = 600.0
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.world_size is not None:
+            check_positive_int("world_size", self.world_size)
+        if self.strategy not in ("ring", "allgather", "ulysses"):
+            raise ValueError(
+                f"strategy must be 'ring', 'allgather' or 'ulysses', got {self.strategy!r}"
+            )
+        if (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, (int, float))
+            or not self.timeout_s > 0
+        ):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """A block-sparse restriction of the dilated pattern.
+
+    Attributes:
+        block_size: tokens per block.
+        sparsity_ratio: fraction of key blocks each query block skips, in ``[0, 1)``.
+        pattern: how kept blocks are chosen.
+    """
+
+    block_size: int = 128
+    sparsity_ratio: float = 0.0
+    pattern: Literal["local_window", "dilated_sparse", "global_local"] = "dilated_sparse"
+
+    def __post_init__(self) -> None:
+        check_positive_int("block_size", self.block_size)
+        check_dropout("sparsity_ratio", self.sparsity_ratio)
+        if self.pattern not in ("local_window", "dilated_sparse", "global_local"):
+            raise ValueError(
+                "pattern must be 'local_window', 'dilated_sparse' or 'global_local', "
+                f"got {self.pattern!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RingDistributedConfig:
+    """Everything a distributed multi-head layer needs, composed from the parts above."""
+
+    multihead_config: MultiheadConfig
+    ring_config: RingAttentionConfig
+    distributed_config: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (
+            ("multihead_config", MultiheadConfig),
+            ("ring_config", RingAttentionConfig),
+            ("distributed_config", DistributedConfig),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(
+                    f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}"
+                )

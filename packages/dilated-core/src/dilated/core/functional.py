@@ -1,0 +1,144 @@
+"""The public dilated-attention op of dilated-core: validation, then the reference implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, overload
+
+import torch
+
+from dilated.core.checks import (
+    check_attention_inputs,
+    check_branches,
+    check_dropout,
+    check_finite,
+    check_key_padding_mask,
+    check_scale,
+)
+from dilated.core.reference import dilated_attention_reference
+
+__all__ = ["dilated_attention", "prepare_call"]
+
+
+def prepare_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None,
+    key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    check_finite_inputs: bool,
+) -> tuple[tuple[int, ...], tuple[int, ...], float]:
+    """Run every check of one dilated-attention call; return the branches and the scale.
+
+    Shared by every backend's public op so that they accept and reject exactly the same inputs.
+    """
+    check_attention_inputs(q, k, v)
+    ws, rs = check_branches(segment_lengths, dilation_rates)
+    check_key_padding_mask(key_padding_mask, q)
+    check_dropout("dropout_p", dropout_p)
+    if check_finite_inputs:
+        check_finite(q=q, k=k, v=v)
+    return ws, rs, check_scale(scale, q.shape[-1])
+
+
+@overload
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None = ...,
+    is_causal: bool = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    dropout_p: float = ...,
+    return_lse: Literal[False] = ...,
+    check_finite: bool = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None = ...,
+    is_causal: bool = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    dropout_p: float = ...,
+    return_lse: Literal[True],
+    check_finite: bool = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    check_finite: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LongNet dilated attention, exactly as defined in SPEC.md (the reference implementation).
+
+    Args:
+        q: queries ``(batch, seq, heads, head_dim)``, float16/bfloat16/float32/float64.
+        k, v: keys and values ``(batch, seq, kv_heads, head_dim)``; ``heads`` must be a multiple of
+            ``kv_heads`` (grouped-query attention: query head ``j`` reads kv head
+            ``j // (heads // kv_heads)``).
+        segment_lengths: ``w_i`` of each branch; the last segment may be shorter when ``seq`` is
+            not a multiple of ``w_i``.
+        dilation_rates: ``r_i`` of each branch, with ``w_i % r_i == 0``. Head ``j`` reads the
+            positions ``t`` with ``t mod r_i == j mod r_i``.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        is_causal: query ``t`` sees only keys ``u <= t``.
+        key_padding_mask: bool ``(batch, seq)``, True for real tokens; padded keys are never seen.
+        dropout_p: dropout on the attention probabilities (pass 0 in evaluation).
+        return_lse: also return the merged log-sum-exp.
+        check_finite: raise ``ValueError`` when q, k or v holds NaN or Inf (one pass over the
+            inputs and a device sync). With False, non-finite inputs propagate as in dense attention.
+
+    Returns:
+        ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q``; with ``return_lse``, also
+        ``lse`` ``(batch, heads, seq)`` in float32 (float64 for float64 inputs). A query that no
+        branch lets see any key gets ``out = 0`` and ``lse = -inf``.
+
+    Half-precision inputs are computed in float32 and the output rounded once at the end.
+    """
+    ws, rs, softmax_scale = prepare_call(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
+        check_finite_inputs=check_finite,
+    )
+    out, lse = dilated_attention_reference(
+        q,
+        k,
+        v,
+        ws,
+        rs,
+        scale=softmax_scale,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
+    )
+    return (out, lse) if return_lse else out

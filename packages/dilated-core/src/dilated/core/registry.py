@@ -1,0 +1,210 @@
+"""Registry of dilated-attention implementations and the factory functions built on it.
+
+Packages announce implementations through the entry-point group ``dilated.attention``; each entry
+point names an :class:`Implementation`. ``create_dilated_attention(kind)`` and
+``create_multihead_dilated_attention(kind)`` build modules by name, by preset, or with
+``kind="auto"``, the highest-priority implementation that runs on the target device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dilated.core.presets import PRESETS, Preset
+
+if TYPE_CHECKING:
+    from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "KNOWN_KINDS",
+    "Implementation",
+    "available_implementations",
+    "create_dilated_attention",
+    "create_multihead_dilated_attention",
+    "get_implementation",
+    "register_implementation",
+]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "dilated.attention"
+
+#: Kinds published by the ``dilated`` packages, and the distribution that provides each.
+KNOWN_KINDS: dict[str, str] = {
+    "standard": "dilated-core",
+    "improved": "dilated-kernels",
+    "ring": "dilated-ring",
+    "distributed": "dilated-ring",
+    "ring_distributed": "dilated-ring",
+    "block_sparse": "dilated-sparse",
+    "block_sparse_ring": "dilated-sparse",
+}
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One named dilated-attention implementation.
+
+    Attributes:
+        name: the ``kind`` users ask for.
+        attention: module class over ``(batch, seq, heads, head_dim)``.
+        multihead: module class over ``(batch, seq, embed_dim)``.
+        package: distribution that ships it (named in errors and ``dilated info``).
+        description: one line for ``dilated info``.
+        priority: ``kind="auto"`` takes the highest priority that supports the device.
+        devices: device types it runs on.
+        distributed: needs an initialised process group; never chosen by ``"auto"`` and
+            skipped by ``dilated bench``/``check``.
+        backends: optional callable listing the backends usable here, for ``dilated info``.
+    """
+
+    name: str
+    attention: type[BaseDilatedAttention]
+    multihead: type[BaseMultiheadDilatedAttention]
+    package: str
+    description: str = ""
+    priority: int = 0
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    distributed: bool = False
+    backends: Callable[[], list[str]] | None = field(default=None, compare=False)
+
+    def supports(self, device: torch.device | str) -> bool:
+        """Whether this implementation runs on ``device``."""
+        return torch.device(device).type in self.devices
+
+
+_lock = threading.Lock()
+_registered: dict[str, Implementation] = {}
+_loaded = False
+
+
+def register_implementation(impl: Implementation, *, replace: bool = False) -> None:
+    """Add ``impl`` to the registry (what the entry points do at discovery)."""
+    if not isinstance(impl, Implementation):
+        raise TypeError(f"impl must be an Implementation, got {type(impl).__name__}")
+    with _lock:
+        if impl.name in _registered and not replace and _registered[impl.name] != impl:
+            raise ValueError(f"an implementation named {impl.name!r} is already registered")
+        _registered[impl.name] = impl
+
+
+def _load_entry_points() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            impl = ep.load()
+        except Exception as exc:  # a broken plugin must not hide the others
+            logger.warning("could not load dilated.attention entry point %r: %s", ep.name, exc)
+            continue
+        if not isinstance(impl, Implementation):
+            logger.warning("entry point %r does not name an Implementation; ignored", ep.name)
+            continue
+        with _lock:
+            _registered.setdefault(impl.name, impl)
+    _loaded = True
+
+
+def available_implementations() -> dict[str, Implementation]:
+    """Every registered implementation by name, entry points included."""
+    _load_entry_points()
+    with _lock:
+        return dict(sorted(_registered.items()))
+
+
+def _default_device(device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def get_implementation(kind: str = "auto", device: torch.device | str | None = None) -> Implementation:
+    """Resolve ``kind`` to an :class:`Implementation`.
+
+    ``"auto"`` picks the highest-priority non-distributed implementation supporting ``device``
+    (default: CUDA when available, else CPU). An unknown or uninstalled kind raises ``ValueError``
+    naming the package to install.
+    """
+    impls = available_implementations()
+    if kind == "auto":
+        dev = _default_device(device)
+        candidates = [i for i in impls.values() if not i.distributed and i.supports(dev)]
+        if not candidates:
+            raise ValueError(f"no installed dilated-attention implementation supports {dev}")
+        best = max(candidates, key=lambda i: (i.priority, i.name))
+        logger.debug("kind='auto' on %s chose %r (%s)", dev, best.name, best.package)
+        return best
+    if kind in impls:
+        return impls[kind]
+    if kind in KNOWN_KINDS:
+        pkg = KNOWN_KINDS[kind]
+        raise ValueError(
+            f"kind={kind!r} is provided by the package {pkg!r}, which is not installed: "
+            f"pip install {pkg}"
+        )
+    names = sorted(set(impls) | set(KNOWN_KINDS) | set(PRESETS) | {"auto"})
+    raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(names)}")
+
+
+def _resolve(kind: str, kwargs: dict[str, Any], multihead: bool) -> Implementation:
+    """Apply a preset named by ``kind`` (filling only what the caller left out) and resolve it."""
+    preset: Preset | None = PRESETS.get(kind)
+    if preset is not None:
+        kwargs.setdefault("segment_lengths", list(preset.segment_lengths))
+        kwargs.setdefault("dilation_rates", list(preset.dilation_rates))
+        if multihead:
+            kwargs.setdefault("embed_dim", preset.embed_dim)
+            kwargs.setdefault("num_heads", preset.num_heads)
+        kind = "auto"
+    for name in ("segment_lengths", "dilation_rates"):
+        if kwargs.get(name) is None:
+            raise ValueError(f"{name} is required (or name a preset: {', '.join(sorted(PRESETS))})")
+    return get_implementation(kind, kwargs.get("device"))
+
+
+def create_dilated_attention(kind: str = "auto", **kwargs: Any) -> BaseDilatedAttention:
+    """Build a dilated-attention module over ``(batch, seq, heads, head_dim)``.
+
+    Args:
+        kind: an implementation name (``"standard"``, ``"improved"``, ``"ring"``, ...), a preset
+            name (``"longnet_1m"``, ...) or ``"auto"``.
+        **kwargs: ``segment_lengths``, ``dilation_rates`` and the implementation's own keywords
+            (``softmax_scale``, ``attention_dropout``, ...). ``device`` only steers ``"auto"``.
+
+    Returns:
+        The module (no parameters, so it has no device of its own).
+    """
+    kw = dict(kwargs)
+    impl = _resolve(kind, kw, multihead=False)
+    kw.pop("device", None)
+    return impl.attention(**kw)
+
+
+def create_multihead_dilated_attention(
+    kind: str = "auto", **kwargs: Any
+) -> BaseMultiheadDilatedAttention:
+    """Build a multi-head dilated-attention module over ``(batch, seq, embed_dim)``.
+
+    Args:
+        kind: an implementation name, a preset name, or ``"auto"``.
+        **kwargs: ``embed_dim``, ``num_heads``, ``segment_lengths``, ``dilation_rates`` and the
+            module's other keywords (``dropout``, ``bias``, ``num_kv_heads``, ``device``, ...).
+
+    Returns:
+        The module, with its ``(out, None)``-returning forward.
+    """
+    kw = dict(kwargs)
+    impl = _resolve(kind, kw, multihead=True)
+    for name in ("embed_dim", "num_heads"):
+        if kw.get(name) is None:
+            raise ValueError(f"{name} is required for a multi-head module")
+    return impl.multihead(**kw)

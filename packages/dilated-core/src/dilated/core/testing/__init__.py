@@ -1,0 +1,168 @@
+"""Test helpers every ``dilated`` package imports: the dense judge, inputs and tolerances.
+
+:func:`dense_dilated_attention` builds the full boolean mask of SPEC.md for each branch and
+computes in float64; it is O(seq^2) in memory and meant for tests only. Implementations are
+compared with it through :func:`assert_close_to_reference`, whose tolerances are SPEC.md's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "AttentionInputs",
+    "assert_close_to_reference",
+    "branch_mask",
+    "dense_dilated_attention",
+    "make_inputs",
+    "relative_error",
+    "tolerance",
+]
+
+
+def branch_mask(
+    seq: int,
+    heads: int,
+    segment_length: int,
+    dilation_rate: int,
+    *,
+    is_causal: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """SPEC.md's mask ``M[j, t, u]`` of one branch: True where query ``t`` of head ``j`` may see key ``u``.
+
+    Returns a bool tensor ``(heads, seq, seq)`` (before any key padding mask).
+    """
+    pos = torch.arange(seq, device=device)
+    phase = torch.arange(heads, device=device) % dilation_rate  # (h,)
+    takes_part = (pos[None, :] % dilation_rate) == phase[:, None]  # (h, n)
+    same_segment = (pos[:, None] // segment_length) == (pos[None, :] // segment_length)  # (n, n)
+    mask = takes_part[:, :, None] & takes_part[:, None, :] & same_segment[None]
+    if is_causal:
+        mask &= (pos[None, :] <= pos[:, None])[None]
+    return mask
+
+
+def dense_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dilated attention straight from SPEC.md's definition, in float64 with dense masks.
+
+    Args:
+        q: ``(batch, seq, heads, head_dim)``; k, v: ``(batch, seq, kv_heads, head_dim)``.
+        segment_lengths, dilation_rates: the branches.
+        scale: default ``head_dim ** -0.5``.
+        is_causal, key_padding_mask: as in :func:`dilated.core.dilated_attention`.
+
+    Returns:
+        ``(out, lse)`` in float64: ``out`` ``(batch, seq, heads, head_dim)``, ``lse``
+        ``(batch, heads, seq)``. Differentiable with respect to q, k and v (through float64).
+    """
+    b, n, hq, d = q.shape
+    group = hq // k.shape[2]
+    qd = q.double().transpose(1, 2)  # (b, h, n, d)
+    kd = k.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    vd = v.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    s = (qd @ kd.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)  # (b, h, n, n)
+    branch_outputs, branch_lses = [], []
+    for w, r in zip(segment_lengths, dilation_rates):
+        m = branch_mask(n, hq, w, r, is_causal=is_causal, device=q.device)[None]  # (1, h, n, n)
+        if key_padding_mask is not None:
+            m = m & key_padding_mask[:, None, None, :]
+        empty = ~m.any(dim=-1, keepdim=True)  # (b, h, n, 1)
+        # Rows with no allowed key are set to 0 before logsumexp and back to -inf after, so that
+        # neither the value nor its gradient is NaN.
+        masked = torch.where(m, s, torch.where(empty, 0.0, float("-inf")))
+        lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+        probs = torch.where(m, torch.exp(masked - lse), 0.0)
+        branch_outputs.append(probs @ vd)
+        branch_lses.append(torch.where(empty, float("-inf"), lse).squeeze(-1))
+    lses = torch.stack(branch_lses)  # (m, b, h, n)
+    covered = torch.isfinite(lses).any(dim=0)  # (b, h, n)
+    total = torch.logsumexp(torch.where(covered, lses, 0.0), dim=0)
+    weights = torch.where(covered, torch.exp(lses - total), 0.0)
+    total = torch.where(covered, total, float("-inf"))
+    out = sum(wt[..., None] * o for wt, o in zip(weights, branch_outputs))
+    assert isinstance(out, torch.Tensor)
+    return out.transpose(1, 2), total
+
+
+@dataclass
+class AttentionInputs:
+    """Random inputs for one dilated-attention call (see :func:`make_inputs`)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+
+
+def make_inputs(
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    *,
+    kv_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    padding: bool = False,
+    requires_grad: bool = False,
+    seed: int | None = None,
+) -> AttentionInputs:
+    """Draw q, k, v ``(batch, seq, heads|kv_heads, head_dim)`` from N(0, 1) and an optional mask.
+
+    With ``padding``, each batch row keeps a random-length prefix of real tokens (at least one).
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    hkv = heads if kv_heads is None else kv_heads
+
+    def draw(h: int) -> torch.Tensor:
+        x = torch.randn(batch, seq, h, head_dim, generator=gen, dtype=torch.float32)
+        return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    mask = None
+    if padding:
+        lengths = torch.randint(1, seq + 1, (batch,), generator=gen)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(device)
+    return AttentionInputs(draw(heads), draw(hkv), draw(hkv), mask)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """SPEC.md's bound on ``max|out - ref| / max|ref|``: 1e-4 for float32/64, 2e-2 for 16-bit."""
+    return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|actual - expected| / max|expected|`` in float64 (NaN anywhere gives ``inf``)."""
+    a, e = actual.double(), expected.double()
+    if not bool(torch.isfinite(a).all()):
+        return float("inf")
+    scale = e.abs().max().item()
+    diff = (a - e).abs().max().item()
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def assert_close_to_reference(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "output"
+) -> None:
+    """Assert SPEC.md's relative bound for ``dtype`` holds between ``actual`` and ``expected``."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    err = relative_error(actual, expected)
+    tol = tolerance(dtype)
+    if not err < tol:
+        raise AssertionError(f"{what}: relative error {err:.3e} exceeds {tol:.0e} for {dtype}")

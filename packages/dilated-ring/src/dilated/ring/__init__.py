@@ -1,0 +1,3 @@
+"""dilated.ring: placeholder, filled by its own issue."""
+
+__version__ = "0.1.0"
