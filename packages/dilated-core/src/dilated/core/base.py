@@ -267,7 +267,9 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
             ``(out, None)`` with ``out`` ``(batch, seq, embed_dim)``.
         """
         if need_weights:
-            raise ValueError("need_weights=True is not supported: dilated attention weights are never materialised")
+            raise ValueError(
+                "need_weights=True is not supported: dilated attention weights are never materialised"
+            )
         if attn_mask is not None:
             raise ValueError(
                 "attn_mask is not supported; use is_causal and key_padding_mask (True = real token)"

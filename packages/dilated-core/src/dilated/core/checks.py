@@ -47,13 +47,17 @@ def check_branches(
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
             raise ValueError(f"{name} must be a sequence of positive integers, got {seq!r}")
         if len(seq) == 0:
-            raise ValueError(f"{name} must not be empty: dilated attention needs at least one branch")
+            raise ValueError(
+                f"{name} must not be empty: dilated attention needs at least one branch"
+            )
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(
             "segment_lengths and dilation_rates must have the same length (one dilation rate per "
             f"segment length), got {len(segment_lengths)} and {len(dilation_rates)}"
         )
-    ws = tuple(check_positive_int(f"segment_lengths[{i}]", w) for i, w in enumerate(segment_lengths))
+    ws = tuple(
+        check_positive_int(f"segment_lengths[{i}]", w) for i, w in enumerate(segment_lengths)
+    )
     rs = tuple(check_positive_int(f"dilation_rates[{i}]", r) for i, r in enumerate(dilation_rates))
     for i, (w, r) in enumerate(zip(ws, rs)):
         if w % r != 0:
@@ -96,11 +100,11 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
                 f"{name} must have rank 4, (batch, seq, heads, head_dim), got shape {tuple(t.shape)}"
             )
         if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-            )
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     b, n, hq, d = q.shape
     if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
         raise ValueError(
@@ -118,7 +122,9 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
 
 
 def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
@@ -126,9 +132,13 @@ def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(
+            f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}"
+        )
     if mask.dtype != torch.bool:
-        raise ValueError(f"key_padding_mask must be a bool tensor (True = real token), got {mask.dtype}")
+        raise ValueError(
+            f"key_padding_mask must be a bool tensor (True = real token), got {mask.dtype}"
+        )
     if tuple(mask.shape) != (q.shape[0], q.shape[1]):
         raise ValueError(
             f"key_padding_mask must have shape (batch, seq) = {(q.shape[0], q.shape[1])}, "

@@ -214,7 +214,9 @@ class DistributedConfig:
             or not isinstance(self.timeout_s, (int, float))
             or not self.timeout_s > 0
         ):
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+            raise ValueError(
+                f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,11 @@ def attention_with_lse(
         ``(out, lse)``: ``out`` ``(..., L, d)``, zero for a query with no allowed key, and ``lse``
         ``(..., L)``, ``-inf`` there. Gradients stay finite in both cases.
     """
+    if k.shape[-2] == 0:
+        # No key at all: the empty-set convention, kept differentiable (zero gradients).
+        out = torch.matmul(q, k.transpose(-1, -2)) @ v
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+        return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     allowed: torch.Tensor | None = None
     if is_causal:
@@ -148,7 +153,13 @@ def _branch(
             if count == 0 or length == 0:
                 continue
 
-            def cut(x: torch.Tensor, start: int = start, stop: int = stop) -> torch.Tensor:
+            def cut(
+                x: torch.Tensor,
+                start: int = start,
+                stop: int = stop,
+                count: int = count,
+                length: int = length,
+            ) -> torch.Tensor:
                 return x[:, start:stop].reshape(b, count, length, *x.shape[2:])
 
             o_part, lse_part = _segments_attention(

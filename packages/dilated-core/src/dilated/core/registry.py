@@ -127,7 +127,9 @@ def _default_device(device: Any) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def get_implementation(kind: str = "auto", device: torch.device | str | None = None) -> Implementation:
+def get_implementation(
+    kind: str = "auto", device: torch.device | str | None = None
+) -> Implementation:
     """Resolve ``kind`` to an :class:`Implementation`.
 
     ``"auto"`` picks the highest-priority non-distributed implementation supporting ``device``

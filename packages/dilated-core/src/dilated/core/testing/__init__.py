@@ -69,7 +69,7 @@ def dense_dilated_attention(
         ``(out, lse)`` in float64: ``out`` ``(batch, seq, heads, head_dim)``, ``lse``
         ``(batch, heads, seq)``. Differentiable with respect to q, k and v (through float64).
     """
-    b, n, hq, d = q.shape
+    _, n, hq, d = q.shape
     group = hq // k.shape[2]
     qd = q.double().transpose(1, 2)  # (b, h, n, d)
     kd = k.double().repeat_interleave(group, dim=2).transpose(1, 2)
@@ -144,16 +144,21 @@ def tolerance(dtype: torch.dtype) -> float:
     return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``max|actual - expected| / max|expected|`` in float64 (NaN anywhere gives ``inf``)."""
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.1) -> float:
+    """``max|actual - expected| / max(max|expected|, floor)`` in float64; NaN/Inf gives ``inf``.
+
+    The floor keeps the measure meaningful where the true value is zero up to rounding (the
+    gradient of q when each query sees one key, say), where a pure ratio would compare rounding
+    noise with rounding noise. For the unit-variance inputs of :func:`make_inputs` it only acts
+    on tensors whose largest entry is under 0.1, and there the bound becomes absolute.
+    """
     a, e = actual.double(), expected.double()
     if not bool(torch.isfinite(a).all()):
         return float("inf")
-    scale = e.abs().max().item()
-    diff = (a - e).abs().max().item()
-    if scale == 0.0:
-        return diff
-    return diff / scale
+    if a.numel() == 0:
+        return 0.0
+    scale = max(e.abs().max().item(), floor)
+    return (a - e).abs().max().item() / scale
 
 
 def assert_close_to_reference(

@@ -1,0 +1,99 @@
+"""Bad input: every rule gives a ValueError that names the argument and the rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dilated.core import dilated_attention
+
+
+def _qkv(
+    b: int = 1, n: int = 8, h: int = 2, d: int = 4, hkv: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    hkv = h if hkv is None else hkv
+    return torch.randn(b, n, h, d), torch.randn(b, n, hkv, d), torch.randn(b, n, hkv, d)
+
+
+GOOD = ([4, 8], [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("ws", "rs", "match"),
+    [
+        ([], [], "segment_lengths must not be empty"),
+        ([4], [], "dilation_rates must not be empty"),
+        ([4, 8], [1], "same length"),
+        ([4, 6], [1, 4], r"segment_lengths\[1\]=6 must be a multiple of dilation_rates\[1\]=4"),
+        ([0], [1], r"segment_lengths\[0\] must be a positive integer"),
+        ([4], [-2], r"dilation_rates\[0\] must be a positive integer"),
+        ([4.0], [1], r"segment_lengths\[0\] must be a positive integer"),
+        ([True], [1], r"segment_lengths\[0\] must be a positive integer"),
+        ("48", [1, 1], "segment_lengths must be a sequence"),
+    ],
+)
+def test_branch_rules(ws: list[int], rs: list[int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dilated_attention(*_qkv(), ws, rs)
+
+
+def test_rank_and_shapes() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"q must have rank 4"):
+        dilated_attention(q[0], k, v, *GOOD)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        dilated_attention(q, k, v[..., :2], *GOOD)
+    with pytest.raises(ValueError, match="agree in batch, seq and head_dim"):
+        dilated_attention(q, k[:, :4], v[:, :4], *GOOD)
+    with pytest.raises(
+        ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"
+    ):
+        dilated_attention(*_qkv(h=3, hkv=2), *GOOD)
+    with pytest.raises(ValueError, match="empty dimension"):
+        dilated_attention(*_qkv(n=0), *GOOD)
+    with pytest.raises(TypeError, match=r"k must be a torch\.Tensor"):
+        dilated_attention(q, k.tolist(), v, *GOOD)  # type: ignore[arg-type]
+
+
+def test_dtypes_and_devices() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="share one dtype"):
+        dilated_attention(q, k.double(), v.double(), *GOOD)
+    with pytest.raises(ValueError, match="q must be float16, bfloat16, float32 or float64"):
+        dilated_attention(q.long(), k, v, *GOOD)
+    with pytest.raises(ValueError, match="on one device"):
+        dilated_attention(q, k.to("meta"), v.to("meta"), *GOOD)
+
+
+def test_scale_dropout_mask() -> None:
+    q, k, v = _qkv()
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="scale must be a finite positive number"):
+            dilated_attention(q, k, v, *GOOD, scale=bad)
+    for p in (-0.1, 1.0, 2):
+        with pytest.raises(ValueError, match=r"dropout_p must be a probability in \[0, 1\)"):
+            dilated_attention(q, k, v, *GOOD, dropout_p=p)
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        dilated_attention(q, k, v, *GOOD, key_padding_mask=torch.ones(1, 8))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seq\)"):
+        dilated_attention(q, k, v, *GOOD, key_padding_mask=torch.ones(1, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_non_finite_inputs_raise_by_default(which: str, bad: float) -> None:
+    tensors = dict(zip("qkv", _qkv()))
+    tensors[which][0, 3, 1, 2] = bad
+    with pytest.raises(ValueError, match=f"{which} holds NaN or Inf"):
+        dilated_attention(tensors["q"], tensors["k"], tensors["v"], *GOOD)
+
+
+def test_non_finite_propagates_when_unchecked() -> None:
+    """With check_finite=False a NaN key poisons exactly the queries that can see it."""
+    q, k, v = _qkv(n=8, h=1)
+    k[0, 5, 0, 0] = math.nan
+    out = dilated_attention(q, k, v, [4], [1], check_finite=False)
+    assert torch.isnan(out[0, 4:]).all()
+    assert torch.isfinite(out[0, :4]).all()
