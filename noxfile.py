@@ -34,12 +34,14 @@ PACKAGES = ["core", "kernels", "ring", "sparse", "longnet"]
 SOURCES = [f"packages/dilated-{p}/src" for p in PACKAGES]
 # The Triton interpreter runs kernels on the CPU; the test processes never see a GPU.
 CPU_ENV = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+# `uv run` exports the path of its own binary as UV; fall back to PATH when nox runs alone.
+UV = os.environ.get("UV") or shutil.which("uv") or "uv"
 
 
 def sync(session: nox.Session, *args: str) -> None:
     """Install the locked environment described by ``args`` into the session's virtualenv."""
     session.run_install(
-        "uv",
+        UV,
         "sync",
         "--frozen",
         "--no-default-groups",
@@ -117,7 +119,7 @@ def build(session: nox.Session) -> None:
     """Build each package's sdist and wheel, install each wheel alone in a fresh venv, import it."""
     sync(session, "--only-group", "test")
     dist = Path(tempfile.mkdtemp(prefix="dilated-dist-"))
-    session.run("uv", "build", "--all-packages", "--out-dir", str(dist), external=True)
+    session.run(UV, "build", "--all-packages", "--out-dir", str(dist), external=True)
     wheels = sorted(dist.glob("*.whl"))
     if len(wheels) != len(PACKAGES):
         session.error(f"expected {len(PACKAGES)} wheels, got {[w.name for w in wheels]}")
@@ -129,11 +131,11 @@ def build(session: nox.Session) -> None:
                 )
     for package in PACKAGES:
         venv = dist / f"venv-{package}"
-        session.run("uv", "venv", "--quiet", "--python", sys.executable, str(venv), external=True)
+        session.run(UV, "venv", "--quiet", "--python", sys.executable, str(venv), external=True)
         python = str(venv / "bin" / "python")
         # --find-links lets a wheel's dilated-core dependency resolve to the one just built.
         session.run(
-            "uv",
+            UV,
             "pip",
             "install",
             "--quiet",

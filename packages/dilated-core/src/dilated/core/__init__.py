@@ -16,6 +16,7 @@ from dilated.core.config import (
     SparseAttentionConfig,
 )
 from dilated.core.functional import dilated_attention
+from dilated.core.memory_pool import MemoryPool, PoolStats, get_default_pool
 from dilated.core.merge import merge_attention
 from dilated.core.modules import DilatedAttention, MultiheadDilatedAttention
 from dilated.core.presets import PRESETS, Preset
@@ -38,9 +39,11 @@ __all__ = [
     "DilatedAttentionConfig",
     "DistributedConfig",
     "Implementation",
+    "MemoryPool",
     "MemoryPoolConfig",
     "MultiheadConfig",
     "MultiheadDilatedAttention",
+    "PoolStats",
     "Preset",
     "RingAttentionConfig",
     "RingDistributedConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "create_dilated_attention",
     "create_multihead_dilated_attention",
     "dilated_attention",
+    "get_default_pool",
     "get_implementation",
     "merge_attention",
     "register_implementation",

@@ -1,0 +1,199 @@
+"""``dilated bench``: installed implementations against dense attention at growing lengths."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dilated.core.cli.measure import median_ms, peak_bytes
+from dilated.core.cli.options import DTYPES, branches, int_list, positive_int, resolve_device
+from dilated.core.cli.progress import ProgressBar
+from dilated.core.cli.table import format_table
+from dilated.core.reference import dilated_attention_reference
+from dilated.core.registry import available_implementations
+from dilated.core.testing import make_inputs, relative_error
+
+CPU_DEFAULTS = {
+    "seq_lens": [1024, 2048, 4096, 8192],
+    "heads": 8,
+    "head_dim": 64,
+    "dtype": "float32",
+    "segment_lengths": [256, 512, 1024],
+    "dilation_rates": [1, 2, 4],
+    "max_dense_seq": 4096,
+    "max_check_seq": 8192,
+    "repeats": 3,
+    "warmup": 1,
+}
+CUDA_DEFAULTS = {
+    "seq_lens": [8192, 16384, 32768, 65536, 131072],
+    "heads": 16,
+    "head_dim": 128,
+    "dtype": "bfloat16",
+    "segment_lengths": [2048, 4096, 8192],
+    "dilation_rates": [1, 2, 4],
+    "max_dense_seq": 131072,
+    "max_check_seq": 32768,
+    "repeats": 10,
+    "warmup": 3,
+}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="time every installed implementation against dense attention")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seq-lens", type=int_list, help="comma-separated sequence lengths")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int)
+    p.add_argument("--head-dim", type=positive_int)
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--segment-lengths", type=int_list)
+    p.add_argument("--dilation-rates", type=int_list)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--repeats", type=positive_int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--max-dense-seq", type=positive_int, help="skip dense attention above this")
+    p.add_argument("--max-check-seq", type=positive_int, help="skip the error check above this")
+    p.add_argument("--plot", metavar="FILE.png", help="draw time vs sequence length")
+    p.set_defaults(run=run)
+
+
+def _fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    for key, value in (CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Full softmax attention over the whole sequence (torch SDPA), the baseline."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+    )
+    return out.transpose(1, 2)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    _fill_defaults(args, device)
+    ws, rs = branches(args)
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    dtype = DTYPES[args.dtype]
+    impls = {
+        n: i
+        for n, i in available_implementations().items()
+        if not i.distributed and i.supports(device)
+    }
+    candidates: dict[str, Callable[..., torch.Tensor]] = {"dense": _dense}
+    for name, impl in impls.items():
+        module = impl.attention(ws, rs)
+        candidates[name] = lambda q, k, v, c, m=module: m(q, k, v, is_causal=c)
+    rows: list[tuple[object, ...]] = []
+    times: dict[str, list[tuple[int, float]]] = {name: [] for name in candidates}
+    with ProgressBar(len(candidates) * len(args.seq_lens), "bench") as bar:
+        for n in args.seq_lens:
+            inp = make_inputs(
+                args.batch,
+                n,
+                args.heads,
+                args.head_dim,
+                dtype=dtype,
+                device=device,
+                requires_grad=args.backward,
+                seed=n,
+            )
+            reference = None
+            if n <= args.max_check_seq:
+                with torch.no_grad():
+                    reference, _ = dilated_attention_reference(
+                        inp.q.double(),
+                        inp.k.double(),
+                        inp.v.double(),
+                        ws,
+                        rs,
+                        scale=args.head_dim**-0.5,
+                        is_causal=args.causal,
+                    )
+            for name, fn in candidates.items():
+                bar.update(f"{name} seq={n}")
+                if name == "dense" and n > args.max_dense_seq:
+                    rows.append((name, n, "skipped", "-", "-", "-"))
+                    continue
+
+                def call(
+                    fn: Callable[..., torch.Tensor] = fn,
+                    q: torch.Tensor = inp.q,
+                    k: torch.Tensor = inp.k,
+                    v: torch.Tensor = inp.v,
+                ) -> torch.Tensor:
+                    out = fn(q, k, v, args.causal)
+                    if args.backward:
+                        out.backward(torch.ones_like(out))
+                    return out
+
+                try:
+                    ms = median_ms(call, device, args.warmup, args.repeats)
+                    peak = peak_bytes(call, device)
+                    with torch.no_grad():
+                        out = fn(inp.q, inp.k, inp.v, args.causal)
+                except torch.OutOfMemoryError:
+                    rows.append((name, n, "OOM", "-", "-", "-"))
+                    torch.cuda.empty_cache()
+                    continue
+                err = (
+                    "-"
+                    if reference is None or name == "dense"
+                    else f"{relative_error(out, reference):.1e}"
+                )
+                times[name].append((n, ms))
+                tokens = args.batch * n / (ms / 1e3)
+                rows.append((name, n, f"{ms:.2f}", f"{tokens:,.0f}", _fmt_bytes(peak), err))
+    what = "forward+backward" if args.backward else "forward"
+    print(
+        f"device: {device}; {what}; batch {args.batch}, heads {args.heads}, head_dim "
+        f"{args.head_dim}, {args.dtype}, segments {list(ws)}, rates {list(rs)}, "
+        f"causal {args.causal}; median of {args.repeats}"
+    )
+    print(
+        "max err: max|out - ref| / max|ref| against the float64 reference (dense is another "
+        "function, so it has none)"
+    )
+    print(format_table(["impl", "seq", "time ms", "tokens/s", "peak mem", "max err"], rows))
+    if args.plot:
+        _plot(times, args.plot, f"{device.type}, {args.dtype}, {what}")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot(times: dict[str, list[tuple[int, float]]], path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'dilated-core[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in times.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("median time (ms)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

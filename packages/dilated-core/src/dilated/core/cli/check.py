@@ -1,0 +1,99 @@
+"""``dilated check``: every installed implementation against the dense float64 reference."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from dilated.core.cli.options import resolve_device
+from dilated.core.cli.progress import ProgressBar
+from dilated.core.cli.table import format_table
+from dilated.core.registry import Implementation, available_implementations
+from dilated.core.testing import dense_dilated_attention, make_inputs, relative_error, tolerance
+
+# (batch, seq, heads, kv_heads, head_dim, segment_lengths, dilation_rates, causal, padding)
+CASES: list[tuple[int, int, int, int, int, list[int], list[int], bool, bool]] = [
+    (2, 64, 4, 4, 16, [16, 32], [1, 2], False, False),
+    (1, 96, 4, 2, 16, [32, 64, 96], [1, 2, 4], True, False),
+    (2, 77, 6, 3, 16, [16, 48], [1, 3], True, True),
+    (1, 50, 2, 1, 32, [8, 64], [2, 4], False, True),
+]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "check", help="compare every installed implementation with the dense reference"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def check_one(
+    impl: Implementation, case: tuple[Any, ...], device: torch.device, seed: int
+) -> tuple[float, float, torch.dtype]:
+    """Largest relative output and gradient errors of ``impl`` on one case, and the dtype used."""
+    b, n, h, hkv, d, ws, rs, causal, padding = case
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    inp = make_inputs(
+        b,
+        n,
+        h,
+        d,
+        kv_heads=hkv,
+        dtype=dtype,
+        device=device,
+        padding=padding,
+        requires_grad=True,
+        seed=seed,
+    )
+    module = impl.attention(ws, rs)
+    out = module(inp.q, inp.k, inp.v, is_causal=causal, key_padding_mask=inp.key_padding_mask)
+    ref, _ = dense_dilated_attention(
+        inp.q, inp.k, inp.v, ws, rs, is_causal=causal, key_padding_mask=inp.key_padding_mask
+    )
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
+    got = torch.autograd.grad(out, (inp.q, inp.k, inp.v), grad)
+    want = torch.autograd.grad(ref, (inp.q, inp.k, inp.v), grad.double())
+    grad_err = max(relative_error(g, w) for g, w in zip(got, want))
+    return relative_error(out, ref), grad_err, dtype
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    impls = [
+        i for i in available_implementations().values() if not i.distributed and i.supports(device)
+    ]
+    rows, failed = [], False
+    with ProgressBar(len(impls) * len(CASES), "check") as bar:
+        for impl in impls:
+            for idx, case in enumerate(CASES):
+                try:
+                    out_err, grad_err, dtype = check_one(impl, case, device, args.seed + idx)
+                    ok = out_err < tolerance(dtype) and grad_err < tolerance(dtype)
+                    row = (
+                        impl.name,
+                        idx,
+                        str(dtype).removeprefix("torch."),
+                        f"{out_err:.2e}",
+                        f"{grad_err:.2e}",
+                        "PASS" if ok else "FAIL",
+                    )
+                except Exception as exc:  # report every implementation, even a broken one
+                    ok, row = (
+                        False,
+                        (impl.name, idx, "-", "-", "-", f"ERROR {type(exc).__name__}: {exc}"),
+                    )
+                failed |= not ok
+                rows.append(row)
+                bar.update(f"{impl.name} case {idx}")
+    print(
+        f"device: {device}; case = (batch, seq, heads, kv_heads, head_dim, segments, rates, causal, padding)"
+    )
+    for idx, case in enumerate(CASES):
+        print(f"  case {idx}: {case}")
+    print(format_table(["kind", "case", "dtype", "out err", "grad err", "result"], rows))
+    print("all implementations match the reference" if not failed else "MISMATCH: see FAIL rows")
+    return 1 if failed else 0

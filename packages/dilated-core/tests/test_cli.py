@@ -1,0 +1,128 @@
+"""The `dilated` command, run in-process on tiny sizes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from dilated.core import DilatedAttention, Implementation, MultiheadDilatedAttention
+from dilated.core import registry as reg
+from dilated.core.cli import main
+
+TINY = [
+    "--device",
+    "cpu",
+    "--seq-lens",
+    "64,96",
+    "--heads",
+    "2",
+    "--head-dim",
+    "8",
+    "--segment-lengths",
+    "16,32",
+    "--dilation-rates",
+    "1,2",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+]
+
+
+def test_info_lists_the_standard_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "dilated-core" in out and "standard" in out and "kind='auto' picks" in out
+
+
+def test_check_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out
+
+
+class _Wrong(DilatedAttention):
+    """Drops the last branch: a plausible bug that `dilated check` must catch."""
+
+    def _attention(self, q, k, v, *, is_causal, key_padding_mask, dropout_p):  # type: ignore[no-untyped-def]
+        from dilated.core import dilated_attention
+
+        c = self.config
+        ws, rs = c.segment_lengths, c.dilation_rates
+        return dilated_attention(
+            q,
+            k,
+            v,
+            ws[:-1] or ws,
+            rs[:-1] or rs,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+        )
+
+
+@pytest.fixture
+def wrong_kind() -> Iterator[None]:
+    reg.available_implementations()
+    reg.register_implementation(Implementation("wrong", _Wrong, MultiheadDilatedAttention, "tests"))
+    yield
+    reg._registered.pop("wrong")
+
+
+def test_check_fails_on_a_wrong_implementation(
+    wrong_kind: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "MISMATCH" in out
+
+
+def test_bench_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *TINY, "--backward", "--causal"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith(("dense", "standard"))]
+    assert len(lines) == 4
+    for ln in lines:
+        if ln.startswith("standard"):
+            assert float(ln.split()[-1]) < 1e-4  # max err against the float64 reference
+            assert "MiB" in ln
+
+
+def test_bench_plot_writes_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    assert main(["bench", *TINY, "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--seq-lens", "0"], "--seq-lens: expected positive integers"),
+        (
+            ["bench", "--device", "cpu", "--segment-lengths", "8,16", "--dilation-rates", "1"],
+            "same length",
+        ),
+        (
+            ["bench", "--device", "cpu", "--segment-lengths", "6", "--dilation-rates", "4"],
+            "multiple of",
+        ),
+        (["bench", "--heads", "two"], "--heads: expected a positive integer"),
+    ],
+)
+def test_bad_arguments_name_the_option(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_requested_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["check", "--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
