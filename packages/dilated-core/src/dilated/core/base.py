@@ -93,7 +93,8 @@ class BaseDilatedAttention(nn.Module, ABC):
 
         Args:
             query: ``(batch, seq, heads, head_dim)``.
-            key, value: ``(batch, seq, kv_heads, head_dim)``, ``heads % kv_heads == 0``.
+            key: ``(batch, seq, kv_heads, head_dim)``, ``heads % kv_heads == 0``.
+            value: shaped like ``key``.
             is_causal: None uses ``config.is_causal``.
             key_padding_mask: bool ``(batch, seq)``, True for real tokens.
 
@@ -257,7 +258,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
 
         Args:
             query: ``(batch, seq, embed_dim)``.
-            key, value: ``(batch, seq, embed_dim)`` (same ``seq`` as ``query``).
+            key: ``(batch, seq, embed_dim)`` (same ``seq`` as ``query``).
+            value: shaped like ``key``.
             is_causal: None uses ``attention_config.is_causal``.
             key_padding_mask: bool ``(batch, seq)``, True for real tokens.
             need_weights: must be False: the sparse weights are never materialised.

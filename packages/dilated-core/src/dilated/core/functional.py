@@ -97,9 +97,9 @@ def dilated_attention(
 
     Args:
         q: queries ``(batch, seq, heads, head_dim)``, float16/bfloat16/float32/float64.
-        k, v: keys and values ``(batch, seq, kv_heads, head_dim)``; ``heads`` must be a multiple of
-            ``kv_heads`` (grouped-query attention: query head ``j`` reads kv head
-            ``j // (heads // kv_heads)``).
+        k: keys ``(batch, seq, kv_heads, head_dim)``; ``heads`` must be a multiple of ``kv_heads``
+            (grouped-query attention: query head ``j`` reads kv head ``j // (heads // kv_heads)``).
+        v: values, shaped like ``k``.
         segment_lengths: ``w_i`` of each branch; the last segment may be shorter when ``seq`` is
             not a multiple of ``w_i``.
         dilation_rates: ``r_i`` of each branch, with ``w_i % r_i == 0``. Head ``j`` reads the

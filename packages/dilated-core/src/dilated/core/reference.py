@@ -47,7 +47,9 @@ def attention_with_lse(
     """Dense attention over the last two dims that also returns the log-sum-exp.
 
     Args:
-        q, k, v: ``(..., L, d)`` with equal leading dims (computed in their own dtype).
+        q: ``(..., L, d)`` (computed in its own dtype).
+        k: ``(..., L_k, d)`` with the leading dims of ``q``.
+        v: shaped like ``k``.
         scale: softmax scale.
         is_causal: key ``u`` is allowed for query ``t`` only when ``u <= t`` (same index space).
         key_mask: bool, broadcastable to ``(..., L)`` over keys; True = allowed.
@@ -193,10 +195,15 @@ def dilated_attention_reference(
     """Dilated attention of SPEC.md on validated inputs.
 
     Args:
-        q: ``(batch, seq, heads, head_dim)``; k, v: ``(batch, seq, kv_heads, head_dim)``.
-        segment_lengths, dilation_rates: the branches (already validated).
+        q: ``(batch, seq, heads, head_dim)``.
+        k: ``(batch, seq, kv_heads, head_dim)``.
+        v: shaped like ``k``.
+        segment_lengths: ``w_i`` of each branch (already validated).
+        dilation_rates: ``r_i`` of each branch (already validated).
         scale: softmax scale.
-        is_causal, key_padding_mask, dropout_p: as in :func:`dilated.core.dilated_attention`.
+        is_causal: as in :func:`dilated.core.dilated_attention`.
+        key_padding_mask: as in :func:`dilated.core.dilated_attention`.
+        dropout_p: as in :func:`dilated.core.dilated_attention`.
 
     Returns:
         ``(out, lse)``: ``out`` like ``q`` in its dtype; ``lse`` ``(batch, heads, seq)`` in float32

@@ -60,10 +60,14 @@ def dense_dilated_attention(
     """Dilated attention straight from SPEC.md's definition, in float64 with dense masks.
 
     Args:
-        q: ``(batch, seq, heads, head_dim)``; k, v: ``(batch, seq, kv_heads, head_dim)``.
-        segment_lengths, dilation_rates: the branches.
+        q: ``(batch, seq, heads, head_dim)``.
+        k: ``(batch, seq, kv_heads, head_dim)``.
+        v: shaped like ``k``.
+        segment_lengths: ``w_i`` of each branch.
+        dilation_rates: ``r_i`` of each branch.
         scale: default ``head_dim ** -0.5``.
-        is_causal, key_padding_mask: as in :func:`dilated.core.dilated_attention`.
+        is_causal: as in :func:`dilated.core.dilated_attention`.
+        key_padding_mask: as in :func:`dilated.core.dilated_attention`.
 
     Returns:
         ``(out, lse)`` in float64: ``out`` ``(batch, seq, heads, head_dim)``, ``lse``
