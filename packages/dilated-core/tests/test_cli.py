@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from dilated.core import DilatedAttention, Implementation, MultiheadDilatedAttention
 from dilated.core import registry as reg
 from dilated.core.cli import main
+from dilated.core.cli.measure import peak_bytes
 
 TINY = [
     "--device",
@@ -35,7 +37,12 @@ TINY = [
 def test_info_lists_the_standard_kind(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "dilated-core" in out and "standard" in out and "kind='auto' picks" in out
+    auto = out.split("kind='auto' picks '")[1].split("'")[0]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.strip()}
+    assert rows["dilated-core"] == [version("dilated-core")]
+    assert rows["standard"][:3] == ["dilated-core", "0", "cpu/cuda"]
+    assert f"torch {torch.__version__}" in out
+    assert auto in rows  # the kind auto picks is one of the listed implementations
 
 
 def test_check_passes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,6 +97,54 @@ def test_bench_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
             assert "MiB" in ln
 
 
+class _Raises(DilatedAttention):
+    """An implementation that fails at run time: bench must report it and go on."""
+
+    def _attention(self, q, k, v, *, is_causal, key_padding_mask, dropout_p):  # type: ignore[no-untyped-def]
+        raise RuntimeError("kernel exploded")
+
+
+@pytest.fixture
+def raising_kind() -> Iterator[None]:
+    reg.available_implementations()
+    reg.register_implementation(
+        Implementation("raises", _Raises, MultiheadDilatedAttention, "tests")
+    )
+    yield
+    reg._registered.pop("raises")
+
+
+def test_bench_reports_a_failing_cell_and_goes_on(
+    raising_kind: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", *TINY]) == 1
+    out = capsys.readouterr().out
+    assert out.count("error: RuntimeError: kernel exploded") == 2
+    assert len([ln for ln in out.splitlines() if ln.startswith("standard")]) == 2
+
+
+def test_bench_skips_dense_beyond_the_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *TINY, "--max-dense-seq", "64"]) == 0
+    dense = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("dense")]
+    assert [row[:3] for row in dense][1] == ["dense", "96", "skipped"]
+    assert dense[0][2] != "skipped"
+
+
+def test_cpu_peak_memory_counts_live_storages_created_by_the_call() -> None:
+    x = torch.randn(256, 256)  # 256 KiB, exists before: never counted
+    one = 256 * 256 * 4
+
+    def call() -> torch.Tensor:
+        y = x.t()  # a view of the input: no new storage
+        z = y.contiguous()  # 1 buffer live
+        w = z * 2  # 2 live
+        del z  # 1 live
+        return w + 1  # 2 live
+
+    assert peak_bytes(call, torch.device("cpu")) == 2 * one
+    assert peak_bytes(lambda: x.t().sum(dim=0), torch.device("cpu")) == 256 * 4
+
+
 def test_bench_plot_writes_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
@@ -110,6 +165,9 @@ def test_bench_plot_writes_png(tmp_path: Path) -> None:
             "multiple of",
         ),
         (["bench", "--heads", "two"], "--heads: expected a positive integer"),
+        (["bench", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
+        (["bench", "--dtype", "int8"], "--dtype: invalid choice"),
+        (["bench", "--segment-lengths", "8,x"], "--segment-lengths: expected comma-separated"),
     ],
 )
 def test_bad_arguments_name_the_option(

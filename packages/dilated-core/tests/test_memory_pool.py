@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -45,6 +46,29 @@ def test_byte_bound_evicts_least_recently_released() -> None:
     assert pool.acquire((100,), F32).data_ptr() not in ptrs[:2]
 
 
+def test_lru_eviction_crosses_keys_in_release_order() -> None:
+    # Five 256-byte buffers of three keys, released interleaved; room for three.
+    pool = MemoryPool(MemoryPoolConfig(max_bytes=3 * 256))
+    keys = [
+        ((64,), F32),
+        ((32,), torch.float64),
+        ((64,), F32),
+        ((128,), torch.float16),
+        ((64,), F32),
+    ]
+    bufs = [pool.acquire(shape, dtype) for shape, dtype in keys]
+    for b in bufs:
+        pool.release(b)
+    # The two oldest (buffer 0, a float32, then buffer 1, the only float64) are gone.
+    s = pool.stats()
+    assert s.evictions == 2 and s.bytes_held == 3 * 256
+    assert pool.acquire((32,), torch.float64).data_ptr() != bufs[1].data_ptr()
+    kept = {pool.acquire((64,), F32).data_ptr() for _ in range(2)}
+    assert kept == {bufs[2].data_ptr(), bufs[4].data_ptr()}
+    assert pool.acquire((128,), torch.float16).data_ptr() == bufs[3].data_ptr()
+    assert pool.stats().hits == 3
+
+
 def test_per_key_bound() -> None:
     pool = MemoryPool(MemoryPoolConfig(max_buffers_per_key=2))
     bufs = [pool.acquire((8,), F32) for _ in range(5)]
@@ -70,8 +94,32 @@ def test_misuse_is_an_error() -> None:
         pool.release(t)
     with pytest.raises(ValueError, match="not acquired from this pool"):
         pool.release(torch.empty(2))
-    with pytest.raises(ValueError, match="non-negative sizes"):
+    with pytest.raises(ValueError, match="non-negative integer sizes"):
         pool.acquire((-1,), F32)
+    with pytest.raises(ValueError, match="non-negative integer sizes"):
+        pool.acquire((2.5,), F32)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"dtype must be a torch\.dtype"):
+        pool.acquire((2,), "float32")  # type: ignore[arg-type]
+    other = MemoryPool()
+    u = other.acquire((2,), F32)
+    with pytest.raises(ValueError, match="not acquired from this pool"):
+        pool.release(u)  # another pool's buffer
+    other.release(u)
+
+
+def test_borrower_state_does_not_leak() -> None:
+    pool = MemoryPool()
+    t = pool.acquire((4,), F32)
+    t.requires_grad_(True)
+    t.sum().backward()
+    pool.release(t)
+    again = pool.acquire((4,), F32)
+    assert again is t and not again.requires_grad and again.grad is None
+    again.resize_(8)  # reshaped in place: dropped on release, never handed out as (4,)
+    pool.release(again)
+    s = pool.stats()
+    assert s.bytes_held == 0 and s.bytes_in_use == 0 and s.buffers_in_use == 0
+    assert pool.acquire((4,), F32) is not t
 
 
 def test_borrow_and_clear() -> None:
@@ -99,6 +147,7 @@ def test_threads_never_share_a_live_buffer() -> None:
                     errors.append(f"thread {ident}: buffer handed out twice")
                 live.add(buf.data_ptr())
             buf.fill_(float(ident))
+            time.sleep(0)  # let the other threads run while this one holds the buffer
             if not bool((buf == ident).all()):
                 errors.append(f"thread {ident}: buffer overwritten while borrowed")
             with live_lock:
@@ -116,3 +165,43 @@ def test_threads_never_share_a_live_buffer() -> None:
     assert s.buffers_in_use == 0 and s.bytes_in_use == 0
     assert s.hits > s.misses  # reuse actually happened
     assert s.bytes_held <= 64 * 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA stream ordering needs a GPU")
+def test_cuda_acquire_on_another_stream_waits_for_the_release() -> None:
+    pool = MemoryPool()
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    buf = pool.acquire((1 << 20,), F32, "cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(producer):
+        torch.cuda._sleep(200_000_000)  # keep the producer's late write queued for a while
+        buf.fill_(1.0)
+    pool.release(buf, stream=producer)
+    with torch.cuda.stream(consumer):
+        again = pool.acquire((1 << 20,), F32, "cuda")
+        assert again.data_ptr() == buf.data_ptr()
+        again.fill_(2.0)  # without the event wait this would run before the producer's fill
+    torch.cuda.synchronize()
+    assert bool((again == 2.0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA stream ordering needs a GPU")
+def test_cuda_eviction_keeps_memory_until_the_last_stream_is_done() -> None:
+    # max_bytes=0: the buffer is dropped at once while the producer still has a write queued.
+    pool = MemoryPool(MemoryPoolConfig(max_bytes=0))
+    producer = torch.cuda.Stream()
+    buf = pool.acquire((1 << 20,), F32, "cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(producer):
+        torch.cuda._sleep(200_000_000)
+        buf.fill_(1.0)
+    pool.release(buf, stream=producer)
+    ptr = buf.data_ptr()
+    del buf
+    # The allocator must not give the same memory to new work on the default stream yet.
+    fresh = torch.full((1 << 20,), 2.0, device="cuda")
+    torch.cuda.synchronize()
+    assert fresh.data_ptr() != ptr or bool((fresh == 2.0).all())
+    assert pool.stats().evictions == 1

@@ -9,12 +9,22 @@ request of that key. Rules:
   :meth:`MemoryPool.release`, and releasing it twice or releasing a foreign tensor is an error;
 - idle bytes stay under ``max_bytes`` and idle buffers per key under ``max_buffers_per_key``; the
   least recently released buffers are evicted first;
-- on CUDA, a release records an event on the releasing stream and a later acquire waits for it on
-  the acquiring stream, so a buffer still being read by queued kernels is not overwritten.
+- on CUDA, :meth:`MemoryPool.release` records an event on the releasing stream (the current one
+  unless ``stream`` is given) and the :meth:`MemoryPool.acquire` that hands the buffer out again
+  makes the acquiring stream wait for that event, so kernels queued on the new stream cannot
+  overwrite the buffer while kernels queued earlier on the old stream still read or write it.
+  The wait is queued on the device; the host never blocks, and it is left out when both streams
+  are the same (stream order already holds). A CUDA buffer the pool drops (eviction, ``clear``)
+  is marked with ``record_stream`` for its last stream, so that PyTorch's allocator does not
+  reuse its memory before that stream's work is done. On CPU every op runs synchronously
+  when it is called, so no event is needed and none is recorded.
+
+The pool does not zero buffers: an acquired tensor holds whatever its last borrower wrote.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -55,10 +65,21 @@ class PoolStats:
 class _Idle:
     tensor: torch.Tensor
     event: torch.cuda.Event | None
+    stream: torch.cuda.Stream | None  # where ``event`` was recorded
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _forget(tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+    """Prepare a buffer the pool drops: its memory goes back to PyTorch's allocator.
+
+    That allocator only knows the stream the memory was allocated on; if queued work on another
+    stream still uses the buffer, it must not reuse the memory before that work is done.
+    """
+    if tensor.is_cuda:
+        tensor.record_stream(stream if stream is not None else torch.cuda.current_stream())
 
 
 class MemoryPool:
@@ -80,26 +101,49 @@ class MemoryPool:
         # key -> idle buffers, and one LRU order over every idle buffer (by id).
         self._idle: dict[_Key, list[_Idle]] = {}
         self._lru: OrderedDict[int, _Key] = OrderedDict()
-        self._in_use: dict[int, torch.Tensor] = {}
+        self._in_use: dict[int, tuple[torch.Tensor, _Key, int]] = {}
+        # Spare CUDA events: creating one per release costs more than the allocation it saves.
+        # An event belongs to the device it was first recorded on: one free list per device.
+        self._events: dict[torch.device, list[torch.cuda.Event]] = {}
         self._hits = self._misses = self._evictions = 0
         self._bytes_held = self._bytes_in_use = 0
 
     @staticmethod
     def _key(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> _Key:
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        dims = tuple(int(s) for s in shape)
+        try:
+            # operator.index rejects floats, so a size of 2.5 never silently becomes 2.
+            dims = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise ValueError(f"shape must hold non-negative integer sizes, got {shape!r}") from None
         if any(s < 0 for s in dims):
-            raise ValueError(f"shape must hold non-negative sizes, got {dims}")
+            raise ValueError(f"shape must hold non-negative integer sizes, got {dims}")
         return dims, dtype, dev
 
     def acquire(
-        self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu"
+        self,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        stream: torch.cuda.Stream | None = None,
     ) -> torch.Tensor:
         """A contiguous tensor of ``shape``/``dtype``/``device`` with undefined contents.
 
         The caller owns it until :meth:`release`; no one else receives it meanwhile.
+
+        Args:
+            shape: sizes, e.g. ``(batch, seq, heads, head_dim)``.
+            dtype: element type.
+            device: where it lives; ``"cuda"`` means the current CUDA device.
+            stream: CUDA stream that will use the buffer (default: the current stream of its
+                device); a reused buffer is made safe for this stream. Ignored on CPU.
+
+        Returns:
+            A tensor that requires no grad, owned by the caller until released.
         """
         key = self._key(shape, dtype, device)
         idle: _Idle | None = None
@@ -114,35 +158,58 @@ class MemoryPool:
         if idle is not None:
             tensor = idle.tensor
             if idle.event is not None:
-                torch.cuda.current_stream(tensor.device).wait_event(idle.event)
+                user = stream if stream is not None else torch.cuda.current_stream(tensor.device)
+                if user != idle.stream:  # on the releasing stream, stream order already holds
+                    user.wait_event(idle.event)
+                with self._lock:  # the wait is queued: the event may be recorded anew
+                    self._events.setdefault(key[2], []).append(idle.event)
         else:
             tensor = torch.empty(key[0], dtype=dtype, device=key[2])
         with self._lock:
-            self._in_use[id(tensor)] = tensor
+            # Key and size as handed out: a borrower may resize the tensor in place meanwhile.
+            self._in_use[id(tensor)] = (tensor, key, _nbytes(tensor))
             self._bytes_in_use += _nbytes(tensor)
         return tensor
 
     def release(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
-        """Give ``tensor`` (from :meth:`acquire`) back for reuse.
+        """Give ``tensor`` (from :meth:`acquire`) back for reuse; the caller must not touch it again.
 
         Args:
             tensor: the very tensor object that :meth:`acquire` returned.
-            stream: CUDA stream whose queued work still uses it (default: the current stream).
+            stream: CUDA stream whose queued work is the last to use it (default: the current
+                stream of its device). The next acquire waits for that work. Ignored on CPU.
+
+        Raises:
+            ValueError: ``tensor`` was not handed out by this pool, or was released already.
         """
-        event = None
-        if tensor.is_cuda:
-            event = torch.cuda.Event()
-            event.record(stream if stream is not None else torch.cuda.current_stream(tensor.device))
         with self._lock:
-            if self._in_use.pop(id(tensor), None) is not tensor:
+            entry = self._in_use.get(id(tensor))
+            if entry is None or entry[0] is not tensor:
                 raise ValueError("tensor was not acquired from this pool or was already released")
-            size = _nbytes(tensor)
+            del self._in_use[id(tensor)]
+            _, key, size = entry
             self._bytes_in_use -= size
             if not self.config.enabled:
                 return
-            key = self._key(tensor.shape, tensor.dtype, tensor.device)
+            if tensor.requires_grad:  # a borrower's autograd flag must not leak to the next one
+                tensor.requires_grad_(False)
+            tensor.grad = None
+            if (
+                _nbytes(tensor) != size
+                or tuple(tensor.shape) != key[0]
+                or not tensor.is_contiguous()
+            ):
+                # Reshaped in place by its borrower: no longer what its key promises, dropped.
+                _forget(tensor, stream)
+                return
+            event, last = None, None
+            if tensor.is_cuda:
+                spare = self._events.get(key[2])
+                event = spare.pop() if spare else torch.cuda.Event()
+                last = stream if stream is not None else torch.cuda.current_stream(tensor.device)
+                event.record(last)
             bucket = self._idle.setdefault(key, [])
-            bucket.append(_Idle(tensor, event))
+            bucket.append(_Idle(tensor, event, last))
             self._lru[id(tensor)] = key
             self._bytes_held += size
             while len(bucket) > self.config.max_buffers_per_key:
@@ -160,6 +227,10 @@ class MemoryPool:
             bucket = self._idle[key]
             idx = 0  # buckets are in release order: the oldest first
         victim = bucket.pop(idx)
+        _forget(victim.tensor, victim.stream)
+        if victim.event is not None:
+            # Nobody will wait on it, so it can be recorded anew.
+            self._events.setdefault(victim.tensor.device, []).append(victim.event)
         del self._lru[id(victim.tensor)]
         if not bucket:
             del self._idle[key]
@@ -190,8 +261,11 @@ class MemoryPool:
             )
 
     def clear(self) -> None:
-        """Drop every idle buffer (buffers in use are unaffected)."""
+        """Drop every idle buffer (buffers in use are unaffected; not counted as evictions)."""
         with self._lock:
+            for bucket in self._idle.values():
+                for idle in bucket:
+                    _forget(idle.tensor, idle.stream)
             self._idle.clear()
             self._lru.clear()
             self._bytes_held = 0

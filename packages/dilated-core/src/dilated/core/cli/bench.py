@@ -1,4 +1,23 @@
-"""``dilated bench``: installed implementations against dense attention at growing lengths."""
+"""``dilated bench``: installed implementations against dense attention at growing lengths.
+
+Every non-distributed implementation that runs on the device, plus ``dense`` (torch SDPA over the
+whole sequence, no dilation: the cost dilated attention avoids), is called at each ``--seq-lens``
+on random ``(batch, seq, heads, head_dim)`` inputs. Per cell the table shows:
+
+- time: median over ``--repeats`` calls after ``--warmup`` calls (CUDA events on CUDA, wall
+  clock on CPU); forward only, or forward + backward with ``--backward``;
+- tokens/s: ``batch * seq / time``;
+- peak memory, from one more, untimed call: on CUDA ``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``, minus what was allocated before the call; on CPU, where PyTorch
+  keeps no allocator statistics, the peak total size of the live tensor storages the call's
+  operators created (a ``TorchDispatchMode`` sees every op's outputs and
+  ``StorageWeakRef`` tells when each storage is freed; inputs are not counted);
+- max err: SPEC.md's ``max|out - ref| / max|ref|`` against the ``dilated.core`` reference run in
+  float64 (up to ``--max-check-seq``; dense computes another function and has none).
+
+Dense is skipped above ``--max-dense-seq``; a cell that runs out of memory shows ``OOM`` and one
+that raises shows ``error``; the other cells still run.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from dilated.core.cli.measure import median_ms, peak_bytes
-from dilated.core.cli.options import DTYPES, branches, int_list, positive_int, resolve_device
+from dilated.core.cli.options import (
+    DTYPES,
+    branches,
+    int_list,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 from dilated.core.cli.progress import ProgressBar
 from dilated.core.cli.table import format_table
 from dilated.core.reference import dilated_attention_reference
@@ -56,7 +82,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--repeats", type=positive_int)
-    p.add_argument("--warmup", type=int)
+    p.add_argument("--warmup", type=non_negative_int)
     p.add_argument("--max-dense-seq", type=positive_int, help="skip dense attention above this")
     p.add_argument("--max-check-seq", type=positive_int, help="skip the error check above this")
     p.add_argument("--plot", metavar="FILE.png", help="draw time vs sequence length")
@@ -85,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     _fill_defaults(args, device)
     ws, rs = branches(args)
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     dtype = DTYPES[args.dtype]
     impls = {
         n: i
@@ -98,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         module = impl.attention(ws, rs)
         candidates[name] = lambda q, k, v, c, m=module: m(q, k, v, is_causal=c)
     rows: list[tuple[object, ...]] = []
+    errors = 0
     times: dict[str, list[tuple[int, float]]] = {name: [] for name in candidates}
     with ProgressBar(len(candidates) * len(args.seq_lens), "bench") as bar:
         for n in args.seq_lens:
@@ -149,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
                     rows.append((name, n, "OOM", "-", "-", "-"))
                     torch.cuda.empty_cache()
                     continue
+                except Exception as exc:  # one failing implementation must not end the run
+                    rows.append((name, n, f"error: {type(exc).__name__}: {exc}", "-", "-", "-"))
+                    errors += 1
+                    continue
                 err = (
                     "-"
                     if reference is None or name == "dense"
@@ -164,14 +193,20 @@ def run(args: argparse.Namespace) -> int:
         f"causal {args.causal}; median of {args.repeats}"
     )
     print(
-        "max err: max|out - ref| / max|ref| against the float64 reference (dense is another "
-        "function, so it has none)"
+        "peak mem: "
+        + (
+            "torch.cuda.max_memory_allocated over one call"
+            if device.type == "cuda"
+            else "peak bytes of live tensor storages created by one call"
+        )
+        + "; max err: max|out - ref| / max|ref| against the float64 reference "
+        "(dense computes another function, so it has none)"
     )
     print(format_table(["impl", "seq", "time ms", "tokens/s", "peak mem", "max err"], rows))
     if args.plot:
         _plot(times, args.plot, f"{device.type}, {args.dtype}, {what}")
         print(f"plot written to {args.plot}")
-    return 0
+    return 1 if errors else 0
 
 
 def _plot(times: dict[str, list[tuple[int, float]]], path: str, title: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distributions, version
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ import torch
 from dilated.core.cli.table import format_table
 from dilated.core.registry import KNOWN_KINDS, available_implementations, get_implementation
 
+#: The project's own distributions, listed even when not installed.
 DISTRIBUTIONS = (
     "dilated-core",
     "dilated-kernels",
@@ -19,6 +20,16 @@ DISTRIBUTIONS = (
     "dilated-sparse",
     "dilated-longnet",
 )
+
+
+def installed_distributions() -> dict[str, str]:
+    """Every installed ``dilated-*`` distribution by name, with its version."""
+    found: dict[str, str] = {}
+    for dist in distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith("dilated-"):
+            found[name] = dist.version
+    return found
 
 
 def add_parser(sub: Any) -> None:
@@ -42,7 +53,9 @@ def device_line() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(format_table(["package", "version"], [(d, _version(d)) for d in DISTRIBUTIONS]))
+    found = installed_distributions()
+    names = sorted(set(DISTRIBUTIONS) | set(found))
+    print(format_table(["package", "version"], [(d, found.get(d, "not installed")) for d in names]))
     print()
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}"
@@ -55,11 +68,13 @@ def run(args: argparse.Namespace) -> int:
         where = "distributed" if impl.distributed else "/".join(impl.devices)
         rows.append((name, impl.package, impl.priority, where, backends, impl.description))
     print(format_table(["kind", "package", "priority", "runs on", "backends", "description"], rows))
-    missing = sorted(
-        {pkg for kind, pkg in KNOWN_KINDS.items() if kind not in available_implementations()}
-    )
+    missing = [
+        f"{kind} ({pkg})"
+        for kind, pkg in KNOWN_KINDS.items()
+        if kind not in available_implementations()
+    ]
     if missing:
-        print(f"\nkinds from packages not installed: {', '.join(missing)}")
+        print(f"\nknown kinds not registered here (package to install): {', '.join(missing)}")
     auto = get_implementation("auto")
     print(f"\nkind='auto' picks {auto.name!r} ({auto.package}) here")
     return 0

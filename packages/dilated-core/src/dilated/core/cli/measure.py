@@ -34,23 +34,44 @@ def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats:
 
 
 class _LiveStorageBytes(TorchDispatchMode):
-    """Tracks the bytes of storages created by the ops run under it that are still alive."""
+    """Peak total bytes of the live storages that the ops run under it created.
+
+    A storage an op returns counts from then until it is freed (a weak reference tells when).
+    Storages that existed before (the inputs, parameters) are not counted, even when an op
+    returns a view of them.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.external: dict[int, StorageWeakRef] = {}
         self.peak = 0
 
+    def _alive(self, ptr: int) -> bool:
+        """Whether ``ptr`` is the address of a storage already known (counted or external)."""
+        known = self.live.get(ptr)
+        if known is not None and not known[0].expired():
+            return True
+        outside = self.external.get(ptr)
+        return outside is not None and not outside.expired()
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and not self._alive(ptr):
+                    self.external[ptr] = StorageWeakRef(storage)
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 ptr = storage.data_ptr()
-                known = self.live.get(ptr)
-                if ptr and (known is None or known[0].expired()):
-                    self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+                if not ptr or self._alive(ptr):
+                    continue
+                self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
         self.live = {p: e for p, e in self.live.items() if not e[0].expired()}
+        self.external = {p: w for p, w in self.external.items() if not w.expired()}
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
         return out
 
