@@ -1,3 +1,41 @@
-"""dilated.longnet: placeholder, filled by its own issue."""
+"""dilated-longnet: LongNet transformer layers, models and generation on dilated attention.
+
+Layers and models take their attention from the core factory by ``attention_type`` (any kind
+registered in the ``dilated.attention`` entry points).
+"""
+
+from dilated.longnet.config import LONGNET_PRESETS, LongNetConfig, TransformerLayerConfig
+from dilated.longnet.generation import generate
+from dilated.longnet.kv_cache import KVCache, LayerKVCache, cached_dilated_attention
+from dilated.longnet.layers import (
+    CrossAttention,
+    DilatedTransformerDecoderLayer,
+    DilatedTransformerEncoderLayer,
+    create_decoder_layer,
+    create_encoder_layer,
+)
+from dilated.longnet.magneto import magneto_gain
+from dilated.longnet.models import LongNet, LongNetLM
+from dilated.longnet.rotary import RotaryEmbedding
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LONGNET_PRESETS",
+    "CrossAttention",
+    "DilatedTransformerDecoderLayer",
+    "DilatedTransformerEncoderLayer",
+    "KVCache",
+    "LayerKVCache",
+    "LongNet",
+    "LongNetConfig",
+    "LongNetLM",
+    "RotaryEmbedding",
+    "TransformerLayerConfig",
+    "__version__",
+    "cached_dilated_attention",
+    "create_decoder_layer",
+    "create_encoder_layer",
+    "generate",
+    "magneto_gain",
+]

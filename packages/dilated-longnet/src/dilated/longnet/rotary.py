@@ -1,0 +1,71 @@
+"""Rotary position embedding (RoPE) for q and k, with the xPos length-extrapolation option."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["RotaryEmbedding"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate q and k by their absolute positions (RoFormer, arXiv 2104.09864).
+
+    With ``xpos_scale_base`` set, q at position ``t`` is also scaled by ``zeta ** (t / base)`` and
+    k by ``zeta ** (-t / base)`` (xPos, arXiv 2212.10554), so that scores decay with distance.
+    Positions are absolute (not centred) so that a KV cache stays valid; in float32 the scale
+    underflows past roughly ``30 * base`` positions, so keep xPos for contexts of that order.
+
+    Args:
+        head_dim: width of one head (even).
+        base: RoPE frequency base.
+        xpos_scale_base: None for plain RoPE.
+    """
+
+    inv_freq: torch.Tensor
+    zeta: torch.Tensor
+
+    def __init__(
+        self, head_dim: int, base: float = 10000.0, xpos_scale_base: float | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"rotary needs a positive even head_dim, got {head_dim!r}")
+        if not base > 0:
+            raise ValueError(f"base must be positive, got {base!r}")
+        if xpos_scale_base is not None and not xpos_scale_base > 0:
+            raise ValueError(f"xpos_scale_base must be positive or None, got {xpos_scale_base!r}")
+        self.head_dim = head_dim
+        self.xpos_scale_base = xpos_scale_base
+        idx = torch.arange(0, head_dim, 2, dtype=torch.float64)
+        self.register_buffer("inv_freq", (base ** (-idx / head_dim)).float(), persistent=False)
+        self.register_buffer("zeta", ((idx / head_dim + 0.4) / 1.4).float(), persistent=False)
+
+    def _rotate(
+        self, x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        cos = angles.cos()[None, :, None, :]
+        sin = angles.sin()[None, :, None, :]
+        x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+        if scale is not None:
+            x1, x2 = x1 * scale[None, :, None, :], x2 * scale[None, :, None, :]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` ``(batch, seq, heads, head_dim)`` and ``k`` ``(batch, seq, kv_heads,
+        head_dim)`` whose first token sits at absolute position ``offset``; returns both in
+        their input dtypes."""
+        n = q.shape[1]
+        pos = torch.arange(offset, offset + n, device=q.device, dtype=torch.float32)
+        angles = pos[:, None] * self.inv_freq.to(q.device)[None, :]
+        if self.xpos_scale_base is None:
+            return self._rotate(q, angles, None), self._rotate(k, angles, None)
+        power = pos[:, None] / self.xpos_scale_base
+        scale = self.zeta.to(q.device)[None, :] ** power
+        return self._rotate(q, angles, scale), self._rotate(k, angles, 1.0 / scale)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, xpos_scale_base={self.xpos_scale_base}"

@@ -1,0 +1,128 @@
+"""Incremental decoding with the KV cache equals full recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dilated.core.testing import assert_close_to_reference, dense_dilated_attention
+from dilated.longnet import LayerKVCache, LongNetLM, cached_dilated_attention, generate
+
+
+def _lm(ws: tuple[int, ...], rs: tuple[int, ...], **kw: object) -> LongNetLM:
+    torch.manual_seed(0)
+    cfg = {
+        "num_tokens": 40,
+        "d_model": 32,
+        "nhead": 4,
+        "num_encoder_layers": 0,
+        "num_decoder_layers": 2,
+        "dim_feedforward": 64,
+        "segment_lengths": ws,
+        "dilation_rates": rs,
+        "dropout": 0.0,
+        **kw,
+    }
+    return LongNetLM(dtype=torch.float64, **cfg)  # type: ignore[arg-type]
+
+
+CASES = [
+    ((8,), (1,), {}),
+    ((4, 8), (1, 2), {}),
+    ((4, 8, 16), (1, 2, 4), {}),
+    ((4, 8, 16), (1, 2, 4), {"num_kv_heads": 2}),
+    ((6, 12), (2, 3), {"rotary": "xpos"}),
+    ((4, 8), (1, 4), {"rotary": None}),
+]
+
+
+@pytest.mark.parametrize(("ws", "rs", "kw"), CASES)
+@pytest.mark.parametrize("prompt", [3])
+def test_greedy_tokens_with_and_without_cache(
+    ws: tuple[int, ...], rs: tuple[int, ...], kw: dict[str, object], prompt: int
+) -> None:
+    model = _lm(ws, rs, **kw)
+    ids = torch.randint(0, 40, (2, prompt), generator=torch.Generator().manual_seed(prompt))
+    n = 2 * max(ws) + 3 - prompt  # crosses several boundaries of every branch
+    cached = generate(model, ids, n)
+    full = generate(model, ids, n, use_cache=False)
+    assert cached.shape == (2, prompt + n)
+    assert torch.equal(cached, full)
+    assert torch.equal(cached[:, :prompt], ids)
+
+
+@pytest.mark.parametrize(("ws", "rs", "kw"), CASES)
+def test_cached_logits_equal_full_logits(
+    ws: tuple[int, ...], rs: tuple[int, ...], kw: dict[str, object]
+) -> None:
+    # Stronger than tokens: every step's logits, teacher-forced over a random sequence.
+    model = _lm(ws, rs, **kw).eval()
+    ids = torch.randint(0, 40, (2, 2 * max(ws) + 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, ids.shape[1])
+        steps = [model(ids[:, :3], cache=cache)]
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(3, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+@given(
+    seq=st.integers(1, 40),
+    branches=st.sampled_from([((4,), (1,)), ((4, 8), (2, 4)), ((3, 9, 12), (1, 3, 4))]),
+    kv=st.sampled_from([1, 2, 4]),
+)
+def test_one_token_attention_matches_dense_reference(
+    seq: int, branches: tuple[tuple[int, ...], tuple[int, ...]], kv: int
+) -> None:
+    ws, rs = branches
+    g = torch.Generator().manual_seed(seq)
+    q = torch.randn(1, seq, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, seq, kv, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, seq, kv, 8, generator=g, dtype=torch.float64)
+    ref, _ = dense_dilated_attention(q, k, v, ws, rs, is_causal=True)
+    cache = LayerKVCache(1, seq, kv, 8, dtype=torch.float64, device="cpu")
+    cache.write(0, k, v)
+    t = seq - 1
+    got = cached_dilated_attention(q[:, t : t + 1], cache, t, ws, rs)
+    assert_close_to_reference(got.float(), ref[:, t : t + 1], torch.float32)
+
+
+def test_sampling_and_errors() -> None:
+    model = _lm((4, 8), (1, 2))
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    a = generate(
+        model, ids, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3)
+    )
+    b = generate(
+        model, ids, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(a, b) and a.shape == (1, 12)
+    assert torch.equal(generate(model, ids, 0), ids)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ids, -1)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, ids, 2, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(model, torch.zeros(2, dtype=torch.long), 2)
+    cache = model.new_cache(1, 3)
+    with pytest.raises(ValueError, match="capacity 3"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+
+
+def test_new_token_reads_only_its_segment() -> None:
+    # Entries outside the query's segment (and of the other phase) must not matter.
+    ws, rs = (4, 8), (1, 2)
+    q = torch.randn(1, 1, 2, 8, dtype=torch.float64)
+    cache = LayerKVCache(1, 24, 2, 8, dtype=torch.float64, device="cpu")
+    cache.write(
+        0,
+        torch.randn(1, 24, 2, 8, dtype=torch.float64),
+        torch.randn(1, 24, 2, 8, dtype=torch.float64),
+    )
+    before = cached_dilated_attention(q, cache, 21, ws, rs)
+    cache.k[:, :16] = torch.nan  # positions of earlier segments of both branches
+    cache.v[:, 22:] = torch.nan  # the future
+    after = cached_dilated_attention(q, cache, 21, ws, rs)
+    torch.testing.assert_close(before, after)
