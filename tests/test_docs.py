@@ -7,12 +7,14 @@ processes); keep those few.
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+# Blocks may be indented (inside tabs or admonitions): the closing fence has the same indent.
+BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
 PAGES = sorted(p for p in DOCS.rglob("*.md") if BLOCK.search(p.read_text()))
 
 
@@ -25,7 +27,14 @@ def test_pages_with_snippets_exist() -> None:
 def test_page_snippets_run(page: Path) -> None:
     namespace: dict[str, object] = {"__name__": f"docs.{page.stem}"}
     for i, match in enumerate(BLOCK.finditer(page.read_text())):
-        code = match.group(1)
+        code = textwrap.dedent(match.group(2))
         if code.lstrip().startswith("# not-run"):
             continue
         exec(compile(code, f"{page.relative_to(DOCS)}[block {i}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.rglob("*.md")), ids=lambda p: str(p.relative_to(DOCS)))
+def test_every_python_fence_is_collected(page: Path) -> None:
+    # A fence the pattern misses would be a snippet that silently never runs.
+    text = page.read_text()
+    assert len(BLOCK.findall(text)) == text.count("```python\n")

@@ -26,9 +26,13 @@ OUT = Path(__file__).parent
 
 def dilation_pattern(path: Path) -> None:
     rows = len(SEGMENTS) + 1
-    fig, axes = plt.subplots(rows, HEADS, figsize=(2.3 * HEADS, 2.4 * rows))
+    fig, axes = plt.subplots(
+        rows, HEADS, figsize=(2.4 * HEADS + 1.0, 2.4 * rows), layout="constrained"
+    )
     merged = torch.zeros(HEADS, SEQ, SEQ)
     binary = ListedColormap(["#f4f4f4", "#3949ab"])
+    # One colour per count, so that "reached twice" reads as clearly as "reached once".
+    counts = ListedColormap(["#f4f4f4", "#9fa8da", "#3949ab", "#1a237e"][: len(SEGMENTS) + 1])
     for i, (w, r) in enumerate(zip(SEGMENTS, RATES)):
         mask = branch_mask(SEQ, HEADS, w, r)
         merged += mask.float()
@@ -39,7 +43,11 @@ def dilation_pattern(path: Path) -> None:
     for j in range(HEADS):
         ax = axes[-1, j]
         im = ax.imshow(
-            merged[j].numpy(), cmap="viridis", vmin=0, vmax=len(SEGMENTS), interpolation="nearest"
+            merged[j].numpy(),
+            cmap=counts,
+            vmin=-0.5,
+            vmax=len(SEGMENTS) + 0.5,
+            interpolation="nearest",
         )
         ax.set_title(f"merged, head {j}", fontsize=8)
     for ax in axes.flat:
@@ -50,7 +58,10 @@ def dilation_pattern(path: Path) -> None:
         ax.set_ylabel("query t", fontsize=8)
     for ax in axes[-1, :]:
         ax.set_xlabel("key u", fontsize=8)
-    fig.colorbar(im, ax=axes[-1, :].tolist(), shrink=0.8, label="branches reaching (t, u)")
+    bar = fig.colorbar(
+        im, ax=axes, shrink=0.25, anchor=(0.0, 0.0), label="branches reaching (t, u)"
+    )
+    bar.set_ticks(range(len(SEGMENTS) + 1))
     fig.suptitle(
         "Dilated attention: seq 32, 4 heads, segments [8, 16, 32], rates [1, 2, 4]", fontsize=11
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from dilated.core import dilated_attention
 from dilated.core.testing import (
     assert_close_to_reference,
+    assert_matches_reference,
     dense_dilated_attention,
     make_inputs,
     tolerance,
@@ -41,32 +44,8 @@ def _check(
         requires_grad=True,
         seed=seed,
     )
-    out, lse = dilated_attention(
-        inp.q,
-        inp.k,
-        inp.v,
-        ws,
-        rs,
-        is_causal=causal,
-        key_padding_mask=inp.key_padding_mask,
-        return_lse=True,
-    )
-    ref, ref_lse = dense_dilated_attention(
-        inp.q, inp.k, inp.v, ws, rs, is_causal=causal, key_padding_mask=inp.key_padding_mask
-    )
-    assert out.dtype == dtype
-    assert out.shape == inp.q.shape
-    assert_close_to_reference(out, ref, dtype)
-    # Rows no branch covers are -inf in both; every other row agrees to float32 precision.
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
-    finite = torch.isfinite(ref_lse)
-    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-4)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    got = torch.autograd.grad(out, (inp.q, inp.k, inp.v), grad)
-    want = torch.autograd.grad(ref, (inp.q, inp.k, inp.v), grad.double())
-    for name, g, w in zip("qkv", got, want):
-        assert torch.isfinite(g).all(), f"grad {name} has non-finite values"
-        assert_close_to_reference(g, w, dtype, what=f"grad {name}")
+    attention = functools.partial(dilated_attention, return_lse=True)
+    assert_matches_reference(attention, inp, ws, rs, is_causal=causal, seed=seed)
 
 
 @st.composite

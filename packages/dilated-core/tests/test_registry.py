@@ -61,6 +61,11 @@ def test_missing_package_is_named(clean_registry: None) -> None:
     reg.KNOWN_KINDS["hyper"] = "dilated-hyper"
     with pytest.raises(ValueError, match="pip install dilated-hyper"):
         create_dilated_attention("hyper", segment_lengths=[8], dilation_rates=[1])
+    reg.KNOWN_KINDS["later"] = "dilated-core"  # installed, but registers no such kind
+    with pytest.raises(
+        ValueError, match="does not register it yet: pip install --upgrade dilated-core"
+    ):
+        create_dilated_attention("later", segment_lengths=[8], dilation_rates=[1])
     with pytest.raises(ValueError, match=r"unknown kind 'nope'; choose one of .*standard"):
         create_dilated_attention("nope", segment_lengths=[8], dilation_rates=[1])
 

@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -149,9 +149,16 @@ def get_implementation(
         return impls[kind]
     if kind in KNOWN_KINDS:
         pkg = KNOWN_KINDS[kind]
+        try:
+            installed = version(pkg)
+        except PackageNotFoundError:
+            raise ValueError(
+                f"kind={kind!r} is provided by the package {pkg!r}, which is not installed: "
+                f"pip install {pkg}"
+            ) from None
         raise ValueError(
-            f"kind={kind!r} is provided by the package {pkg!r}, which is not installed: "
-            f"pip install {pkg}"
+            f"kind={kind!r} belongs to {pkg!r}, but the installed version {installed} does not "
+            f"register it yet: pip install --upgrade {pkg}"
         )
     names = sorted(set(impls) | set(KNOWN_KINDS) | set(PRESETS) | {"auto"})
     raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(names)}")

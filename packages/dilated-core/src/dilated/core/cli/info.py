@@ -69,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
         rows.append((name, impl.package, impl.priority, where, backends, impl.description))
     print(format_table(["kind", "package", "priority", "runs on", "backends", "description"], rows))
     missing = [
-        f"{kind} ({pkg})"
+        f"{kind} ({pkg}{', installed but not providing it yet' if _version(pkg) != 'not installed' else ''})"
         for kind, pkg in KNOWN_KINDS.items()
         if kind not in available_implementations()
     ]
     if missing:
-        print(f"\nknown kinds not registered here (package to install): {', '.join(missing)}")
+        print(f"\nknown kinds not registered here (their package): {', '.join(missing)}")
     auto = get_implementation("auto")
     print(f"\nkind='auto' picks {auto.name!r} ({auto.package}) here")
     return 0

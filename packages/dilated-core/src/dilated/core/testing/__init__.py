@@ -7,7 +7,7 @@ compared with it through :func:`assert_close_to_reference`, whose tolerances are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "AttentionInputs",
     "assert_close_to_reference",
+    "assert_matches_reference",
     "branch_mask",
     "dense_dilated_attention",
     "make_inputs",
@@ -175,3 +176,54 @@ def assert_close_to_reference(
     tol = tolerance(dtype)
     if not err < tol:
         raise AssertionError(f"{what}: relative error {err:.3e} exceeds {tol:.0e} for {dtype}")
+
+
+#: ``attention(q, k, v, segment_lengths, dilation_rates, *, is_causal, key_padding_mask)``
+#: returning ``(out, lse)``, e.g. ``functools.partial(dilated_attention, return_lse=True)``.
+AttentionWithLse = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def assert_matches_reference(
+    attention: AttentionWithLse,
+    inputs: AttentionInputs,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    seed: int = 0,
+) -> None:
+    """Assert that ``attention`` computes SPEC.md on ``inputs``: output, LSE and q/k/v gradients.
+
+    The judge is :func:`dense_dilated_attention` on float64 copies of the inputs (which must
+    require grad). Checked: output dtype and value, the LSE's ``-inf`` pattern and its finite
+    values, and the gradients for one random output gradient, all within
+    :func:`tolerance` of the inputs' dtype.
+    """
+    q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.key_padding_mask
+    dtype = q.dtype
+    out, lse = attention(
+        q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, key_padding_mask=mask
+    )
+    ref_q, ref_k, ref_v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = dense_dilated_attention(
+        ref_q,
+        ref_k,
+        ref_v,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        key_padding_mask=mask,
+    )
+    if out.dtype != dtype:
+        raise AssertionError(f"output dtype {out.dtype} != input dtype {dtype}")
+    assert_close_to_reference(out, ref, dtype)
+    if not torch.equal(torch.isinf(lse).cpu(), torch.isinf(ref_lse).cpu()):
+        raise AssertionError("lse: -inf at other positions than the reference's")
+    finite = torch.isfinite(ref_lse)
+    assert_close_to_reference(lse[finite], ref_lse[finite], dtype, "lse")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    grad = grad.to(device=out.device, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
+    want = torch.autograd.grad(ref, (ref_q, ref_k, ref_v), grad)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close_to_reference(g, w, dtype, name)

@@ -1,0 +1,40 @@
+"""Draw docs/figures/kernels_h100.png from the JSON written by benchmarks/kernels.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def main(src: str, dst: str) -> None:
+    with open(src) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for m in ("reference", "ideal", "sdpa", "triton"):
+            pts = [
+                (r["seq"], r["tflops"])
+                for r in rows
+                if r["mode"] == mode and r["method"] == m and math.isfinite(r["ms"])
+            ]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"{mode}, {data['device']}, bf16")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(dst, dpi=100)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,64 @@
+"""Backends of :func:`dilated.kernels.dilated_attention`, one module each.
+
+Each backend module exposes ``NAME``, ``available(device) -> bool`` and
+``forward(q, k, v, segment_lengths, dilation_rates, *, scale, is_causal, key_padding_mask,
+dropout_p) -> (out, lse)`` on inputs already validated by
+:func:`dilated.core.functional.prepare_call`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dilated.kernels.backends import flash, reference, sdpa
+from dilated.kernels.backends import triton as triton_backend
+
+__all__ = ["BACKEND_NAMES", "available_backends", "choose_backend", "get_backend"]
+
+logger = logging.getLogger(__name__)
+
+_MODULES = {m.NAME: m for m in (triton_backend, flash, sdpa, reference)}
+
+#: Every backend name ``dilated_attention(backend=...)`` accepts, ``"auto"`` included.
+BACKEND_NAMES: tuple[str, ...] = ("auto", *_MODULES)
+
+
+def get_backend(name: str):  # type: ignore[no-untyped-def]
+    """The backend module called ``name``; ``ValueError`` listing the valid names otherwise."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+    return _MODULES[name]
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends usable on ``device`` (default: CUDA when available, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    return [name for name, m in _MODULES.items() if m.available(dev)]
+
+
+def choose_backend(q: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float) -> str:
+    """The backend ``"auto"`` runs for this call (logged at debug level).
+
+    CUDA: ``"triton"`` (the fused kernel) unless the call has dropout or an unsupported dtype or
+    head_dim, then ``"flash"`` when installed and the call is inference in 16-bit without mask,
+    else ``"sdpa"``. Other devices: ``"reference"`` (on CPU the ``"sdpa"`` backend
+    runs the same math with more copies).
+    """
+    if q.is_cuda:
+        if triton_backend.unsupported_reason(q, dropout_p) is None:
+            name = triton_backend.NAME
+        elif (
+            flash.available(q.device)
+            and flash.unsupported_reason(q, key_padding_mask, dropout_p) is None
+        ):
+            name = flash.NAME
+        else:
+            name = sdpa.NAME
+    else:
+        name = reference.NAME
+    logger.debug("dilated_attention backend='auto' chose %r on %s", name, q.device)
+    return name

@@ -1,0 +1,302 @@
+# Triton kernels take upper-case pointer names and untyped JIT arguments by convention.
+# ruff: noqa: N803
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+"""Triton kernels of the ``"triton"`` backend: one branch per launch, LSE-merged accumulators.
+
+Layout: q/k/v ``(batch, seq, heads, head_dim)`` read in place. For branch ``(w, r)``, query head
+``h`` (phase ``p = h % r``) and segment ``s``, row ``i`` is position ``t = s * w + p + r * i``: a
+strided view with row stride ``r * heads * head_dim``, so no gathered copy exists.
+
+Forward: a program owns ``BLOCK_M`` rows of one (segment, batch * head), runs the online softmax
+over the segment's keys, and merges its result into the float32 running output and LSE by
+log-sum-exp (branches are launched one after the other, so the merge needs no atomics).
+Backward (FlashAttention-2): with the merged LSE ``L`` the branches form one softmax, so every
+branch contributes ``dS = P * (dP - Delta)`` with ``P = exp(S - L)``. ``branch_backward_dq`` owns
+a query block and adds dq without atomics; ``branch_backward`` owns a key block, accumulates dk/dv
+over the segment's query blocks and adds them with atomics (grouped query heads share a kv head).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def branch_forward(
+    Q,
+    K,
+    V,
+    Mask,
+    AccO,
+    Lse,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    sab,
+    san,
+    sah,
+    slb,
+    slh,
+    n,
+    H,
+    group,
+    w,
+    r,
+    rows,
+    scale,
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    mblock = tl.program_id(0)
+    seg = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // group
+    p = h % r
+    base = seg * w + p
+    offs_i = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    t = base + offs_i * r
+    q_ok = (offs_i < rows) & (t < n)
+    t64 = t.to(tl.int64)
+    dmask = offs_d < D
+    q = tl.load(
+        Q + b.to(tl.int64) * sqb + t64[:, None] * sqn + h * sqh + offs_d[None, :],
+        mask=q_ok[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = rows
+    if IS_CAUSAL:
+        hi = tl.minimum(rows, (mblock + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        offs_j = start + tl.arange(0, BLOCK_N)
+        u = base + offs_j * r
+        k_ok = (offs_j < rows) & (u < n)
+        if HAS_MASK:
+            pad = tl.load(Mask + b * n + u, mask=k_ok, other=0)
+            k_ok = k_ok & (pad != 0)
+        u64 = u.to(tl.int64)
+        kv_off = b.to(tl.int64) * skb + u64[:, None] * skn + hk * skh + offs_d[None, :]
+        kv_m = k_ok[:, None] & dmask[None, :]
+        k = tl.load(K + kv_off, mask=kv_m, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+        allowed = k_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (offs_j[None, :] <= offs_i[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        pr = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse_b = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
+    o_b = acc / l_safe[:, None]
+    lse_ptr = Lse + b.to(tl.int64) * slb + h * slh + t64
+    old_lse = tl.load(lse_ptr, mask=q_ok, other=float("-inf"))
+    new_max = tl.maximum(old_lse, lse_b)
+    max_safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    w_old = tl.exp(old_lse - max_safe)
+    w_new = tl.exp(lse_b - max_safe)
+    total = w_old + w_new
+    tot_safe = tl.where(total == 0.0, 1.0, total)
+    new_lse = tl.where(total == 0.0, float("-inf"), max_safe + tl.log(tot_safe))
+    o_ptr = AccO + b.to(tl.int64) * sab + t64[:, None] * san + h * sah + offs_d[None, :]
+    om = q_ok[:, None] & dmask[None, :]
+    old_o = tl.load(o_ptr, mask=om, other=0.0)
+    out = (old_o * w_old[:, None] + o_b * w_new[:, None]) / tot_safe[:, None]
+    tl.store(o_ptr, out, mask=om)
+    tl.store(lse_ptr, new_lse, mask=q_ok)
+
+
+@triton.jit
+def branch_backward(
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    DK,
+    DV,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    slb,
+    slh,
+    n,
+    H,
+    group,
+    w,
+    r,
+    rows,
+    scale,
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    nblock = tl.program_id(0)
+    seg = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // group
+    p = h % r
+    base = seg * w + p
+    b64 = b.to(tl.int64)
+    offs_j = nblock * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    u = base + offs_j * r
+    k_ok = (offs_j < rows) & (u < n)
+    if HAS_MASK:
+        pad = tl.load(Mask + b * n + u, mask=k_ok, other=0)
+        k_ok = k_ok & (pad != 0)
+    u64 = u.to(tl.int64)
+    kv_off = b64 * skb + u64[:, None] * skn + hk * skh + offs_d[None, :]
+    kv_m = k_ok[:, None] & dmask[None, :]
+    k = tl.load(K + kv_off, mask=kv_m, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_m, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if IS_CAUSAL:
+        lo = (nblock * BLOCK_N // BLOCK_M) * BLOCK_M
+    for start in range(lo, rows, BLOCK_M):
+        offs_i = start + tl.arange(0, BLOCK_M)
+        t = base + offs_i * r
+        q_ok = (offs_i < rows) & (t < n)
+        t64 = t.to(tl.int64)
+        q_off = b64 * sqb + t64[:, None] * sqn + h * sqh + offs_d[None, :]
+        qm = q_ok[:, None] & dmask[None, :]
+        q = tl.load(Q + q_off, mask=qm, other=0.0)
+        do = tl.load(DO + q_off, mask=qm, other=0.0)
+        lse = tl.load(Lse + b64 * slb + h * slh + t64, mask=q_ok, other=float("-inf"))
+        delta = tl.load(Delta + b64 * slb + h * slh + t64, mask=q_ok, other=0.0)
+        lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+        allowed = q_ok[:, None] & k_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (offs_j[None, :] <= offs_i[:, None])
+        pr = tl.where(allowed, tl.exp(s - lse_safe[:, None]), 0.0)
+        dv += tl.dot(tl.trans(pr).to(do.dtype), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = pr * (dp - delta[:, None]) * scale
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            tl.atomic_add(DQ + q_off, dq, mask=qm)
+    tl.atomic_add(DK + kv_off, dk, mask=kv_m)
+    tl.atomic_add(DV + kv_off, dv, mask=kv_m)
+
+
+@triton.jit
+def branch_backward_dq(
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    slb,
+    slh,
+    n,
+    H,
+    group,
+    w,
+    r,
+    rows,
+    scale,
+    IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # dq of one branch: a program owns a query block (as in the forward), so it adds its result
+    # to the float32 dq buffer without atomics (branches are successive launches).
+    mblock = tl.program_id(0)
+    seg = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // group
+    p = h % r
+    base = seg * w + p
+    b64 = b.to(tl.int64)
+    offs_i = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    t = base + offs_i * r
+    q_ok = (offs_i < rows) & (t < n)
+    t64 = t.to(tl.int64)
+    q_off = b64 * sqb + t64[:, None] * sqn + h * sqh + offs_d[None, :]
+    qm = q_ok[:, None] & dmask[None, :]
+    q = tl.load(Q + q_off, mask=qm, other=0.0)
+    do = tl.load(DO + q_off, mask=qm, other=0.0)
+    lse = tl.load(Lse + b64 * slb + h * slh + t64, mask=q_ok, other=float("-inf"))
+    delta = tl.load(Delta + b64 * slb + h * slh + t64, mask=q_ok, other=0.0)
+    lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = rows
+    if IS_CAUSAL:
+        hi = tl.minimum(rows, (mblock + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        offs_j = start + tl.arange(0, BLOCK_N)
+        u = base + offs_j * r
+        k_ok = (offs_j < rows) & (u < n)
+        if HAS_MASK:
+            pad = tl.load(Mask + b * n + u, mask=k_ok, other=0)
+            k_ok = k_ok & (pad != 0)
+        u64 = u.to(tl.int64)
+        kv_off = b64 * skb + u64[:, None] * skn + hk * skh + offs_d[None, :]
+        kv_m = k_ok[:, None] & dmask[None, :]
+        k = tl.load(K + kv_off, mask=kv_m, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+        allowed = q_ok[:, None] & k_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (offs_j[None, :] <= offs_i[:, None])
+        pr = tl.where(allowed, tl.exp(s - lse_safe[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = pr * (dp - delta[:, None]) * scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    old = tl.load(DQ + q_off, mask=qm, other=0.0)
+    tl.store(DQ + q_off, old + dq, mask=qm)

@@ -1,0 +1,120 @@
+"""The public op of dilated-kernels: validation by dilated-core, then a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, overload
+
+import torch
+
+from dilated.core.functional import prepare_call
+from dilated.kernels.backends import choose_backend, get_backend
+
+__all__ = ["dilated_attention"]
+
+
+@overload
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None = ...,
+    is_causal: bool = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    dropout_p: float = ...,
+    return_lse: Literal[False] = ...,
+    backend: str = ...,
+    check_finite: bool = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None = ...,
+    is_causal: bool = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    dropout_p: float = ...,
+    return_lse: Literal[True],
+    backend: str = ...,
+    check_finite: bool = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LongNet dilated attention (SPEC.md) on a chosen backend.
+
+    Accepts and rejects exactly what :func:`dilated.core.dilated_attention` does.
+
+    Args:
+        q: queries ``(batch, seq, heads, head_dim)``, float16/bfloat16/float32/float64.
+        k: keys ``(batch, seq, kv_heads, head_dim)``, ``heads % kv_heads == 0``.
+        v: values, shaped like ``k``.
+        segment_lengths: ``w_i`` of each branch.
+        dilation_rates: ``r_i`` of each branch, ``w_i % r_i == 0``.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        is_causal: query ``t`` sees only keys ``u <= t``.
+        key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+        dropout_p: dropout on the attention probabilities.
+        return_lse: also return the merged log-sum-exp.
+        backend: ``"auto"``, ``"triton"``, ``"flash"``, ``"sdpa"`` or ``"reference"``; ``"auto"`` picks the
+            fastest one that supports the call (see
+            :func:`dilated.kernels.backends.choose_backend`).
+        check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync).
+
+    Returns:
+        ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q``; with ``return_lse`` also
+        ``lse`` ``(batch, heads, seq)`` float32 (float64 for float64 inputs), ``-inf`` for a query
+        that sees no key (whose ``out`` is 0).
+
+    Raises:
+        ValueError: invalid inputs, an unknown backend, or a backend that cannot run the call.
+    """
+    impl = get_backend(
+        choose_backend(q, key_padding_mask, dropout_p) if backend == "auto" else backend
+    )
+    ws, rs, softmax_scale = prepare_call(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
+        check_finite_inputs=check_finite,
+    )
+    out, lse = impl.forward(
+        q,
+        k,
+        v,
+        ws,
+        rs,
+        scale=softmax_scale,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
+    )
+    return (out, lse) if return_lse else out

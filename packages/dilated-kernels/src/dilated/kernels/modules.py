@@ -1,0 +1,98 @@
+"""The modules of dilated-kernels, registered as the ``"improved"`` implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention
+from dilated.core.config import DilatedAttentionConfig
+from dilated.core.registry import Implementation
+from dilated.kernels.backends import BACKEND_NAMES, available_backends
+from dilated.kernels.functional import dilated_attention
+
+__all__ = ["IMPLEMENTATION", "ImprovedDilatedAttention", "ImprovedMultiheadDilatedAttention"]
+
+
+class ImprovedDilatedAttention(BaseDilatedAttention):
+    """Dilated attention on the fastest backend of :func:`dilated.kernels.dilated_attention`.
+
+    Input and output ``(batch, seq, heads, head_dim)``; see
+    :class:`~dilated.core.base.BaseDilatedAttention`. ``backend`` (keyword, default ``"auto"``)
+    pins one backend.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int] | DilatedAttentionConfig,
+        dilation_rates: Sequence[int] | None = None,
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        op: Any = None,
+        *,
+        is_causal: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            softmax_scale,
+            attention_dropout,
+            op,
+            is_causal=is_causal,
+        )
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
+        self.backend = backend
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        return dilated_attention(
+            q,
+            k,
+            v,
+            self.config.segment_lengths,
+            self.config.dilation_rates,
+            scale=self.config.scale,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
+    """Multi-head dilated attention whose inner attention is :class:`ImprovedDilatedAttention`.
+
+    Input ``(batch, seq, embed_dim)``, returns ``(out, None)``; see
+    :class:`~dilated.core.base.BaseMultiheadDilatedAttention`.
+    """
+
+    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
+        return ImprovedDilatedAttention(config)
+
+
+IMPLEMENTATION = Implementation(
+    name="improved",
+    attention=ImprovedDilatedAttention,
+    multihead=ImprovedMultiheadDilatedAttention,
+    package="dilated-kernels",
+    description="fused Triton kernel (or flash-attn / cuDNN SDPA per branch), LSE merge",
+    priority=10,
+    # On CPU every backend is the reference math, so "auto" keeps "standard" there.
+    devices=("cuda",),
+    backends=available_backends,
+)

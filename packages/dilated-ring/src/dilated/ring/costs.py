@@ -1,0 +1,98 @@
+"""Cost model: bytes each rank sends per layer, as a formula of the shapes and branches.
+
+Notation: ``n`` tokens over ``P`` ranks (shard ``s = n / P``), batch ``b``, ``h`` query heads,
+``h_kv`` key/value heads, head dim ``d``, element size ``e`` (of q/k/v) and ``e_c`` (the compute
+dtype: float32 for 16-bit inputs). For branch ``i`` with ``(w_i, r_i)``:
+
+* ``G_i``: ranks in a segment group: 1 when the branch is local (a chunk of the sharding is a
+  multiple of ``w_i``), ``w_i / s`` for contiguous shards with ``s < w_i < n``, else ``P``.
+* ``K_i = sum_{p < min(r_i, h)} |{ j // (h / h_kv) : j = p mod r_i }|``: key/value heads read by
+  the query heads of the phases (``= h`` without grouped-query attention, at most ``r_i * h_kv``).
+* ``E_i = 2 * b * (s / r_i) * K_i * d``: elements of one rank's phase rows of K and V.
+
+Ring strategy: forward ``sum_i (G_i - 1) E_i e``; backward ``sum_i [(G_i - 1) E_i e + G_i E_i e_c]``
+over the spanning branches (K/V rotate again, and their gradients travel a full turn with them).
+
+All-gather strategy: forward ``sum_i (G_i - 1) E_i e`` (each block goes to the ``G_i - 1``
+peers at once); backward ``sum_i (G_i - 1) E_i (e + e_c)`` (gather again, then each peer's key
+gradients go straight back to it: a reduce-scatter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dilated.core.reference import compute_dtype
+from dilated.ring.sharding import chunk_length
+
+__all__ = ["CommCost", "comm_cost", "group_size", "kv_heads_read"]
+
+
+@dataclass(frozen=True)
+class CommCost:
+    """Bytes one rank sends in one layer."""
+
+    forward_bytes: int
+    backward_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.forward_bytes + self.backward_bytes
+
+
+def group_size(seq: int, world_size: int, w: int, load_balance: str = "contiguous") -> int:
+    """``G``: ranks whose keys one rank's queries may read in a branch of segment length ``w``."""
+    if chunk_length(seq, world_size, load_balance) % w == 0:
+        return 1
+    if load_balance == "contiguous" and w < seq:
+        return w // (seq // world_size)
+    return world_size
+
+
+def kv_heads_read(heads: int, kv_heads: int, r: int) -> int:
+    """``K``: key/value heads sent per phase row, summed over the phases of rate ``r``."""
+    g = heads // kv_heads
+    return sum(len({j // g for j in range(p, heads, r)}) for p in range(min(r, heads)))
+
+
+def comm_cost(
+    seq: int,
+    world_size: int,
+    heads: int,
+    head_dim: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    batch: int = 1,
+    kv_heads: int | None = None,
+    strategy: str = "ring",
+    load_balance: str = "contiguous",
+) -> CommCost:
+    """Bytes one rank sends per layer (exact when ``s / r_i`` is an integer, i.e. every rank
+    holds the same number of rows of each phase; contiguous or zigzag shards).
+
+    Args:
+        seq: total tokens ``n``; world_size: ``P``; heads, head_dim, kv_heads: as in the layer.
+        segment_lengths, dilation_rates: the branches.
+        dtype: dtype of q/k/v.
+        strategy: ``"ring"`` or ``"allgather"``.
+        load_balance: the sharding.
+    """
+    if strategy not in ("ring", "allgather"):
+        raise ValueError(f"strategy must be 'ring' or 'allgather', got {strategy!r}")
+    hkv = heads if kv_heads is None else kv_heads
+    e = torch.empty(0, dtype=dtype).element_size()
+    e_c = torch.empty(0, dtype=compute_dtype(dtype)).element_size()
+    s = seq // world_size
+    fwd = bwd = 0
+    for w, r in zip(segment_lengths, dilation_rates):
+        g = group_size(seq, world_size, w, load_balance)
+        elements = 2 * batch * (s // r) * kv_heads_read(heads, hkv, r) * head_dim
+        fwd += (g - 1) * elements * e
+        grad_hops = (g if g > 1 else 0) if strategy == "ring" else g - 1
+        bwd += (g - 1) * elements * e + grad_hops * elements * e_c
+    return CommCost(forward_bytes=fwd, backward_bytes=bwd)

@@ -1,0 +1,262 @@
+"""Modules of dilated-ring and their registry entries (``"ring"``, ``"ring_distributed"``).
+
+Every module takes this rank's shard of the sequence and returns this rank's rows of the
+whole-sequence result; see :func:`dilated.ring.functional.ring_dilated_attention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention
+from dilated.core.config import (
+    DilatedAttentionConfig,
+    DistributedConfig,
+    MultiheadConfig,
+    RingAttentionConfig,
+    RingDistributedConfig,
+)
+from dilated.core.registry import Implementation
+from dilated.ring.functional import ring_dilated_attention
+
+__all__ = [
+    "DISTRIBUTED_IMPLEMENTATION",
+    "IMPLEMENTATION",
+    "RING_DISTRIBUTED_IMPLEMENTATION",
+    "DistributedImprovedDilatedAttention",
+    "DistributedImprovedMultiheadDilatedAttention",
+    "RingDilatedAttention",
+    "RingDistributedDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "create_ring_distributed_attention",
+]
+
+
+class RingDilatedAttention(BaseDilatedAttention):
+    """Sequence-parallel dilated attention over this rank's shard ``(batch, seq / P, heads, head_dim)``.
+
+    Construct like :class:`~dilated.core.modules.DilatedAttention` (keywords or a
+    :class:`~dilated.core.config.DilatedAttentionConfig` /
+    :class:`~dilated.core.config.RingAttentionConfig`), plus ``group`` (None: the default process
+    group, or a world of one when torch.distributed is not initialised) and ``load_balance``
+    (taken from a ``RingAttentionConfig`` when one is given). Call as
+    ``attn(q_shard, k_shard, v_shard, is_causal=False)``. ``strategy`` is ``"ring"`` (default)
+    or ``"allgather"``.
+    """
+
+    default_strategy = "ring"
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int] | DilatedAttentionConfig,
+        dilation_rates: Sequence[int] | None = None,
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        op: Any = None,
+        *,
+        is_causal: bool = False,
+        group: dist.ProcessGroup | None = None,
+        load_balance: str | None = None,
+        strategy: str | None = None,
+    ) -> None:
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            softmax_scale,
+            attention_dropout,
+            op,
+            is_causal=is_causal,
+        )
+        self.group = group
+        from_config = getattr(self.config, "load_balance", "contiguous")
+        self.load_balance = from_config if load_balance is None else load_balance
+        self.strategy = self.default_strategy if strategy is None else strategy
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        out = ring_dilated_attention(
+            q,
+            k,
+            v,
+            self.config.segment_lengths,
+            self.config.dilation_rates,
+            scale=self.config.scale,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            group=self.group,
+            load_balance=self.load_balance,
+            strategy=self.strategy,
+        )
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+class RingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
+    """Multi-head ring dilated attention: inputs ``(batch, seq / P, embed_dim)`` per rank.
+
+    The projections and the sub-layer norm act token by token, so they run on the shard
+    unchanged; only the attention communicates. Returns ``(out, None)``.
+    """
+
+    group: dist.ProcessGroup | None = None
+    load_balance: str = "contiguous"
+
+    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
+        lb = getattr(config, "load_balance", self.load_balance)
+        return RingDilatedAttention(config, group=self.group, load_balance=lb)
+
+
+class DistributedImprovedDilatedAttention(RingDilatedAttention):
+    """LongNet's distributed algorithm: each rank receives every phase-row block of K/V of its
+    segment group at once (an all-gather inside the group) and sends key/value gradients back
+    to their owners in the backward pass (a reduce-scatter). Same arguments as
+    :class:`RingDilatedAttention`; same results.
+    """
+
+    default_strategy = "allgather"
+
+
+class DistributedImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
+    """Multi-head layer on :class:`DistributedImprovedDilatedAttention` (shards in and out)."""
+
+    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
+        return DistributedImprovedDilatedAttention(config)
+
+
+class RingDistributedDilatedAttention(nn.Module):
+    """A distributed multi-head layer built from a :class:`RingDistributedConfig`.
+
+    Inputs are this rank's ``(batch, seq / P, embed_dim)``; returns ``(out, None)``. With
+    ``ring_config.checkpoint`` the layer is recomputed in the backward pass instead of storing
+    its activations.
+
+    Args:
+        config: multi-head, ring and distributed settings; ``distributed_config.strategy`` is
+            ``"ring"`` or ``"allgather"`` (``"ulysses"`` is not available in this release).
+        group: process group (None: default).
+    """
+
+    def __init__(
+        self, config: RingDistributedConfig, group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, RingDistributedConfig):
+            raise ValueError(f"config must be a RingDistributedConfig, got {type(config).__name__}")
+        strategy = config.distributed_config.strategy
+        if strategy not in ("ring", "allgather"):
+            raise ValueError(
+                f"distributed_config.strategy={strategy!r} is not available in this release of "
+                "dilated-ring; use 'ring' or 'allgather'"
+            )
+        self.config = config
+        rc = config.ring_config
+        attention = DilatedAttentionConfig(
+            segment_lengths=rc.segment_lengths,
+            dilation_rates=rc.dilation_rates,
+            dropout=rc.dropout,
+            scale=rc.scale,
+            is_causal=rc.is_causal,
+        )
+        self.layer = RingMultiheadDilatedAttention(config.multihead_config, attention)
+        inner = self.layer.attention
+        assert isinstance(inner, RingDilatedAttention)
+        inner.group = group
+        inner.load_balance = rc.load_balance
+        inner.strategy = strategy
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        is_causal: bool | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Attend over the sharded sequence; ``(batch, seq / P, embed_dim)`` in and out."""
+        if self.config.ring_config.checkpoint and torch.is_grad_enabled():
+            out: torch.Tensor = checkpoint(
+                lambda q, k, v: self.layer(q, k, v, is_causal=is_causal)[0],
+                query,
+                key,
+                value,
+                use_reentrant=False,
+            )
+            return out, None
+        result: tuple[torch.Tensor, None] = self.layer(query, key, value, is_causal=is_causal)
+        return result
+
+
+def create_ring_distributed_attention(
+    embed_dim: int,
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    strategy: str = "ring",
+    load_balance: str = "contiguous",
+    checkpoint: bool = False,
+    is_causal: bool = False,
+    num_kv_heads: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    **multihead: Any,
+) -> RingDistributedDilatedAttention:
+    """Build a :class:`RingDistributedDilatedAttention` from keywords (configs are validated)."""
+    config = RingDistributedConfig(
+        multihead_config=MultiheadConfig(
+            embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **multihead
+        ),
+        ring_config=RingAttentionConfig(
+            segment_lengths=tuple(segment_lengths),
+            dilation_rates=tuple(dilation_rates),
+            is_causal=is_causal,
+            load_balance=load_balance,  # type: ignore[arg-type]
+            checkpoint=checkpoint,
+        ),
+        distributed_config=DistributedConfig(strategy=strategy),  # type: ignore[arg-type]
+    )
+    return RingDistributedDilatedAttention(config, group=group)
+
+
+IMPLEMENTATION = Implementation(
+    name="ring",
+    attention=RingDilatedAttention,
+    multihead=RingMultiheadDilatedAttention,
+    package="dilated-ring",
+    description="sequence-parallel ring over torch.distributed: phase rows of K/V rotate",
+    priority=0,
+    distributed=True,
+)
+
+DISTRIBUTED_IMPLEMENTATION = Implementation(
+    name="distributed",
+    attention=DistributedImprovedDilatedAttention,
+    multihead=DistributedImprovedMultiheadDilatedAttention,
+    package="dilated-ring",
+    description="LongNet's algorithm: all-gather of K/V phase rows per segment group",
+    priority=0,
+    distributed=True,
+)
+
+RING_DISTRIBUTED_IMPLEMENTATION = Implementation(
+    name="ring_distributed",
+    attention=RingDilatedAttention,
+    multihead=RingMultiheadDilatedAttention,
+    package="dilated-ring",
+    description="ring strategy with load balancing and checkpointing (RingDistributedConfig)",
+    priority=0,
+    distributed=True,
+)
