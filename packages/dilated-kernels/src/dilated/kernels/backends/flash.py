@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dilated.kernels.backends._branches import run_branches
+from dilated.core.branches import run_branches
 
 __all__ = ["NAME", "available", "forward", "unsupported_reason"]
 

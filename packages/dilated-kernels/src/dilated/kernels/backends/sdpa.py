@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dilated.core.branches import run_branches
 from dilated.core.reference import attention_with_lse, compute_dtype
-from dilated.kernels.backends._branches import run_branches
 
 __all__ = ["NAME", "available", "forward"]
 

@@ -1,10 +1,11 @@
-"""The per-branch, per-phase loop shared by the backends that call a dense attention kernel.
+"""The per-branch, per-phase loop of dilated attention, around a pluggable dense kernel.
 
 Every branch ``(w, r)`` and phase ``p`` is a batch of independent dense problems over a strided
 view of the ``(batch, seq, heads, head_dim)`` input (rows ``p, p + r, ...`` of heads
-``p, p + r, ...``), cut into segments of ``w / r`` rows; the last segment may be shorter. A backend
-supplies only the dense kernel (:data:`DenseAttention`); the branches are merged with
-:func:`dilated.core.merge.merge_attention`.
+``p, p + r, ...``), cut into segments of ``w / r`` rows; the last segment may be shorter. The
+reference (:mod:`dilated.core.reference`) and every backend that calls a dense attention kernel
+(dilated-kernels' sdpa and flash) supply only that kernel (:data:`DenseAttention`); the branches
+are merged with :func:`dilated.core.merge.merge_attention`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,23 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dilated.core.merge import merge_attention
-from dilated.core.reference import compute_dtype, phase_heads
 
-__all__ = ["DenseAttention", "run_branches"]
+__all__ = ["DenseAttention", "compute_dtype", "phase_heads", "run_branches"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sub-problems are computed in: float32 for 16-bit inputs, else the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def phase_heads(heads_q: int, heads_kv: int, rate: int, phase: int) -> tuple[slice, torch.Tensor]:
+    """Query heads of one phase (``j mod rate == phase``) and the key/value head each one reads.
+
+    Returns a slice over query heads and a long tensor of key/value head indices (``j // group``).
+    """
+    group = heads_q // heads_kv
+    return slice(phase, heads_q, rate), torch.arange(phase, heads_q, rate) // group
+
 
 #: ``(q, k, v, key_mask, scale, is_causal, dropout_p) -> (out, lse)`` over ``(B, L, H, D)``
 #: inputs (``key_mask`` ``(B, L)`` or None); returns ``out`` ``(B, L, H, D)`` in the compute dtype
@@ -108,9 +123,15 @@ def run_branches(
     """Dilated attention on validated inputs with ``dense`` as the per-segment kernel.
 
     Args:
-        q, k, v: ``(batch, seq, heads|kv_heads, head_dim)``.
-        segment_lengths, dilation_rates: the validated branches.
-        scale, is_causal, key_padding_mask, dropout_p: as in the public op.
+        q: ``(batch, seq, heads, head_dim)``.
+        k: ``(batch, seq, kv_heads, head_dim)``.
+        v: shaped like ``k``.
+        segment_lengths: the validated ``w_i``.
+        dilation_rates: the validated ``r_i``.
+        scale: softmax scale.
+        is_causal: causal masking inside each segment.
+        key_padding_mask: bool ``(batch, seq)``, True = real token, or None.
+        dropout_p: dropout on the probabilities.
         dense: the dense kernel.
         work_dtype: dtype the inputs are cast to before ``dense`` (default: keep them).
 
