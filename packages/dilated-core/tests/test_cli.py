@@ -184,3 +184,13 @@ def test_cuda_requested_without_cuda(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         main(["check", "--device", "cuda"])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_check_with_nothing_registered_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dilated.core.cli import check
+
+    monkeypatch.setattr(check, "available_implementations", dict)
+    assert main(["check", "--device", "cpu"]) == 1
+    assert "no dilated-attention implementation is registered" in capsys.readouterr().out

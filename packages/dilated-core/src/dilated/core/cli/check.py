@@ -76,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
     impls = [
         i for i in available_implementations().values() if not i.distributed and i.supports(device)
     ]
+    if not impls:
+        # Nothing checked is a failure, not a pass: the packages' metadata (entry points) is missing.
+        print(
+            f"no dilated-attention implementation is registered for {device}: install the "
+            "packages (pip install dilated-core) so that their dilated.attention entry points exist"
+        )
+        return 1
     rows, failed = [], False
     with ProgressBar(len(impls) * len(CASES), "check") as bar:
         for impl in impls:
