@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from dilated.core.branches import run_branches
-from dilated.core.reference import attention_with_lse, compute_dtype
+from dilated.core.reference import compute_dtype, dense_segment_attention
 
 __all__ = ["NAME", "available", "forward"]
 
@@ -50,8 +50,8 @@ def _dense(
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of dense problems ``(B, L, H, D)``: ``out`` ``(B, L, H, D)``, ``lse`` ``(B, H, L)``."""
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if _cudnn_ok(q, key_mask, dropout_p):
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         try:
             res = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 qt.contiguous(),
@@ -69,17 +69,9 @@ def _dense(
         except RuntimeError:  # cuDNN refuses some shapes; the math path takes them
             pass
     dtype = compute_dtype(q.dtype)
-    km = None if key_mask is None else key_mask[:, None, :]
-    out, lse = attention_with_lse(
-        qt.to(dtype),
-        kt.to(dtype),
-        vt.to(dtype),
-        scale,
-        is_causal=is_causal,
-        key_mask=km,
-        dropout_p=dropout_p,
+    return dense_segment_attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), key_mask, scale, is_causal, dropout_p
     )
-    return out.transpose(1, 2), lse
 
 
 def forward(
