@@ -2,12 +2,13 @@
 
 Per sequence length, forward and forward+backward: the dilated-core reference path, "ideal"
 (torch SDPA over sub-problems already gathered into contiguous tensors: same FLOPs, no gather or
-merge), FlexAttention with a mask_mod for the pattern, the "sdpa" backend and the fused
-"triton" backend. Prints median times (triton.testing.do_bench), TFLOP/s counted as
+merge), FlexAttention with a mask_mod for the pattern, and the backends of dilated-kernels
+("cudnn": cuDNN per sub-problem + fused Triton merge; "triton": the fused kernel; "sdpa"). Prints median times (triton.testing.do_bench), TFLOP/s counted as
 ``4 * heads * sum_i(seq * (w_i / r_i) * head_dim / r_i)`` forward (x3.5 for forward+backward,
 halved for causal), peak memory and ratios, and writes the rows as JSON.
 
     python benchmarks/kernels.py --seqs 32768 262144 --json kernels.json
+    python benchmarks/kernels.py --seqs 4194304 --methods cudnn --modes fwd
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def main() -> None:
     ap.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--flex-max-seq", type=int, default=32768)
+    ap.add_argument("--reference-max-seq", type=int, default=32768)
     ap.add_argument(
-        "--methods", nargs="+", default=["reference", "ideal", "flex", "sdpa", "triton"]
+        "--methods", nargs="+", default=["reference", "ideal", "flex", "cudnn", "triton"]
     )
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     b, h, d, ws, rs, causal = 1, args.heads, args.head_dim, args.segments, args.rates, args.causal
@@ -75,7 +78,7 @@ def main() -> None:
     rows = []
     for seq in args.seqs:
         fl = flops(seq, h, d, ws, rs, causal)
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in args.modes:
             grad = mode == "fwd+bwd"
             res: dict[str, tuple[float, float]] = {}
             for method in args.methods:
@@ -89,8 +92,13 @@ def main() -> None:
                                 F.scaled_dot_product_attention(*p, is_causal=causal) for p in parts
                             ]
                             if grad:
-                                sum(o.float().sum() for o in outs).backward()  # type: ignore[union-attr]
+                                torch.autograd.grad(
+                                    outs, [x for p in parts for x in p], [o.detach() for o in outs]
+                                )
 
+                    elif method == "reference" and seq > args.reference_max_seq:
+                        res[method] = (math.nan, math.nan)
+                        continue
                     elif method == "flex":
                         if seq > args.flex_max_seq:
                             res[method] = (math.nan, math.nan)
@@ -103,8 +111,9 @@ def main() -> None:
                             )
                             for _ in range(3)
                         )
+                        dout = torch.randn_like(q) if grad else None
 
-                        def run(method: str = method, q=q, k=k, v=v, grad=grad) -> None:  # type: ignore[no-untyped-def]
+                        def run(method: str = method, q=q, k=k, v=v, grad=grad, dout=dout) -> None:  # type: ignore[no-untyped-def]
                             if method == "reference":
                                 o = core_attention(
                                     q, k, v, ws, rs, is_causal=causal, check_finite=False
@@ -121,7 +130,7 @@ def main() -> None:
                                     check_finite=False,
                                 )
                             if grad:
-                                o.backward(torch.ones_like(o))
+                                torch.autograd.grad(o, (q, k, v), dout)
 
                     res[method] = measure(run)
                 except Exception as exc:  # a failing method is reported, not fatal
@@ -190,16 +199,19 @@ def flex_runner(b, seq, h, d, ws, rs, dtype, grad, causal):  # type: ignore[no-u
 
     # A mask cannot count a key twice, so this is the union pattern (one softmax over the set
     # union, not the multiset): the timing is comparable, the values slightly differ.
-    block = create_block_mask(mask_mod, b, h, seq, seq, device="cuda")
+    # _compile builds the block mask blockwise instead of from a dense seq x seq mask.
+    block = create_block_mask(mask_mod, b, h, seq, seq, device="cuda", _compile=True)
     fn = torch.compile(flex_attention)
     q, k, v = (
         torch.randn(b, h, seq, d, device="cuda", dtype=dtype, requires_grad=grad) for _ in range(3)
     )
 
+    dout = torch.randn_like(q) if grad else None
+
     def run() -> None:
         o = fn(q, k, v, block_mask=block)
         if grad:
-            o.backward(torch.ones_like(o))
+            torch.autograd.grad(o, (q, k, v), dout)
 
     return run
 

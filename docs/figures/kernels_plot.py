@@ -18,7 +18,7 @@ def main(src: str, dst: str) -> None:
     rows = data["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        for m in ("reference", "ideal", "sdpa", "triton"):
+        for m in ("reference", "ideal", "flex", "cudnn", "triton"):
             pts = [
                 (r["seq"], r["tflops"])
                 for r in rows

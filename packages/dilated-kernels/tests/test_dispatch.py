@@ -33,7 +33,7 @@ def test_unknown_backend_lists_valid_names() -> None:
 def test_auto_on_cpu_is_reference(caplog: pytest.LogCaptureFixture) -> None:
     inp = make_inputs(1, 8, 2, 4, seed=0)
     with caplog.at_level(logging.DEBUG, logger="dilated.kernels.backends"):
-        assert choose_backend(inp.q, None, 0.0) == "reference"
+        assert choose_backend(inp.q, inp.k, None, 0.0) == "reference"
     assert "reference" in caplog.text
     assert available_backends("cpu")[-2:] == ["sdpa", "reference"]
 

@@ -1,4 +1,4 @@
-"""The fused Triton kernel and the sdpa backend on CUDA at real sizes (skipped without a GPU)."""
+"""The cudnn, triton and sdpa backends on CUDA at real sizes (skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,39 @@ def test_matches_dense_on_gpu(
     assert_matches_reference(attention, inp, ws, rs, is_causal=causal, seed=head_dim)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("batch", "seq"), [(2, 1000), (2, 1024), (1, 1536)])
+def test_cudnn_matches_dense_on_gpu(
+    dtype: torch.dtype, head_dim: int, causal: bool, batch: int, seq: int
+) -> None:
+    # 1000: partial last segments (one call per batch); 1024: batches merged into one call.
+    ws, rs = (128, 256, 512), (1, 2, 4)
+    inp = make_inputs(
+        batch, seq, 4, head_dim, dtype=dtype, device="cuda", requires_grad=True, seed=head_dim
+    )
+    attention = functools.partial(dilated_attention, return_lse=True, backend="cudnn")
+    assert_matches_reference(attention, inp, ws, rs, is_causal=causal, seed=head_dim)
+
+
+def test_cudnn_chunks_match_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dilated.kernels.backends import cudnn
+
+    inp = make_inputs(2, 4096, 8, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    ws, rs = (512, 1024), (1, 2)
+    whole = dilated_attention(inp.q, inp.k, inp.v, ws, rs, is_causal=True, backend="cudnn")
+    grads = torch.autograd.grad(whole.float().square().sum(), (inp.q, inp.k, inp.v))
+    monkeypatch.setattr(cudnn, "CHUNK_ELEMENTS", 1024 * 8 * 128)
+    assert len(cudnn._chunks(2, 4096, 8, 128, ws)) == 4
+    parts = dilated_attention(inp.q, inp.k, inp.v, ws, rs, is_causal=True, backend="cudnn")
+    chunked = torch.autograd.grad(parts.float().square().sum(), (inp.q, inp.k, inp.v))
+    # Same sub-problems in other batch groupings: equal up to cuDNN's choice of kernel.
+    assert_close_to_reference(parts, whole.double(), torch.bfloat16)
+    for name, got, want in zip(("dq", "dk", "dv"), chunked, grads):
+        assert_close_to_reference(got, want.double(), torch.bfloat16, name)
+
+
 def test_triton_float32_on_gpu() -> None:
     inp = make_inputs(2, 300, 4, 64, kv_heads=2, device="cuda", seed=0)
     out = dilated_attention(inp.q, inp.k, inp.v, (64, 128), (1, 2), backend="triton")
@@ -66,9 +99,13 @@ def test_every_output_element_written() -> None:
     assert bool((out.abs().sum(-1) > 0).all())
 
 
-def test_auto_picks_triton_on_cuda() -> None:
+def test_auto_picks_cudnn_then_triton_on_cuda() -> None:
     from dilated.kernels.backends import choose_backend
 
     q = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
-    assert choose_backend(q, None, 0.0) == "triton"
-    assert choose_backend(q, None, 0.1) in ("flash", "sdpa")
+    mask = torch.ones(1, 8, dtype=torch.bool, device="cuda")
+    assert choose_backend(q, q, None, 0.0) == "cudnn"
+    assert choose_backend(q, q[:, :, :1], None, 0.0) == "triton"  # GQA
+    assert choose_backend(q, q, mask, 0.0) == "triton"
+    assert choose_backend(q.float(), q.float(), None, 0.0) == "triton"
+    assert choose_backend(q, q, None, 0.1) in ("flash", "sdpa")

@@ -8,8 +8,6 @@ compiled and ``test_gpu.py`` covers them).
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,20 +20,13 @@ from dilated.core.testing import (
 )
 from dilated.kernels import dilated_attention
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="CUDA present: the compiled kernels are tested in test_gpu.py"
-)
-
-
-@pytest.fixture(autouse=True)
-def _interpret() -> Iterator[None]:
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+pytestmark = [
+    pytest.mark.skipif(
+        torch.cuda.is_available(),
+        reason="CUDA present: the compiled kernels are tested in test_gpu.py",
+    ),
+    pytest.mark.usefixtures("interpret"),
+]
 
 
 def _check(

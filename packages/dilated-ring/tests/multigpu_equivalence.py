@@ -2,9 +2,9 @@
 
 Run: ``torchrun --nproc-per-node P packages/dilated-ring/tests/multigpu_equivalence.py``
 (NCCL on CUDA, gloo without it; any P, including 1). Every rank checks its output and q/k/v
-gradients against its rows of the float64 single-device reference, for both strategies, every
-sharding, causal and not, grouped-query attention, float32 and bfloat16; exits non-zero on a
-mismatch.
+gradients against its rows of the float64 single-device reference, for every strategy (ring,
+allgather, ulysses), every sharding, causal and not, grouped-query attention, key padding masks,
+float32 and bfloat16; exits non-zero on a mismatch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workers import check_equivalence, random_config
+from workers import check_equivalence, random_config, ulysses_config
 
 
 def main() -> None:
@@ -45,6 +45,22 @@ def main() -> None:
                         rank, world, cfg, mode, dtype, 100 + i, strategy=strategy, device=device
                     )
                     checked += 1
+        for i in range(6):
+            cfg = ulysses_config(rng, world)
+            mode = ("contiguous", "zigzag", "striped")[i % 3]
+            dtype = (torch.float32, torch.bfloat16)[i % 2]
+            check_equivalence(
+                rank,
+                world,
+                cfg,
+                mode,
+                dtype,
+                200 + i,
+                strategy="ulysses",
+                device=device,
+                masked=i % 2 == 1,
+            )
+            checked += 1
     finally:
         dist.barrier()
     if rank == 0:

@@ -32,3 +32,25 @@ def test_allgather_strategy_matches_reference(world: int) -> None:
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_bytes_sent_match_cost_model(world: int) -> None:
     run_distributed(workers.bytes_match_cost_model, world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ulysses_strategy_matches_reference(world: int) -> None:
+    run_distributed(workers.ulysses_equivalence, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_key_padding_mask_matches_reference(world: int) -> None:
+    run_distributed(workers.masked_equivalence, world)
+
+
+def test_peer_that_never_joins_times_out() -> None:
+    run_distributed(workers.peer_never_joins, 2, timeout=60)
+
+
+def test_peer_that_dies_makes_the_other_fail() -> None:
+    run_distributed(workers.peer_dies, 2, timeout=60)
+
+
+def test_sequence_parallel_subgroups_match_reference() -> None:
+    run_distributed(workers.sequence_parallel_subgroups, 4)

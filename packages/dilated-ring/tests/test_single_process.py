@@ -54,6 +54,20 @@ def test_cost_model_closed_form() -> None:
     ag = comm_cost(64, 4, 4, 8, [8, 32], [1, 2], torch.bfloat16, strategy="allgather")
     assert ag.backward_bytes == e_rows * 2 + e_rows * 4
     assert comm_cost(64, 1, 4, 8, [8, 64], [1, 2]).total_bytes == 0
+    # Ulysses: q, k, v and out each send (P - 1)/P of their (b, s, heads, d) shard.
+    ul = comm_cost(64, 4, 4, 8, [8, 32], [1, 2], torch.bfloat16, kv_heads=4, strategy="ulysses")
+    shard_elems = 16 * 8  # s * d per head
+    assert ul.forward_bytes == ul.backward_bytes == 4 * (16 * 4 * 8) * 3 // 4 * 2
+    # kv heads 2 do not split over 4 ranks: they travel repeated to 4 heads (same bytes)...
+    assert comm_cost(64, 4, 4, 8, [8], [1], kv_heads=2, strategy="ulysses") == ul
+    # ...but 2 kv heads over 2 ranks split: q and out (4 heads) + k, v (2 heads) per pass.
+    ul2 = comm_cost(64, 2, 4, 8, [8], [1], torch.float32, kv_heads=2, strategy="ulysses")
+    assert ul2.forward_bytes == (2 * 4 + 2 * 2) * (32 * 8) // 2 * 4
+    assert shard_elems == 128
+    # A key padding mask: one byte per token of the shard to each of the P - 1 peers, forward.
+    masked = comm_cost(64, 4, 4, 8, [8, 32], [1, 2], torch.bfloat16, key_padding_mask=True)
+    assert masked.forward_bytes == cost.forward_bytes + 3 * 16
+    assert masked.backward_bytes == cost.backward_bytes
 
 
 @settings(max_examples=8, deadline=None)
@@ -62,15 +76,27 @@ def test_cost_model_closed_form() -> None:
     st.booleans(),
     st.sampled_from([(4, 4), (4, 2), (2, 1)]),
     st.integers(0, 100),
+    st.sampled_from(["ring", "allgather", "ulysses"]),
+    st.booleans(),
 )
 def test_world_of_one_matches_reference(
-    branches: tuple[list[int], list[int]], causal: bool, heads: tuple[int, int], seed: int
+    branches: tuple[list[int], list[int]],
+    causal: bool,
+    heads: tuple[int, int],
+    seed: int,
+    strategy: str,
+    masked: bool,
 ) -> None:
     ws, rs = branches
     x = make_inputs(2, 16, heads[0], 8, kv_heads=heads[1], requires_grad=True, seed=seed)
-    out = ring_dilated_attention(x.q, x.k, x.v, ws, rs, is_causal=causal)
+    mask = (
+        torch.rand(2, 16, generator=torch.Generator().manual_seed(seed)) > 0.3 if masked else None
+    )
+    out = ring_dilated_attention(
+        x.q, x.k, x.v, ws, rs, is_causal=causal, strategy=strategy, key_padding_mask=mask
+    )
     assert isinstance(out, torch.Tensor)
-    ref, _ = dense_dilated_attention(x.q, x.k, x.v, ws, rs, is_causal=causal)
+    ref, _ = dense_dilated_attention(x.q, x.k, x.v, ws, rs, is_causal=causal, key_padding_mask=mask)
     g = torch.randn_like(out)
     assert_close_to_reference(out, ref, torch.float32)
     for name, a, e in zip(
@@ -81,18 +107,86 @@ def test_world_of_one_matches_reference(
         assert_close_to_reference(a, e, torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "world"), [(8, 4, 4), (6, 3, 3), (8, 8, 2), (4, 2, 4), (6, 6, 2)]
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_ulysses_head_slices_use_global_phases(
+    heads: int, kv_heads: int, world: int, causal: bool
+) -> None:
+    """What each Ulysses rank computes (its heads, whole sequence, global phases) equals those
+    heads of the reference, forward and backward; rates 3 and 4 make local != global phases."""
+    from dilated.ring.ulysses import global_phase_attention, ulysses_kv_heads
+
+    ws, rs = [6, 12, 24], [1, 3, 4]
+    x = make_inputs(2, 24, heads, 8, kv_heads=kv_heads, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 24, generator=torch.Generator().manual_seed(3)) > 0.3
+    ref, ref_lse = dense_dilated_attention(
+        x.q, x.k, x.v, ws, rs, is_causal=causal, key_padding_mask=mask
+    )
+    hl = heads // world
+    sent = ulysses_kv_heads(heads, kv_heads, world)
+    k, v = (t.repeat_interleave(sent // kv_heads, dim=2) for t in (x.k, x.v))
+    outs = []
+    for rank in range(world):
+        kv = slice(rank * sent // world, (rank + 1) * sent // world)
+        q_h = x.q[:, :, rank * hl : (rank + 1) * hl]
+        out, lse = global_phase_attention(
+            q_h,
+            k[:, :, kv],
+            v[:, :, kv],
+            tuple(ws),
+            tuple(rs),
+            rank * hl,
+            scale=8**-0.5,
+            is_causal=causal,
+            key_padding_mask=mask,
+            dropout_p=0.0,
+        )
+        # -inf (a query with no key) must match too, which a relative error cannot judge.
+        torch.testing.assert_close(lse, ref_lse[:, rank * hl : (rank + 1) * hl].to(lse.dtype))
+        outs.append(out)
+    out = torch.cat(outs, dim=2)
+    assert_close_to_reference(out, ref, torch.float64)
+    g = torch.randn_like(ref)
+    for name, a, e in zip(
+        "qkv",
+        torch.autograd.grad(out, (x.q, x.k, x.v), g),
+        torch.autograd.grad(ref, (x.q, x.k, x.v), g),
+    ):
+        assert_close_to_reference(a, e, torch.float64, f"d{name}")
+
+
+def test_ulysses_dropout_in_a_world_of_one_is_the_core_op() -> None:
+    from dilated.core.functional import dilated_attention
+
+    x = make_inputs(2, 16, 4, 8, seed=5)
+    torch.manual_seed(11)
+    out = ring_dilated_attention(x.q, x.k, x.v, [4, 16], [1, 2], dropout_p=0.5, strategy="ulysses")
+    torch.manual_seed(11)
+    ref = dilated_attention(x.q, x.k, x.v, [4, 16], [1, 2], dropout_p=0.5)
+    assert torch.equal(out, ref)
+    no_drop = ring_dilated_attention(x.q, x.k, x.v, [4, 16], [1, 2], strategy="ulysses")
+    assert not torch.equal(out, no_drop)
+
+
 def test_bad_arguments_are_rejected() -> None:
     q = torch.randn(1, 8, 2, 4)
-    with pytest.raises(ValueError, match="key_padding_mask"):
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
         ring_dilated_attention(
-            q, q, q, [4], [1], key_padding_mask=torch.ones(1, 8, dtype=torch.bool)
+            q, q, q, [4], [1], key_padding_mask=torch.ones(1, 9, dtype=torch.bool)
         )
-    with pytest.raises(ValueError, match="dropout_p"):
-        ring_dilated_attention(q, q, q, [4], [1], dropout_p=0.1)
+    for strategy in ("ring", "allgather"):
+        with pytest.raises(ValueError, match=r"dropout_p.*ulysses.*dilated\.core"):
+            ring_dilated_attention(q, q, q, [4], [1], dropout_p=0.1, strategy=strategy)
     with pytest.raises(ValueError, match="strategy"):
-        ring_dilated_attention(q, q, q, [4], [1], strategy="ulysses")
-    with pytest.raises(ValueError, match="ulysses"):
-        create_ring_distributed_attention(8, 2, [4], [1], strategy="ulysses")
+        ring_dilated_attention(q, q, q, [4], [1], strategy="tree")
+    with pytest.raises(ValueError, match="timeout_s"):
+        ring_dilated_attention(q, q, q, [4], [1], timeout_s=0)
+    with pytest.raises(ValueError, match="strategy"):
+        create_ring_distributed_attention(8, 2, [4], [1], strategy="tree")
+    with pytest.raises(ValueError, match="timeout_s"):
+        create_ring_distributed_attention(8, 2, [4], [1], timeout_s=-1.0)
 
 
 def test_modules_and_registry() -> None:
@@ -108,10 +202,17 @@ def test_modules_and_registry() -> None:
     assert attn.load_balance == "zigzag" and attn.dilation_rates == (1, 1)
 
 
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_ring_distributed_layer_gradients(checkpoint: bool) -> None:
+@pytest.mark.parametrize(
+    ("checkpoint", "strategy"), [(False, "ring"), (True, "ring"), (True, "ulysses")]
+)
+def test_ring_distributed_layer_gradients(checkpoint: bool, strategy: str) -> None:
     torch.manual_seed(0)
-    layer = create_ring_distributed_attention(16, 4, [4, 8], [1, 2], checkpoint=checkpoint)
+    layer = create_ring_distributed_attention(
+        16, 4, [4, 8], [1, 2], checkpoint=checkpoint, strategy=strategy, timeout_s=30.0
+    )
+    inner = layer.layer.attention
+    assert isinstance(inner, RingDilatedAttention)
+    assert (inner.strategy, inner.timeout_s) == (strategy, 30.0)
     x = torch.randn(2, 16, 16, requires_grad=True)
     out, _ = layer(x, x, x, is_causal=True)
     out.square().sum().backward()
@@ -127,3 +228,53 @@ def test_ring_distributed_layer_gradients(checkpoint: bool) -> None:
     assert_close_to_reference(out, out2, torch.float32)
     assert x2.grad is not None
     assert_close_to_reference(x.grad, x2.grad, torch.float32, "dx")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_checkpointed_attention_matches_the_layer(causal: bool) -> None:
+    from dilated.ring import RingMultiheadDilatedAttention
+    from dilated.ring.deepspeed import CheckpointedAttention
+
+    torch.manual_seed(0)
+    layer = RingMultiheadDilatedAttention(16, 4, [1, 2], [4, 8])
+    wrapped = CheckpointedAttention(layer, use_deepspeed=False)
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    out, none = wrapped(x, x, x, is_causal=causal)
+    assert none is None
+    ref, _ = layer(x, x, x, is_causal=causal)
+    assert_close_to_reference(out, ref, torch.float32)
+    g = torch.randn_like(out)
+    params = [x, *layer.parameters()]
+    got = torch.autograd.grad(out, params, g)
+    want = torch.autograd.grad(ref, params, g)
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert_close_to_reference(a, e, torch.float32, f"grad {i}")
+    with torch.no_grad():
+        assert_close_to_reference(wrapped(x, x, x, is_causal=causal)[0], ref, torch.float32)
+
+
+def test_sequence_parallel_groups_need_a_process_group() -> None:
+    from dilated.ring.deepspeed import sequence_parallel_groups
+
+    with pytest.raises(ValueError, match="initialised default process group"):
+        sequence_parallel_groups(2)
+
+
+def test_distributed_config_world_size_is_checked() -> None:
+    from dilated.core.config import (
+        DistributedConfig,
+        MultiheadConfig,
+        RingAttentionConfig,
+        RingDistributedConfig,
+    )
+    from dilated.ring import RingDistributedDilatedAttention
+
+    config = RingDistributedConfig(
+        MultiheadConfig(embed_dim=8, num_heads=2),
+        RingAttentionConfig(segment_lengths=(4,)),
+        DistributedConfig(world_size=2),
+    )
+    layer = RingDistributedDilatedAttention(config)
+    x = torch.randn(1, 8, 8)
+    with pytest.raises(ValueError, match="world_size=2 but the process group has 1"):
+        layer(x, x, x)

@@ -46,8 +46,13 @@ def check_equivalence(
     seed: int,
     strategy: str = "ring",
     device: str = "cpu",
+    masked: bool = False,
+    group: dist.ProcessGroup | None = None,
 ) -> None:
-    """This rank's output and q/k/v gradients equal its rows of the whole-sequence reference."""
+    """This rank's output and q/k/v gradients equal its rows of the whole-sequence reference.
+
+    With ``masked`` a random key padding mask (about 1 key in 4 padded) is passed too.
+    """
     n, h, hkv = int(cfg["seq"]), int(cfg["heads"]), int(cfg["kv_heads"])  # type: ignore[call-overload]
     ws, rs = cfg["segment_lengths"], cfg["dilation_rates"]
     causal = bool(cfg["is_causal"])
@@ -62,7 +67,19 @@ def check_equivalence(
         seed=seed,
         device=device,  # type: ignore[call-overload]
     )
-    ref, _ = dense_dilated_attention(x.q, x.k, x.v, ws, rs, is_causal=causal)  # type: ignore[arg-type]
+    mask = None
+    if masked:
+        gen = torch.Generator().manual_seed(seed + 2)
+        mask = (torch.rand(x.q.shape[:2], generator=gen) > 0.25).to(device)
+    ref, _ = dense_dilated_attention(
+        x.q,
+        x.k,
+        x.v,
+        ws,  # type: ignore[arg-type]
+        rs,  # type: ignore[arg-type]
+        is_causal=causal,
+        key_padding_mask=mask,
+    )
     g = torch.randn(
         ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
     ).to(device)
@@ -77,10 +94,12 @@ def check_equivalence(
         is_causal=causal,
         load_balance=mode,
         strategy=strategy,  # type: ignore[arg-type]
+        key_padding_mask=None if mask is None else shard(mask, rank, world, mode),
+        group=group,
     )
     assert isinstance(out, torch.Tensor)
     grads = torch.autograd.grad(out, (q, k, v), shard(g, rank, world, mode).to(dtype))
-    what = f"rank {rank}/{world} {strategy} {mode} {cfg}"
+    what = f"rank {rank}/{world} {strategy} {mode} masked={masked} {cfg}"
     assert_close_to_reference(out, shard(ref, rank, world, mode), dtype, f"out {what}")
     for name, a, e in zip("qkv", grads, ref_grads):
         assert_close_to_reference(a, shard(e, rank, world, mode), dtype, f"d{name} {what}")
@@ -129,7 +148,14 @@ def bad_inputs(rank: int, world: int) -> None:
     half = torch.randn(1, s, 2, 4, dtype=torch.float64 if rank == 0 else torch.float32)
     expect("dtype|rank", q=half, k=half)
     expect("does not split evenly", segs=[12])
-    expect("key_padding_mask", key_padding_mask=torch.ones(1, s, dtype=torch.bool))
+    expect("key_padding_mask|rank", key_padding_mask=torch.ones(1, s + rank, dtype=torch.bool))
+    expect("dropout_p.*ulysses", dropout_p=0.1)
+    # Heads that do not split over the ranks (3 heads on 2 or 4 ranks) for Ulysses.
+    three = torch.randn(1, s, 3, 4)
+    expect("heads=3 must be divisible", q=three, k=three, strategy="ulysses")
+    # One rank passes a mask, the others do not: every rank raises (options differ).
+    some = torch.ones(1, s, dtype=torch.bool) if rank == 0 else None
+    expect("options|rank", key_padding_mask=some)
     # Only one rank is wrong: every rank still raises.
     nan_q = torch.randn(1, s, 2, 4)
     if rank == world - 1:
@@ -160,6 +186,109 @@ def allgather_equivalence(rank: int, world: int) -> None:
         check_equivalence(rank, world, cfg, mode, torch.float64, 50 + i, strategy="allgather")
 
 
+def masked_equivalence(rank: int, world: int) -> None:
+    """A key padding mask with the ring and all-gather strategies, every sharding."""
+    rng = random.Random(321 + world)
+    for i in range(6):
+        mode = ("contiguous", "zigzag", "striped")[i % 3]
+        strategy = ("ring", "allgather")[i % 2]
+        cfg = random_config(rng, world, mode)
+        dtype = (torch.float32, torch.float64)[(i // 2) % 2]
+        check_equivalence(rank, world, cfg, mode, dtype, 70 + i, strategy=strategy, masked=True)
+
+
+def ulysses_config(rng: random.Random, world: int) -> dict[str, object]:
+    """A random configuration for Ulysses: heads a multiple of ``world``; kv heads that split
+    over the ranks or not (then they are repeated); any branches, odd rates included."""
+    s = rng.choice([6, 8, 12])
+    n = s * world
+    heads = world * rng.choice([1, 2, 3])
+    kv_heads = rng.choice([h for h in range(1, heads + 1) if heads % h == 0])
+    candidates = [w for w in (2, 3, 4, 6, 8, 12, s, n, 2 * n) if w >= 1]
+    ws = sorted(set(rng.sample(candidates, rng.choice([1, 2, 3]))))
+    rs = [rng.choice([r for r in (1, 2, 3, 4) if w % r == 0]) for w in ws]
+    return {
+        "seq": n,
+        "segment_lengths": ws,
+        "dilation_rates": rs,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "is_causal": rng.random() < 0.5,
+        "batch": rng.choice([1, 2]),
+    }
+
+
+def ulysses_equivalence(rank: int, world: int) -> None:
+    """Ulysses: named cases (GQA with kv heads split and repeated, causal, every sharding, a
+    key padding mask), then a seeded random sweep; outputs and q/k/v gradients."""
+    n = 8 * world
+    cases = [
+        {"segment_lengths": [4, n], "dilation_rates": [1, 2], "heads": 2 * world, "kv_heads": 2},
+        {
+            "segment_lengths": [8, n],
+            "dilation_rates": [2, 4],
+            "heads": 4 * world,
+            "kv_heads": world,
+        },
+        {"segment_lengths": [3, 6], "dilation_rates": [1, 3], "heads": 3 * world, "kv_heads": 3},
+    ]
+    for i, branches in enumerate(cases):
+        for mode, causal, masked in (
+            ("contiguous", True, False),
+            ("zigzag", False, True),
+            ("striped", True, True),
+        ):
+            if mode == "zigzag" and n % (2 * world):
+                continue
+            cfg = {"seq": n, "is_causal": causal, "batch": 2, **branches}
+            check_equivalence(
+                rank, world, cfg, mode, torch.float32, 200 + i, strategy="ulysses", masked=masked
+            )
+    rng = random.Random(555 + world)
+    for i in range(8):
+        cfg = ulysses_config(rng, world)
+        dtype = (torch.float32, torch.float64, torch.bfloat16)[i % 3]
+        modes = ["contiguous", "striped"] + (
+            ["zigzag"] if int(cfg["seq"]) % (2 * world) == 0 else []
+        )  # type: ignore[call-overload]
+        mode = modes[i % len(modes)]
+        check_equivalence(
+            rank, world, cfg, mode, dtype, 300 + i, strategy="ulysses", masked=i % 2 == 1
+        )
+
+
+def sequence_parallel_subgroups(rank: int, world: int) -> None:
+    """Two sequence-parallel groups of 2 ranks (of 4), each on its own sequence, every strategy:
+    ranks are group-local numbers (the ring's neighbours, the all-to-all's order)."""
+    from dilated.ring.deepspeed import sequence_parallel_groups
+
+    groups = sequence_parallel_groups(2)
+    assert groups.sequence_size == 2 and groups.data_size == world // 2
+    assert groups.sequence_rank == rank % 2 and groups.data_rank == rank // 2
+    for i, strategy in enumerate(("ring", "allgather", "ulysses")):
+        cfg = {
+            "seq": 16,
+            "segment_lengths": [4, 16],
+            "dilation_rates": [1, 2],
+            "heads": 4,
+            "kv_heads": 2,
+            "is_causal": i != 1,
+            "batch": 2,
+        }
+        # Each group holds a different sequence: the seed depends on the group.
+        check_equivalence(
+            groups.sequence_rank,
+            2,
+            cfg,
+            ("contiguous", "zigzag", "striped")[i],
+            torch.float32,
+            400 + 10 * groups.data_rank + i,
+            strategy=strategy,
+            masked=True,
+            group=groups.sequence,
+        )
+
+
 def bytes_match_cost_model(rank: int, world: int) -> None:
     """Bytes actually sent by each strategy equal :func:`dilated.ring.costs.comm_cost`."""
     from dilated.ring.comm import RingComm
@@ -172,14 +301,26 @@ def bytes_match_cost_model(rank: int, world: int) -> None:
         ([s, n], [2, 8], "contiguous"),
         ([4, n], [1, 2], "zigzag"),
     ]
-    for strategy in ("ring", "allgather"):
-        for ws, rs, mode in cases:
-            for dtype in (torch.float32, torch.bfloat16):
+    for strategy in ("ring", "allgather", "ulysses"):
+        for (ws, rs, mode), dtype, masked in zip(
+            cases * 2, [torch.float32] * 3 + [torch.bfloat16] * 3, [False, True] * 3
+        ):
+            for kv_heads in (2, 4) if strategy == "ulysses" else (2,):
                 q = torch.randn(b, s, heads, d, dtype=dtype, requires_grad=True)
                 k = torch.randn(b, s, kv_heads, d, dtype=dtype, requires_grad=True)
                 v = torch.randn(b, s, kv_heads, d, dtype=dtype, requires_grad=True)
+                mask = torch.rand(b, s) > 0.2 if masked else None
                 RingComm.reset_counters()
-                out = ring_dilated_attention(q, k, v, ws, rs, load_balance=mode, strategy=strategy)
+                out = ring_dilated_attention(
+                    q,
+                    k,
+                    v,
+                    ws,
+                    rs,
+                    load_balance=mode,
+                    strategy=strategy,
+                    key_padding_mask=mask,
+                )
                 assert isinstance(out, torch.Tensor)
                 fwd = RingComm.bytes_sent
                 out.sum().backward()
@@ -196,17 +337,24 @@ def bytes_match_cost_model(rank: int, world: int) -> None:
                     kv_heads=kv_heads,
                     strategy=strategy,
                     load_balance=mode,
+                    key_padding_mask=masked,
                 )
                 got = (fwd, bwd)
                 assert got == (want.forward_bytes, want.backward_bytes), (
-                    f"rank {rank} {strategy} {mode} {ws} {rs} {dtype}: sent {got}, model {want}"
+                    f"rank {rank} {strategy} {mode} {ws} {rs} {dtype} kv={kv_heads} "
+                    f"masked={masked}: sent {got}, model {want}"
                 )
                 if world > 1 and n > 8:
                     assert fwd > 0
 
 
-def deepspeed_training(rank: int, world: int) -> None:
-    """Train 3 steps with DeepSpeed ZeRO-2 on shards; compare losses with plain training."""
+def deepspeed_training(rank: int, world: int, stage: int, strategy: str) -> None:
+    """Train 3 steps under DeepSpeed ZeRO ``stage`` on shards; compare losses with plain training.
+
+    The attention runs in the sequence-parallel group of :func:`sequence_parallel_groups`, wrapped
+    in :class:`CheckpointedAttention` (DeepSpeed's activation checkpointing for stage 3, torch's
+    otherwise), with the given strategy.
+    """
     import copy
     import os
 
@@ -217,6 +365,7 @@ def deepspeed_training(rank: int, world: int) -> None:
 
     from dilated.core.modules import MultiheadDilatedAttention
     from dilated.ring import RingMultiheadDilatedAttention
+    from dilated.ring.deepspeed import CheckpointedAttention, sequence_parallel_groups
 
     torch.manual_seed(0)
     n, dim, heads = 16 * world, 16, 2
@@ -235,8 +384,16 @@ def deepspeed_training(rank: int, world: int) -> None:
 
     segs, rates = [8, n], [1, 2]
     plain = Model(MultiheadDilatedAttention(dim, heads, rates, segs))
-    ring = Model(RingMultiheadDilatedAttention(dim, heads, rates, segs))
-    ring.load_state_dict(copy.deepcopy(plain.state_dict()))
+    groups = sequence_parallel_groups(world)
+    assert (groups.sequence_rank, groups.sequence_size, groups.data_size) == (rank, world, 1)
+    ring_layer = RingMultiheadDilatedAttention(dim, heads, rates, segs)
+    inner = ring_layer.attention
+    inner.group, inner.strategy = groups.sequence, strategy  # type: ignore[assignment]
+    wrapped = CheckpointedAttention(ring_layer)
+    ring = Model(wrapped)
+    for name in ("inp", "out"):
+        getattr(ring, name).load_state_dict(copy.deepcopy(getattr(plain, name).state_dict()))
+    ring_layer.load_state_dict(copy.deepcopy(plain.attn.state_dict()))
     data = [
         (torch.randn(2, n, dim, generator=g), torch.randn(2, n, generator=g))
         for g in [torch.Generator().manual_seed(s) for s in range(3)]
@@ -253,7 +410,7 @@ def deepspeed_training(rank: int, world: int) -> None:
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         # DeepSpeed clips gradients to norm 1.0 unless told otherwise; plain SGD does not.
         "gradient_clipping": 0.0,
@@ -263,6 +420,10 @@ def deepspeed_training(rank: int, world: int) -> None:
         optimizer=torch.optim.SGD(ring.parameters(), lr=0.1),
         config=config,
     )
+    if stage == 3:
+        # After initialize: configure() needs DeepSpeed's communication backend.
+        deepspeed.checkpointing.configure(None, partition_activations=False)
+        assert deepspeed.checkpointing.is_configured()
     ds_losses = []
     for x, y in data:
         xs, ys = shard(x, rank, world), shard(y, rank, world)
@@ -273,4 +434,50 @@ def deepspeed_training(rank: int, world: int) -> None:
         dist.all_reduce(total)
         ds_losses.append(total.item() / world)
     for step, (a, b) in enumerate(zip(ds_losses, plain_losses)):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"step {step}: deepspeed {a} vs plain {b}"
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (
+            f"ZeRO-{stage} {strategy} step {step}: deepspeed {a} vs plain {b}"
+        )
+    # The losses moved: training happened (a model that ignores its gradients would not match).
+    assert plain_losses[0] != plain_losses[-1]
+
+
+def peer_never_joins(rank: int, world: int) -> None:
+    """Rank 1 stays alive but never joins: rank 0 raises TimeoutError within ``timeout_s``, both
+    in the cross-rank check and in a ring transfer, instead of hanging."""
+    import time
+
+    from dilated.ring.comm import RingComm
+
+    timeout_s = 1.0
+    if rank != 0:
+        time.sleep(8 * timeout_s)  # longer than rank 0's two waits together
+        return
+    q = torch.randn(1, 8, 2, 4)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"cross-rank input check.*timeout_s=1\.0"):
+        ring_dilated_attention(q, q, q, [16], [1], timeout_s=timeout_s)
+    waited = time.monotonic() - start
+    assert timeout_s <= waited < 4 * timeout_s, f"waited {waited:.2f} s"
+    start = time.monotonic()
+    pending = RingComm(None, timeout_s).exchange(q, 1, 1, q.shape)
+    with pytest.raises(TimeoutError, match="ring send/receive"):
+        pending.wait()
+    waited = time.monotonic() - start
+    assert timeout_s <= waited < 4 * timeout_s, f"waited {waited:.2f} s"
+
+
+def peer_dies(rank: int, world: int) -> None:
+    """Rank 1 exits before the call: rank 0 fails (TimeoutError or the backend's connection
+    error), never hangs."""
+    import os
+    import time
+
+    if rank != 0:
+        os._exit(0)
+    time.sleep(0.5)
+    q = torch.randn(1, 8, 2, 4)
+    start = time.monotonic()
+    with pytest.raises((TimeoutError, RuntimeError)) as info:
+        ring_dilated_attention(q, q, q, [16], [1], timeout_s=5.0)
+    print(f"rank 0 after its peer died: {type(info.value).__name__}: {info.value}")
+    assert time.monotonic() - start < 10.0

@@ -79,7 +79,7 @@ def dilated_attention(
         key_padding_mask: bool ``(batch, seq)``, True for real tokens.
         dropout_p: dropout on the attention probabilities.
         return_lse: also return the merged log-sum-exp.
-        backend: ``"auto"``, ``"triton"``, ``"flash"``, ``"sdpa"`` or ``"reference"``; ``"auto"`` picks the
+        backend: ``"auto"``, ``"cudnn"``, ``"triton"``, ``"flash"``, ``"sdpa"`` or ``"reference"``; ``"auto"`` picks the
             fastest one that supports the call (see
             :func:`dilated.kernels.backends.choose_backend`).
         check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync).
@@ -93,7 +93,7 @@ def dilated_attention(
         ValueError: invalid inputs, an unknown backend, or a backend that cannot run the call.
     """
     impl = get_backend(
-        choose_backend(q, key_padding_mask, dropout_p) if backend == "auto" else backend
+        choose_backend(q, k, key_padding_mask, dropout_p) if backend == "auto" else backend
     )
     ws, rs, softmax_scale = prepare_call(
         q,

@@ -16,6 +16,14 @@ over the spanning branches (K/V rotate again, and their gradients travel a full 
 All-gather strategy: forward ``sum_i (G_i - 1) E_i e`` (each block goes to the ``G_i - 1``
 peers at once); backward ``sum_i (G_i - 1) E_i (e + e_c)`` (gather again, then each peer's key
 gradients go straight back to it: a reduce-scatter).
+
+Ulysses strategy (independent of the branches): with ``h'_kv = h_kv`` when ``h_kv % P == 0``,
+else ``h`` (key/value heads repeated before the exchange), forward and backward each
+``b s d (P - 1) / P * (2 h + 2 h'_kv) * e``: q, k and v go out, the output comes back (forward);
+the output gradient goes out, the q/k/v gradients come back (backward, all in q's dtype).
+
+A key padding mask adds ``(P - 1) b s`` bytes to the forward pass of every strategy (its
+``(b, s)`` shard, one byte per token, goes to every peer once).
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ def comm_cost(
     kv_heads: int | None = None,
     strategy: str = "ring",
     load_balance: str = "contiguous",
+    key_padding_mask: bool = False,
 ) -> CommCost:
     """Bytes one rank sends per layer (exact when ``s / r_i`` is an integer, i.e. every rank
     holds the same number of rows of each phase; contiguous or zigzag shards).
@@ -79,16 +88,25 @@ def comm_cost(
         seq: total tokens ``n``; world_size: ``P``; heads, head_dim, kv_heads: as in the layer.
         segment_lengths, dilation_rates: the branches.
         dtype: dtype of q/k/v.
-        strategy: ``"ring"`` or ``"allgather"``.
+        strategy: ``"ring"``, ``"allgather"`` or ``"ulysses"``.
         load_balance: the sharding.
+        key_padding_mask: whether a key padding mask is passed.
+
+    The backward bytes assume that q, k and v all require gradients.
     """
-    if strategy not in ("ring", "allgather"):
-        raise ValueError(f"strategy must be 'ring' or 'allgather', got {strategy!r}")
+    if strategy not in ("ring", "allgather", "ulysses"):
+        raise ValueError(f"strategy must be 'ring', 'allgather' or 'ulysses', got {strategy!r}")
     hkv = heads if kv_heads is None else kv_heads
     e = torch.empty(0, dtype=dtype).element_size()
     e_c = torch.empty(0, dtype=compute_dtype(dtype)).element_size()
     s = seq // world_size
-    fwd = bwd = 0
+    mask_bytes = (world_size - 1) * batch * s if key_padding_mask else 0
+    if strategy == "ulysses":
+        hkv_sent = hkv if hkv % world_size == 0 else heads
+        per_pass = batch * s * head_dim * (world_size - 1) * (2 * heads + 2 * hkv_sent)
+        per_pass = per_pass // world_size * e
+        return CommCost(forward_bytes=per_pass + mask_bytes, backward_bytes=per_pass)
+    fwd, bwd = mask_bytes, 0
     for w, r in zip(segment_lengths, dilation_rates):
         g = group_size(seq, world_size, w, load_balance)
         elements = 2 * batch * (s // r) * kv_heads_read(heads, hkv, r) * head_dim

@@ -35,7 +35,8 @@ def block_attention(
 
     Args:
         q: ``(b, nq, h, d)``; k, v: ``(b, nk, h, d)``; all in the compute dtype.
-        mask: bool ``(nq, nk)``, True = allowed.
+        mask: bool ``(nq, nk)``, or broadcastable to ``(b, h, nq, nk)`` (e.g. ``(b, 1, nq, nk)``
+            with a key padding mask), True = allowed.
         scale: softmax scale.
 
     Returns:

@@ -23,7 +23,7 @@ from dilated.core.config import (
     RingDistributedConfig,
 )
 from dilated.core.registry import Implementation
-from dilated.ring.functional import ring_dilated_attention
+from dilated.ring.functional import group_rank_and_size, ring_dilated_attention
 
 __all__ = [
     "DISTRIBUTED_IMPLEMENTATION",
@@ -46,8 +46,9 @@ class RingDilatedAttention(BaseDilatedAttention):
     :class:`~dilated.core.config.RingAttentionConfig`), plus ``group`` (None: the default process
     group, or a world of one when torch.distributed is not initialised) and ``load_balance``
     (taken from a ``RingAttentionConfig`` when one is given). Call as
-    ``attn(q_shard, k_shard, v_shard, is_causal=False)``. ``strategy`` is ``"ring"`` (default)
-    or ``"allgather"``.
+    ``attn(q_shard, k_shard, v_shard, is_causal=False)``. ``strategy`` is ``"ring"`` (default),
+    ``"allgather"`` or ``"ulysses"``; ``timeout_s`` bounds every wait of a call (see
+    :func:`~dilated.ring.functional.ring_dilated_attention`).
     """
 
     default_strategy = "ring"
@@ -64,6 +65,7 @@ class RingDilatedAttention(BaseDilatedAttention):
         group: dist.ProcessGroup | None = None,
         load_balance: str | None = None,
         strategy: str | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -77,6 +79,7 @@ class RingDilatedAttention(BaseDilatedAttention):
         from_config = getattr(self.config, "load_balance", "contiguous")
         self.load_balance = from_config if load_balance is None else load_balance
         self.strategy = self.default_strategy if strategy is None else strategy
+        self.timeout_s = timeout_s
 
     def _attention(
         self,
@@ -101,6 +104,7 @@ class RingDilatedAttention(BaseDilatedAttention):
             group=self.group,
             load_balance=self.load_balance,
             strategy=self.strategy,
+            timeout_s=self.timeout_s,
         )
         assert isinstance(out, torch.Tensor)
         return out
@@ -147,7 +151,9 @@ class RingDistributedDilatedAttention(nn.Module):
 
     Args:
         config: multi-head, ring and distributed settings; ``distributed_config.strategy`` is
-            ``"ring"`` or ``"allgather"`` (``"ulysses"`` is not available in this release).
+            ``"ring"``, ``"allgather"`` or ``"ulysses"``; ``distributed_config.timeout_s`` bounds
+            every wait of a call; ``distributed_config.world_size``, when set, must equal the
+            size of the group at call time.
         group: process group (None: default).
     """
 
@@ -158,12 +164,8 @@ class RingDistributedDilatedAttention(nn.Module):
         if not isinstance(config, RingDistributedConfig):
             raise ValueError(f"config must be a RingDistributedConfig, got {type(config).__name__}")
         strategy = config.distributed_config.strategy
-        if strategy not in ("ring", "allgather"):
-            raise ValueError(
-                f"distributed_config.strategy={strategy!r} is not available in this release of "
-                "dilated-ring; use 'ring' or 'allgather'"
-            )
         self.config = config
+        self.group = group
         rc = config.ring_config
         attention = DilatedAttentionConfig(
             segment_lengths=rc.segment_lengths,
@@ -178,6 +180,7 @@ class RingDistributedDilatedAttention(nn.Module):
         inner.group = group
         inner.load_balance = rc.load_balance
         inner.strategy = strategy
+        inner.timeout_s = config.distributed_config.timeout_s
 
     def forward(
         self,
@@ -187,6 +190,14 @@ class RingDistributedDilatedAttention(nn.Module):
         is_causal: bool | None = None,
     ) -> tuple[torch.Tensor, None]:
         """Attend over the sharded sequence; ``(batch, seq / P, embed_dim)`` in and out."""
+        expected = self.config.distributed_config.world_size
+        if expected is not None:
+            _, world = group_rank_and_size(self.group)
+            if world != expected:
+                raise ValueError(
+                    f"distributed_config.world_size={expected} but the process group has {world} "
+                    "rank(s)"
+                )
         if self.config.ring_config.checkpoint and torch.is_grad_enabled():
             out: torch.Tensor = checkpoint(
                 lambda q, k, v: self.layer(q, k, v, is_causal=is_causal)[0],
@@ -209,6 +220,7 @@ def create_ring_distributed_attention(
     strategy: str = "ring",
     load_balance: str = "contiguous",
     checkpoint: bool = False,
+    timeout_s: float = 600.0,
     is_causal: bool = False,
     num_kv_heads: int | None = None,
     group: dist.ProcessGroup | None = None,
@@ -226,7 +238,7 @@ def create_ring_distributed_attention(
             load_balance=load_balance,  # type: ignore[arg-type]
             checkpoint=checkpoint,
         ),
-        distributed_config=DistributedConfig(strategy=strategy),  # type: ignore[arg-type]
+        distributed_config=DistributedConfig(strategy=strategy, timeout_s=timeout_s),  # type: ignore[arg-type]
     )
     return RingDistributedDilatedAttention(config, group=group)
 
@@ -256,7 +268,7 @@ RING_DISTRIBUTED_IMPLEMENTATION = Implementation(
     attention=RingDilatedAttention,
     multihead=RingMultiheadDilatedAttention,
     package="dilated-ring",
-    description="ring strategy with load balancing and checkpointing (RingDistributedConfig)",
+    description="ring/allgather/ulysses with load balancing and checkpointing (RingDistributedConfig)",
     priority=0,
     distributed=True,
 )

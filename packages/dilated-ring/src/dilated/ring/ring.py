@@ -46,6 +46,7 @@ class RingPlan:
     heads: int
     kv_heads: int
     strategy: str = "ring"
+    timeout_s: float | None = None
 
     def branch_group(self, w: int) -> list[int]:
         """Ranks (group-local numbers) whose keys this rank's queries may see in a branch."""
@@ -152,6 +153,22 @@ def _unfold_lse(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.reshape(batch, -1, h, length).permute(0, 2, 1, 3).reshape(batch, h, -1)
 
 
+def _with_keys(
+    mask: torch.Tensor, key_mask: torch.Tensor | None, theirs: _Phase, fold: int = 0
+) -> torch.Tensor:
+    """``mask`` ``(nq, nk)`` and the key padding of the block's keys: ``(batch', 1, nq, nk)``.
+
+    ``key_mask`` is the whole ``(batch, seq)`` mask, indexed by the keys' global positions;
+    with ``fold`` the batch is folded into segments like the keys (:func:`_fold`).
+    """
+    if key_mask is None:
+        return mask
+    keys = key_mask[:, theirs.pos]
+    if fold:
+        keys = _fold(keys, fold)
+    return mask & keys[:, None, None, :]
+
+
 def _forward_block(
     plan: RingPlan,
     q: torch.Tensor,
@@ -162,8 +179,12 @@ def _forward_block(
     outs: list[torch.Tensor | None],
     lses: list[torch.Tensor | None],
     fold: int = 0,
+    key_mask: torch.Tensor | None = None,
 ) -> None:
-    """Merge the attention of this rank's phase rows over one packed block into ``outs/lses``."""
+    """Merge the attention of this rank's phase rows over one packed block into ``outs/lses``.
+
+    ``key_mask``: the whole ``(batch, seq)`` key padding mask (True = real token) or None.
+    """
     d = q.shape[-1]
     for i, (ph, (kp, vp), th) in enumerate(zip(mine, _unpack(block, theirs, d), theirs)):
         if len(ph.rows) == 0 or len(th.rows) == 0:
@@ -174,13 +195,15 @@ def _forward_block(
         if fold:
             # A local branch: its segments are independent problems of `fold` rows each,
             # batched instead of masked out of one shard-wide score matrix.
-            mask = pair_mask(ph.pos[:fold], ph.pos[:fold], w, plan.is_causal)
+            mask = _with_keys(
+                pair_mask(ph.pos[:fold], ph.pos[:fold], w, plan.is_causal), key_mask, th, fold
+            )
             o, lse = block_attention(
                 _fold(qp, fold), _fold(kq, fold), _fold(vq, fold), mask, plan.scale
             )
             o, lse = o.reshape(qp.shape), _unfold_lse(lse, qp.shape[0])
         else:
-            mask = pair_mask(ph.pos, th.pos, w, plan.is_causal)
+            mask = _with_keys(pair_mask(ph.pos, th.pos, w, plan.is_causal), key_mask, th)
             if not bool(mask.any()):
                 continue  # e.g. a block wholly in the causal future
             o, lse = block_attention(qp, kq, vq, mask, plan.scale)
@@ -204,6 +227,7 @@ def _backward_block(
     theirs: list[_Phase],
     w: int,
     fold: int = 0,
+    key_mask: torch.Tensor | None = None,
 ) -> None:
     """Add one block's gradients: into ``dq`` for this rank's rows, into ``d_block`` for its keys."""
     d = q.shape[-1]
@@ -218,7 +242,9 @@ def _backward_block(
         kq = kp.index_select(2, ph.kv_index).to(q.dtype)
         vq = vp.index_select(2, ph.kv_index).to(q.dtype)
         if fold:
-            mask = pair_mask(ph.pos[:fold], ph.pos[:fold], w, plan.is_causal)
+            mask = _with_keys(
+                pair_mask(ph.pos[:fold], ph.pos[:fold], w, plan.is_causal), key_mask, th, fold
+            )
             gq, gk, gv = block_grads(
                 _fold(qp, fold),
                 _fold(kq, fold),
@@ -231,7 +257,7 @@ def _backward_block(
             )
             gq, gk, gv = gq.reshape(qp.shape), gk.reshape(kq.shape), gv.reshape(vq.shape)
         else:
-            mask = pair_mask(ph.pos, th.pos, w, plan.is_causal)
+            mask = _with_keys(pair_mask(ph.pos, th.pos, w, plan.is_causal), key_mask, th)
             if not bool(mask.any()):
                 continue
             gq, gk, gv = block_grads(
@@ -269,6 +295,7 @@ def _forward_branch(
     w: int,
     r: int,
     comm: RingComm,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, d = q.shape[0], q.shape[-1]
     device = q.device
@@ -281,7 +308,9 @@ def _forward_branch(
         gathered = _gather_blocks(plan, ring, block, r, d)
         for src, blk in gathered:
             theirs = mine if src == plan.rank else _phases(plan, src, r, device)
-            _forward_block(plan, q, blk, mine, theirs, w, outs, lses, plan.local_rows(w, r))
+            _forward_block(
+                plan, q, blk, mine, theirs, w, outs, lses, plan.local_rows(w, r), key_mask
+            )
         for _, blk in gathered[1:]:
             comm.release(blk)
         return _scatter_phases(q, mine, outs, lses)
@@ -293,7 +322,7 @@ def _forward_branch(
         if step + 1 < ring.size:
             nxt = _phases(plan, ring.source(step + 1), r, device)
             pending = comm.exchange(block, ring.next, ring.prev, (b, _payload_numel(nxt, 1, d)))
-        _forward_block(plan, q, block, mine, theirs, w, outs, lses, plan.local_rows(w, r))
+        _forward_block(plan, q, block, mine, theirs, w, outs, lses, plan.local_rows(w, r), key_mask)
         if pending is not None:
             received = pending.wait()
             assert received is not None
@@ -335,6 +364,7 @@ def _backward_branch(
     r: int,
     comm: RingComm,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    key_mask: torch.Tensor | None = None,
 ) -> None:
     dq, dk, dv = grads
     b, d = q.shape[0], q.shape[-1]
@@ -350,7 +380,19 @@ def _backward_branch(
         for (src, blk), d_blk in zip(gathered, d_blocks):
             theirs = mine if src == plan.rank else _phases(plan, src, r, device)
             _backward_block(
-                plan, q, lse, d_out, delta, dq, blk, d_blk, mine, theirs, w, plan.local_rows(w, r)
+                plan,
+                q,
+                lse,
+                d_out,
+                delta,
+                dq,
+                blk,
+                d_blk,
+                mine,
+                theirs,
+                w,
+                plan.local_rows(w, r),
+                key_mask,
             )
         # Reduce-scatter: each peer's key gradients go back to it; ours come from every peer.
         peers = [plan.global_rank(src) for src, _ in gathered[1:]]
@@ -374,7 +416,19 @@ def _backward_branch(
             nxt = _phases(plan, ring.source(step + 1), r, device)
             pending = comm.exchange(block, ring.next, ring.prev, (b, _payload_numel(nxt, 1, d)))
         _backward_block(
-            plan, q, lse, d_out, delta, dq, block, d_block, mine, theirs, w, plan.local_rows(w, r)
+            plan,
+            q,
+            lse,
+            d_out,
+            delta,
+            dq,
+            block,
+            d_block,
+            mine,
+            theirs,
+            w,
+            plan.local_rows(w, r),
+            key_mask,
         )
         # The gradient of the block moves on with it (after a full turn it is home).
         if ring.size > 1:
@@ -410,12 +464,20 @@ def _add_home(
 
 
 def ring_attention_forward(
-    plan: RingPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: RingComm
+    plan: RingPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    comm: RingComm,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output and lse (compute dtype) of this rank's queries over all branches, no autograd."""
+    """Output and lse (compute dtype) of this rank's queries over all branches, no autograd.
+
+    ``key_mask``: the whole-sequence ``(batch, seq)`` key padding mask (True = real) or None.
+    """
     outs, lses = [], []
     for w, r in zip(plan.segment_lengths, plan.dilation_rates):
-        o, lse = _forward_branch(plan, q, k, v, w, r, comm)
+        o, lse = _forward_branch(plan, q, k, v, w, r, comm, key_mask)
         outs.append(o)
         lses.append(lse)
     return merge_attention(outs, lses)
@@ -429,21 +491,24 @@ class _RingDilatedAttention(torch.autograd.Function):
         k: torch.Tensor,
         v: torch.Tensor,
         plan: RingPlan,
+        key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = compute_dtype(q.dtype)
         qc = q.to(dtype)
-        comm = RingComm(plan.group)
-        out, lse = ring_attention_forward(plan, qc, k, v, comm)
+        comm = RingComm(plan.group, plan.timeout_s)
+        out, lse = ring_attention_forward(plan, qc, k, v, comm, key_mask)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan  # type: ignore[attr-defined]
+        ctx.key_mask = key_mask  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor, _d_lse: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
+        key_mask: torch.Tensor | None = ctx.key_mask  # type: ignore[attr-defined]
         plan: RingPlan = ctx.plan  # type: ignore[attr-defined]
         dtype = out.dtype
         qc, doc = q.to(dtype), d_out.to(dtype)
@@ -453,16 +518,23 @@ class _RingDilatedAttention(torch.autograd.Function):
             torch.zeros(k.shape, dtype=dtype, device=k.device),
             torch.zeros(v.shape, dtype=dtype, device=v.device),
         )
-        comm = RingComm(plan.group)
+        comm = RingComm(plan.group, plan.timeout_s)
         for w, r in zip(plan.segment_lengths, plan.dilation_rates):
-            _backward_branch(plan, qc, k, v, lse, doc, delta, w, r, comm, grads)
+            _backward_branch(plan, qc, k, v, lse, doc, delta, w, r, comm, grads, key_mask)
         dq, dk, dv = grads
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def ring_dilated_attention_function(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: RingPlan,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable ring attention of validated shards: ``(out, lse)`` (lse not differentiable)."""
-    out, lse = _RingDilatedAttention.apply(q, k, v, plan)
+    """Differentiable ring attention of validated shards: ``(out, lse)`` (lse not differentiable).
+
+    ``key_mask``: the whole-sequence ``(batch, seq)`` key padding mask (True = real) or None.
+    """
+    out, lse = _RingDilatedAttention.apply(q, k, v, plan, key_mask)
     return out, lse

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from dilated.ring.comm import wait_all
+
 __all__ = ["agree_across_ranks", "check_branch_layout"]
 
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -32,6 +34,8 @@ def agree_across_ranks(
     options: int,
     local_checks: Callable[[], None],
     group: dist.ProcessGroup | None,
+    *,
+    timeout_s: float | None = None,
 ) -> None:
     """Run ``local_checks`` here and make every rank raise if any rank's checks fail or disagree.
 
@@ -41,6 +45,8 @@ def agree_across_ranks(
             must be identical on every rank.
         local_checks: raises ``ValueError``/``TypeError`` for a bad local input.
         group: process group (None: default).
+        timeout_s: raise :class:`TimeoutError` when a peer has not joined the exchange within
+            this many seconds (None: the process group's timeout).
     """
     error: Exception | None = None
     try:
@@ -56,7 +62,9 @@ def agree_across_ranks(
     # gloo and NCCL both gather a tensor on the inputs' device; the metadata is tiny.
     device = q.device if q.device.type != "cpu" and dist.get_backend(group) == "nccl" else "cpu"
     gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
-    dist.all_gather(gathered, mine.to(device), group=group)
+    work = dist.all_gather(gathered, mine.to(device), group=group, async_op=True)
+    assert work is not None
+    wait_all([work], timeout_s, f"the cross-rank input check (rank {dist.get_rank(group)})")
     rows = torch.stack([g.cpu() for g in gathered])
     rank = dist.get_rank(group)
     if error is not None:

@@ -12,14 +12,14 @@ import logging
 
 import torch
 
-from dilated.kernels.backends import flash, reference, sdpa
+from dilated.kernels.backends import cudnn, flash, reference, sdpa
 from dilated.kernels.backends import triton as triton_backend
 
 __all__ = ["BACKEND_NAMES", "available_backends", "choose_backend", "get_backend"]
 
 logger = logging.getLogger(__name__)
 
-_MODULES = {m.NAME: m for m in (triton_backend, flash, sdpa, reference)}
+_MODULES = {m.NAME: m for m in (cudnn, triton_backend, flash, sdpa, reference)}
 
 #: Every backend name ``dilated_attention(backend=...)`` accepts, ``"auto"`` included.
 BACKEND_NAMES: tuple[str, ...] = ("auto", *_MODULES)
@@ -40,16 +40,21 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name, m in _MODULES.items() if m.available(dev)]
 
 
-def choose_backend(q: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float) -> str:
+def choose_backend(
+    q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float
+) -> str:
     """The backend ``"auto"`` runs for this call (logged at debug level).
 
-    CUDA: ``"triton"`` (the fused kernel) unless the call has dropout or an unsupported dtype or
-    head_dim, then ``"flash"`` when installed and the call is inference in 16-bit without mask,
-    else ``"sdpa"``. Other devices: ``"reference"`` (on CPU the ``"sdpa"`` backend
-    runs the same math with more copies).
+    CUDA: ``"cudnn"`` (cuDNN per sub-problem + fused merge, the fastest) for 16-bit calls
+    without key padding mask, grouped-query attention or dropout; else ``"triton"`` (the fused
+    kernel) unless the call has dropout or an unsupported dtype or head_dim, then ``"flash"``
+    when installed and the call is inference in 16-bit without mask, else ``"sdpa"``. Other
+    devices: ``"reference"`` (on CPU the ``"sdpa"`` backend runs the same math with more copies).
     """
     if q.is_cuda:
-        if triton_backend.unsupported_reason(q, dropout_p) is None:
+        if cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p) is None:
+            name = cudnn.NAME
+        elif triton_backend.unsupported_reason(q, dropout_p) is None:
             name = triton_backend.NAME
         elif (
             flash.available(q.device)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["NAME", "available", "forward", "unsupported_reason"]
+__all__ = ["NAME", "available", "backward", "forward", "unsupported_reason"]
 
 NAME = "triton"
 
@@ -140,71 +140,102 @@ class _DilatedAttentionFn(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        from dilated.kernels.backends._triton_kernels import branch_backward, branch_backward_dq
-
         q, k, v, mask, out, lse = ctx.saved_tensors
         ws, rs, scale, is_causal = ctx.config
-        b, n, h, d = q.shape
-        do = grad_out.to(q.dtype).contiguous()
-        # dS = P * (dP - Delta) with Delta = rowsum(dO * O) - dL: the last term carries the
-        # gradient of the returned LSE (d L / d S = P).
-        delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-        if grad_lse is not None:
-            delta = delta - torch.nan_to_num(grad_lse.float(), nan=0.0, posinf=0.0, neginf=0.0)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-        bm, bn, bd = _blocks(d)
-        mask_arg = q if mask is None else mask
-        for w, r in zip(ws, rs):
-            rows, nbn, nseg = _launch_geometry(n, w, r, bn)
-            _, nbm, _ = _launch_geometry(n, w, r, bm)
-            branch_backward_dq[(nbm, nseg, b * h)](
-                q, k, v, mask_arg, do, lse, delta, dq,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                lse.stride(0), lse.stride(1),
-                n, h, h // k.shape[2], w, r, rows, scale,
-                IS_CAUSAL=is_causal, HAS_MASK=mask is not None, DOT_PREC=_precision(q),
-                D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, **_launch_options(d),
-            )  # fmt: skip
-            branch_backward[(nbn, nseg, b * h)](
-                q,
-                k,
-                v,
-                mask_arg,
-                do,
-                lse,
-                delta,
-                dq,
-                dk,
-                dv,
-                q.stride(0),
-                q.stride(1),
-                q.stride(2),
-                k.stride(0),
-                k.stride(1),
-                k.stride(2),
-                lse.stride(0),
-                lse.stride(1),
-                n,
-                h,
-                h // k.shape[2],
-                w,
-                r,
-                rows,
-                scale,
-                IS_CAUSAL=is_causal,
-                HAS_MASK=mask is not None,
-                DOT_PREC=_precision(q),
-                D=d,
-                BLOCK_D=bd,
-                BLOCK_M=bm,
-                BLOCK_N=bn,
-                ATOMIC_DQ=False,
-                **_launch_options(d),
-            )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        dq, dk, dv = backward(q, k, v, mask, out, lse, grad_out, grad_lse, ws, rs, scale, is_causal)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    ws: Sequence[int],
+    rs: Sequence[int],
+    scale: float,
+    is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of dilated attention from the merged ``out`` and ``lse``.
+
+    Args:
+        q, k, v: contiguous ``(batch, seq, heads | kv_heads, head_dim)`` inputs of the forward.
+        mask: int8 key padding mask ``(batch, seq)`` (1 = real token) or None.
+        out: the merged output ``(batch, seq, heads, head_dim)``.
+        lse: the merged float32 LSE ``(batch, heads, seq)``.
+        grad_out: gradient of ``out``; ``grad_lse``: gradient of ``lse`` or None.
+        ws, rs, scale, is_causal: the call's branches and options.
+
+    Returns:
+        Gradients in the dtypes of ``q``, ``k`` and ``v``.
+    """
+    from dilated.kernels.backends._triton_kernels import branch_backward, branch_backward_dq
+
+    b, n, h, d = q.shape
+    do = grad_out.to(q.dtype).contiguous()
+    # dS = P * (dP - Delta) with Delta = rowsum(dO * O) - dL: the last term carries the
+    # gradient of the returned LSE (d L / d S = P).
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    if grad_lse is not None:
+        delta = delta - torch.nan_to_num(grad_lse.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    bm, bn, bd = _blocks(d)
+    mask_arg = q if mask is None else mask
+    for w, r in zip(ws, rs):
+        rows, nbn, nseg = _launch_geometry(n, w, r, bn)
+        _, nbm, _ = _launch_geometry(n, w, r, bm)
+        branch_backward_dq[(nbm, nseg, b * h)](
+            q, k, v, mask_arg, do, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            lse.stride(0), lse.stride(1),
+            n, h, h // k.shape[2], w, r, rows, scale,
+            IS_CAUSAL=is_causal, HAS_MASK=mask is not None, DOT_PREC=_precision(q),
+            D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, **_launch_options(d),
+        )  # fmt: skip
+        branch_backward[(nbn, nseg, b * h)](
+            q,
+            k,
+            v,
+            mask_arg,
+            do,
+            lse,
+            delta,
+            dq,
+            dk,
+            dv,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            n,
+            h,
+            h // k.shape[2],
+            w,
+            r,
+            rows,
+            scale,
+            IS_CAUSAL=is_causal,
+            HAS_MASK=mask is not None,
+            DOT_PREC=_precision(q),
+            D=d,
+            BLOCK_D=bd,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            ATOMIC_DQ=False,
+            **_launch_options(d),
+        )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def forward(
