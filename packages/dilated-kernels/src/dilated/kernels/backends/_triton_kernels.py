@@ -23,6 +23,51 @@ import triton.language as tl
 
 
 @triton.jit
+def _program_head(H, group, w, r):
+    """Batch, head, kv head and first position of this program's (segment, batch * head)."""
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    return b, b.to(tl.int64), h, h // group, tl.program_id(1) * w + h % r
+
+
+@triton.jit
+def _query_rows(b64, h, base, offs_i, offs_d, dmask, rows, n, r, sqb, sqn, sqh):
+    """Positions (int64), validity, element offsets and 2-D mask of query rows ``offs_i``."""
+    t = base + offs_i * r
+    q_ok = (offs_i < rows) & (t < n)
+    t64 = t.to(tl.int64)
+    q_off = b64 * sqb + t64[:, None] * sqn + h * sqh + offs_d[None, :]
+    return t64, q_ok, q_off, q_ok[:, None] & dmask[None, :]
+
+
+@triton.jit
+def _key_block(
+    K, V, Mask, b, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh,
+    HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """Keys and values of rows ``offs_j`` (0 where not allowed), their validity and offsets."""
+    u = base + offs_j * r
+    k_ok = (offs_j < rows) & (u < n)
+    if HAS_MASK:
+        pad = tl.load(Mask + b * n + u, mask=k_ok, other=0)
+        k_ok = k_ok & (pad != 0)
+    kv_off = b64 * skb + u.to(tl.int64)[:, None] * skn + hk * skh + offs_d[None, :]
+    kv_m = k_ok[:, None] & dmask[None, :]
+    k = tl.load(K + kv_off, mask=kv_m, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_m, other=0.0)
+    return k, v, k_ok, kv_off, kv_m
+
+
+@triton.jit
+def _row_stats(Lse, Delta, b64, h, t64, q_ok, slb, slh):
+    """Merged LSE (``+inf`` for empty rows, so that ``exp(s - lse)`` is 0) and Delta."""
+    lse = tl.load(Lse + b64 * slb + h * slh + t64, mask=q_ok, other=float("-inf"))
+    delta = tl.load(Delta + b64 * slb + h * slh + t64, mask=q_ok, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse), delta
+
+
+@triton.jit
 def branch_forward(
     Q,
     K,
@@ -57,24 +102,14 @@ def branch_forward(
     BLOCK_N: tl.constexpr,
 ):
     mblock = tl.program_id(0)
-    seg = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // group
-    p = h % r
-    base = seg * w + p
+    b, b64, h, hk, base = _program_head(H, group, w, r)
     offs_i = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    t = base + offs_i * r
-    q_ok = (offs_i < rows) & (t < n)
-    t64 = t.to(tl.int64)
     dmask = offs_d < D
-    q = tl.load(
-        Q + b.to(tl.int64) * sqb + t64[:, None] * sqn + h * sqh + offs_d[None, :],
-        mask=q_ok[:, None] & dmask[None, :],
-        other=0.0,
+    t64, q_ok, q_off, qm = _query_rows(
+        b64, h, base, offs_i, offs_d, dmask, rows, n, r, sqb, sqn, sqh
     )
+    q = tl.load(Q + q_off, mask=qm, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -83,16 +118,10 @@ def branch_forward(
         hi = tl.minimum(rows, (mblock + 1) * BLOCK_M)
     for start in range(0, hi, BLOCK_N):
         offs_j = start + tl.arange(0, BLOCK_N)
-        u = base + offs_j * r
-        k_ok = (offs_j < rows) & (u < n)
-        if HAS_MASK:
-            pad = tl.load(Mask + b * n + u, mask=k_ok, other=0)
-            k_ok = k_ok & (pad != 0)
-        u64 = u.to(tl.int64)
-        kv_off = b.to(tl.int64) * skb + u64[:, None] * skn + hk * skh + offs_d[None, :]
-        kv_m = k_ok[:, None] & dmask[None, :]
-        k = tl.load(K + kv_off, mask=kv_m, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_m, other=0.0)
+        k, v, k_ok, _, _ = _key_block(
+            K, V, Mask, b, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh,
+            HAS_MASK,
+        )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
         allowed = k_ok[None, :]
         if IS_CAUSAL:
@@ -109,7 +138,7 @@ def branch_forward(
     l_safe = tl.where(empty, 1.0, l_i)
     lse_b = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
     o_b = acc / l_safe[:, None]
-    lse_ptr = Lse + b.to(tl.int64) * slb + h * slh + t64
+    lse_ptr = Lse + b64 * slb + h * slh + t64
     old_lse = tl.load(lse_ptr, mask=q_ok, other=float("-inf"))
     new_max = tl.maximum(old_lse, lse_b)
     max_safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -118,11 +147,10 @@ def branch_forward(
     total = w_old + w_new
     tot_safe = tl.where(total == 0.0, 1.0, total)
     new_lse = tl.where(total == 0.0, float("-inf"), max_safe + tl.log(tot_safe))
-    o_ptr = AccO + b.to(tl.int64) * sab + t64[:, None] * san + h * sah + offs_d[None, :]
-    om = q_ok[:, None] & dmask[None, :]
-    old_o = tl.load(o_ptr, mask=om, other=0.0)
+    o_ptr = AccO + b64 * sab + t64[:, None] * san + h * sah + offs_d[None, :]
+    old_o = tl.load(o_ptr, mask=qm, other=0.0)
     out = (old_o * w_old[:, None] + o_b * w_new[:, None]) / tot_safe[:, None]
-    tl.store(o_ptr, out, mask=om)
+    tl.store(o_ptr, out, mask=qm)
     tl.store(lse_ptr, new_lse, mask=q_ok)
 
 
@@ -135,7 +163,6 @@ def branch_backward(
     DO,
     Lse,
     Delta,
-    DQ,
     DK,
     DV,
     sqb,
@@ -156,34 +183,19 @@ def branch_backward(
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     nblock = tl.program_id(0)
-    seg = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // group
-    p = h % r
-    base = seg * w + p
-    b64 = b.to(tl.int64)
+    b, b64, h, hk, base = _program_head(H, group, w, r)
     offs_j = nblock * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    u = base + offs_j * r
-    k_ok = (offs_j < rows) & (u < n)
-    if HAS_MASK:
-        pad = tl.load(Mask + b * n + u, mask=k_ok, other=0)
-        k_ok = k_ok & (pad != 0)
-    u64 = u.to(tl.int64)
-    kv_off = b64 * skb + u64[:, None] * skn + hk * skh + offs_d[None, :]
-    kv_m = k_ok[:, None] & dmask[None, :]
-    k = tl.load(K + kv_off, mask=kv_m, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_m, other=0.0)
+    k, v, k_ok, kv_off, kv_m = _key_block(
+        K, V, Mask, b, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh, HAS_MASK
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -191,16 +203,12 @@ def branch_backward(
         lo = (nblock * BLOCK_N // BLOCK_M) * BLOCK_M
     for start in range(lo, rows, BLOCK_M):
         offs_i = start + tl.arange(0, BLOCK_M)
-        t = base + offs_i * r
-        q_ok = (offs_i < rows) & (t < n)
-        t64 = t.to(tl.int64)
-        q_off = b64 * sqb + t64[:, None] * sqn + h * sqh + offs_d[None, :]
-        qm = q_ok[:, None] & dmask[None, :]
+        t64, q_ok, q_off, qm = _query_rows(
+            b64, h, base, offs_i, offs_d, dmask, rows, n, r, sqb, sqn, sqh
+        )
         q = tl.load(Q + q_off, mask=qm, other=0.0)
         do = tl.load(DO + q_off, mask=qm, other=0.0)
-        lse = tl.load(Lse + b64 * slb + h * slh + t64, mask=q_ok, other=float("-inf"))
-        delta = tl.load(Delta + b64 * slb + h * slh + t64, mask=q_ok, other=0.0)
-        lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
+        lse_safe, delta = _row_stats(Lse, Delta, b64, h, t64, q_ok, slb, slh)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
         allowed = q_ok[:, None] & k_ok[None, :]
         if IS_CAUSAL:
@@ -210,9 +218,6 @@ def branch_backward(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = pr * (dp - delta[:, None]) * scale
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
-        if ATOMIC_DQ:
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-            tl.atomic_add(DQ + q_off, dq, mask=qm)
     tl.atomic_add(DK + kv_off, dk, mask=kv_m)
     tl.atomic_add(DV + kv_off, dv, mask=kv_m)
 
@@ -253,27 +258,16 @@ def branch_backward_dq(
     # dq of one branch: a program owns a query block (as in the forward), so it adds its result
     # to the float32 dq buffer without atomics (branches are successive launches).
     mblock = tl.program_id(0)
-    seg = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // group
-    p = h % r
-    base = seg * w + p
-    b64 = b.to(tl.int64)
+    b, b64, h, hk, base = _program_head(H, group, w, r)
     offs_i = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    t = base + offs_i * r
-    q_ok = (offs_i < rows) & (t < n)
-    t64 = t.to(tl.int64)
-    q_off = b64 * sqb + t64[:, None] * sqn + h * sqh + offs_d[None, :]
-    qm = q_ok[:, None] & dmask[None, :]
+    t64, q_ok, q_off, qm = _query_rows(
+        b64, h, base, offs_i, offs_d, dmask, rows, n, r, sqb, sqn, sqh
+    )
     q = tl.load(Q + q_off, mask=qm, other=0.0)
     do = tl.load(DO + q_off, mask=qm, other=0.0)
-    lse = tl.load(Lse + b64 * slb + h * slh + t64, mask=q_ok, other=float("-inf"))
-    delta = tl.load(Delta + b64 * slb + h * slh + t64, mask=q_ok, other=0.0)
-    lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
+    lse_safe, delta = _row_stats(Lse, Delta, b64, h, t64, q_ok, slb, slh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = rows
     if IS_CAUSAL:

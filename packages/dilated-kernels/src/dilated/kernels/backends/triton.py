@@ -190,50 +190,19 @@ def backward(
     for w, r in zip(ws, rs):
         rows, nbn, nseg = _launch_geometry(n, w, r, bn)
         _, nbm, _ = _launch_geometry(n, w, r, bm)
-        branch_backward_dq[(nbm, nseg, b * h)](
-            q, k, v, mask_arg, do, lse, delta, dq,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            lse.stride(0), lse.stride(1),
-            n, h, h // k.shape[2], w, r, rows, scale,
-            IS_CAUSAL=is_causal, HAS_MASK=mask is not None, DOT_PREC=_precision(q),
-            D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, **_launch_options(d),
+        shape = (
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            lse.stride(0), lse.stride(1), n, h, h // k.shape[2], w, r, rows, scale,
         )  # fmt: skip
+        options = {
+            "IS_CAUSAL": is_causal, "HAS_MASK": mask is not None, "DOT_PREC": _precision(q),
+            "D": d, "BLOCK_D": bd, "BLOCK_M": bm, "BLOCK_N": bn, **_launch_options(d),
+        }  # fmt: skip
+        branch_backward_dq[(nbm, nseg, b * h)](
+            q, k, v, mask_arg, do, lse, delta, dq, *shape, **options
+        )
         branch_backward[(nbn, nseg, b * h)](
-            q,
-            k,
-            v,
-            mask_arg,
-            do,
-            lse,
-            delta,
-            dq,
-            dk,
-            dv,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            lse.stride(0),
-            lse.stride(1),
-            n,
-            h,
-            h // k.shape[2],
-            w,
-            r,
-            rows,
-            scale,
-            IS_CAUSAL=is_causal,
-            HAS_MASK=mask is not None,
-            DOT_PREC=_precision(q),
-            D=d,
-            BLOCK_D=bd,
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            ATOMIC_DQ=False,
-            **_launch_options(d),
+            q, k, v, mask_arg, do, lse, delta, dk, dv, *shape, **options
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
