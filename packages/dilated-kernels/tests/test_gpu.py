@@ -9,7 +9,7 @@ import torch
 
 from dilated.core.testing import (
     assert_close_to_reference,
-    assert_matches_reference,
+    check_on_random_inputs,
     dense_dilated_attention,
     make_inputs,
 )
@@ -31,20 +31,11 @@ def test_matches_dense_on_gpu(
 ) -> None:
     seq, heads = 1000, 4  # not a multiple of any segment
     ws, rs = (128, 256, 512), (1, 2, 4)
-    inp = make_inputs(
-        1,
-        seq,
-        heads,
-        head_dim,
-        kv_heads=2 if gqa else heads,
-        dtype=dtype,
-        device="cuda",
-        padding=True,
-        requires_grad=True,
-        seed=head_dim,
-    )
     attention = functools.partial(dilated_attention, return_lse=True, backend=backend)
-    assert_matches_reference(attention, inp, ws, rs, is_causal=causal, seed=head_dim)
+    check_on_random_inputs(
+        attention, 1, seq, heads, head_dim, ws, rs, kv_heads=2 if gqa else heads,
+        is_causal=causal, padding=True, dtype=dtype, device="cuda", seed=head_dim,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -56,11 +47,11 @@ def test_cudnn_matches_dense_on_gpu(
 ) -> None:
     # 1000: partial last segments (one call per batch); 1024: batches merged into one call.
     ws, rs = (128, 256, 512), (1, 2, 4)
-    inp = make_inputs(
-        batch, seq, 4, head_dim, dtype=dtype, device="cuda", requires_grad=True, seed=head_dim
-    )
     attention = functools.partial(dilated_attention, return_lse=True, backend="cudnn")
-    assert_matches_reference(attention, inp, ws, rs, is_causal=causal, seed=head_dim)
+    check_on_random_inputs(
+        attention, batch, seq, 4, head_dim, ws, rs, is_causal=causal, dtype=dtype,
+        device="cuda", seed=head_dim,
+    )  # fmt: skip
 
 
 def test_cudnn_chunks_match_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:

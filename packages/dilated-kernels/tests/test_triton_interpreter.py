@@ -14,10 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dilated.core.testing import (
-    assert_matches_reference,
-    make_inputs,
-)
+from dilated.core.testing import check_on_random_inputs, make_inputs
 from dilated.kernels import dilated_attention
 
 pytestmark = [
@@ -42,19 +39,11 @@ def _check(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> None:
-    inp = make_inputs(
-        2,
-        seq,
-        heads,
-        head_dim,
-        kv_heads=kv_heads,
-        dtype=dtype,
-        padding=padding,
-        requires_grad=True,
-        seed=seed,
-    )
     attention = functools.partial(dilated_attention, return_lse=True, backend="triton")
-    assert_matches_reference(attention, inp, ws, rs, is_causal=causal, seed=seed)
+    check_on_random_inputs(
+        attention, 2, seq, heads, head_dim, ws, rs, kv_heads=kv_heads, is_causal=causal,
+        padding=padding, dtype=dtype, seed=seed,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ __all__ = [
     "assert_close_to_reference",
     "assert_matches_reference",
     "branch_mask",
+    "check_on_random_inputs",
     "dense_dilated_attention",
     "make_inputs",
     "relative_error",
@@ -227,3 +228,37 @@ def assert_matches_reference(
     want = torch.autograd.grad(ref, (ref_q, ref_k, ref_v), grad)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert_close_to_reference(g, w, dtype, name)
+
+
+def check_on_random_inputs(
+    attention: AttentionWithLse,
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    kv_heads: int | None = None,
+    is_causal: bool = False,
+    padding: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> None:
+    """:func:`assert_matches_reference` on :func:`make_inputs` drawn with ``seed`` (grads on)."""
+    inputs = make_inputs(
+        batch,
+        seq,
+        heads,
+        head_dim,
+        kv_heads=kv_heads,
+        dtype=dtype,
+        device=device,
+        padding=padding,
+        requires_grad=True,
+        seed=seed,
+    )
+    assert_matches_reference(
+        attention, inputs, segment_lengths, dilation_rates, is_causal=is_causal, seed=seed
+    )
