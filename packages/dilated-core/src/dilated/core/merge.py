@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["merge_attention", "safe_logsumexp"]
+__all__ = ["merge_attention", "merge_into", "safe_logsumexp"]
 
 
 def safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -77,3 +77,27 @@ def merge_attention(
     for o, w in zip(outputs, weights):
         out = out + o.to(acc) * w.transpose(1, 2).unsqueeze(-1)
     return out.to(outputs[0].dtype), total.to(lses[0].dtype)
+
+
+def merge_into(
+    acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Merge one partial result into running float32 accumulators, in place (no autograd).
+
+    The online form of [`merge_attention`][dilated.core.merge.merge_attention], used where parts
+    arrive one at a time (ring steps, sparse block runs): the accumulators stay float32 whatever
+    the dtype of ``out``, so the rounding error does not grow with the number of parts.
+
+    Args:
+        acc_out: ``(batch, rows, heads, head_dim)`` float32, may be a strided view.
+        acc_lse: ``(batch, heads, rows)`` float32, ``-inf`` where nothing was merged yet.
+        out: the part's output, shaped like ``acc_out``, any float dtype.
+        lse: the part's log-sum-exp, shaped like ``acc_lse``, ``-inf`` for rows it does not cover.
+    """
+    new = torch.logaddexp(acc_lse, lse)
+    # Rows still empty on both sides stay -inf; shifting them by 0 keeps exp() NaN-free.
+    shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    keep = torch.exp(acc_lse - shift).transpose(1, 2).unsqueeze(-1)
+    take = torch.exp(lse - shift).transpose(1, 2).unsqueeze(-1)
+    acc_out.mul_(keep).add_(out.to(acc_out.dtype) * take)
+    acc_lse.copy_(new)

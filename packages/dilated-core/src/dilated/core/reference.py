@@ -19,12 +19,42 @@ import torch.nn.functional as F
 from dilated.core.branches import compute_dtype, phase_heads, run_branches
 
 __all__ = [
+    "attention_backward_with_lse",
     "attention_with_lse",
     "compute_dtype",
     "dense_segment_attention",
+    "dense_segment_attention_backward",
     "dilated_attention_reference",
+    "dropout_keep_mask",
     "phase_heads",
 ]
+
+
+def dropout_keep_mask(
+    shape: Sequence[int], dropout_p: float, seed: int, device: torch.device
+) -> torch.Tensor:
+    """Bool keep-mask of dropout with probability ``dropout_p``, drawn from ``seed`` alone.
+
+    The same ``(shape, seed, device)`` always gives the same mask, which is what lets a backward
+    pass that recomputes the probabilities (from the final log-sum-exp) drop the same entries as
+    the forward pass did.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.rand(tuple(shape), generator=generator, device=device) >= dropout_p
+
+
+def _allowed(
+    n_q: int, n_k: int, is_causal: bool, key_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """Bool ``(..., n_q, n_k)`` mask of allowed pairs (top-left causal), or None for all."""
+    allowed: torch.Tensor | None = None
+    if is_causal:
+        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
+    if key_mask is not None:
+        km = key_mask.unsqueeze(-2)
+        allowed = km if allowed is None else allowed & km
+    return allowed
 
 
 def attention_with_lse(
@@ -36,6 +66,7 @@ def attention_with_lse(
     is_causal: bool = False,
     key_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention over the last two dims that also returns the log-sum-exp.
 
@@ -44,13 +75,20 @@ def attention_with_lse(
         k: ``(..., L_k, d)`` with the leading dims of ``q``.
         v: shaped like ``k``.
         scale: softmax scale.
-        is_causal: key ``u`` is allowed for query ``t`` only when ``u <= t`` (same index space).
-        key_mask: bool, broadcastable to ``(..., L)`` over keys; True = allowed.
+        is_causal: key ``u`` is allowed for query ``t`` only when ``u <= t`` (top-left aligned).
+        key_mask: bool, broadcastable to ``(..., L_k)`` over keys; True = allowed.
         dropout_p: dropout on the attention probabilities (0 disables it).
+        dropout_seed: draw the dropout mask from this seed
+            ([`dropout_keep_mask`][dilated.core.reference.dropout_keep_mask]) instead of the
+            global generator, so that
+            [`attention_backward_with_lse`][dilated.core.reference.attention_backward_with_lse]
+            can drop the same entries.
 
     Returns:
         ``(out, lse)``: ``out`` ``(..., L, d)``, zero for a query with no allowed key, and ``lse``
-        ``(..., L)``, ``-inf`` there. Gradients stay finite in both cases.
+        ``(..., L)``, ``-inf`` there. ``lse`` is the log-sum-exp before dropout, so that partial
+        results merge into one softmax whose probabilities are then dropped. Gradients stay
+        finite in both cases.
     """
     if k.shape[-2] == 0:
         # No key at all: the empty-set convention, kept differentiable (zero gradients).
@@ -58,13 +96,7 @@ def attention_with_lse(
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    allowed: torch.Tensor | None = None
-    if is_causal:
-        n_q, n_k = scores.shape[-2], scores.shape[-1]
-        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
-    if key_mask is not None:
-        km = key_mask.unsqueeze(-2)
-        allowed = km if allowed is None else allowed & km
+    allowed = _allowed(scores.shape[-2], scores.shape[-1], is_causal, key_mask, q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
@@ -75,11 +107,83 @@ def attention_with_lse(
     safe_total = torch.where(empty, torch.ones_like(total), total)
     probs = weights / safe_total
     if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
+        if dropout_seed is None:
+            probs = F.dropout(probs, p=dropout_p, training=True)
+        else:
+            keep = dropout_keep_mask(probs.shape, dropout_p, dropout_seed, probs.device)
+            probs = probs * keep / (1.0 - dropout_p)
     out = torch.matmul(probs, v)
     lse = torch.log(safe_total) + row_max
     lse = torch.where(empty, torch.full_like(lse, float("-inf")), lse)
     return out, lse.squeeze(-1)
+
+
+def attention_backward_with_lse(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    *,
+    is_causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v of one part of an attention whose FINAL output and LSE are given.
+
+    When several parts (branches, ring steps, blocks) are merged by log-sum-exp they are one
+    softmax over the union of their keys, so with ``P = exp(S - L)`` (``L`` the final ``lse``)
+    and ``Delta = rowsum(dO * O)`` (``O`` the final ``out``) each part contributes
+    ``dV = P^T dO`` and ``dS = P * (dO V^T - Delta)``, whatever the other parts are. With dropout
+    the dropped probabilities are those of ``dropout_seed`` (as in
+    [`attention_with_lse`][dilated.core.reference.attention_with_lse]).
+
+    Args:
+        grad_out: ``(..., L, d)``, the gradient of the final output rows.
+        q, k, v, scale, is_causal, key_mask: as in
+            [`attention_with_lse`][dilated.core.reference.attention_with_lse].
+        out: the final output ``(..., L, d)``; lse: the final log-sum-exp ``(..., L)``
+            (``-inf`` for rows no part covers).
+        dropout_p, dropout_seed: the forward pass's dropout.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``, in the dtype of ``q``.
+    """
+    if dropout_p > 0.0 and dropout_seed is None:
+        raise ValueError("dropout_seed is required with dropout_p > 0: the mask must be replayed")
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    probs = torch.exp(scores - finite_lse.to(scores.dtype).unsqueeze(-1))
+    allowed = _allowed(scores.shape[-2], scores.shape[-1], is_causal, key_mask, q.device)
+    if allowed is not None:
+        probs = probs.masked_fill(~allowed, 0.0)
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    d_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+    dropped = probs
+    if dropout_p > 0.0:
+        assert dropout_seed is not None
+        keep = dropout_keep_mask(probs.shape, dropout_p, dropout_seed, probs.device)
+        dropped = probs * keep / (1.0 - dropout_p)
+        d_probs = d_probs * keep / (1.0 - dropout_p)
+    dv = torch.matmul(dropped.transpose(-1, -2), grad_out)
+    d_scores = probs * (d_probs - delta) * scale
+    dq = torch.matmul(d_scores, k)
+    dk = torch.matmul(d_scores.transpose(-1, -2), q)
+    return dq, dk, dv
+
+
+def _heads_first(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(B, L, H, D)`` -> ``(B, H, L, D)``, key/value heads repeated for their query heads."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return qt, kt, vt, None if key_mask is None else key_mask[:, None, :]
 
 
 def dense_segment_attention(
@@ -90,18 +194,67 @@ def dense_segment_attention(
     scale: float,
     is_causal: bool,
     dropout_p: float,
+    dropout_seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:data:`~dilated.core.branches.DenseAttention` in plain PyTorch.
+    """[`DenseAttention`][dilated.core.branches.DenseAttention] in plain PyTorch.
 
-    Inputs ``(B, L, H, D)`` and ``key_mask`` ``(B, L)``; returns ``out`` ``(B, L, H, D)`` and
-    ``lse`` ``(B, H, L)``.
+    Inputs ``q`` ``(B, L, H, D)``, ``k``/``v`` ``(B, L_k, H_kv, D)`` (``H % H_kv == 0``: query head
+    ``j`` reads key/value head ``j // (H / H_kv)``) and ``key_mask`` ``(B, L_k)``; computed in the
+    dtype of ``q``. Returns ``out`` ``(B, L, H, D)`` and ``lse`` ``(B, H, L)``.
     """
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
-    km = None if key_mask is None else key_mask[:, None, :]
+    qt, kt, vt, km = _heads_first(q, k, v, key_mask)
     out, lse = attention_with_lse(
-        qt, kt, vt, scale, is_causal=is_causal, key_mask=km, dropout_p=dropout_p
+        qt,
+        kt,
+        vt,
+        scale,
+        is_causal=is_causal,
+        key_mask=km,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     )
     return out.transpose(1, 2), lse
+
+
+def dense_segment_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    dropout_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of [`dense_segment_attention`][dilated.core.reference.dense_segment_attention]
+    given the FINAL merged ``out`` ``(B, L, H, D)`` and ``lse`` ``(B, H, L)`` of its rows (see
+    [`attention_backward_with_lse`][dilated.core.reference.attention_backward_with_lse]).
+
+    Returns ``(dq, dk, dv)`` ``(B, L, H, D)``, ``(B, L_k, H_kv, D)`` twice (grouped query heads
+    summed into their key/value head), in the dtype of ``q``.
+    """
+    qt, kt, vt, km = _heads_first(q, k, v, key_mask)
+    dq, dk, dv = attention_backward_with_lse(
+        grad_out.transpose(1, 2),
+        qt,
+        kt,
+        vt,
+        out.transpose(1, 2),
+        lse,
+        scale,
+        is_causal=is_causal,
+        key_mask=km,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+    )
+    b, hkv, lk, d = k.shape[0], k.shape[2], k.shape[1], k.shape[3]
+    group = q.shape[2] // hkv
+    dk = dk.reshape(b, hkv, group, lk, d).sum(2)
+    dv = dv.reshape(b, hkv, group, lk, d).sum(2)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 def dilated_attention_reference(

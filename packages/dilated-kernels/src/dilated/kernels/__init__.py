@@ -7,6 +7,7 @@ from dilated.kernels.modules import (
     ImprovedDilatedAttention,
     ImprovedMultiheadDilatedAttention,
 )
+from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 
 __all__ = [
     "BACKEND_NAMES",
@@ -15,6 +16,8 @@ __all__ = [
     "ImprovedMultiheadDilatedAttention",
     "available_backends",
     "dilated_attention",
+    "subproblem_attention",
+    "subproblem_attention_backward",
 ]
 
 __version__ = "0.1.0"

@@ -33,7 +33,11 @@ from typing import Any
 
 import torch
 
-from dilated.core.reference import attention_with_lse, compute_dtype
+from dilated.kernels.subproblem import (
+    has_cudnn_attention,
+    subproblem_attention,
+    subproblem_attention_backward,
+)
 
 __all__ = ["NAME", "available", "forward", "unsupported_reason"]
 
@@ -53,17 +57,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _has_cudnn_op() -> bool:
-    return hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-
-
 def available(device: torch.device) -> bool:
     """CUDA with cuDNN attention (sm80+) and triton; or CPU under ``TRITON_INTERPRET=1``."""
     if importlib.util.find_spec("triton") is None:
         return False
     if device.type == "cuda":
         return (
-            _has_cudnn_op()
+            has_cudnn_attention()
             and torch.backends.cudnn.is_available()
             and torch.cuda.get_device_capability(device)[0] >= 8
         )
@@ -142,7 +142,7 @@ def _plan(
 
 
 def _view(x: torch.Tensor, piece: _Piece) -> torch.Tensor:
-    """``(B, heads of the phase, rows, head_dim)`` strided view of contiguous ``x`` for ``piece``."""
+    """``(B, rows, heads of the phase, head_dim)`` strided view of contiguous ``x`` for ``piece``."""
     sb, sn, sh, _ = x.stride()
     heads = len(range(piece.phase, x.shape[2], piece.r))
     return x.as_strided(
@@ -152,7 +152,7 @@ def _view(x: torch.Tensor, piece: _Piece) -> torch.Tensor:
         + piece.batch0 * sb
         + (piece.start + piece.phase) * sn
         + piece.phase * sh,
-    ).transpose(1, 2)
+    )
 
 
 def _lse_view(lse: torch.Tensor, piece: _Piece) -> torch.Tensor:
@@ -165,55 +165,6 @@ def _lse_view(lse: torch.Tensor, piece: _Piece) -> torch.Tensor:
         lse.storage_offset() + piece.batch0 * sb + piece.phase * sh + piece.start + piece.phase,
     )
     return part.permute(0, 2, 1, 3).reshape(piece.batches * piece.count, heads, piece.rows)
-
-
-def _dense_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of dense attention over ``(B, H, L, D)``; ``lse`` float32 ``(B, H, L)``."""
-    if q.is_cuda:
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, is_causal, False, scale=scale
-        )
-        return res[0], res[1].reshape(q.shape[:-1])
-    dtype = compute_dtype(q.dtype)
-    out, lse = attention_with_lse(q.to(dtype), k.to(dtype), v.to(dtype), scale, is_causal=is_causal)
-    return out.to(q.dtype), lse.float()
-
-
-def _dense_backward(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    is_causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention backward over ``(B, H, L, D)`` with the given (merged) ``out`` and ``lse``."""
-    if q.is_cuda:
-        # No dropout: the philox seed/offset are never read; no bias, no ragged lengths.
-        unused = q.new_empty(0, dtype=torch.int64)
-        rows = q.shape[2]
-        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            do, q, k, v, out, lse.unsqueeze(-1), unused, unused, None, None, None,
-            rows, rows, 0.0, is_causal, scale=scale,
-        )  # fmt: skip
-        return grads[0], grads[1], grads[2]
-    dtype = compute_dtype(q.dtype)
-    q32, k32, v32, o32, do32 = (x.to(dtype) for x in (q, k, v, out, do))
-    scores = torch.matmul(q32, k32.transpose(-1, -2)) * scale
-    if is_causal:
-        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.exp(scores - lse.to(dtype)[..., None])
-    dv = probs.transpose(-1, -2) @ do32
-    dp = do32 @ v32.transpose(-1, -2)
-    ds = probs * (dp - (do32 * o32).sum(-1, keepdim=True))
-    dq = ds @ k32 * scale
-    dk = ds.transpose(-1, -2) @ q32 * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _table(
@@ -237,8 +188,8 @@ def _table(
                 val.data_ptr() + skip * val.stride(0) * val.element_size(),
                 0 if lse is None else lse.data_ptr() + skip * lse.stride(0) * 4,
                 val.stride(0),
-                val.stride(2),
                 val.stride(1),
+                val.stride(2),
                 0 if lse is None else lse.stride(0),
                 0 if lse is None else lse.stride(2),
                 0 if lse is None else lse.stride(1),
@@ -300,7 +251,9 @@ def _forward(
     for t0, t1 in _chunks(b, n, h, d, ws):
         pieces = _plan(b, n, h, ws, rs, t0, t1)
         results = [
-            _dense_forward(_view(q, pc), _view(k, pc), _view(v, pc), scale, is_causal)
+            subproblem_attention(
+                _view(q, pc), _view(k, pc), _view(v, pc), scale=scale, is_causal=is_causal
+            )
             for pc in pieces
         ]
         table = _table(
@@ -336,15 +289,15 @@ def _backward(
     for t0, t1 in _chunks(b, n, h, d, ws):
         pieces = _plan(b, n, h, ws, rs, t0, t1)
         results = [
-            _dense_backward(
+            subproblem_attention_backward(
                 _view(do, pc),
                 _view(q, pc),
                 _view(k, pc),
                 _view(v, pc),
                 _view(out, pc),
-                _lse_view(lse, pc).contiguous(),
-                scale,
-                is_causal,
+                _lse_view(lse, pc),
+                scale=scale,
+                is_causal=is_causal,
             )
             for pc in pieces
         ]
