@@ -11,12 +11,20 @@ are merged with :func:`dilated.core.merge.merge_attention`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from dilated.core.merge import merge_attention
 
-__all__ = ["DenseAttention", "compute_dtype", "phase_heads", "run_branches"]
+__all__ = [
+    "DenseAttention",
+    "SubProblem",
+    "compute_dtype",
+    "phase_heads",
+    "run_branches",
+    "subproblems",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,6 +50,103 @@ DenseAttention = Callable[
 ]
 
 
+@dataclass(frozen=True)
+class SubProblem:
+    """One batched dense call of a branch ``(w, r)``: ``count`` segments of ``length`` rows.
+
+    The rows are positions ``t = phase (mod rate)`` (the ``start``-th to ``stop``-th of them),
+    the query heads those of that phase; ``kv_heads`` are the key/value heads they read, one
+    per query head. Full segments form one call, a shorter last segment a second one, so no
+    padding row ever enters a softmax.
+    """
+
+    phase: int
+    rate: int
+    heads: slice
+    kv_heads: tuple[int, ...]
+    start: int
+    stop: int
+    length: int
+
+    @property
+    def count(self) -> int:
+        """Segments in the call."""
+        return (self.stop - self.start) // self.length
+
+    def kv_view(self, heads: int, kv_heads: int) -> slice | tuple[int, ...]:
+        """The key/value heads to cut: the query heads' slice (a view) without grouped-query
+        attention, else one key/value head per query head (a copy)."""
+        return self.heads if heads == kv_heads else self.kv_heads
+
+    def rows(self, x: torch.Tensor, heads: slice | tuple[int, ...]) -> torch.Tensor:
+        """The call's rows ``(batch, stop - start, heads, ...)`` of ``x`` ``(batch, seq, heads, ...)``
+        (a view for a slice of heads, a copy for an index tuple)."""
+        part = x[:, self.phase :: self.rate][:, self.start : self.stop]
+        if isinstance(heads, slice):
+            return part[:, :, heads]
+        return part.index_select(2, torch.tensor(heads, device=x.device))
+
+    def cut(self, x: torch.Tensor, heads: slice | tuple[int, ...]) -> torch.Tensor:
+        """``(batch * count, length, heads, ...)``: the call's input cut from ``x``."""
+        part = self.rows(x, heads)
+        return part.reshape(part.shape[0] * self.count, self.length, *part.shape[2:])
+
+    def cut_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``(batch * count, length)`` of a ``(batch, seq)`` key padding mask (None stays None)."""
+        if mask is None:
+            return None
+        rows = mask[:, self.phase :: self.rate][:, self.start : self.stop]
+        return rows.reshape(rows.shape[0] * self.count, self.length)
+
+    def cut_lse(self, lse: torch.Tensor) -> torch.Tensor:
+        """``(batch * count, heads, length)`` of a ``(batch, heads, seq)`` log-sum-exp."""
+        part = lse[:, self.heads, self.phase :: self.rate][..., self.start : self.stop]
+        b, h = part.shape[:2]
+        return (
+            part.reshape(b, h, self.count, self.length)
+            .permute(0, 2, 1, 3)
+            .reshape(b * self.count, h, self.length)
+        )
+
+    def uncut(self, part: torch.Tensor, batch: int) -> torch.Tensor:
+        """Inverse of :meth:`cut`: ``(batch, stop - start, heads, ...)``."""
+        return part.reshape(batch, self.count * self.length, *part.shape[2:])
+
+    def uncut_lse(self, part: torch.Tensor, batch: int) -> torch.Tensor:
+        """Inverse of :meth:`cut_lse`: ``(batch, heads, stop - start)``."""
+        h = part.shape[1]
+        return (
+            part.reshape(batch, self.count, h, self.length)
+            .permute(0, 2, 1, 3)
+            .reshape(batch, h, -1)
+        )
+
+
+def subproblems(
+    seq: int, heads: int, kv_heads: int, w: int, r: int, head_offset: int = 0
+) -> list[SubProblem]:
+    """Every dense call of branch ``(w, r)`` on a sequence of ``seq`` positions.
+
+    ``head_offset``: local head ``j`` is head ``head_offset + j`` of a larger layer and takes
+    that head's phase (used when each rank holds a slice of the heads).
+    """
+    group = heads // kv_heads
+    rows_per_segment = w // r
+    calls = []
+    for c in range(min(r, heads)):
+        phase = (c + head_offset) % r
+        rows = len(range(phase, seq, r))
+        if rows == 0:
+            continue
+        hs = slice(c, heads, r)
+        kv = tuple(j // group for j in range(heads)[hs])
+        full = min(rows, (seq // w) * rows_per_segment)
+        for start, stop, length in ((0, full, rows_per_segment), (full, rows, rows - full)):
+            if stop > start:
+                calls.append(SubProblem(phase, r, hs, kv, start, stop, length))
+    return calls
+
+
 def _one_branch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -54,55 +159,27 @@ def _one_branch(
     dropout_p: float,
     dense: DenseAttention,
     lse_dtype: torch.dtype,
+    head_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, hq, d = q.shape
     hkv = k.shape[2]
     out = q.new_zeros(b, n, hq, d)
     lse = torch.full((b, hq, n), float("-inf"), dtype=lse_dtype, device=q.device)
-    rows_per_segment = w // r
-    for p in range(min(r, hq, n)):
-        heads, kv_heads = phase_heads(hq, hkv, r, p)
-        qp = q[:, p::r, heads]
-        if hkv == hq:
-            kp, vp = k[:, p::r, heads], v[:, p::r, heads]
-        else:
-            idx = kv_heads.to(q.device)
-            kp, vp = k[:, p::r].index_select(2, idx), v[:, p::r].index_select(2, idx)
-        mp = None if key_padding_mask is None else key_padding_mask[:, p::r]
-        rows = qp.shape[1]
-        full = (n // w) * rows_per_segment
-        outs, lses = [], []
-        # Full segments form one batched problem, the shorter last segment a second one, so that
-        # no padding token ever enters a softmax.
-        for start, stop, length in ((0, full, rows_per_segment), (full, rows, rows - full)):
-            if stop <= start or length == 0:
-                continue
-            count = (stop - start) // length
-
-            def cut(
-                x: torch.Tensor,
-                start: int = start,
-                stop: int = stop,
-                count: int = count,
-                length: int = length,
-            ) -> torch.Tensor:
-                part = x[:, start:stop]
-                return part.reshape(b * count, length, *x.shape[2:])
-
-            o_part, l_part = dense(
-                cut(qp),
-                cut(kp),
-                cut(vp),
-                None if mp is None else cut(mp),
-                scale,
-                is_causal,
-                dropout_p,
-            )
-            h = qp.shape[2]
-            outs.append(o_part.reshape(b, count * length, h, d))
-            lses.append(l_part.reshape(b, count, h, length).permute(0, 2, 1, 3).reshape(b, h, -1))
-        out[:, p::r, heads] = torch.cat(outs, dim=1).to(out.dtype)
-        lse[:, heads, p::r] = torch.cat(lses, dim=2).to(lse_dtype)
+    for sp in subproblems(n, hq, hkv, w, r, head_offset):
+        kv = sp.kv_view(hq, hkv)
+        o_part, l_part = dense(
+            sp.cut(q, sp.heads),
+            sp.cut(k, kv),
+            sp.cut(v, kv),
+            sp.cut_mask(key_padding_mask),
+            scale,
+            is_causal,
+            dropout_p,
+        )
+        sp.rows(out, sp.heads)[:] = sp.uncut(o_part, b).to(out.dtype)
+        lse[:, sp.heads, sp.phase :: r][..., sp.start : sp.stop] = sp.uncut_lse(l_part, b).to(
+            lse_dtype
+        )
     return out, lse
 
 
@@ -119,6 +196,7 @@ def run_branches(
     dropout_p: float,
     dense: DenseAttention,
     work_dtype: torch.dtype | None = None,
+    head_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention on validated inputs with ``dense`` as the per-segment kernel.
 
@@ -134,6 +212,8 @@ def run_branches(
         dropout_p: dropout on the probabilities.
         dense: the dense kernel.
         work_dtype: dtype the inputs are cast to before ``dense`` (default: keep them).
+        head_offset: local head ``j`` takes the phase of head ``head_offset + j`` (see
+            [`subproblems`][dilated.core.branches.subproblems]).
 
     Returns:
         ``(out, lse)``: ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q``, ``lse``
@@ -146,7 +226,18 @@ def run_branches(
     outs, lses = [], []
     for w, r in zip(segment_lengths, dilation_rates):
         o, lse = _one_branch(
-            q, k, v, w, r, scale, is_causal, key_padding_mask, dropout_p, dense, lse_dtype
+            q,
+            k,
+            v,
+            w,
+            r,
+            scale,
+            is_causal,
+            key_padding_mask,
+            dropout_p,
+            dense,
+            lse_dtype,
+            head_offset,
         )
         outs.append(o.to(lse_dtype))
         lses.append(lse)

@@ -107,8 +107,9 @@ def subproblem_attention(
 
     Returns:
         ``(out, lse)``: ``out`` ``(batch, rows_q, heads, head_dim)`` in the dtype of ``q`` (0 for
-        a row with no allowed key); ``lse`` ``(batch, heads, rows_q)`` float32 (``-inf`` there),
-        taken before dropout so that partial results merge into one softmax.
+        a row with no allowed key); ``lse`` ``(batch, heads, rows_q)`` float32 (float64 for
+        float64 inputs; ``-inf`` there), taken before dropout so that partial results merge into
+        one softmax.
     """
     if dropout_p > 0.0 and dropout_seed is None:
         raise ValueError("dropout_seed is required with dropout_p > 0: the backward replays it")
@@ -132,7 +133,7 @@ def subproblem_attention(
         dropout_p,
         dropout_seed,
     )
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse.to(work)
 
 
 def subproblem_attention_backward(

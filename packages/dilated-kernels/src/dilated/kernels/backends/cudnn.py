@@ -39,7 +39,14 @@ from dilated.kernels.subproblem import (
     subproblem_attention_backward,
 )
 
-__all__ = ["NAME", "available", "forward", "unsupported_reason"]
+__all__ = [
+    "NAME",
+    "available",
+    "backward_from_merged",
+    "forward",
+    "forward_no_grad",
+    "unsupported_reason",
+]
 
 NAME = "cudnn"
 
@@ -311,6 +318,56 @@ def _backward(
                 )  # fmt: skip
     dq, dk, dv = grads
     return dq, dk, dv
+
+
+def forward_no_grad(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    scale: float,
+    is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a call this backend supports, outside autograd (for callers that merge
+    it with other parts; see [`dilated.kernels.partial`][dilated.kernels.partial])."""
+    return _forward(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        tuple(segment_lengths),
+        tuple(dilation_rates),
+        scale,
+        is_causal,
+    )
+
+
+def backward_from_merged(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    scale: float,
+    is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of this call's branches given the FINAL merged ``out`` ``(b, n, h, d)``
+    and float32 ``lse`` ``(b, h, n)``, which may include keys of other parts."""
+    return _backward(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        out.to(q.dtype).contiguous(),
+        lse.float().contiguous(),
+        grad_out,
+        tuple(segment_lengths),
+        tuple(dilation_rates),
+        scale,
+        is_causal,
+    )
 
 
 class _CudnnDilatedAttentionFn(torch.autograd.Function):
