@@ -151,13 +151,13 @@ def dilated_attention_backward(
         lse: the final merged LSE ``(batch, heads, seq)``.
 
     Returns:
-        Gradients shaped like ``q``, ``k``, ``v``, in float32 (float64 for float64 inputs).
+        Gradients shaped like ``q``, ``k``, ``v``: in their dtypes on the fused path, else in
+        float32 (float64 for float64 inputs), accumulated over the calls without rounding.
     """
     if _fused(q, k, key_padding_mask, dropout_p, head_offset):
-        grads = cudnn.backward_from_merged(
+        return cudnn.backward_from_merged(
             q, k, v, out, lse, grad_out, segment_lengths, dilation_rates, scale, is_causal
         )
-        return grads[0].float(), grads[1].float(), grads[2].float()
     n, hq, hkv = q.shape[1], q.shape[2], k.shape[2]
     work = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=work, device=q.device)

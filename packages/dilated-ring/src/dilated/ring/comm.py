@@ -1,10 +1,14 @@
 """Transfers of the distributed strategies, with buffers from the core memory pool.
 
-:class:`RingComm` posts one batched send/receive (``batch_isend_irecv``) so that the next block
-travels while the current one is computed, exchanges head chunks all-to-all (Ulysses) and gathers
-the small key padding masks. It counts the bytes it sends, which the tests compare with
-:mod:`dilated.ring.costs`, and bounds every wait by its timeout: a peer that never joins makes
-this rank raise :class:`TimeoutError` instead of waiting forever.
+Every strategy talks through a [`Transport`][dilated.ring.comm.Transport]: one posted
+send/receive (so that the next block travels while the current one is computed), many at once
+(all-gather strategy), all-to-all over heads (Ulysses) and an all-gather of small tensors (the
+cross-rank check, key padding masks). [`RingComm`][dilated.ring.comm.RingComm] implements it
+over ``torch.distributed`` (``batch_isend_irecv``); [`dilated.ring.loopback`][dilated.ring.loopback]
+over threads of one process, which is how every rank of a ring can run on one device. Both count
+the bytes they send, which the tests compare with [`dilated.ring.costs`][dilated.ring.costs],
+and bound every wait by a timeout: a peer that never joins makes this rank raise
+[`TimeoutError`][TimeoutError] instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ import torch.distributed as dist
 from dilated.core.memory_pool import get_default_pool
 from dilated.ring.sharding import unshard
 
-__all__ = ["PendingTransfer", "RingComm", "gather_key_padding_mask", "wait_all"]
+__all__ = [
+    "PendingTransfer",
+    "RingComm",
+    "Transport",
+    "gather_key_padding_mask",
+    "make_comm",
+    "wait_all",
+]
 
 
 def wait_all(works: Sequence[dist.Work], timeout_s: float | None, what: str) -> None:
@@ -44,25 +55,85 @@ def wait_all(works: Sequence[dist.Work], timeout_s: float | None, what: str) -> 
 
 
 class PendingTransfer:
-    """A posted send/receive; :meth:`wait` returns the received tensor."""
+    """A posted send/receive; [`wait`][dilated.ring.comm.PendingTransfer.wait] returns the
+    received tensor (subclassed by other transports)."""
 
     def __init__(
         self,
         works: list[dist.Work],
-        received: torch.Tensor | None,
+        received: torch.Tensor,
         timeout_s: float | None = None,
     ) -> None:
         self._works = works
         self._received = received
         self._timeout_s = timeout_s
 
-    def wait(self) -> torch.Tensor | None:
+    def wait(self) -> torch.Tensor:
+        """Block until the transfer is complete; the received tensor."""
         wait_all(self._works, self._timeout_s, "a ring send/receive")
         return self._received
 
 
-class RingComm:
-    """Sends and receives flat blocks between ranks of ``group`` (global rank numbers).
+class Transport:
+    """What the strategies need from a group of ranks (``torch.distributed`` or in-process).
+
+    Attributes:
+        rank, world_size: this rank in the group and the group's size.
+        timeout_s: bound of every wait (None: the backend's own).
+        pool: where received buffers come from (give them back with
+            [`release`][dilated.ring.comm.Transport.release]).
+    """
+
+    rank: int
+    world_size: int
+    timeout_s: float | None
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.pool = get_default_pool()
+
+    def peer(self, group_rank: int) -> int:
+        """The address of group rank ``group_rank`` for ``dst``/``src`` arguments."""
+        raise NotImplementedError
+
+    def device_for(self, like: object) -> torch.device:
+        """Where small exchanged tensors (metadata, masks) live for inputs like ``like``."""
+        return torch.device("cpu")
+
+    def exchange(
+        self, send: torch.Tensor, dst: int, src: int, recv_shape: Sequence[int]
+    ) -> PendingTransfer:
+        """Post ``send`` to ``dst`` and a receive of ``recv_shape`` (dtype of ``send``) from
+        ``src``; the receive buffer comes from the pool."""
+        raise NotImplementedError
+
+    def exchange_many(
+        self,
+        sends: Sequence[tuple[torch.Tensor, int]],
+        recvs: Sequence[tuple[Sequence[int], torch.dtype, int]],
+    ) -> list[torch.Tensor]:
+        """Send each ``(tensor, dst)`` and receive each ``(shape, dtype, src)``; wait for all."""
+        raise NotImplementedError
+
+    def all_to_all(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Send ``chunks[i]`` to group rank ``i``; the chunk received from each rank."""
+        raise NotImplementedError
+
+    def all_gather(self, tensor: torch.Tensor, *, counted: bool = True) -> list[torch.Tensor]:
+        """Every group rank's ``tensor`` (same shape everywhere), in group-rank order.
+
+        ``counted=False`` keeps the transfer out of the byte counters (the cross-rank check's
+        metadata, which [`dilated.ring.costs`][dilated.ring.costs] does not model)."""
+        raise NotImplementedError
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Return a received buffer to the pool."""
+        self.pool.release(tensor)
+
+
+class RingComm(Transport):
+    """[`Transport`][dilated.ring.comm.Transport] over the ranks of a ``torch.distributed``
+    ``group`` (addresses are global rank numbers).
 
     Attributes:
         bytes_sent, bytes_received: running totals of this process, for instrumentation.
@@ -74,9 +145,24 @@ class RingComm:
     def __init__(
         self, group: dist.ProcessGroup | None = None, timeout_s: float | None = None
     ) -> None:
+        super().__init__(timeout_s)
         self.group = group
-        self.timeout_s = timeout_s
-        self.pool = get_default_pool()
+        initialised = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if initialised else 0
+        self.world_size = dist.get_world_size(group) if initialised else 1
+
+    def peer(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    def device_for(self, like: object) -> torch.device:
+        # NCCL exchanges device tensors only; gloo takes CPU tensors.
+        if (
+            isinstance(like, torch.Tensor)
+            and like.is_cuda
+            and dist.get_backend(self.group) == "nccl"
+        ):
+            return like.device
+        return torch.device("cpu")
 
     def exchange(
         self,
@@ -129,7 +215,7 @@ class RingComm:
         (the Ulysses exchange keeps shapes symmetric). Received buffers come from the pool
         (see :meth:`release`); the chunk a rank sends itself is copied, not sent.
         """
-        rank = dist.get_rank(self.group)
+        rank = self.rank
         received = [self.pool.acquire(c.shape, c.dtype, c.device) for c in chunks]
         work = dist.all_to_all(
             received, [c.contiguous() for c in chunks], group=self.group, async_op=True
@@ -141,24 +227,20 @@ class RingComm:
         RingComm.bytes_received += sent
         return received
 
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+    def all_gather(self, tensor: torch.Tensor, *, counted: bool = True) -> list[torch.Tensor]:
         """Every group rank's ``tensor`` (same shape everywhere), in group-rank order.
 
-        Counted as ``numel * element_size`` bytes sent to each of the ``P - 1`` peers.
+        Counted (unless ``counted=False``) as ``numel * element_size`` bytes sent to each of the ``P - 1`` peers.
         """
-        world = dist.get_world_size(self.group)
+        world = self.world_size
         gathered = [torch.empty_like(tensor) for _ in range(world)]
         work = dist.all_gather(gathered, tensor.contiguous(), group=self.group, async_op=True)
         assert work is not None
         wait_all([work], self.timeout_s, "an all-gather")
-        nbytes = (world - 1) * tensor.numel() * tensor.element_size()
+        nbytes = (world - 1) * tensor.numel() * tensor.element_size() if counted else 0
         RingComm.bytes_sent += nbytes
         RingComm.bytes_received += nbytes
         return gathered
-
-    def release(self, tensor: torch.Tensor) -> None:
-        """Return a received buffer to the pool."""
-        self.pool.release(tensor)
 
     @classmethod
     def reset_counters(cls) -> None:
@@ -167,8 +249,18 @@ class RingComm:
         cls.bytes_received = 0
 
 
+def make_comm(group: object, timeout_s: float | None) -> Transport:
+    """The transport of ``group``: a ``torch.distributed`` process group (None: the default
+    group, or a world of one without one) or a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]."""
+    from dilated.ring.loopback import LoopbackComm, LoopbackGroup
+
+    if isinstance(group, LoopbackGroup):
+        return LoopbackComm(group, timeout_s)
+    return RingComm(group, timeout_s)  # type: ignore[arg-type]
+
+
 def gather_key_padding_mask(
-    mask: torch.Tensor, load_balance: str, world_size: int, comm: RingComm
+    mask: torch.Tensor, load_balance: str, world_size: int, comm: Transport
 ) -> torch.Tensor:
     """The whole ``(batch, seq)`` key padding mask from every rank's ``(batch, seq / P)`` shard.
 

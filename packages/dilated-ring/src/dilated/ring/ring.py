@@ -1,45 +1,60 @@
-"""Ring dilated attention: forward and backward over ranks that each hold a shard of the sequence.
+"""Ring and all-gather dilated attention: forward and backward over ranks holding sequence shards.
 
-For each branch ``(w, r)`` a rank needs the keys of the segments its queries lie in. A branch
-whose segments fit inside the runs of positions a rank holds is computed locally. For a branch
-whose segments span ranks, the ranks of a segment group form a ring and the *phase rows* of their
-keys and values (positions ``t`` with ``t mod r == p`` for the key/value heads read by the query
-heads of phase ``p``: ``1/r`` of K/V) rotate around it; each rank merges the block results into
-its running output by log-sum-exp (:func:`dilated.core.merge.merge_attention`). The next transfer
-is posted before the current block is computed.
+Branches whose segments lie inside a run of a rank's positions are *local*: they are exactly the
+single-GPU op on the shard ([`dilated.kernels.partial`][dilated.kernels.partial], the fused cuDNN
+path on CUDA). For a branch whose segments span ranks, the ranks of a segment group pass the
+*phase rows* of their keys and values (positions ``t = p (mod r)`` for the key/value heads the
+phase's query heads read: ``1/r`` of K/V) around a ring, or all-gather them; every block received
+is, for each phase, a few dense calls of the shared primitive
+([`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention]) on strided views of
+the shard and of the block ([`dilated.ring.layout`][dilated.ring.layout]), merged into float32
+accumulators ([`merge_into`][dilated.core.merge.merge_into]). The next transfer is posted before
+the current block is computed.
 
-The backward pass is a ring too: the same blocks rotate again, each carrying the gradient of its
-keys and values, which every rank adds to before passing it on; after a full turn the gradient
-arrives back at the block's owner. It uses the final log-sum-exp ``L`` and ``D = rowsum(dO * O)``,
-so no per-block state is stored between the passes.
+The backward pass rotates the same blocks again, each carrying the float32 gradient of its keys
+and values, which every rank adds to before passing it on; after a full turn it is home. Every
+call's gradient is the primitive's backward evaluated with the FINAL output and LSE, so nothing
+is stored between the passes but the output and the LSE.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from dilated.core.merge import merge_attention
-from dilated.core.reference import compute_dtype
-from dilated.ring.comm import RingComm
-from dilated.ring.local import block_attention, block_grads, pair_mask
-from dilated.ring.sharding import chunk_length, positions
+from dilated.core.branches import compute_dtype
+from dilated.core.merge import merge_into
+from dilated.kernels.partial import dilated_attention_backward, dilated_attention_forward
+from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
+from dilated.ring.comm import Transport, make_comm
+from dilated.ring.layout import (
+    PhaseLayout,
+    Piece,
+    branch_members,
+    is_local,
+    pair_calls,
+    phase_layouts,
+)
 
-__all__ = ["RingPlan", "ring_attention_forward", "ring_dilated_attention_function"]
+__all__ = ["RingPlan", "ring_backward", "ring_dilated_attention_function", "ring_forward"]
 
 
 @dataclass(frozen=True)
 class RingPlan:
-    """Everything about one call that is not a tensor (identical on every rank)."""
+    """Everything about one call that is not a tensor (identical on every rank).
+
+    ``group``: the process group (or a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]);
+    ``dropout_seed``: the seed of this call's dropout masks (None without dropout).
+    """
 
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
     scale: float
     is_causal: bool
     load_balance: str
-    group: dist.ProcessGroup | None
+    group: Any
     rank: int
     world_size: int
     seq: int
@@ -47,482 +62,464 @@ class RingPlan:
     kv_heads: int
     strategy: str = "ring"
     timeout_s: float | None = None
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None
 
-    def branch_group(self, w: int) -> list[int]:
-        """Ranks (group-local numbers) whose keys this rank's queries may see in a branch."""
-        if chunk_length(self.seq, self.world_size, self.load_balance) % w == 0:
-            return [self.rank]
-        if self.load_balance == "contiguous" and w < self.seq:
-            size = w // (self.seq // self.world_size)
-            first = (self.rank // size) * size
-            return list(range(first, min(first + size, self.world_size)))
-        return list(range(self.world_size))
+    def local_branches(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(w_i, r_i)`` of the branches computed on the shard alone."""
+        pairs = [
+            (w, r)
+            for w, r in zip(self.segment_lengths, self.dilation_rates)
+            if is_local(self.seq, self.world_size, self.load_balance, w)
+        ]
+        return tuple(w for w, _ in pairs), tuple(r for _, r in pairs)
 
-    def local_rows(self, w: int, r: int) -> int:
-        """Phase rows per segment when the branch is local (segments inside chunks), else 0."""
-        local = chunk_length(self.seq, self.world_size, self.load_balance) % w == 0
-        return w // r if local else 0
+    def spanning_branches(self) -> list[tuple[int, int, int]]:
+        """``(index, w, r)`` of the branches whose segments span ranks."""
+        return [
+            (i, w, r)
+            for i, (w, r) in enumerate(zip(self.segment_lengths, self.dilation_rates))
+            if not is_local(self.seq, self.world_size, self.load_balance, w)
+        ]
 
-    def global_rank(self, rank: int) -> int:
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
-
-
-@dataclass
-class _Phase:
-    """Rows and heads of one phase of one branch on one rank."""
-
-    rows: torch.Tensor  # row indices into the shard
-    pos: torch.Tensor  # their global positions
-    q_heads: torch.Tensor  # query heads of the phase
-    kv_heads: torch.Tensor  # distinct key/value heads they read
-    kv_index: torch.Tensor  # for each query head, its kv head's index in kv_heads
-
-
-def _phases(plan: RingPlan, rank: int, r: int, device: torch.device) -> list[_Phase]:
-    pos = positions(plan.seq, rank, plan.world_size, plan.load_balance, device=device)
-    group = plan.heads // plan.kv_heads
-    out = []
-    for p in range(min(r, plan.heads)):
-        rows = torch.nonzero(pos % r == p).flatten()
-        q_heads = torch.arange(p, plan.heads, r, device=device)
-        kv_of_q = q_heads // group
-        kv_heads = torch.unique(kv_of_q)
-        out.append(
-            _Phase(rows, pos[rows], q_heads, kv_heads, torch.searchsorted(kv_heads, kv_of_q))
+    def layouts(self, rank: int, w: int, r: int) -> tuple[PhaseLayout, ...]:
+        return phase_layouts(
+            self.seq, self.world_size, self.load_balance, rank, w, r, self.heads, self.kv_heads
         )
-    return out
+
+    def seed(self, *call: int) -> int | None:
+        """The dropout seed of one dense call, from its coordinates (same in both passes)."""
+        if self.dropout_seed is None:
+            return None
+        h = self.dropout_seed
+        for x in call:
+            h = (h * 1_000_003 + x + 1) % (1 << 62)
+        return h
 
 
-def _payload_numel(phases: list[_Phase], batch: int, head_dim: int) -> int:
-    return 2 * sum(batch * len(ph.rows) * len(ph.kv_heads) * head_dim for ph in phases)
+def _block_numel(layouts: tuple[PhaseLayout, ...], batch: int, head_dim: int) -> int:
+    return 2 * sum(batch * ph.rows * len(ph.kv_heads) * head_dim for ph in layouts)
 
 
-def _pack(k: torch.Tensor, v: torch.Tensor, phases: list[_Phase]) -> torch.Tensor:
-    """Flat ``(batch, F)`` block of the phase rows of k and v (all phases, k then v)."""
-    parts = [
-        x[:, ph.rows[:, None], ph.kv_heads[None, :]].flatten(1) for x in (k, v) for ph in phases
-    ]
+def _select_heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    if list(heads) == list(range(heads[0], heads[-1] + 1)):
+        return x[:, :, heads[0] : heads[-1] + 1]
+    return x.index_select(2, torch.tensor(heads, device=x.device))
+
+
+def _pack(k: torch.Tensor, v: torch.Tensor, layouts: tuple[PhaseLayout, ...]) -> torch.Tensor:
+    """Flat ``(batch, F)`` block of the phase rows of k and v (every phase's k, then its v)."""
+    parts = []
+    for x in (k, v):
+        for ph in layouts:
+            rows = [x[:, pc.local_slice(0, pc.count)] for pc in ph.pieces]
+            if rows:
+                parts.append(_select_heads(torch.cat(rows, dim=1), ph.kv_heads).flatten(1))
     return torch.cat(parts, dim=1)
 
 
 def _unpack(
-    block: torch.Tensor, phases: list[_Phase], head_dim: int
+    block: torch.Tensor, layouts: tuple[PhaseLayout, ...], head_dim: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Views ``(k_p, v_p)`` ``(batch, rows_p, kv_heads_p, head_dim)`` of a packed block."""
     b = block.shape[0]
-    sizes = [len(ph.rows) * len(ph.kv_heads) * head_dim for ph in phases]
+    sizes = [ph.rows * len(ph.kv_heads) * head_dim for ph in layouts]
     views = torch.split(block, sizes + sizes, dim=1)
     shaped = [
-        t.view(b, len(ph.rows), len(ph.kv_heads), head_dim) for t, ph in zip(views, phases + phases)
+        t.view(b, ph.rows, len(ph.kv_heads), head_dim) for t, ph in zip(views, (*layouts, *layouts))
     ]
-    n = len(phases)
+    n = len(layouts)
     return list(zip(shaped[:n], shaped[n:]))
 
 
-class _Ring:
-    """The rotation of blocks around one branch's group of ranks."""
+def _kv_for_queries(x: torch.Tensor, ph: PhaseLayout) -> torch.Tensor:
+    """Key/value rows as the primitive reads them for the phase's query heads."""
+    if ph.uniform:
+        return x
+    # Query heads of the phase read their kv heads in no regular grouping: one per query head.
+    return x.index_select(2, torch.tensor(ph.kv_index, device=x.device))
 
-    def __init__(self, plan: RingPlan, members: list[int], comm: RingComm) -> None:
-        self.plan = plan
-        self.members = members
-        self.size = len(members)
-        self.index = members.index(plan.rank)
-        self.comm = comm
-        self.next = plan.global_rank(members[(self.index + 1) % self.size])
-        self.prev = plan.global_rank(members[(self.index - 1) % self.size])
+
+def _add_kv_grad(target: torch.Tensor, grad: torch.Tensor, ph: PhaseLayout) -> None:
+    if ph.uniform:
+        target += grad
+    else:
+        index = torch.tensor(ph.kv_index, device=target.device)
+        target.index_add_(2, index, grad.to(target.dtype))
+
+
+@dataclass
+class _Block:
+    """A block in hand: its owner's layouts and views of its packed k/v (and their gradients)."""
+
+    src: int
+    layouts: tuple[PhaseLayout, ...]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _calls(
+    plan: RingPlan, mine: tuple[PhaseLayout, ...], block: _Block, branch: int
+) -> list[tuple[int, PhaseLayout, Piece, Piece, Any, int | None]]:
+    """Every dense call of this rank's queries against a block: ``(phase index, layout, query
+    piece, key piece, call, dropout seed)``, in one fixed order for both passes."""
+    out = []
+    for c, (ph, theirs) in enumerate(zip(mine, block.layouts)):
+        for ia, a in enumerate(ph.pieces):
+            for ib, b in enumerate(theirs.pieces):
+                if a.segment != b.segment:
+                    continue
+                for ic, call in enumerate(pair_calls(a, b, plan.is_causal)):
+                    seed = plan.seed(branch, c, block.src, ia, ib, ic)
+                    out.append((c, ph, a, b, call, seed))
+    return out
+
+
+def _forward_block(
+    plan: RingPlan,
+    q: torch.Tensor,
+    acc: torch.Tensor,
+    acc_lse: torch.Tensor,
+    mine: tuple[PhaseLayout, ...],
+    block: _Block,
+    branch: int,
+    key_mask: torch.Tensor | None,
+) -> None:
+    for c, ph, a, b, call, seed in _calls(plan, mine, block, branch):
+        rows = a.local_slice(call.q_lo, call.q_hi)
+        kp, vp = block.kv[c]
+        keys = slice(b.packed + call.k_lo, b.packed + call.k_hi)
+        mask = None if key_mask is None else key_mask[:, b.pos_slice(call.k_lo, call.k_hi)]
+        out, lse = subproblem_attention(
+            q[:, rows, ph.heads],
+            _kv_for_queries(kp[:, keys], ph),
+            _kv_for_queries(vp[:, keys], ph),
+            scale=plan.scale,
+            is_causal=call.causal,
+            key_mask=mask,
+            dropout_p=plan.dropout_p,
+            dropout_seed=seed,
+        )
+        merge_into(acc[:, rows, ph.heads], acc_lse[:, ph.heads, rows], out, lse)
+
+
+def _backward_block(
+    plan: RingPlan,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    dq: torch.Tensor,
+    mine: tuple[PhaseLayout, ...],
+    block: _Block,
+    grads: list[tuple[torch.Tensor, torch.Tensor]],
+    branch: int,
+    key_mask: torch.Tensor | None,
+) -> None:
+    q, out, lse, d_out = tensors
+    for c, ph, a, b, call, seed in _calls(plan, mine, block, branch):
+        rows = a.local_slice(call.q_lo, call.q_hi)
+        kp, vp = block.kv[c]
+        dkp, dvp = grads[c]
+        keys = slice(b.packed + call.k_lo, b.packed + call.k_hi)
+        mask = None if key_mask is None else key_mask[:, b.pos_slice(call.k_lo, call.k_hi)]
+        gq, gk, gv = subproblem_attention_backward(
+            d_out[:, rows, ph.heads],
+            q[:, rows, ph.heads],
+            _kv_for_queries(kp[:, keys], ph),
+            _kv_for_queries(vp[:, keys], ph),
+            out[:, rows, ph.heads],
+            lse[:, ph.heads, rows],
+            scale=plan.scale,
+            is_causal=call.causal,
+            key_mask=mask,
+            dropout_p=plan.dropout_p,
+            dropout_seed=seed,
+        )
+        dq[:, rows, ph.heads] += gq
+        _add_kv_grad(dkp[:, keys], gk, ph)
+        _add_kv_grad(dvp[:, keys], gv, ph)
+
+
+class _Ring:
+    """The members of one branch's segment group around this rank."""
+
+    def __init__(self, plan: RingPlan, w: int, comm: Transport) -> None:
+        self.members = branch_members(plan.seq, plan.world_size, plan.load_balance, w, plan.rank)
+        self.size = len(self.members)
+        index = self.members.index(plan.rank)
+        self.index = index
+        self.next = comm.peer(self.members[(index + 1) % self.size])
+        self.prev = comm.peer(self.members[(index - 1) % self.size])
 
     def source(self, step: int) -> int:
         """Group-local rank whose block this rank holds at ``step``."""
         return self.members[(self.index - step) % self.size]
 
 
-def _fold(x: torch.Tensor, length: int) -> torch.Tensor:
-    """``(b, n, h, d)`` rows of whole segments -> ``(b * n / length, length, h, d)``."""
-    return x.reshape(-1, length, *x.shape[2:])
-
-
-def _fold_lse(x: torch.Tensor, length: int) -> torch.Tensor:
-    """``(b, h, n)`` -> ``(b * n / length, h, length)``, matching :func:`_fold`."""
-    b, h, n = x.shape
-    return x.reshape(b, h, n // length, length).permute(0, 2, 1, 3).reshape(-1, h, length)
-
-
-def _unfold_lse(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Inverse of :func:`_fold_lse`."""
-    _, h, length = x.shape
-    return x.reshape(batch, -1, h, length).permute(0, 2, 1, 3).reshape(batch, h, -1)
-
-
-def _with_keys(
-    mask: torch.Tensor, key_mask: torch.Tensor | None, theirs: _Phase, fold: int = 0
-) -> torch.Tensor:
-    """``mask`` ``(nq, nk)`` and the key padding of the block's keys: ``(batch', 1, nq, nk)``.
-
-    ``key_mask`` is the whole ``(batch, seq)`` mask, indexed by the keys' global positions;
-    with ``fold`` the batch is folded into segments like the keys (:func:`_fold`).
-    """
-    if key_mask is None:
-        return mask
-    keys = key_mask[:, theirs.pos]
-    if fold:
-        keys = _fold(keys, fold)
-    return mask & keys[:, None, None, :]
-
-
-def _forward_block(
-    plan: RingPlan,
-    q: torch.Tensor,
-    block: torch.Tensor,
-    mine: list[_Phase],
-    theirs: list[_Phase],
-    w: int,
-    outs: list[torch.Tensor | None],
-    lses: list[torch.Tensor | None],
-    fold: int = 0,
-    key_mask: torch.Tensor | None = None,
-) -> None:
-    """Merge the attention of this rank's phase rows over one packed block into ``outs/lses``.
-
-    ``key_mask``: the whole ``(batch, seq)`` key padding mask (True = real token) or None.
-    """
-    d = q.shape[-1]
-    for i, (ph, (kp, vp), th) in enumerate(zip(mine, _unpack(block, theirs, d), theirs)):
-        if len(ph.rows) == 0 or len(th.rows) == 0:
-            continue
-        qp = q[:, ph.rows[:, None], ph.q_heads[None, :]]
-        kq = kp.index_select(2, ph.kv_index).to(q.dtype)
-        vq = vp.index_select(2, ph.kv_index).to(q.dtype)
-        if fold:
-            # A local branch: its segments are independent problems of `fold` rows each,
-            # batched instead of masked out of one shard-wide score matrix.
-            mask = _with_keys(
-                pair_mask(ph.pos[:fold], ph.pos[:fold], w, plan.is_causal), key_mask, th, fold
-            )
-            o, lse = block_attention(
-                _fold(qp, fold), _fold(kq, fold), _fold(vq, fold), mask, plan.scale
-            )
-            o, lse = o.reshape(qp.shape), _unfold_lse(lse, qp.shape[0])
-        else:
-            mask = _with_keys(pair_mask(ph.pos, th.pos, w, plan.is_causal), key_mask, th)
-            if not bool(mask.any()):
-                continue  # e.g. a block wholly in the causal future
-            o, lse = block_attention(qp, kq, vq, mask, plan.scale)
-        prev_o, prev_l = outs[i], lses[i]
-        if prev_o is None or prev_l is None:
-            outs[i], lses[i] = o, lse
-        else:
-            outs[i], lses[i] = merge_attention([prev_o, o], [prev_l, lse])
-
-
-def _backward_block(
-    plan: RingPlan,
-    q: torch.Tensor,
-    lse: torch.Tensor,
-    d_out: torch.Tensor,
-    delta: torch.Tensor,
-    dq: torch.Tensor,
-    block: torch.Tensor,
-    d_block: torch.Tensor,
-    mine: list[_Phase],
-    theirs: list[_Phase],
-    w: int,
-    fold: int = 0,
-    key_mask: torch.Tensor | None = None,
-) -> None:
-    """Add one block's gradients: into ``dq`` for this rank's rows, into ``d_block`` for its keys."""
-    d = q.shape[-1]
-    kv_views = _unpack(block, theirs, d)
-    d_views = _unpack(d_block, theirs, d)
-    for ph, (kp, vp), (dkp, dvp), th in zip(mine, kv_views, d_views, theirs):
-        if len(ph.rows) == 0 or len(th.rows) == 0:
-            continue
-        sel = (slice(None), ph.rows[:, None], ph.q_heads[None, :])
-        lsel = (slice(None), ph.q_heads[:, None], ph.rows[None, :])
-        qp = q[sel]
-        kq = kp.index_select(2, ph.kv_index).to(q.dtype)
-        vq = vp.index_select(2, ph.kv_index).to(q.dtype)
-        if fold:
-            mask = _with_keys(
-                pair_mask(ph.pos[:fold], ph.pos[:fold], w, plan.is_causal), key_mask, th, fold
-            )
-            gq, gk, gv = block_grads(
-                _fold(qp, fold),
-                _fold(kq, fold),
-                _fold(vq, fold),
-                mask,
-                plan.scale,
-                _fold_lse(lse[lsel], fold),
-                _fold(d_out[sel], fold),
-                _fold_lse(delta[lsel], fold),
-            )
-            gq, gk, gv = gq.reshape(qp.shape), gk.reshape(kq.shape), gv.reshape(vq.shape)
-        else:
-            mask = _with_keys(pair_mask(ph.pos, th.pos, w, plan.is_causal), key_mask, th)
-            if not bool(mask.any()):
-                continue
-            gq, gk, gv = block_grads(
-                qp, kq, vq, mask, plan.scale, lse[lsel], d_out[sel], delta[lsel]
-            )
-        dq[sel] += gq
-        # Query heads that share a kv head (grouped-query attention) add into it.
-        dkp.index_add_(2, ph.kv_index, gk)
-        dvp.index_add_(2, ph.kv_index, gv)
-
-
-def _gather_blocks(
-    plan: RingPlan, ring: _Ring, block: torch.Tensor, r: int, head_dim: int
+def _gather(
+    plan: RingPlan, comm: Transport, ring: _Ring, block: torch.Tensor, w: int, r: int, d: int
 ) -> list[tuple[int, torch.Tensor]]:
-    """All-gather strategy: every group member's packed block, this rank's own first."""
-    b, device = block.shape[0], block.device
+    """All-gather strategy: every member's packed block, this rank's own first."""
     peers = [m for m in ring.members if m != plan.rank]
     recvs = [
-        (
-            (b, _payload_numel(_phases(plan, m, r, device), 1, head_dim)),
-            block.dtype,
-            plan.global_rank(m),
-        )
+        ((block.shape[0], _block_numel(plan.layouts(m, w, r), 1, d)), block.dtype, comm.peer(m))
         for m in peers
     ]
-    received = ring.comm.exchange_many([(block, plan.global_rank(m)) for m in peers], recvs)
+    received = comm.exchange_many([(block, comm.peer(m)) for m in peers], recvs)
     return [(plan.rank, block), *zip(peers, received)]
 
 
-def _forward_branch(
+def _span_forward(
     plan: RingPlan,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    acc: torch.Tensor,
+    acc_lse: torch.Tensor,
+    branch: int,
     w: int,
     r: int,
-    comm: RingComm,
-    key_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    b, d = q.shape[0], q.shape[-1]
-    device = q.device
-    mine = _phases(plan, plan.rank, r, device)
-    ring = _Ring(plan, plan.branch_group(w), comm)
-    outs: list[torch.Tensor | None] = [None] * len(mine)
-    lses: list[torch.Tensor | None] = [None] * len(mine)
-    block = _pack(k, v, mine)
-    if plan.strategy == "allgather":
-        gathered = _gather_blocks(plan, ring, block, r, d)
-        for src, blk in gathered:
-            theirs = mine if src == plan.rank else _phases(plan, src, r, device)
-            _forward_block(
-                plan, q, blk, mine, theirs, w, outs, lses, plan.local_rows(w, r), key_mask
-            )
-        for _, blk in gathered[1:]:
-            comm.release(blk)
-        return _scatter_phases(q, mine, outs, lses)
-    owned = True  # the block in hand is this rank's own (not a pool buffer)
-    for step in range(ring.size):
-        src = ring.source(step)
-        theirs = mine if src == plan.rank else _phases(plan, src, r, device)
-        pending = None
-        if step + 1 < ring.size:
-            nxt = _phases(plan, ring.source(step + 1), r, device)
-            pending = comm.exchange(block, ring.next, ring.prev, (b, _payload_numel(nxt, 1, d)))
-        _forward_block(plan, q, block, mine, theirs, w, outs, lses, plan.local_rows(w, r), key_mask)
-        if pending is not None:
-            received = pending.wait()
-            assert received is not None
-            if not owned:
-                comm.release(block)
-            block, owned = received, False
-    if not owned:
-        comm.release(block)
-    return _scatter_phases(q, mine, outs, lses)
-
-
-def _scatter_phases(
-    q: torch.Tensor,
-    mine: list[_Phase],
-    outs: list[torch.Tensor | None],
-    lses: list[torch.Tensor | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full ``(b, s, h, d)`` output and ``(b, h, s)`` lse of one branch from its phases."""
-    b, s, hq, _ = q.shape
-    out = torch.zeros_like(q)
-    lse_full = torch.full((b, hq, s), float("-inf"), dtype=q.dtype, device=q.device)
-    for ph, o_p, l_p in zip(mine, outs, lses):
-        if o_p is None or l_p is None:
-            continue
-        out[:, ph.rows[:, None], ph.q_heads[None, :]] = o_p
-        lse_full[:, ph.q_heads[:, None], ph.rows[None, :]] = l_p
-    return out, lse_full
-
-
-def _backward_branch(
-    plan: RingPlan,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lse: torch.Tensor,
-    d_out: torch.Tensor,
-    delta: torch.Tensor,
-    w: int,
-    r: int,
-    comm: RingComm,
-    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    key_mask: torch.Tensor | None = None,
+    comm: Transport,
+    key_mask: torch.Tensor | None,
 ) -> None:
-    dq, dk, dv = grads
-    b, d = q.shape[0], q.shape[-1]
-    device = q.device
-    mine = _phases(plan, plan.rank, r, device)
-    ring = _Ring(plan, plan.branch_group(w), comm)
-    block = _pack(k, v, mine)
-    # Blocks travel in the input dtype; their gradients accumulate in the compute dtype.
-    d_block = torch.zeros(block.shape, dtype=q.dtype, device=q.device)
+    d = q.shape[-1]
+    mine = plan.layouts(plan.rank, w, r)
+    ring = _Ring(plan, w, comm)
+    own = _pack(k, v, mine)
+
+    def compute(src: int, flat: torch.Tensor) -> None:
+        layouts = plan.layouts(src, w, r)
+        block = _Block(src, layouts, _unpack(flat, layouts, d))
+        _forward_block(plan, q, acc, acc_lse, mine, block, branch, key_mask)
+
     if plan.strategy == "allgather":
-        gathered = _gather_blocks(plan, ring, block, r, d)
-        d_blocks = [torch.zeros(blk.shape, dtype=q.dtype, device=q.device) for _, blk in gathered]
-        for (src, blk), d_blk in zip(gathered, d_blocks):
-            theirs = mine if src == plan.rank else _phases(plan, src, r, device)
-            _backward_block(
-                plan,
-                q,
-                lse,
-                d_out,
-                delta,
-                dq,
-                blk,
-                d_blk,
-                mine,
-                theirs,
-                w,
-                plan.local_rows(w, r),
-                key_mask,
-            )
-        # Reduce-scatter: each peer's key gradients go back to it; ours come from every peer.
-        peers = [plan.global_rank(src) for src, _ in gathered[1:]]
-        returned = comm.exchange_many(
-            list(zip(d_blocks[1:], peers)), [(block.shape, q.dtype, p) for p in peers]
-        )
-        d_own = d_blocks[0]
-        for t in returned:
-            d_own += t
-            comm.release(t)
-        for _, blk in gathered[1:]:
-            comm.release(blk)
-        _add_home(d_own, mine, dk, dv)
+        gathered = _gather(plan, comm, ring, own, w, r, d)
+        for src, flat in gathered:
+            compute(src, flat)
+        for _, flat in gathered[1:]:
+            comm.release(flat)
         return
-    owned = d_owned = True
+    flat = own
     for step in range(ring.size):
-        src = ring.source(step)
-        theirs = mine if src == plan.rank else _phases(plan, src, r, device)
         pending = None
         if step + 1 < ring.size:
-            nxt = _phases(plan, ring.source(step + 1), r, device)
-            pending = comm.exchange(block, ring.next, ring.prev, (b, _payload_numel(nxt, 1, d)))
-        _backward_block(
-            plan,
-            q,
-            lse,
-            d_out,
-            delta,
-            dq,
-            block,
-            d_block,
-            mine,
-            theirs,
-            w,
-            plan.local_rows(w, r),
-            key_mask,
-        )
-        # The gradient of the block moves on with it (after a full turn it is home).
-        if ring.size > 1:
-            home = _phases(plan, ring.source(step + 1), r, device)
-            d_pending = comm.exchange(
-                d_block, ring.next, ring.prev, (b, _payload_numel(home, 1, d))
+            nxt = plan.layouts(ring.source(step + 1), w, r)
+            pending = comm.exchange(
+                flat, ring.next, ring.prev, (q.shape[0], _block_numel(nxt, 1, d))
             )
-            d_received = d_pending.wait()
-            assert d_received is not None
-            if not d_owned:
-                comm.release(d_block)
-            d_block, d_owned = d_received, False
+        compute(ring.source(step), flat)
         if pending is not None:
             received = pending.wait()
-            assert received is not None
-            if not owned:
-                comm.release(block)
-            block, owned = received, False
-    if not owned:
-        comm.release(block)
-    _add_home(d_block, mine, dk, dv)
-    if not d_owned:
-        comm.release(d_block)
+            if flat is not own:
+                comm.release(flat)
+            flat = received
+    if flat is not own:
+        comm.release(flat)
 
 
 def _add_home(
-    d_block: torch.Tensor, mine: list[_Phase], dk: torch.Tensor, dv: torch.Tensor
+    d_flat: torch.Tensor, mine: tuple[PhaseLayout, ...], dk: torch.Tensor, dv: torch.Tensor
 ) -> None:
-    """Add this rank's packed key/value gradients into ``dk``/``dv`` ``(b, s, h_kv, d)``."""
-    for ph, (dkp, dvp) in zip(mine, _unpack(d_block, mine, dk.shape[-1])):
-        dk[:, ph.rows[:, None], ph.kv_heads[None, :]] += dkp
-        dv[:, ph.rows[:, None], ph.kv_heads[None, :]] += dvp
+    """Add this rank's packed key/value gradients into ``dk``/``dv`` ``(b, s, kv_heads, d)``."""
+    for ph, grads in zip(mine, _unpack(d_flat, mine, dk.shape[-1])):
+        heads = torch.tensor(ph.kv_heads, device=dk.device)
+        for target, grad in zip((dk, dv), grads):
+            for pc in ph.pieces:
+                part = grad[:, pc.packed : pc.packed + pc.count].to(target.dtype)
+                target[:, pc.local_slice(0, pc.count)].index_add_(2, heads, part)
 
 
-def ring_attention_forward(
+def _span_backward(
+    plan: RingPlan,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    branch: int,
+    w: int,
+    r: int,
+    comm: Transport,
+    key_mask: torch.Tensor | None,
+) -> None:
+    q = tensors[0]
+    dq, dk, dv = grads
+    d = q.shape[-1]
+    mine = plan.layouts(plan.rank, w, r)
+    ring = _Ring(plan, w, comm)
+    own = _pack(k, v, mine)
+    # Key/value gradients travel and accumulate in float32 (float64 for float64 inputs).
+    work = dq.dtype
+
+    def compute(src: int, flat: torch.Tensor, d_flat: torch.Tensor) -> None:
+        layouts = plan.layouts(src, w, r)
+        block = _Block(src, layouts, _unpack(flat, layouts, d))
+        _backward_block(
+            plan, tensors, dq, mine, block, _unpack(d_flat, layouts, d), branch, key_mask
+        )
+
+    if plan.strategy == "allgather":
+        gathered = _gather(plan, comm, ring, own, w, r, d)
+        d_flats = [torch.zeros(f.shape, dtype=work, device=q.device) for _, f in gathered]
+        for (src, flat), d_flat in zip(gathered, d_flats):
+            compute(src, flat, d_flat)
+        # Reduce-scatter: each peer's key gradients go back to it; ours come from every peer.
+        peers = [comm.peer(src) for src, _ in gathered[1:]]
+        returned = comm.exchange_many(
+            list(zip(d_flats[1:], peers)), [(own.shape, work, p) for p in peers]
+        )
+        for t in returned:
+            d_flats[0] += t
+            comm.release(t)
+        for _, flat in gathered[1:]:
+            comm.release(flat)
+        _add_home(d_flats[0], mine, dk, dv)
+        return
+    flat = own
+    d_flat = torch.zeros(own.shape, dtype=work, device=q.device)
+    d_owned = True
+    for step in range(ring.size):
+        src = ring.source(step)
+        pending = None
+        if step + 1 < ring.size:
+            nxt = plan.layouts(ring.source(step + 1), w, r)
+            pending = comm.exchange(
+                flat, ring.next, ring.prev, (q.shape[0], _block_numel(nxt, 1, d))
+            )
+        compute(src, flat, d_flat)
+        # The gradient of the block moves on with it (after a full turn it is home).
+        if ring.size > 1:
+            home = plan.layouts(ring.source(step + 1), w, r)
+            received_d = comm.exchange(
+                d_flat, ring.next, ring.prev, (q.shape[0], _block_numel(home, 1, d))
+            ).wait()
+            if not d_owned:
+                comm.release(d_flat)
+            d_flat, d_owned = received_d, False
+        if pending is not None:
+            received = pending.wait()
+            if flat is not own:
+                comm.release(flat)
+            flat = received
+    if flat is not own:
+        comm.release(flat)
+    _add_home(d_flat, mine, dk, dv)
+    if not d_owned:
+        comm.release(d_flat)
+
+
+def ring_forward(
     plan: RingPlan,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    comm: RingComm,
+    comm: Transport,
     key_mask: torch.Tensor | None = None,
+    key_mask_shard: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output and lse (compute dtype) of this rank's queries over all branches, no autograd.
+    """``(out, lse)`` of this rank's queries over every branch, outside autograd.
 
-    ``key_mask``: the whole-sequence ``(batch, seq)`` key padding mask (True = real) or None.
+    Args:
+        plan: the call.
+        q, k, v: this rank's shards ``(batch, seq / P, heads | kv_heads, head_dim)``.
+        comm: the transport of ``plan.group``.
+        key_mask: the whole-sequence ``(batch, seq)`` key padding mask (True = real) or None.
+        key_mask_shard: this rank's ``(batch, seq / P)`` rows of it.
+
+    Returns:
+        ``out`` ``(batch, seq / P, heads, head_dim)`` in q's dtype and ``lse``
+        ``(batch, heads, seq / P)`` float32 (float64 for float64 inputs).
     """
-    outs, lses = [], []
-    for w, r in zip(plan.segment_lengths, plan.dilation_rates):
-        o, lse = _forward_branch(plan, q, k, v, w, r, comm, key_mask)
-        outs.append(o)
-        lses.append(lse)
-    return merge_attention(outs, lses)
+    local_ws, local_rs = plan.local_branches()
+    spanning = plan.spanning_branches()
+    options = {
+        "scale": plan.scale,
+        "is_causal": plan.is_causal,
+        "key_padding_mask": key_mask_shard,
+        "dropout_p": plan.dropout_p,
+        "dropout_seed": plan.seed(-1),
+    }
+    local = None
+    if local_ws:
+        local = dilated_attention_forward(q, k, v, local_ws, local_rs, **options)  # type: ignore[arg-type]
+        if not spanning:
+            return local
+    work = compute_dtype(q.dtype)
+    b, s, h, d = q.shape
+    acc = torch.zeros(b, s, h, d, dtype=work, device=q.device)
+    acc_lse = torch.full((b, h, s), float("-inf"), dtype=work, device=q.device)
+    if local is not None:
+        acc.copy_(local[0])
+        acc_lse.copy_(local[1])
+    for branch, w, r in spanning:
+        _span_forward(plan, q, k, v, acc, acc_lse, branch, w, r, comm, key_mask)
+    return acc.to(q.dtype), acc_lse
+
+
+def ring_backward(
+    plan: RingPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    comm: Transport,
+    key_mask: torch.Tensor | None = None,
+    key_mask_shard: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of this rank's shards given the final ``out``/``lse`` of
+    [`ring_forward`][dilated.ring.ring.ring_forward] (outside autograd; every rank calls it).
+
+    Returns gradients in the dtypes of ``q``, ``k``, ``v``.
+    """
+    local_ws, local_rs = plan.local_branches()
+    spanning = plan.spanning_branches()
+    d_out = d_out.to(q.dtype)
+    local = None
+    if local_ws:
+        local = dilated_attention_backward(
+            d_out, q, k, v, out, lse, local_ws, local_rs, scale=plan.scale,
+            is_causal=plan.is_causal, key_padding_mask=key_mask_shard,
+            dropout_p=plan.dropout_p, dropout_seed=plan.seed(-1),
+        )  # fmt: skip
+        if not spanning:
+            return local[0].to(q.dtype), local[1].to(k.dtype), local[2].to(v.dtype)
+    work = compute_dtype(q.dtype)
+    grads = tuple(torch.zeros(x.shape, dtype=work, device=q.device) for x in (q, k, v))
+    if local is not None:
+        for total, part in zip(grads, local):
+            total += part
+    for branch, w, r in spanning:
+        _span_backward(plan, (q, out, lse, d_out), k, v, grads, branch, w, r, comm, key_mask)  # type: ignore[arg-type]
+    dq, dk, dv = grads
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingDilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         plan: RingPlan,
         key_mask: torch.Tensor | None,
+        key_mask_shard: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = compute_dtype(q.dtype)
-        qc = q.to(dtype)
-        comm = RingComm(plan.group, plan.timeout_s)
-        out, lse = ring_attention_forward(plan, qc, k, v, comm, key_mask)
+        comm = make_comm(plan.group, plan.timeout_s)
+        out, lse = ring_forward(plan, q, k, v, comm, key_mask, key_mask_shard)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan  # type: ignore[attr-defined]
-        ctx.key_mask = key_mask  # type: ignore[attr-defined]
+        ctx.plan = plan
+        ctx.masks = (key_mask, key_mask_shard)
         ctx.mark_non_differentiable(lse)
-        return out.to(q.dtype), lse
+        return out, lse
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor, _d_lse: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
-        q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        key_mask: torch.Tensor | None = ctx.key_mask  # type: ignore[attr-defined]
-        plan: RingPlan = ctx.plan  # type: ignore[attr-defined]
-        dtype = out.dtype
-        qc, doc = q.to(dtype), d_out.to(dtype)
-        delta = (doc * out).sum(-1).transpose(1, 2)  # (b, h, s)
-        grads = (
-            torch.zeros_like(qc),
-            torch.zeros(k.shape, dtype=dtype, device=k.device),
-            torch.zeros(v.shape, dtype=dtype, device=v.device),
-        )
-        comm = RingComm(plan.group, plan.timeout_s)
-        for w, r in zip(plan.segment_lengths, plan.dilation_rates):
-            _backward_branch(plan, qc, k, v, lse, doc, delta, w, r, comm, grads, key_mask)
-        dq, dk, dv = grads
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        ctx: Any, d_out: torch.Tensor, _d_lse: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        plan: RingPlan = ctx.plan
+        comm = make_comm(plan.group, plan.timeout_s)
+        grads = ring_backward(plan, q, k, v, out, lse, d_out, comm, *ctx.masks)
+        return (*grads, None, None, None)
 
 
 def ring_dilated_attention_function(
@@ -531,10 +528,12 @@ def ring_dilated_attention_function(
     v: torch.Tensor,
     plan: RingPlan,
     key_mask: torch.Tensor | None = None,
+    key_mask_shard: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable ring attention of validated shards: ``(out, lse)`` (lse not differentiable).
 
-    ``key_mask``: the whole-sequence ``(batch, seq)`` key padding mask (True = real) or None.
+    ``key_mask``: the whole-sequence ``(batch, seq)`` key padding mask (True = real) or None;
+    ``key_mask_shard``: this rank's rows of it.
     """
-    out, lse = _RingDilatedAttention.apply(q, k, v, plan, key_mask)
+    out, lse = _RingDilatedAttention.apply(q, k, v, plan, key_mask, key_mask_shard)
     return out, lse

@@ -25,7 +25,7 @@ import torch
 
 from dilated.core.merge import merge_attention
 from dilated.core.reference import compute_dtype, dilated_attention_reference
-from dilated.ring.comm import RingComm, gather_key_padding_mask
+from dilated.ring.comm import Transport, gather_key_padding_mask
 from dilated.ring.sharding import positions
 
 __all__ = ["check_ulysses_heads", "global_phase_attention", "ulysses_attention", "ulysses_kv_heads"]
@@ -55,7 +55,7 @@ class _AllToAll(torch.autograd.Function):
         x: torch.Tensor,
         scatter_dim: int,
         gather_dim: int,
-        comm: RingComm,
+        comm: Transport,
     ) -> torch.Tensor:
         ctx.dims = (scatter_dim, gather_dim)  # type: ignore[attr-defined]
         ctx.comm = comm  # type: ignore[attr-defined]
@@ -69,8 +69,8 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(grad, gather_dim, scatter_dim, ctx.comm), None, None, None  # type: ignore[attr-defined]
 
 
-def _exchange(x: torch.Tensor, scatter_dim: int, gather_dim: int, comm: RingComm) -> torch.Tensor:
-    world = torch.distributed.get_world_size(comm.group)
+def _exchange(x: torch.Tensor, scatter_dim: int, gather_dim: int, comm: Transport) -> torch.Tensor:
+    world = comm.world_size
     chunks = list(torch.chunk(x, world, dim=scatter_dim))
     received = comm.all_to_all(chunks)
     out = torch.cat(received, dim=gather_dim)
@@ -190,7 +190,7 @@ def ulysses_attention(
     load_balance: str,
     rank: int,
     world_size: int,
-    comm: RingComm,
+    comm: Transport,
     return_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This rank's rows of dilated attention of the sharded sequence, by two all-to-alls.

@@ -8,82 +8,115 @@ failed or the ranks disagree on shapes, dtypes or options.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 
-from dilated.ring.comm import wait_all
+from dilated.ring.comm import make_comm
 
-__all__ = ["agree_across_ranks", "check_branch_layout"]
+__all__ = ["agree_across_ranks", "check_branch_layout", "check_timeout"]
 
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-_FIELDS = ("error", "batch", "shard_len", "heads", "kv_heads", "head_dim", "dtype", "options")
+_SHAPES = ("batch", "shard_len", "heads", "kv_heads", "head_dim", "dtype")
 
 
-def _metadata(q: torch.Tensor, k: torch.Tensor, options: int, failed: bool) -> torch.Tensor:
+def check_timeout(timeout_s: object) -> float | None:
+    """``timeout_s`` as seconds: None, or a finite positive number (``ValueError`` otherwise)."""
+    if timeout_s is None:
+        return None
+    if (
+        not isinstance(timeout_s, (int, float))
+        or isinstance(timeout_s, bool)
+        or not math.isfinite(timeout_s)
+        or timeout_s <= 0
+    ):
+        raise ValueError(
+            f"timeout_s must be None or a finite positive number of seconds, got {timeout_s!r}"
+        )
+    return float(timeout_s)
+
+
+def _shape_fields(q: object, k: object) -> list[int]:
+    # Bad inputs still give a row of numbers: the exchange must happen whatever a rank holds.
+    if not (isinstance(q, torch.Tensor) and q.dim() == 4):
+        return [-1] * len(_SHAPES)
+    hkv = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else -1
     dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-    b, s, h, d = (*q.shape, 0, 0, 0, 0)[:4] if q.dim() <= 4 else (0, 0, 0, 0)
-    hkv = k.shape[2] if k.dim() == 4 else 0
-    return torch.tensor([int(failed), b, s, h, hkv, d, dtype, options], dtype=torch.int64)
+    return [q.shape[0], q.shape[1], q.shape[2], hkv, q.shape[3], dtype]
+
+
+def _fingerprint(value: object) -> int:
+    return zlib.crc32(repr(value).encode())
 
 
 def agree_across_ranks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    options: int,
+    q: object,
+    k: object,
+    options: Mapping[str, object],
     local_checks: Callable[[], None],
-    group: dist.ProcessGroup | None,
+    group: object,
     *,
     timeout_s: float | None = None,
 ) -> None:
     """Run ``local_checks`` here and make every rank raise if any rank's checks fail or disagree.
 
     Args:
-        q, k: this rank's shards (only their shapes and dtypes are exchanged).
-        options: an integer fingerprint of the call options (branches, causal, sharding) that
-            must be identical on every rank.
+        q, k: this rank's shards (only their shapes and dtypes are exchanged; anything else is
+            exchanged as "no shape", so a rank with a bad argument still joins).
+        options: the call's options by name; every rank must pass equal values, and a
+            mismatch names the option.
         local_checks: raises ``ValueError``/``TypeError`` for a bad local input.
-        group: process group (None: default).
-        timeout_s: raise :class:`TimeoutError` when a peer has not joined the exchange within
-            this many seconds (None: the process group's timeout).
+        group: process group (None: default) or a
+            [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup].
+        timeout_s: raise [`TimeoutError`][TimeoutError] when a peer has not joined the exchange
+            within this many seconds (None: the process group's timeout).
     """
     error: Exception | None = None
     try:
         local_checks()
     except (ValueError, TypeError) as exc:
         error = exc
-    world = dist.get_world_size(group)
-    if world == 1:
+    comm = make_comm(group, timeout_s)
+    if comm.world_size == 1:
         if error is not None:
             raise error
         return
-    mine = _metadata(q, k, options, error is not None)
-    # gloo and NCCL both gather a tensor on the inputs' device; the metadata is tiny.
-    device = q.device if q.device.type != "cpu" and dist.get_backend(group) == "nccl" else "cpu"
-    gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
-    work = dist.all_gather(gathered, mine.to(device), group=group, async_op=True)
-    assert work is not None
-    wait_all([work], timeout_s, f"the cross-rank input check (rank {dist.get_rank(group)})")
+    names = list(options)
+    mine = torch.tensor(
+        [int(error is not None), *_shape_fields(q, k), *(_fingerprint(options[n]) for n in names)],
+        dtype=torch.int64,
+    )
+    try:
+        gathered = comm.all_gather(mine.to(comm.device_for(q)), counted=False)
+    except TimeoutError as exc:
+        raise TimeoutError(f"the cross-rank input check (rank {comm.rank}): {exc}") from exc
     rows = torch.stack([g.cpu() for g in gathered])
-    rank = dist.get_rank(group)
     if error is not None:
-        raise ValueError(f"rank {rank}: {error}") from error
-    bad = [i for i in range(world) if rows[i, 0] != 0]
+        raise type(error)(f"rank {comm.rank}: {error}") from error
+    bad = [i for i in range(comm.world_size) if rows[i, 0] != 0]
     if bad:
         raise ValueError(f"invalid input on rank(s) {bad}; see the error raised on those ranks")
-    for col, name in enumerate(_FIELDS[1:], start=1):
+    for col, name in enumerate([*_SHAPES, *names], start=1):
         values = rows[:, col].tolist()
         if len(set(values)) > 1:
-            shown = [_DTYPES[x] if name == "dtype" else x for x in values]
+            if col <= len(_SHAPES):
+                shown = [_DTYPES[x] if name == "dtype" and x >= 0 else x for x in values]
+                raise ValueError(
+                    f"every rank must pass shards of one {name}, got {shown} on ranks "
+                    f"0..{comm.world_size - 1}"
+                )
+            differ = [i for i, x in enumerate(values) if x != values[comm.rank]]
             raise ValueError(
-                f"every rank must pass shards of one {name}, got {shown} on ranks 0..{world - 1}"
+                f"option {name!r} differs between ranks: this rank (rank {comm.rank}) has "
+                f"{options[name]!r}, rank(s) {differ} another value; every rank must pass the "
+                "same options"
             )
 
 
 def check_branch_layout(
     segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
     shard_len: int,
     world_size: int,
     chunk_len: int,

@@ -1,0 +1,215 @@
+"""Every rank of a ring in one process: an in-memory transport between threads.
+
+``LoopbackHub(P)`` stands for a group of ``P`` ranks; ``hub.group(i)`` is the ``group`` argument
+rank ``i`` passes to [`ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention] or
+a module, from its own thread. Blocks are handed over in memory (copied, as a real transfer
+copies them into the peer's buffer) and counted per rank, so the strategies run unchanged with
+their real per-rank compute and their real bytes. Uses: testing many ranks without process
+start-up, and `benchmarks/ring.py --simulate P`, which runs the ranks of a ring on one GPU.
+
+Every rank must run in its own thread (a send waits for nothing, a receive waits for its peer);
+[`run_ranks`][dilated.ring.loopback.run_ranks] does that and re-raises the first failure.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from dilated.ring.comm import PendingTransfer, Transport
+
+__all__ = ["LoopbackComm", "LoopbackGroup", "LoopbackHub", "run_ranks"]
+
+T = TypeVar("T")
+
+
+class _Channel:
+    """Messages from one rank to another, numbered in sending order.
+
+    A receive takes its number when it is posted, not when it is waited on, so two receives
+    posted in one order and waited on in the other still get the messages in posting order
+    (as ``torch.distributed`` matches them).
+    """
+
+    def __init__(self) -> None:
+        self.messages: dict[int, torch.Tensor] = {}
+        self.sent = 0
+        self.posted = 0
+        self.arrived = threading.Condition()
+
+
+class LoopbackHub:
+    """The channels of a group of ``world_size`` in-process ranks, one per ordered pair.
+
+    Attributes:
+        bytes_sent: bytes each rank has sent (index = rank), for instrumentation.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        self.world_size = world_size
+        self._channels = {(a, b): _Channel() for a in range(world_size) for b in range(world_size)}
+        self.bytes_sent = [0] * world_size
+
+    def group(self, rank: int) -> LoopbackGroup:
+        """The ``group`` argument of rank ``rank``."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank}")
+        return LoopbackGroup(self, rank)
+
+    def put(self, src: int, dst: int, tensor: torch.Tensor, *, counted: bool = True) -> None:
+        if counted:
+            self.bytes_sent[src] += tensor.numel() * tensor.element_size()
+        channel = self._channels[(src, dst)]
+        with channel.arrived:
+            channel.messages[channel.sent] = tensor.detach().clone()
+            channel.sent += 1
+            channel.arrived.notify_all()
+
+    def post(self, src: int, dst: int) -> int:
+        """Reserve the number of the next message from ``src`` to ``dst``."""
+        channel = self._channels[(src, dst)]
+        with channel.arrived:
+            ticket = channel.posted
+            channel.posted += 1
+        return ticket
+
+    def take(
+        self, src: int, dst: int, ticket: int, timeout_s: float | None, what: str
+    ) -> torch.Tensor:
+        channel = self._channels[(src, dst)]
+        with channel.arrived:
+            if not channel.arrived.wait_for(lambda: ticket in channel.messages, timeout_s):
+                raise TimeoutError(
+                    f"{what} from rank {src} did not complete within timeout_s={timeout_s} s: "
+                    "the peer never sent it (it failed, or took another code path)"
+                )
+            return channel.messages.pop(ticket)
+
+
+class LoopbackGroup:
+    """One rank's handle on a [`LoopbackHub`][dilated.ring.loopback.LoopbackHub]."""
+
+    def __init__(self, hub: LoopbackHub, rank: int) -> None:
+        self.hub = hub
+        self.rank = rank
+        self.world_size = hub.world_size
+
+
+class _Received(PendingTransfer):
+    def __init__(self, fetch: Callable[[], torch.Tensor]) -> None:
+        super().__init__([], torch.empty(0))
+        self._fetch = fetch
+
+    def wait(self) -> torch.Tensor:
+        return self._fetch()
+
+
+class LoopbackComm(Transport):
+    """[`Transport`][dilated.ring.comm.Transport] of one in-process rank (addresses are ranks).
+
+    A receive waits at most ``timeout_s`` (default 60 s), so a failed peer never hangs the others.
+    """
+
+    def __init__(self, group: LoopbackGroup, timeout_s: float | None = None) -> None:
+        super().__init__(60.0 if timeout_s is None else timeout_s)
+        self.group = group
+        self.hub = group.hub
+        self.rank = group.rank
+        self.world_size = group.world_size
+
+    def peer(self, group_rank: int) -> int:
+        return group_rank
+
+    def _receive(self, src: int, like: torch.Tensor | None, what: str) -> torch.Tensor:
+        return self._finish(src, self.hub.post(src, self.rank), like, what)
+
+    def _finish(self, src: int, ticket: int, like: torch.Tensor | None, what: str) -> torch.Tensor:
+        got = self.hub.take(src, self.rank, ticket, self.timeout_s, what)
+        if like is not None and (got.shape != like.shape or got.dtype != like.dtype):
+            raise RuntimeError(
+                f"rank {self.rank} expected {tuple(like.shape)} {like.dtype} from rank {src}, "
+                f"got {tuple(got.shape)} {got.dtype}"
+            )
+        return got
+
+    def exchange(
+        self, send: torch.Tensor, dst: int, src: int, recv_shape: Sequence[int]
+    ) -> PendingTransfer:
+        self.hub.put(self.rank, dst, send)
+        like = torch.empty(tuple(recv_shape), dtype=send.dtype, device="meta")
+        ticket = self.hub.post(src, self.rank)
+        return _Received(lambda: self._finish(src, ticket, like, "a ring send/receive"))
+
+    def exchange_many(
+        self,
+        sends: Sequence[tuple[torch.Tensor, int]],
+        recvs: Sequence[tuple[Sequence[int], torch.dtype, int]],
+    ) -> list[torch.Tensor]:
+        for tensor, dst in sends:
+            self.hub.put(self.rank, dst, tensor)
+        return [
+            self._receive(
+                src,
+                torch.empty(tuple(shape), dtype=dtype, device="meta"),
+                "an all-gather exchange",
+            )
+            for shape, dtype, src in recvs
+        ]
+
+    def all_to_all(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        for dst, chunk in enumerate(chunks):
+            if dst != self.rank:
+                self.hub.put(self.rank, dst, chunk)
+        return [
+            chunk.clone() if src == self.rank else self._receive(src, None, "an all-to-all")
+            for src, chunk in enumerate(chunks)
+        ]
+
+    def all_gather(self, tensor: torch.Tensor, *, counted: bool = True) -> list[torch.Tensor]:
+        for dst in range(self.world_size):
+            if dst != self.rank:
+                self.hub.put(self.rank, dst, tensor, counted=counted)
+        return [
+            tensor.clone() if src == self.rank else self._receive(src, None, "an all-gather")
+            for src in range(self.world_size)
+        ]
+
+    def release(self, tensor: torch.Tensor) -> None:
+        # Received tensors are the hub's copies, not pool buffers: nothing to give back.
+        del tensor
+
+
+def run_ranks(
+    fn: Callable[[int, LoopbackGroup], T], world_size: int, *, timeout_s: float = 600.0
+) -> list[T]:
+    """Run ``fn(rank, group)`` for every rank of a new hub, each in its own thread.
+
+    Returns the results in rank order; re-raises the first exception a rank raised (the other
+    ranks then fail on their receive's timeout, or finish).
+    """
+    hub = LoopbackHub(world_size)
+    results: list[Any] = [None] * world_size
+    errors: list[BaseException | None] = [None] * world_size
+
+    def body(rank: int) -> None:
+        try:
+            results[rank] = fn(rank, hub.group(rank))
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors[rank] = exc
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+        if t.is_alive():
+            raise TimeoutError(f"a loopback rank did not finish within {timeout_s} s")
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    return results
