@@ -128,12 +128,12 @@ def test_dropout_gradient_is_the_derivative_of_the_forward(
     forward's masks, so the gradient matches a central difference of the same function."""
     import threading
 
-    from dilated.ring import functional
+    from dilated.ring import op
 
     # Each rank draws its seed from torch's generator; threads would race for it, so every
     # evaluation here gives each rank a fixed seed instead.
     local = threading.local()
-    monkeypatch.setattr(functional, "_draw_seed", lambda: 1000 + local.rank)
+    monkeypatch.setattr(op, "_draw_seed", lambda: torch.tensor([1000 + local.rank]))
     world, n = 2, 16
     x = make_inputs(1, n, 4, 8, kv_heads=2, dtype=torch.float64, seed=3)
     direction = [torch.randn_like(t) for t in (x.q, x.k, x.v)]

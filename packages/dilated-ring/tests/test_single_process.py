@@ -157,17 +157,34 @@ def test_ulysses_head_slices_use_global_phases(
         assert_close_to_reference(a, e, torch.float64, f"d{name}")
 
 
-def test_ulysses_dropout_in_a_world_of_one_is_the_core_op() -> None:
-    from dilated.core.functional import dilated_attention
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "ulysses"])
+def test_dropout_is_seeded_and_its_gradient_is_the_derivative(strategy: str) -> None:
+    """Dropout on every strategy: reproducible under ``torch.manual_seed``, really dropping,
+    and the backward pass replays the forward's masks (central difference of the same draw)."""
+    x = make_inputs(1, 16, 4, 8, kv_heads=2, dtype=torch.float64, seed=5)
+    ins = [t.detach().requires_grad_() for t in (x.q, x.k, x.v)]
+    direction = [torch.randn_like(t) for t in ins]
+    g = torch.randn_like(x.q)
 
-    x = make_inputs(2, 16, 4, 8, seed=5)
-    torch.manual_seed(11)
-    out = ring_dilated_attention(x.q, x.k, x.v, [4, 16], [1, 2], dropout_p=0.5, strategy="ulysses")
-    torch.manual_seed(11)
-    ref = dilated_attention(x.q, x.k, x.v, [4, 16], [1, 2], dropout_p=0.5)
-    assert torch.equal(out, ref)
-    no_drop = ring_dilated_attention(x.q, x.k, x.v, [4, 16], [1, 2], strategy="ulysses")
-    assert not torch.equal(out, no_drop)
+    def value(eps: float) -> torch.Tensor:
+        torch.manual_seed(11)
+        moved = [t + eps * d for t, d in zip(ins, direction)]
+        out = ring_dilated_attention(
+            *moved, [4, 16], [1, 2], is_causal=True, dropout_p=0.4, strategy=strategy
+        )
+        assert isinstance(out, torch.Tensor)
+        return (out * g).sum()
+
+    base = value(0.0)
+    assert torch.equal(base, value(0.0))
+    no_drop = ring_dilated_attention(*ins, [4, 16], [1, 2], is_causal=True, strategy=strategy)
+    assert isinstance(no_drop, torch.Tensor)
+    assert not torch.allclose(base, (no_drop * g).sum())
+    grads = torch.autograd.grad(base, ins)
+    eps = 1e-6
+    numeric = (value(eps) - value(-eps)).item() / (2 * eps)
+    analytic = sum((gr * d).sum().item() for gr, d in zip(grads, direction))
+    assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (numeric, analytic)
 
 
 def test_bad_arguments_are_rejected() -> None:

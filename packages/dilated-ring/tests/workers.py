@@ -480,3 +480,21 @@ def peer_dies(rank: int, world: int) -> None:
         ring_dilated_attention(q, q, q, [16], [1], timeout_s=5.0)
     print(f"rank 0 after its peer died: {type(info.value).__name__}: {info.value}")
     assert time.monotonic() - start < 10.0
+
+
+def bf16_error(rank: int, world: int, path: str) -> None:
+    """Rank 0 writes the bf16 ring's relative error against the float64 judge to ``path``."""
+    n = 64
+    x = make_inputs(2, n, 4, 8, kv_heads=2, dtype=torch.bfloat16, seed=3)
+    ref, _ = dense_dilated_attention(
+        x.q.double(), x.k.double(), x.v.double(), [8, n], [1, 4], is_causal=True
+    )
+    q, k, v = (shard(t, rank, world) for t in (x.q, x.k, x.v))
+    out = ring_dilated_attention(q, k, v, [8, n], [1, 4], is_causal=True)
+    assert isinstance(out, torch.Tensor)
+    err = (out.double() - shard(ref, rank, world)).abs().max().reshape(1)
+    if world > 1:
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        with open(path, "w") as fh:
+            fh.write(str((err / ref.abs().max()).item()))

@@ -27,7 +27,9 @@ __all__ = [
     "RingComm",
     "Transport",
     "gather_key_padding_mask",
+    "group_key",
     "make_comm",
+    "resolve_group",
     "wait_all",
 ]
 
@@ -257,6 +259,42 @@ def make_comm(group: object, timeout_s: float | None) -> Transport:
     if isinstance(group, LoopbackGroup):
         return LoopbackComm(group, timeout_s)
     return RingComm(group, timeout_s)  # type: ignore[arg-type]
+
+
+def group_key(group: object) -> str:
+    """A string naming ``group``, for arguments of custom ops (which take no Python objects).
+
+    ``""`` is the default group (or a world of one), a process group's key is its registered
+    ``group_name``, and a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]'s its
+    ``key``; [`resolve_group`][dilated.ring.comm.resolve_group] maps it back.
+    """
+    from dilated.ring.loopback import LoopbackGroup
+
+    if group is None:
+        return ""
+    if isinstance(group, LoopbackGroup):
+        return group.key
+    name = getattr(group, "group_name", None)
+    if not isinstance(name, str):
+        raise TypeError(
+            f"group must be None, a torch.distributed ProcessGroup or a LoopbackGroup, got "
+            f"{type(group).__name__}"
+        )
+    return name
+
+
+def resolve_group(key: str) -> object:
+    """The group named by [`group_key`][dilated.ring.comm.group_key]."""
+    from dilated.ring.loopback import LoopbackGroup
+
+    if key == "":
+        return None
+    if key.startswith(LoopbackGroup.PREFIX):
+        return LoopbackGroup.lookup(key)
+    # The registry torch's own functional collectives resolve group names with.
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._resolve_process_group(key)  # type: ignore[attr-defined,arg-type]
 
 
 def gather_key_padding_mask(

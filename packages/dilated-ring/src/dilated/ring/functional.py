@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from dilated.core.functional import prepare_call
-from dilated.ring.comm import gather_key_padding_mask, make_comm
+from dilated.ring.comm import group_key, make_comm
 from dilated.ring.loopback import LoopbackGroup
-from dilated.ring.ring import RingPlan, ring_dilated_attention_function
+from dilated.ring.op import ring_attention
 from dilated.ring.sharding import chunk_length
 from dilated.ring.ulysses import check_ulysses_heads, ulysses_attention
 from dilated.ring.validation import agree_across_ranks, check_branch_layout, check_timeout
@@ -150,7 +150,6 @@ def ring_dilated_attention(
     else:
         agree_across_ranks(q, k, options, local_checks, group, timeout_s=timeout)
     ws, rs, sc = checked[0]
-    comm = make_comm(group, timeout)
     if strategy == "ulysses":
         out, maybe_lse = ulysses_attention(
             q,
@@ -165,41 +164,32 @@ def ring_dilated_attention(
             load_balance=load_balance,
             rank=rank,
             world_size=world,
-            comm=comm,
+            comm=make_comm(group, timeout),
             return_lse=return_lse,
         )
         if return_lse:
             assert maybe_lse is not None
             return out, maybe_lse
         return out
-    key_mask = None
-    if key_padding_mask is not None:
-        key_mask = gather_key_padding_mask(key_padding_mask, load_balance, world, comm)
-    plan = RingPlan(
-        segment_lengths=ws,
-        dilation_rates=rs,
+    out, lse = ring_attention(
+        q,
+        k,
+        v,
+        ws,
+        rs,
         scale=sc,
         is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
         load_balance=load_balance,
-        group=group,
+        strategy=strategy,
+        group=group_key(group),
         rank=rank,
         world_size=world,
-        seq=q.shape[1] * world,
-        heads=q.shape[2],
-        kv_heads=k.shape[2],
-        strategy=strategy,
         timeout_s=timeout,
-        dropout_p=dropout_p,
-        dropout_seed=_draw_seed() if dropout_p > 0.0 else None,
     )
-    out, lse = ring_dilated_attention_function(q, k, v, plan, key_mask, key_padding_mask)
     return (out, lse) if return_lse else out
 
 
 def _as_tuple(values: object) -> object:
     return tuple(values) if isinstance(values, (list, tuple)) else values
-
-
-def _draw_seed() -> int:
-    """A dropout seed from torch's default CPU generator (reproducible under manual_seed)."""
-    return int(torch.randint(1 << 62, (), dtype=torch.int64))

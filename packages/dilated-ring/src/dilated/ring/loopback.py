@@ -13,9 +13,11 @@ Every rank must run in its own thread (a send waits for nothing, a receive waits
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -44,16 +46,41 @@ class _Channel:
 class LoopbackHub:
     """The channels of a group of ``world_size`` in-process ranks, one per ordered pair.
 
+    Args:
+        world_size: ranks in the group.
+        live: the ranks that run (default: all). The others are *phantom peers*: what is sent
+            to them is counted and dropped, and a receive from one returns a random tensor of
+            the expected shape and dtype (one cached buffer per shape). With one live rank, that
+            rank's compute and bytes are exactly those of a real run, measured alone on the
+            device; only the values it receives are not its peers' (timing and byte counts, not
+            results).
+
     Attributes:
         bytes_sent: bytes each rank has sent (index = rank), for instrumentation.
     """
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, *, live: Sequence[int] | None = None) -> None:
         if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         self.world_size = world_size
+        self.live = frozenset(range(world_size) if live is None else live)
+        if not self.live or not self.live <= set(range(world_size)):
+            raise ValueError(
+                f"live must be a non-empty set of ranks in [0, {world_size}), got {live!r}"
+            )
         self._channels = {(a, b): _Channel() for a in range(world_size) for b in range(world_size)}
+        self._phantoms: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
         self.bytes_sent = [0] * world_size
+
+    def phantom(self, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """What a phantom peer "sends": a cached random tensor shaped like ``like``."""
+        key = (tuple(like.shape), like.dtype, device)
+        if key not in self._phantoms:
+            if like.dtype.is_floating_point:
+                self._phantoms[key] = torch.randn(key[0], dtype=like.dtype, device=device)
+            else:
+                self._phantoms[key] = torch.ones(key[0], dtype=like.dtype, device=device)
+        return self._phantoms[key]
 
     def group(self, rank: int) -> LoopbackGroup:
         """The ``group`` argument of rank ``rank``."""
@@ -64,6 +91,8 @@ class LoopbackHub:
     def put(self, src: int, dst: int, tensor: torch.Tensor, *, counted: bool = True) -> None:
         if counted:
             self.bytes_sent[src] += tensor.numel() * tensor.element_size()
+        if dst not in self.live:
+            return
         channel = self._channels[(src, dst)]
         with channel.arrived:
             channel.messages[channel.sent] = tensor.detach().clone()
@@ -92,12 +121,29 @@ class LoopbackHub:
 
 
 class LoopbackGroup:
-    """One rank's handle on a [`LoopbackHub`][dilated.ring.loopback.LoopbackHub]."""
+    """One rank's handle on a [`LoopbackHub`][dilated.ring.loopback.LoopbackHub].
+
+    ``key`` names it in custom-op arguments ([`dilated.ring.comm.group_key`][dilated.ring.comm.group_key]).
+    """
+
+    PREFIX: ClassVar[str] = "loopback:"
+    _live: ClassVar[weakref.WeakValueDictionary[str, LoopbackGroup]] = weakref.WeakValueDictionary()
+    _serial: ClassVar[itertools.count[int]] = itertools.count()
 
     def __init__(self, hub: LoopbackHub, rank: int) -> None:
         self.hub = hub
         self.rank = rank
         self.world_size = hub.world_size
+        self.key = f"{self.PREFIX}{next(self._serial)}"
+        LoopbackGroup._live[self.key] = self
+
+    @classmethod
+    def lookup(cls, key: str) -> LoopbackGroup:
+        """The live group of ``key``."""
+        group = cls._live.get(key)
+        if group is None:
+            raise ValueError(f"no live LoopbackGroup has key {key!r}")
+        return group
 
 
 class _Received(PendingTransfer):
@@ -125,12 +171,18 @@ class LoopbackComm(Transport):
     def peer(self, group_rank: int) -> int:
         return group_rank
 
-    def _receive(self, src: int, like: torch.Tensor | None, what: str) -> torch.Tensor:
-        return self._finish(src, self.hub.post(src, self.rank), like, what)
+    def _receive(
+        self, src: int, like: torch.Tensor, device: torch.device, what: str
+    ) -> torch.Tensor:
+        return self._finish(src, self.hub.post(src, self.rank), like, device, what)
 
-    def _finish(self, src: int, ticket: int, like: torch.Tensor | None, what: str) -> torch.Tensor:
+    def _finish(
+        self, src: int, ticket: int, like: torch.Tensor, device: torch.device, what: str
+    ) -> torch.Tensor:
+        if src not in self.hub.live:
+            return self.hub.phantom(like, device)
         got = self.hub.take(src, self.rank, ticket, self.timeout_s, what)
-        if like is not None and (got.shape != like.shape or got.dtype != like.dtype):
+        if got.shape != like.shape or got.dtype != like.dtype:
             raise RuntimeError(
                 f"rank {self.rank} expected {tuple(like.shape)} {like.dtype} from rank {src}, "
                 f"got {tuple(got.shape)} {got.dtype}"
@@ -143,19 +195,23 @@ class LoopbackComm(Transport):
         self.hub.put(self.rank, dst, send)
         like = torch.empty(tuple(recv_shape), dtype=send.dtype, device="meta")
         ticket = self.hub.post(src, self.rank)
-        return _Received(lambda: self._finish(src, ticket, like, "a ring send/receive"))
+        return _Received(
+            lambda: self._finish(src, ticket, like, send.device, "a ring send/receive")
+        )
 
     def exchange_many(
         self,
         sends: Sequence[tuple[torch.Tensor, int]],
         recvs: Sequence[tuple[Sequence[int], torch.dtype, int]],
     ) -> list[torch.Tensor]:
+        device = sends[0][0].device if sends else torch.device("cpu")
         for tensor, dst in sends:
             self.hub.put(self.rank, dst, tensor)
         return [
             self._receive(
                 src,
                 torch.empty(tuple(shape), dtype=dtype, device="meta"),
+                device,
                 "an all-gather exchange",
             )
             for shape, dtype, src in recvs
@@ -166,7 +222,9 @@ class LoopbackComm(Transport):
             if dst != self.rank:
                 self.hub.put(self.rank, dst, chunk)
         return [
-            chunk.clone() if src == self.rank else self._receive(src, None, "an all-to-all")
+            chunk.clone()
+            if src == self.rank
+            else self._receive(src, chunk, chunk.device, "an all-to-all")
             for src, chunk in enumerate(chunks)
         ]
 
@@ -174,8 +232,11 @@ class LoopbackComm(Transport):
         for dst in range(self.world_size):
             if dst != self.rank:
                 self.hub.put(self.rank, dst, tensor, counted=counted)
+        # A phantom peer holds what this rank holds (so the cross-rank check agrees).
         return [
-            tensor.clone() if src == self.rank else self._receive(src, None, "an all-gather")
+            tensor.clone()
+            if src == self.rank or src not in self.hub.live
+            else self._receive(src, tensor, tensor.device, "an all-gather")
             for src in range(self.world_size)
         ]
 

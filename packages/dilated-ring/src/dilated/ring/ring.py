@@ -19,7 +19,7 @@ is stored between the passes but the output and the LSE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from dilated.core.branches import compute_dtype
 from dilated.core.merge import merge_into
 from dilated.kernels.partial import dilated_attention_backward, dilated_attention_forward
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
-from dilated.ring.comm import Transport, make_comm
+from dilated.ring.comm import Transport
 from dilated.ring.layout import (
     PhaseLayout,
     Piece,
@@ -38,7 +38,7 @@ from dilated.ring.layout import (
     phase_layouts,
 )
 
-__all__ = ["RingPlan", "ring_backward", "ring_dilated_attention_function", "ring_forward"]
+__all__ = ["RingPlan", "ring_backward", "ring_forward"]
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,17 @@ class RingPlan:
             self.seq, self.world_size, self.load_balance, rank, w, r, self.heads, self.kv_heads
         )
 
+    def with_seed(self, seed: int) -> RingPlan:
+        """This plan with the dropout seed of one call."""
+        return replace(self, dropout_seed=seed)
+
     def seed(self, *call: int) -> int | None:
-        """The dropout seed of one dense call, from its coordinates (same in both passes)."""
+        """The dropout seed of one dense call, from this rank and the call's coordinates (the
+        same in both passes, different on every rank even when all ranks drew one seed)."""
         if self.dropout_seed is None:
             return None
         h = self.dropout_seed
-        for x in call:
+        for x in (self.rank, *call):
             h = (h * 1_000_003 + x + 1) % (1 << 62)
         return h
 
@@ -155,6 +160,94 @@ class _Block:
     src: int
     layouts: tuple[PhaseLayout, ...]
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+    flat: torch.Tensor
+
+
+def _phase_view(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``(batch, phases, s / r, heads / phases, ...)`` view of ``x`` ``(batch, s, heads, ...)``:
+    phase ``p`` holds rows ``p, p + r, ...`` of heads ``p, p + r, ...`` (no copy).
+
+    A phase's rows and heads are both strided by ``r``, so all phases together are the diagonal
+    of the ``(row mod r, head mod r)`` pair: one strided view, and one dense call for them all.
+    """
+    b, s, h = x.shape[:3]
+    rest = x.shape[3:]
+    if r >= h:
+        grid = x.view(b, s // r, r, h, *rest)[:, :, :h]
+        diag = grid.diagonal(dim1=2, dim2=3)  # (b, s / r, *rest, h)
+        return diag.movedim(-1, 1).unsqueeze(3)
+    grid = x.view(b, s // r, r, h // r, r, *rest)
+    return grid.diagonal(dim1=2, dim2=4).movedim(-1, 1)
+
+
+def _phase_view_lse(lse: torch.Tensor, r: int) -> torch.Tensor:
+    """``(batch, phases, heads / phases, s / r)`` view of an lse ``(batch, heads, s)``, phases as
+    in [`_phase_view`][dilated.ring.ring._phase_view]."""
+    b, h, s = lse.shape
+    if r >= h:
+        diag = lse.view(b, h, s // r, r)[..., :h].diagonal(dim1=1, dim2=3)  # (b, s / r, h)
+        return diag.movedim(-1, 1).unsqueeze(2)
+    grid = lse.view(b, h // r, r, s // r, r)
+    return grid.diagonal(dim1=2, dim2=4).movedim(-1, 1)
+
+
+def _batchable(
+    mine: tuple[PhaseLayout, ...], theirs: tuple[PhaseLayout, ...], shard: int, heads: int
+) -> bool:
+    """Whether every phase of a branch has the same pieces, shifted by its phase (so that the
+    phase views above hold them all): rows ``p + m r`` of the shard on both sides."""
+    r = mine[0].heads.step or 1
+    if shard % r or (r < heads and heads % r):
+        return False
+    first, first_theirs = mine[0], theirs[0]
+    for c, (ph, th) in enumerate(zip(mine, theirs)):
+        if not (ph.uniform and th.uniform) or len(ph.kv_heads) != len(first.kv_heads):
+            return False
+        if ph.rows != first.rows or th.rows != first_theirs.rows:
+            return False
+        for side, base in ((ph, first), (th, first_theirs)):
+            if len(side.pieces) != len(base.pieces):
+                return False
+            for a, a0 in zip(side.pieces, base.pieces):
+                same = (a.segment, a.count, a.packed, a.row, a.row_step, a.local_step)
+                if same != (a0.segment, a0.count, a0.packed, a0.row, a0.row_step, a0.local_step):
+                    return False
+                if a.local_step != r or a.local != a0.local + c or a.pos != a0.pos + c:
+                    return False
+    return True
+
+
+def _batched_calls(
+    plan: RingPlan, mine: tuple[PhaseLayout, ...], block: _Block, branch: int
+) -> list[tuple[Piece, Piece, Any, int | None]]:
+    """The calls of phase 0, standing for every phase at once (in one fixed order)."""
+    out = []
+    for ia, a in enumerate(mine[0].pieces):
+        for ib, b in enumerate(block.layouts[0].pieces):
+            if a.segment != b.segment:
+                continue
+            for ic, call in enumerate(pair_calls(a, b, plan.is_causal)):
+                out.append((a, b, call, plan.seed(branch, -2, block.src, ia, ib, ic)))
+    return out
+
+
+def _phase_keys(flat: torch.Tensor, layouts: tuple[PhaseLayout, ...], d: int) -> list[torch.Tensor]:
+    """``(k, v)`` of a packed block as ``(batch, phases, rows, kv_heads_p, head_dim)`` views."""
+    b, phases = flat.shape[0], len(layouts)
+    rows, kvh = layouts[0].rows, len(layouts[0].kv_heads)
+    return list(flat.view(b, 2, phases, rows, kvh, d).unbind(1))
+
+
+def _phase_mask(
+    key_mask: torch.Tensor | None, b: int, piece: Piece, lo: int, hi: int, phases: int
+) -> torch.Tensor | None:
+    """``(phases, hi - lo)`` key padding mask of rows ``[lo, hi)`` of a key piece, every phase."""
+    if key_mask is None:
+        return None
+    start = piece.pos + lo * piece.pos_step
+    idx = start + torch.arange(phases, device=key_mask.device)[:, None]
+    idx = idx + piece.pos_step * torch.arange(hi - lo, device=key_mask.device)[None, :]
+    return key_mask[b][idx]
 
 
 def _calls(
@@ -184,6 +277,27 @@ def _forward_block(
     branch: int,
     key_mask: torch.Tensor | None,
 ) -> None:
+    r = plan.dilation_rates[branch]
+    if _batchable(mine, block.layouts, q.shape[1], plan.heads):
+        d, phases = q.shape[-1], len(mine)
+        qv, av, lv = _phase_view(q, r), _phase_view(acc, r), _phase_view_lse(acc_lse, r)
+        keys_v = _phase_keys(block.flat, block.layouts, d)
+        for a, b, call, seed in _batched_calls(plan, mine, block, branch):
+            rows = slice(a.local // r + call.q_lo, a.local // r + call.q_hi)
+            keys = slice(b.packed + call.k_lo, b.packed + call.k_hi)
+            for i in range(q.shape[0]):
+                out, lse = subproblem_attention(
+                    qv[i, :, rows],
+                    keys_v[0][i, :, keys],
+                    keys_v[1][i, :, keys],
+                    scale=plan.scale,
+                    is_causal=call.causal,
+                    key_mask=_phase_mask(key_mask, i, b, call.k_lo, call.k_hi, phases),
+                    dropout_p=plan.dropout_p,
+                    dropout_seed=None if seed is None else seed + i,
+                )
+                merge_into(av[i, :, rows], lv[i, :, :, rows], out, lse)
+        return
     for c, ph, a, b, call, seed in _calls(plan, mine, block, branch):
         rows = a.local_slice(call.q_lo, call.q_hi)
         kp, vp = block.kv[c]
@@ -208,11 +322,40 @@ def _backward_block(
     dq: torch.Tensor,
     mine: tuple[PhaseLayout, ...],
     block: _Block,
-    grads: list[tuple[torch.Tensor, torch.Tensor]],
+    d_block: torch.Tensor,
     branch: int,
     key_mask: torch.Tensor | None,
 ) -> None:
     q, out, lse, d_out = tensors
+    r = plan.dilation_rates[branch]
+    if _batchable(mine, block.layouts, q.shape[1], plan.heads):
+        d, phases = q.shape[-1], len(mine)
+        views = [_phase_view(x, r) for x in (q, out, d_out, dq)]
+        lv = _phase_view_lse(lse, r)
+        keys_v = _phase_keys(block.flat, block.layouts, d)
+        grads_v = _phase_keys(d_block, block.layouts, d)
+        for a, b, call, seed in _batched_calls(plan, mine, block, branch):
+            rows = slice(a.local // r + call.q_lo, a.local // r + call.q_hi)
+            keys = slice(b.packed + call.k_lo, b.packed + call.k_hi)
+            for i in range(q.shape[0]):
+                gq, gk, gv = subproblem_attention_backward(
+                    views[2][i, :, rows],
+                    views[0][i, :, rows],
+                    keys_v[0][i, :, keys],
+                    keys_v[1][i, :, keys],
+                    views[1][i, :, rows],
+                    lv[i, :, :, rows],
+                    scale=plan.scale,
+                    is_causal=call.causal,
+                    key_mask=_phase_mask(key_mask, i, b, call.k_lo, call.k_hi, phases),
+                    dropout_p=plan.dropout_p,
+                    dropout_seed=None if seed is None else seed + i,
+                )
+                views[3][i, :, rows] += gq
+                grads_v[0][i, :, keys] += gk
+                grads_v[1][i, :, keys] += gv
+        return
+    grads = _unpack(d_block, block.layouts, q.shape[-1])
     for c, ph, a, b, call, seed in _calls(plan, mine, block, branch):
         rows = a.local_slice(call.q_lo, call.q_hi)
         kp, vp = block.kv[c]
@@ -286,7 +429,7 @@ def _span_forward(
 
     def compute(src: int, flat: torch.Tensor) -> None:
         layouts = plan.layouts(src, w, r)
-        block = _Block(src, layouts, _unpack(flat, layouts, d))
+        block = _Block(src, layouts, _unpack(flat, layouts, d), flat)
         _forward_block(plan, q, acc, acc_lse, mine, block, branch, key_mask)
 
     if plan.strategy == "allgather":
@@ -349,10 +492,8 @@ def _span_backward(
 
     def compute(src: int, flat: torch.Tensor, d_flat: torch.Tensor) -> None:
         layouts = plan.layouts(src, w, r)
-        block = _Block(src, layouts, _unpack(flat, layouts, d))
-        _backward_block(
-            plan, tensors, dq, mine, block, _unpack(d_flat, layouts, d), branch, key_mask
-        )
+        block = _Block(src, layouts, _unpack(flat, layouts, d), flat)
+        _backward_block(plan, tensors, dq, mine, block, d_flat, branch, key_mask)
 
     if plan.strategy == "allgather":
         gathered = _gather(plan, comm, ring, own, w, r, d)
@@ -490,50 +631,3 @@ def ring_backward(
         _span_backward(plan, (q, out, lse, d_out), k, v, grads, branch, w, r, comm, key_mask)  # type: ignore[arg-type]
     dq, dk, dv = grads
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-class _RingDilatedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        plan: RingPlan,
-        key_mask: torch.Tensor | None,
-        key_mask_shard: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        comm = make_comm(plan.group, plan.timeout_s)
-        out, lse = ring_forward(plan, q, k, v, comm, key_mask, key_mask_shard)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        ctx.masks = (key_mask, key_mask_shard)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, d_out: torch.Tensor, _d_lse: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        plan: RingPlan = ctx.plan
-        comm = make_comm(plan.group, plan.timeout_s)
-        grads = ring_backward(plan, q, k, v, out, lse, d_out, comm, *ctx.masks)
-        return (*grads, None, None, None)
-
-
-def ring_dilated_attention_function(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    plan: RingPlan,
-    key_mask: torch.Tensor | None = None,
-    key_mask_shard: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable ring attention of validated shards: ``(out, lse)`` (lse not differentiable).
-
-    ``key_mask``: the whole-sequence ``(batch, seq)`` key padding mask (True = real) or None;
-    ``key_mask_shard``: this rank's rows of it.
-    """
-    out, lse = _RingDilatedAttention.apply(q, k, v, plan, key_mask, key_mask_shard)
-    return out, lse

@@ -1,15 +1,18 @@
 """Ulysses strategy: trade the sequence shard for a head shard with two all-to-alls.
 
 Each rank holds ``(batch, seq / P, heads, head_dim)``. An all-to-all gives every rank the whole
-sequence for ``heads / P`` of the heads (DeepSpeed-Ulysses); the single-process dilated attention
-(:mod:`dilated.core.reference`) runs there, and a second all-to-all returns the output to the
-sequence shards. The backward pass is autograd through the attention and through
-:class:`_AllToAll`, whose backward is the inverse exchange.
+sequence for ``heads / P`` of the heads (DeepSpeed-Ulysses); the single-GPU dilated attention
+of dilated-kernels runs there, and a second all-to-all returns the output to the sequence
+shards. The backward pass is autograd through the attention and through the all-to-all, whose
+backward is the inverse exchange.
 
 The phase of a head in branch ``(w, r)`` is its *global* index mod ``r`` (SPEC.md). Rank ``c``
 holds the global heads ``c h / P + j``; when ``c h / P`` is a multiple of every ``r_i`` local and
-global phases agree and one call of the single-process op does all branches. Otherwise each
-branch and phase is run as its own dense problem over the heads whose global phase it is.
+global phases agree and one call of the single-GPU op does all branches. Otherwise (and with
+dropout, whose masks are drawn from a seed so that the backward pass replays them) the heads
+keep their global phases through [`dilated.kernels.partial`][dilated.kernels.partial]'s
+``head_offset``: one call of the shared sub-problem primitive per branch, phase and run of
+segments.
 
 Grouped-query attention: key/value heads are split over the ranks like the query heads when
 ``kv_heads % P == 0``; otherwise each key/value head is repeated for the query heads that read it
@@ -23,8 +26,8 @@ from typing import Any
 
 import torch
 
-from dilated.core.merge import merge_attention
-from dilated.core.reference import compute_dtype, dilated_attention_reference
+from dilated.kernels import dilated_attention as kernels_dilated_attention
+from dilated.kernels.partial import dilated_attention_backward, dilated_attention_forward
 from dilated.ring.comm import Transport, gather_key_padding_mask
 from dilated.ring.sharding import positions
 
@@ -84,15 +87,34 @@ def _sequence_order(seq: int, world: int, mode: str, device: torch.device) -> to
     return torch.cat([positions(seq, i, world, mode, device=device) for i in range(world)])
 
 
-def _kernels_op(q: torch.Tensor) -> Any:
-    """dilated-kernels' op when that package is installed and ``q`` is on CUDA, else None."""
-    if not q.is_cuda:
-        return None
-    try:
-        from dilated.kernels import dilated_attention
-    except ImportError:
-        return None
-    return dilated_attention
+class _HeadSliceAttention(torch.autograd.Function):
+    """Dilated attention of a head slice that keeps its global phases, on the shared primitive
+    ([`dilated.kernels.partial`][dilated.kernels.partial]); dropout replays its seed."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        options: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = dilated_attention_forward(q, k, v, key_padding_mask=key_padding_mask, **options)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.options = options
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, d_out: torch.Tensor, _d_lse: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = dilated_attention_backward(
+            d_out, q, k, v, out, lse, key_padding_mask=mask, **ctx.options
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def global_phase_attention(
@@ -116,64 +138,31 @@ def global_phase_attention(
         k, v: ``(batch, seq, kv_heads_local, head_dim)``; local query head ``j`` reads local kv
             head ``j // (heads_local // kv_heads_local)``.
         segment_lengths, dilation_rates, scale, is_causal, key_padding_mask, dropout_p: validated
-            arguments as in :func:`dilated.core.functional.dilated_attention`.
+            arguments as in [`dilated_attention`][dilated.core.functional.dilated_attention].
 
     Returns:
-        ``(out, lse)``: ``out`` like ``q`` in q's dtype, ``lse`` ``(batch, heads_local, seq)`` in
-        the compute dtype.
+        ``(out, lse)``: ``out`` like ``q`` in q's dtype (differentiable), ``lse``
+        ``(batch, heads_local, seq)`` in the compute dtype.
     """
-    if all(head_offset % r == 0 for r in dilation_rates):
-        fast = _kernels_op(q)
-        if fast is not None and dropout_p == 0.0:
-            out, lse = fast(
-                q, k, v, segment_lengths, dilation_rates, scale=scale, is_causal=is_causal,
-                key_padding_mask=key_padding_mask, return_lse=True, check_finite=False,
-            )  # fmt: skip
-            return out, lse
-        return dilated_attention_reference(
-            q,
-            k,
-            v,
-            segment_lengths,
-            dilation_rates,
-            scale=scale,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=dropout_p,
-        )
-    b, n, hl, d = q.shape
-    group = hl // k.shape[2]
-    work = compute_dtype(q.dtype)
-    outs, lses = [], []
-    for w, r in zip(segment_lengths, dilation_rates):
-        out = torch.zeros(b, n, hl, d, dtype=work, device=q.device)
-        lse = torch.full((b, hl, n), float("-inf"), dtype=work, device=q.device)
-        for p in range(min(r, n)):
-            heads = [j for j in range(hl) if (head_offset + j) % r == p]
-            if not heads:
-                continue
-            idx = torch.tensor(heads, device=q.device)
-            kv_idx = idx // group
-            # With stride r over positions, the phase rows of a segment are contiguous: a
-            # branch (w / r, 1) on them is exactly this phase of the branch (w, r).
-            mask = None if key_padding_mask is None else key_padding_mask[:, p::r]
-            o, lp = dilated_attention_reference(
-                q[:, p::r].index_select(2, idx).to(work),
-                k[:, p::r].index_select(2, kv_idx).to(work),
-                v[:, p::r].index_select(2, kv_idx).to(work),
-                (w // r,),
-                (1,),
-                scale=scale,
-                is_causal=is_causal,
-                key_padding_mask=mask,
-                dropout_p=dropout_p,
-            )
-            out[:, p::r, idx] = o
-            lse[:, idx, p::r] = lp.to(work)
-        outs.append(out)
-        lses.append(lse)
-    merged, merged_lse = merge_attention(outs, lses)
-    return merged.to(q.dtype), merged_lse
+    aligned = all(head_offset % r == 0 for r in dilation_rates)
+    if aligned and dropout_p == 0.0:
+        # Local and global phases agree: the single-GPU op as it is, with its own autograd.
+        out, lse = kernels_dilated_attention(
+            q, k, v, segment_lengths, dilation_rates, scale=scale, is_causal=is_causal,
+            key_padding_mask=key_padding_mask, return_lse=True, check_finite=False,
+        )  # fmt: skip
+        return out, lse
+    options = {
+        "segment_lengths": segment_lengths,
+        "dilation_rates": dilation_rates,
+        "scale": scale,
+        "is_causal": is_causal,
+        "dropout_p": dropout_p,
+        "dropout_seed": int(torch.randint(1 << 62, ())) if dropout_p > 0.0 else None,
+        "head_offset": 0 if aligned else head_offset,
+    }
+    out, lse = _HeadSliceAttention.apply(q, k, v, key_padding_mask, options)
+    return out, lse
 
 
 def ulysses_attention(
