@@ -10,8 +10,10 @@ are merged with :func:`dilated.core.merge.merge_attention`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -21,6 +23,7 @@ __all__ = [
     "DenseAttention",
     "SubProblem",
     "compute_dtype",
+    "head_index",
     "phase_heads",
     "run_branches",
     "subproblems",
@@ -30,6 +33,22 @@ __all__ = [
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sub-problems are computed in: float32 for 16-bit inputs, else the input dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def head_index(heads: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """``heads`` as an index of dim 2: a slice when they are an arithmetic progression (a view),
+    else a long tensor on ``device``, built once per set of heads and device (a host-to-device
+    copy on every call would synchronise the host with the device)."""
+    heads = tuple(heads)
+    step = heads[1] - heads[0] if len(heads) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in itertools.pairwise(heads)):
+        return slice(heads[0], heads[-1] + 1, step)
+    return _index_tensor(heads, device)
+
+
+@lru_cache(maxsize=4096)
+def _index_tensor(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(heads, device=device)
 
 
 def phase_heads(heads_q: int, heads_kv: int, rate: int, phase: int) -> tuple[slice, torch.Tensor]:
@@ -84,7 +103,8 @@ class SubProblem:
         part = x[:, self.phase :: self.rate][:, self.start : self.stop]
         if isinstance(heads, slice):
             return part[:, :, heads]
-        return part.index_select(2, torch.tensor(heads, device=x.device))
+        index = head_index(heads, x.device)
+        return part[:, :, index] if isinstance(index, slice) else part.index_select(2, index)
 
     def cut(self, x: torch.Tensor, heads: slice | tuple[int, ...]) -> torch.Tensor:
         """``(batch * count, length, heads, ...)``: the call's input cut from ``x``."""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dilated.core.branches import SubProblem, compute_dtype, run_branches, subproblems
+from dilated.core.branches import SubProblem, compute_dtype, head_index, run_branches, subproblems
 from dilated.kernels.backends import cudnn
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 
@@ -120,7 +120,11 @@ def _add_rows(
         rows[:, :, heads] += grad
     else:
         # Query heads that share a key/value head (grouped-query attention) add into it.
-        rows.index_add_(2, torch.tensor(heads, device=acc.device), grad)
+        index = head_index(heads, acc.device)
+        if isinstance(index, slice):
+            rows[:, :, index] += grad
+        else:
+            rows.index_add_(2, index, grad)
 
 
 def dilated_attention_backward(

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dilated.core.branches import compute_dtype
+from dilated.core.branches import compute_dtype, head_index
 from dilated.core.merge import merge_into
 from dilated.kernels.partial import dilated_attention_backward, dilated_attention_forward
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
@@ -107,9 +107,8 @@ def _block_numel(layouts: tuple[PhaseLayout, ...], batch: int, head_dim: int) ->
 
 
 def _select_heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
-    if list(heads) == list(range(heads[0], heads[-1] + 1)):
-        return x[:, :, heads[0] : heads[-1] + 1]
-    return x.index_select(2, torch.tensor(heads, device=x.device))
+    index = head_index(heads, x.device)
+    return x[:, :, index] if isinstance(index, slice) else x.index_select(2, index)
 
 
 def _pack(k: torch.Tensor, v: torch.Tensor, layouts: tuple[PhaseLayout, ...]) -> torch.Tensor:
@@ -142,15 +141,18 @@ def _kv_for_queries(x: torch.Tensor, ph: PhaseLayout) -> torch.Tensor:
     if ph.uniform:
         return x
     # Query heads of the phase read their kv heads in no regular grouping: one per query head.
-    return x.index_select(2, torch.tensor(ph.kv_index, device=x.device))
+    return _select_heads(x, ph.kv_index)
 
 
 def _add_kv_grad(target: torch.Tensor, grad: torch.Tensor, ph: PhaseLayout) -> None:
     if ph.uniform:
         target += grad
     else:
-        index = torch.tensor(ph.kv_index, device=target.device)
-        target.index_add_(2, index, grad.to(target.dtype))
+        index = head_index(ph.kv_index, target.device)
+        if isinstance(index, slice):
+            target[:, :, index] += grad.to(target.dtype)
+        else:
+            target.index_add_(2, index, grad.to(target.dtype))
 
 
 @dataclass
@@ -462,11 +464,15 @@ def _add_home(
 ) -> None:
     """Add this rank's packed key/value gradients into ``dk``/``dv`` ``(b, s, kv_heads, d)``."""
     for ph, grads in zip(mine, _unpack(d_flat, mine, dk.shape[-1])):
-        heads = torch.tensor(ph.kv_heads, device=dk.device)
+        heads = head_index(ph.kv_heads, dk.device)
         for target, grad in zip((dk, dv), grads):
             for pc in ph.pieces:
                 part = grad[:, pc.packed : pc.packed + pc.count].to(target.dtype)
-                target[:, pc.local_slice(0, pc.count)].index_add_(2, heads, part)
+                rows = target[:, pc.local_slice(0, pc.count)]
+                if isinstance(heads, slice):
+                    rows[:, :, heads] += part
+                else:
+                    rows.index_add_(2, heads, part)
 
 
 def _span_backward(

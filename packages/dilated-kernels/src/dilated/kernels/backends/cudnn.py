@@ -203,7 +203,10 @@ def _table(
                 piece.start // piece.w,
             ]
             table[piece.branch, piece.phase, bi, int(piece.partial)] = torch.tensor(row)
-    return table.to(device, non_blocking=False)
+    if device.type != "cuda":
+        return table.to(device)
+    # Pinned and asynchronous: a pageable copy would wait for every queued kernel.
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 def _chunks(b: int, n: int, h: int, d: int, ws: Sequence[int]) -> list[tuple[int, int]]:
