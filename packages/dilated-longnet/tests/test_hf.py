@@ -24,16 +24,16 @@ CACHE_KW = (
 
 
 def _config(family: str = "llama", **kw: Any) -> Any:
-    return CONFIGS[family](
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        **kw,
-    )
+    sizes = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+    }
+    return CONFIGS[family](**{**sizes, **kw})
 
 
 def _model(config: Any, attn: str = "dilated", dtype: torch.dtype = torch.float64) -> Any:
@@ -244,3 +244,71 @@ def test_cross_length_non_causal_call_is_rejected() -> None:
     q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="as many queries as keys"):
         dhf.dilated_attention_forward(layer, q, k, k, None, is_causal=False)
+
+
+# The same models on CUDA, where backend "auto" runs dilated.kernels (cuDNN / Triton).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _gpu_model(dtype: torch.dtype, kv_heads: int = 2) -> Any:
+    pytest.importorskip("dilated.kernels")
+    # head_dim 64: inside every kernel's supported range. Without GQA, mask or dropout, "auto"
+    # takes cuDNN; otherwise Triton.
+    config = _config(hidden_size=256, intermediate_size=512, num_key_value_heads=kv_heads)
+    dhf.configure(config, [16, 32], [1, 2])
+    return _model(config, dtype=torch.float32).to("cuda", dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_gpu_kernels_equal_the_reference_backend(
+    dtype: torch.dtype, padded: bool, kv_heads: int
+) -> None:
+    model = _gpu_model(dtype, kv_heads)
+    ids = _ids(2, 80, seed=11).cuda()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :9] = 0
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits.float()
+        model.config.dilated_backend = "reference"
+        want = model(ids, attention_mask=mask).logits.float()
+    # Two layers of 16-bit rounding between two exact computations of the same attention.
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_gpu_cached_logits_equal_full_logits(dtype: torch.dtype) -> None:
+    model = _gpu_model(dtype)
+    ids = _ids(2, 70, seed=12).cuda()
+    with torch.no_grad():
+        full = model(ids).logits.float()
+        out = model(ids[:, :33], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for t in range(33, 60):
+            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KW: cache})
+            logits.append(out.logits)
+            cache = out.past_key_values
+        logits.append(model(ids[:, 60:], use_cache=True, **{CACHE_KW: cache}).logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1).float(), full, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_training_lowers_the_loss() -> None:
+    model = _gpu_model(torch.bfloat16).train()
+    ids = _ids(4, 96, seed=13).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
