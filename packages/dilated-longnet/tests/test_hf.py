@@ -46,6 +46,33 @@ def _ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def _train(model: Any, ids: torch.Tensor, steps: int = 8) -> list[float]:
+    """Losses of ``steps`` AdamW steps on one batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def _cached_logits(model: Any, ids: torch.Tensor, prefill: int, stepwise: int) -> torch.Tensor:
+    """Teacher-forced logits through a cache: a prefill, one token at a time up to ``stepwise``,
+    then the rest as one chunk."""
+    out = model(ids[:, :prefill], use_cache=True)
+    logits, cache = [out.logits], out.past_key_values
+    for t in range(prefill, stepwise):
+        out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KW: cache})
+        logits.append(out.logits)
+        cache = out.past_key_values
+    logits.append(model(ids[:, stepwise:], use_cache=True, **{CACHE_KW: cache}).logits)
+    return torch.cat(logits, dim=1)
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_one_full_branch_equals_sdpa(family: str, dtype: torch.dtype) -> None:
@@ -99,14 +126,7 @@ def test_training_lowers_the_loss() -> None:
     config = dhf.configure(_config("qwen2"), [8, 16], [1, 2])
     model = _model(config, dtype=torch.float32).train()
     ids = _ids(4, 32, seed=3)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(model, ids)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.5, losses
 
@@ -129,14 +149,7 @@ def test_cached_logits_equal_full_logits() -> None:
     ids = _ids(2, 27, seed=5)
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :10], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(10, 20):
-            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KW: cache})
-            logits.append(out.logits)
-            cache = out.past_key_values
-        logits.append(model(ids[:, 20:], use_cache=True, **{CACHE_KW: cache}).logits)
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(_cached_logits(model, ids, 10, 20), full, atol=1e-10, rtol=1e-10)
 
 
 def test_padding_mask_hides_the_padded_tokens() -> None:
@@ -288,14 +301,8 @@ def test_gpu_cached_logits_equal_full_logits(dtype: torch.dtype) -> None:
     ids = _ids(2, 70, seed=12).cuda()
     with torch.no_grad():
         full = model(ids).logits.float()
-        out = model(ids[:, :33], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
-        for t in range(33, 60):
-            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KW: cache})
-            logits.append(out.logits)
-            cache = out.past_key_values
-        logits.append(model(ids[:, 60:], use_cache=True, **{CACHE_KW: cache}).logits)
-    torch.testing.assert_close(torch.cat(logits, dim=1).float(), full, atol=3e-2, rtol=3e-2)
+    cached = _cached_logits(model, ids, 33, 60).float()
+    torch.testing.assert_close(cached, full, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.gpu
@@ -303,12 +310,5 @@ def test_gpu_cached_logits_equal_full_logits(dtype: torch.dtype) -> None:
 def test_gpu_training_lowers_the_loss() -> None:
     model = _gpu_model(torch.bfloat16).train()
     ids = _ids(4, 96, seed=13).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(model, ids)
     assert losses[-1] < losses[0] - 0.5, losses
