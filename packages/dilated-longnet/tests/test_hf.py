@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,7 +17,13 @@ import dilated.longnet.hf as dhf  # noqa: E402
 from dilated.core.testing import assert_close_to_reference, dense_dilated_attention  # noqa: E402
 
 VOCAB = 128
-CONFIGS = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+# Families whose attention layers go through AttentionInterface, with what they need here.
+CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": None}),
+}
 # transformers 5 renamed the cache argument of forward.
 CACHE_KW = (
     "cache"
@@ -33,7 +42,8 @@ def _config(family: str = "llama", **kw: Any) -> Any:
         "vocab_size": VOCAB,
         "max_position_embeddings": 256,
     }
-    return CONFIGS[family](**{**sizes, **kw})
+    cls, extra = CONFIGS[family]
+    return cls(**{**sizes, **extra, **kw})
 
 
 def _model(config: Any, attn: str = "dilated", dtype: torch.dtype = torch.float64) -> Any:
@@ -44,6 +54,47 @@ def _model(config: Any, attn: str = "dilated", dtype: torch.dtype = torch.float6
 
 def _ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@given(
+    branches=st.sampled_from([((4,), (1,)), ((4, 8), (1, 2)), ((6, 12), (2, 3)), ((2, 8), (2, 4))]),
+    seq=st.integers(1, 19),
+    new=st.integers(1, 19),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_calls_equal_dense_judge(
+    branches: tuple[tuple[int, ...], tuple[int, ...]],
+    seq: int,
+    new: int,
+    kv_heads: int,
+    causal: bool,
+    padded: bool,
+    seed: int,
+) -> None:
+    # A stand-in for the calling layer: the function reads only .config and .is_causal.
+    ws, rs = branches
+    config = SimpleNamespace(dilated_segment_lengths=list(ws), dilated_dilation_rates=list(rs))
+    layer = SimpleNamespace(config=config, is_causal=causal)
+    n_q = min(new, seq) if causal else seq  # fewer queries than keys only with a cache
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, seq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, seq, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, kv_heads, seq, 8, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, seq, generator=g) > 0.3 if padded else None
+    out, _ = dhf.dilated_attention_forward(layer, q[:, :, seq - n_q :], k, v, mask)
+    want, _ = dense_dilated_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        ws,
+        rs,
+        is_causal=causal,
+        key_padding_mask=mask,
+    )
+    assert_close_to_reference(out, want[:, seq - n_q :], torch.float64)
 
 
 def _train(model: Any, ids: torch.Tensor, steps: int = 8) -> list[float]:
