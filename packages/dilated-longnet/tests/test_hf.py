@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -254,8 +256,10 @@ def test_configure_rejects_bad_branches(ws: list[int], rs: list[int], message: s
 
 
 def test_configure_rejects_unknown_backend() -> None:
+    config = _config()
     with pytest.raises(ValueError, match="dilated backend must be one of"):
-        dhf.configure(_config(), [8], [1], backend="nope")
+        dhf.configure(config, [8], [1], backend="nope")
+    assert not hasattr(config, "dilated_segment_lengths")  # nothing half-set
 
 
 def test_missing_branches_name_the_attributes_and_the_helper() -> None:
@@ -363,3 +367,27 @@ def test_gpu_training_lowers_the_loss() -> None:
     ids = _ids(4, 96, seed=13).cuda()
     losses = _train(model, ids)
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+HAS_KERNELS = importlib.util.find_spec("dilated.kernels") is not None
+
+
+@pytest.mark.skipif(not HAS_KERNELS, reason="pins a backend of dilated-kernels")
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+def test_pinned_backend_equals_auto(backend: str) -> None:
+    # On CPU "auto" is the reference; "triton" runs under the interpreter (TRITON_INTERPRET=1).
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    model = _model(dhf.configure(_config(), [8, 16], [1, 2]), dtype=torch.float32)
+    ids = _ids(1, 24, seed=9)
+    with torch.no_grad():
+        want = model(ids).logits
+        dhf.configure(model.config, [8, 16], [1, 2], backend=backend)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(HAS_KERNELS, reason="checks the error without dilated-kernels")
+def test_kernel_backend_without_kernels_says_what_to_install() -> None:
+    with pytest.raises(ValueError, match="install dilated-kernels"):
+        dhf.configure(_config(), [8], [1], backend="sdpa")

@@ -3,11 +3,14 @@
 Importing this module registers the attention implementation ``"dilated"`` with
 ``transformers.AttentionInterface`` (and its mask builder with ``AttentionMaskInterface``), so any
 model whose attention layers go through that interface (Llama, Qwen2, Mistral, ...) runs dilated
-attention when built with ``attn_implementation="dilated"``::
+attention when built with ``attn_implementation="dilated"``:
 
-    import dilated.longnet.hf
-    dilated.longnet.hf.configure(config, segment_lengths=[2048, 4096], dilation_rates=[1, 2])
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="dilated")
+```python
+import dilated.longnet.hf
+
+dilated.longnet.hf.configure(config, segment_lengths=[2048, 4096], dilation_rates=[1, 2])
+model = AutoModelForCausalLM.from_config(config, attn_implementation="dilated")
+```
 
 The branches are read from the model config's ``dilated_segment_lengths`` and
 ``dilated_dilation_rates`` (and the backend from ``dilated_backend``, default ``"auto"``), which
@@ -19,14 +22,14 @@ never as a quadratic 4D mask. A 4D mask given by the caller, packed sequences, s
 logit soft-capping, attention sinks and static (preallocated) caches raise ``ValueError``.
 
 Positions: dilated segments are counted from the first key slot, so left padding counts as
-positions (as it does for the rotary embedding of most models without ``position_ids``).
+positions; pad on the right to keep the segments of the text.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -48,6 +51,8 @@ __all__ = [
     "dilated_attention_forward",
     "dilated_attention_mask",
 ]
+
+ConfigT = TypeVar("ConfigT")
 
 #: The ``attn_implementation`` name this module registers.
 ATTENTION_NAME = "dilated"
@@ -92,12 +97,12 @@ def _check_backend(backend: Any) -> str:
 
 
 def configure(
-    config: Any,
+    config: ConfigT,
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
     *,
     backend: str = "auto",
-) -> Any:
+) -> ConfigT:
     """Validate the branches and store them on a transformers config; return the config.
 
     Args:
@@ -118,9 +123,10 @@ def configure(
             [`check_branches`][dilated.core.checks.check_branches]) or an unknown backend.
     """
     ws, rs = check_branches(segment_lengths, dilation_rates)
+    name = _check_backend(backend)
     setattr(config, _SEGMENTS, list(ws))
     setattr(config, _RATES, list(rs))
-    setattr(config, _BACKEND, _check_backend(backend))
+    setattr(config, _BACKEND, name)
     return config
 
 
