@@ -16,7 +16,7 @@ import torch
 from dilated.core.merge import merge_attention, safe_logsumexp
 from dilated.core.reference import compute_dtype
 
-__all__ = ["KVCache", "LayerKVCache", "cached_dilated_attention"]
+__all__ = ["KVCache", "LayerKVCache", "cached_dilated_attention", "dilated_attention_at"]
 
 
 class LayerKVCache:
@@ -82,8 +82,44 @@ def cached_dilated_attention(
         ``(batch, 1, heads, head_dim)`` in the dtype of ``q``: SPEC.md's output for row
         ``position`` of a causal call over the first ``position + 1`` tokens.
     """
+    return dilated_attention_at(
+        q, cache.k, cache.v, position, segment_lengths, dilation_rates, scale=scale
+    )
+
+
+def dilated_attention_at(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal dilated attention of one query at ``position`` over keys ``k[:, :position + 1]``.
+
+    What [`cached_dilated_attention`][dilated.longnet.kv_cache.cached_dilated_attention] computes,
+    over any key/value tensors (a preallocated cache, or the growing cache of another library).
+    Per branch it reads at most ``w / r`` keys, so its cost does not depend on ``position``.
+
+    Args:
+        q: ``(batch, 1, heads, head_dim)``.
+        k: ``(batch, n, kv_heads, head_dim)`` with ``n > position``, ``heads % kv_heads == 0``;
+            any strides (a transposed view is read in place).
+        v: values, shaped like ``k``.
+        position: absolute position of the query (and index of its own key).
+        segment_lengths, dilation_rates: the branches.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        key_padding_mask: bool ``(batch, n)``, True for real tokens; padded keys are never seen.
+
+    Returns:
+        ``(batch, 1, heads, head_dim)`` in the dtype of ``q``: row ``position`` of a causal call
+        over the first ``position + 1`` keys (0 for a query that sees no key).
+    """
     _, _, h, d = q.shape
-    hkv = cache.k.shape[2]
+    hkv = k.shape[2]
     group = h // hkv
     acc = compute_dtype(q.dtype)
     sc = d**-0.5 if scale is None else scale
@@ -94,15 +130,18 @@ def cached_dilated_attention(
         start = (position // w) * w
         first = start + (position - start) % r
         # Only u = position (mod r) in the segment can be read, by heads of that phase.
-        k = cache.k[:, first : position + 1 : r].to(acc).repeat_interleave(group, dim=2)
-        v = cache.v[:, first : position + 1 : r].to(acc).repeat_interleave(group, dim=2)
-        s = torch.einsum("bhd,blhd->bhl", qf, k) * sc
+        kb = k[:, first : position + 1 : r].to(acc).repeat_interleave(group, dim=2)
+        vb = v[:, first : position + 1 : r].to(acc).repeat_interleave(group, dim=2)
+        s = torch.einsum("bhd,blhd->bhl", qf, kb) * sc
         active = (heads % r) == (position % r)  # (h,)
         s = s.masked_fill(~active[None, :, None], float("-inf"))
+        if key_padding_mask is not None:
+            real = key_padding_mask[:, first : position + 1 : r]  # (b, l)
+            s = s.masked_fill(~real[:, None, :], float("-inf"))
         lse = safe_logsumexp(s, dim=-1)  # (b, h)
         finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         p = torch.exp(s - finite[..., None])
-        o = torch.einsum("bhl,blhd->bhd", p, v)
+        o = torch.einsum("bhl,blhd->bhd", p, vb)
         outs.append(o[:, None])
         lses.append(lse[:, :, None])
     out, _ = merge_attention(outs, lses)

@@ -1,0 +1,426 @@
+"""Hugging Face models with attn_implementation="dilated": tiny random configs on CPU, nothing downloaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")
+
+import dilated.longnet.hf as dhf  # noqa: E402
+from dilated.core.testing import assert_close_to_reference, dense_dilated_attention  # noqa: E402
+
+VOCAB = 128
+# Families whose attention layers go through AttentionInterface, with what they need here.
+CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": None}),
+}
+# transformers 5 renamed the cache argument of forward.
+CACHE_KW = (
+    "cache"
+    if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)
+
+
+def _config(family: str = "llama", **kw: Any) -> Any:
+    sizes = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+    }
+    cls, extra = CONFIGS[family]
+    return cls(**{**sizes, **extra, **kw})
+
+
+def _model(config: Any, attn: str = "dilated", dtype: torch.dtype = torch.float64) -> Any:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return model.to(dtype).eval()
+
+
+def _ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@given(
+    branches=st.sampled_from([((4,), (1,)), ((4, 8), (1, 2)), ((6, 12), (2, 3)), ((2, 8), (2, 4))]),
+    seq=st.integers(1, 19),
+    new=st.integers(1, 19),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_calls_equal_dense_judge(
+    branches: tuple[tuple[int, ...], tuple[int, ...]],
+    seq: int,
+    new: int,
+    kv_heads: int,
+    causal: bool,
+    padded: bool,
+    seed: int,
+) -> None:
+    # A stand-in for the calling layer: the function reads only .config and .is_causal.
+    ws, rs = branches
+    config = SimpleNamespace(dilated_segment_lengths=list(ws), dilated_dilation_rates=list(rs))
+    layer = SimpleNamespace(config=config, is_causal=causal)
+    n_q = min(new, seq) if causal else seq  # fewer queries than keys only with a cache
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, seq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, seq, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, kv_heads, seq, 8, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, seq, generator=g) > 0.3 if padded else None
+    out, _ = dhf.dilated_attention_forward(layer, q[:, :, seq - n_q :], k, v, mask)
+    want, _ = dense_dilated_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        ws,
+        rs,
+        is_causal=causal,
+        key_padding_mask=mask,
+    )
+    assert_close_to_reference(out, want[:, seq - n_q :], torch.float64)
+
+
+def _train(model: Any, ids: torch.Tensor, steps: int = 8) -> list[float]:
+    """Losses of ``steps`` AdamW steps on one batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def _cached_logits(model: Any, ids: torch.Tensor, prefill: int, stepwise: int) -> torch.Tensor:
+    """Teacher-forced logits through a cache: a prefill, one token at a time up to ``stepwise``,
+    then the rest as one chunk."""
+    out = model(ids[:, :prefill], use_cache=True)
+    logits, cache = [out.logits], out.past_key_values
+    for t in range(prefill, stepwise):
+        out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KW: cache})
+        logits.append(out.logits)
+        cache = out.past_key_values
+    logits.append(model(ids[:, stepwise:], use_cache=True, **{CACHE_KW: cache}).logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_full_branch_equals_sdpa(family: str, dtype: torch.dtype) -> None:
+    # One segment covering the sequence at rate 1 is dense causal attention.
+    seq = 24
+    dilated = _model(dhf.configure(_config(family), [seq], [1]), dtype=dtype)
+    sdpa = _model(_config(family), "sdpa", dtype=dtype)
+    assert dilated.config._attn_implementation == "dilated"
+    ids = _ids(2, seq)
+    with torch.no_grad():
+        got, want = dilated(ids).logits, sdpa(ids).logits
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("n_q", [20, 5, 1])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_function_equals_dense_judge(n_q: int, padded: bool, dtype: torch.dtype) -> None:
+    # The registered function against the float64 judge: GQA, real branches, a seq that is not a
+    # multiple of the segments, and the last n_q queries over all keys as with a cache.
+    config = dhf.configure(_config(), [8, 16], [1, 2])
+    layer = _model(config).model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 20, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, 20, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 20, 16, generator=g, dtype=torch.float64)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 20, dtype=torch.bool)
+        mask[1, :5] = False
+    out, weights = dhf.dilated_attention_forward(
+        layer, q[:, :, -n_q:].to(dtype), k.to(dtype), v.to(dtype), mask, scaling=0.3
+    )
+    assert weights is None
+    assert out.dtype == dtype
+    want, _ = dense_dilated_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        (8, 16),
+        (1, 2),
+        scale=0.3,
+        is_causal=True,
+        key_padding_mask=mask,
+    )
+    assert_close_to_reference(out, want[:, -n_q:], dtype)
+
+
+def test_training_lowers_the_loss() -> None:
+    config = dhf.configure(_config("qwen2"), [8, 16], [1, 2])
+    model = _model(config, dtype=torch.float32).train()
+    ids = _ids(4, 32, seed=3)
+    losses = _train(model, ids)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize(("family", "prompt"), [("llama", 3), ("qwen2", 11)])
+def test_cached_greedy_generation_equals_full_recompute(family: str, prompt: int) -> None:
+    # 3 + 20 and 11 + 20 tokens cross the boundaries of both branches (8 and 16).
+    model = _model(dhf.configure(_config(family), [8, 16], [1, 2]))
+    ids = _ids(2, prompt, seed=prompt)
+    kw = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
+    cached = model.generate(ids, use_cache=True, **kw)
+    full = model.generate(ids, use_cache=False, **kw)
+    assert cached.shape == (2, prompt + 20)
+    assert torch.equal(cached, full)
+
+
+def test_cached_logits_equal_full_logits() -> None:
+    # Teacher-forced: prefill 10, then one token at a time and a chunk of 7 at once.
+    model = _model(dhf.configure(_config(), [4, 8, 16], [1, 2, 4]))
+    ids = _ids(2, 27, seed=5)
+    with torch.no_grad():
+        full = model(ids).logits
+    torch.testing.assert_close(_cached_logits(model, ids, 10, 20), full, atol=1e-10, rtol=1e-10)
+
+
+def test_padding_mask_hides_the_padded_tokens() -> None:
+    model = _model(dhf.configure(_config(), [8, 16], [1, 2]))
+    ids = _ids(2, 20, seed=7)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0  # left padding of the second row
+    other = ids.clone()
+    other[1, :6] = (ids[1, :6] + 1) % VOCAB  # different tokens under the padding
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask).logits
+        b = model(other, attention_mask=mask).logits
+        unmasked = model(other).logits
+    torch.testing.assert_close(a[:, 6:], b[:, 6:], atol=1e-12, rtol=0)
+    assert not torch.allclose(a[1, 6:], unmasked[1, 6:])  # the mask did something
+    # Cached generation of the padded batch equals its full recomputation.
+    kw = {"attention_mask": mask, "max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_dropout_is_applied_in_training_only() -> None:
+    model = _model(dhf.configure(_config(attention_dropout=0.5), [8, 16], [1, 2]))
+    ids = _ids(1, 16)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_configure_stores_json_friendly_branches() -> None:
+    config = dhf.configure(_config(), (8, 16), (1, 2))
+    assert config.dilated_segment_lengths == [8, 16]
+    assert config.dilated_dilation_rates == [1, 2]
+    assert config.dilated_backend == "auto"
+    again = type(config).from_dict(config.to_dict())
+    assert again.dilated_segment_lengths == [8, 16]
+
+
+@pytest.mark.parametrize(
+    ("ws", "rs", "message"),
+    [
+        ([8, 16], [1], "same length"),
+        ([8, 15], [1, 2], "multiple of dilation_rates"),
+        ([], [], "must not be empty"),
+        ([8, 0], [1, 1], "positive integer"),
+    ],
+)
+def test_configure_rejects_bad_branches(ws: list[int], rs: list[int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dhf.configure(_config(), ws, rs)
+
+
+def test_configure_rejects_unknown_backend() -> None:
+    config = _config()
+    with pytest.raises(ValueError, match="dilated backend must be one of"):
+        dhf.configure(config, [8], [1], backend="nope")
+    assert not hasattr(config, "dilated_segment_lengths")  # nothing half-set
+
+
+def test_missing_branches_name_the_attributes_and_the_helper() -> None:
+    model = _model(_config())
+    with pytest.raises(
+        ValueError, match=r"dilated_segment_lengths or dilated_dilation_rates.*configure"
+    ):
+        model(_ids(1, 8))
+
+
+def test_branches_set_by_hand_are_validated() -> None:
+    config = _config()
+    config.dilated_segment_lengths, config.dilated_dilation_rates = [8, 16], [3, 2]
+    with pytest.raises(ValueError, match=r"config.dilated_segment_lengths.*multiple"):
+        _model(config)(_ids(1, 8))
+
+
+def test_4d_mask_is_rejected() -> None:
+    model = _model(dhf.configure(_config(), [8], [1]))
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="supports only a key padding mask"):
+        model(_ids(1, 8), attention_mask=mask)
+
+
+def test_static_cache_is_rejected() -> None:
+    model = _model(dhf.configure(_config(), [8], [1]))
+    with pytest.raises(ValueError, match="static and sliding-window caches are not supported"):
+        model.generate(
+            _ids(1, 5),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+        )
+
+
+def test_sliding_window_is_rejected() -> None:
+    config = _config("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    model = _model(dhf.configure(config, [8], [1]))
+    with pytest.raises(ValueError, match="sliding windows"):
+        model(_ids(1, 8))
+    layer = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 8, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        dhf.dilated_attention_forward(layer, q, q[:, :2], q[:, :2], None, sliding_window=4)
+
+
+def test_cross_length_non_causal_call_is_rejected() -> None:
+    layer = _model(dhf.configure(_config(), [8], [1])).model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        dhf.dilated_attention_forward(layer, q, k, k, None, is_causal=False)
+
+
+# The same models on CUDA, where backend "auto" runs dilated.kernels (cuDNN / Triton).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _gpu_model(dtype: torch.dtype, kv_heads: int = 2) -> Any:
+    pytest.importorskip("dilated.kernels")
+    # head_dim 64: inside every kernel's supported range. Without GQA, mask or dropout, "auto"
+    # takes cuDNN; otherwise Triton.
+    config = _config(hidden_size=256, intermediate_size=512, num_key_value_heads=kv_heads)
+    dhf.configure(config, [16, 32], [1, 2])
+    return _model(config, dtype=torch.float32).to("cuda", dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_gpu_kernels_equal_the_reference_backend(
+    dtype: torch.dtype, padded: bool, kv_heads: int
+) -> None:
+    model = _gpu_model(dtype, kv_heads)
+    ids = _ids(2, 80, seed=11).cuda()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :9] = 0
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits.float()
+        model.config.dilated_backend = "reference"
+        want = model(ids, attention_mask=mask).logits.float()
+    # Two layers of 16-bit rounding between two exact computations of the same attention.
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 2e-2, err
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n_q", [96, 7, 1])
+@pytest.mark.parametrize(("kv_heads", "padded"), [(4, False), (2, False), (4, True)])
+def test_gpu_attention_function_equals_dense_judge(
+    dtype: torch.dtype, n_q: int, kv_heads: int, padded: bool
+) -> None:
+    pytest.importorskip("dilated.kernels")
+    config = SimpleNamespace(dilated_segment_lengths=[16, 32], dilated_dilation_rates=[1, 2])
+    layer = SimpleNamespace(config=config, is_causal=True)
+    g = torch.Generator(device="cuda").manual_seed(n_q)
+    q = torch.randn(2, 4, 96, 64, generator=g, device="cuda").to(dtype)
+    k = torch.randn(2, kv_heads, 96, 64, generator=g, device="cuda").to(dtype)
+    v = torch.randn(2, kv_heads, 96, 64, generator=g, device="cuda").to(dtype)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 96, dtype=torch.bool, device="cuda")
+        mask[1, :13] = False
+    out, _ = dhf.dilated_attention_forward(layer, q[:, :, 96 - n_q :], k, v, mask)
+    want, _ = dense_dilated_attention(
+        q.transpose(1, 2).double(),
+        k.transpose(1, 2).double(),
+        v.transpose(1, 2).double(),
+        (16, 32),
+        (1, 2),
+        is_causal=True,
+        key_padding_mask=mask,
+    )
+    assert_close_to_reference(out, want[:, 96 - n_q :], dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_gpu_cached_logits_equal_full_logits(dtype: torch.dtype) -> None:
+    model = _gpu_model(dtype)
+    ids = _ids(2, 70, seed=12).cuda()
+    with torch.no_grad():
+        full = model(ids).logits.float()
+    cached = _cached_logits(model, ids, 33, 60).float()
+    torch.testing.assert_close(cached, full, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_training_lowers_the_loss() -> None:
+    model = _gpu_model(torch.bfloat16).train()
+    ids = _ids(4, 96, seed=13).cuda()
+    losses = _train(model, ids)
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+HAS_KERNELS = importlib.util.find_spec("dilated.kernels") is not None
+
+
+@pytest.mark.skipif(not HAS_KERNELS, reason="pins a backend of dilated-kernels")
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+def test_pinned_backend_equals_auto(backend: str) -> None:
+    # On CPU "auto" is the reference; "triton" runs under the interpreter (TRITON_INTERPRET=1).
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    model = _model(dhf.configure(_config(), [8, 16], [1, 2]), dtype=torch.float32)
+    ids = _ids(1, 24, seed=9)
+    with torch.no_grad():
+        want = model(ids).logits
+        dhf.configure(model.config, [8, 16], [1, 2], backend=backend)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(HAS_KERNELS, reason="checks the error without dilated-kernels")
+def test_kernel_backend_without_kernels_says_what_to_install() -> None:
+    with pytest.raises(ValueError, match="install dilated-kernels"):
+        dhf.configure(_config(), [8], [1], backend="sdpa")
