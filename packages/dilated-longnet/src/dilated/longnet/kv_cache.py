@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from dilated.core.merge import merge_attention, safe_logsumexp
-from dilated.core.reference import compute_dtype
+from dilated.core.branches import head_index, phase_heads
+from dilated.core.merge import merge_attention
+from dilated.core.reference import compute_dtype, dense_segment_attention
 
 __all__ = ["KVCache", "LayerKVCache", "cached_dilated_attention", "dilated_attention_at"]
 
@@ -118,31 +119,53 @@ def dilated_attention_at(
         ``(batch, 1, heads, head_dim)`` in the dtype of ``q``: row ``position`` of a causal call
         over the first ``position + 1`` keys (0 for a query that sees no key).
     """
-    _, _, h, d = q.shape
-    hkv = k.shape[2]
-    group = h // hkv
-    acc = compute_dtype(q.dtype)
+    b, _, h, d = q.shape
+    work = compute_dtype(q.dtype)
     sc = d**-0.5 if scale is None else scale
-    qf = q[:, 0].to(acc)  # (b, h, d)
-    heads = torch.arange(h, device=q.device)
     outs, lses = [], []
     for w, r in zip(segment_lengths, dilation_rates):
         start = (position // w) * w
         first = start + (position - start) % r
-        # Only u = position (mod r) in the segment can be read, by heads of that phase.
-        kb = k[:, first : position + 1 : r].to(acc).repeat_interleave(group, dim=2)
-        vb = v[:, first : position + 1 : r].to(acc).repeat_interleave(group, dim=2)
-        s = torch.einsum("bhd,blhd->bhl", qf, kb) * sc
-        active = (heads % r) == (position % r)  # (h,)
-        s = s.masked_fill(~active[None, :, None], float("-inf"))
-        if key_padding_mask is not None:
-            real = key_padding_mask[:, first : position + 1 : r]  # (b, l)
-            s = s.masked_fill(~real[:, None, :], float("-inf"))
-        lse = safe_logsumexp(s, dim=-1)  # (b, h)
-        finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        p = torch.exp(s - finite[..., None])
-        o = torch.einsum("bhl,blhd->bhd", p, vb)
-        outs.append(o[:, None])
-        lses.append(lse[:, :, None])
-    out, _ = merge_attention(outs, lses)
-    return out.to(q.dtype)
+        phase = position % r
+        out = q.new_zeros(b, 1, h, d, dtype=work)
+        lse = torch.full((b, h, 1), float("-inf"), dtype=work, device=q.device)
+        if phase < h:
+            # Only keys u = position (mod r) of the segment, read by the heads of that phase:
+            # one dense sub-problem of one query row.
+            heads, kv_of = phase_heads(h, k.shape[2], r, phase)
+            keys = head_index(tuple(kv_of.tolist()), k.device)
+            kb = k[:, first : position + 1 : r]
+            vb = v[:, first : position + 1 : r]
+            kb, vb = (
+                x[:, :, keys] if isinstance(keys, slice) else x.index_select(2, keys)
+                for x in (kb, vb)
+            )
+            mask = (
+                None if key_padding_mask is None else key_padding_mask[:, first : position + 1 : r]
+            )
+            o, l_part = _attend(q[:, :, heads], kb, vb, sc, mask)
+            out[:, :, heads] = o.to(work)
+            lse[:, heads] = l_part.to(work)
+        outs.append(out)
+        lses.append(lse)
+    merged, _ = merge_attention(outs, lses)
+    return merged.to(q.dtype)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared sub-problem primitive of dilated-kernels when it is installed (cuDNN on CUDA),
+    else the portable one of dilated-core: ``(out, lse)`` of ``(b, 1, heads, d)`` queries."""
+    try:
+        from dilated.kernels.subproblem import subproblem_attention
+    except ImportError:
+        work = compute_dtype(q.dtype)
+        return dense_segment_attention(
+            q.to(work), k.to(work), v.to(work), key_mask, scale, False, 0.0
+        )
+    return subproblem_attention(q, k, v, scale=scale, key_mask=key_mask)
