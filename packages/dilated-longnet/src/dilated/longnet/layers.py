@@ -178,7 +178,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
     (``d_model, nhead, segment_lengths, dilation_rates, dim_feedforward=2048, dropout=0.1,
     activation="relu", layer_norm_eps=1e-5, gamma_init=1.0, device=None, dtype=None``, plus
     keyword-only ``attention_type="standard"``, ``num_kv_heads``, ``bias``) or from a
-    :class:`TransformerLayerConfig`.
+    [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig].
 
     Input and output ``(batch, seq, d_model)``.
     """
@@ -302,7 +302,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
 class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
     """Causal dilated self-attention, dense cross-attention over the encoder output, feed-forward.
 
-    Same constructor as :class:`DilatedTransformerEncoderLayer`, plus keyword-only
+    Same constructor as [`DilatedTransformerEncoderLayer`][dilated.longnet.layers.DilatedTransformerEncoderLayer], plus keyword-only
     ``cross_attention=True`` (False gives the layer of a decoder-only model, whose ``memory``
     must then be None). Input ``tgt`` ``(batch, seq, d_model)``, ``memory``
     ``(batch, memory_seq, d_model)``; output ``(batch, seq, d_model)``.
@@ -382,7 +382,7 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
             tgt_is_causal: causal dilated self-attention (default True).
             tgt_key_padding_mask: bool ``(batch, seq)``, True for real tokens.
             memory_key_padding_mask: bool ``(batch, memory_seq)``, True for real tokens.
-            rotary, cache, offset: as in :meth:`DilatedTransformerEncoderLayer.forward`.
+            rotary, cache, offset: as in [`DilatedTransformerEncoderLayer.forward`][dilated.longnet.layers.DilatedTransformerEncoderLayer.forward].
 
         Returns:
             ``(batch, seq, d_model)``.
@@ -402,7 +402,7 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
 def create_encoder_layer(
     attention_type: str = "standard", **kwargs: Any
 ) -> DilatedTransformerEncoderLayer:
-    """A :class:`DilatedTransformerEncoderLayer` whose self-attention is the core factory's
+    """A [`DilatedTransformerEncoderLayer`][dilated.longnet.layers.DilatedTransformerEncoderLayer] whose self-attention is the core factory's
     ``attention_type`` (``"standard"``, ``"improved"``, ``"ring"``, ...); ``kwargs`` are the
     layer's keywords (``d_model``, ``nhead``, ``segment_lengths``, ``dilation_rates``, ...)."""
     return DilatedTransformerEncoderLayer(attention_type=attention_type, **kwargs)
@@ -411,5 +411,5 @@ def create_encoder_layer(
 def create_decoder_layer(
     attention_type: str = "standard", **kwargs: Any
 ) -> DilatedTransformerDecoderLayer:
-    """A :class:`DilatedTransformerDecoderLayer` built like :func:`create_encoder_layer`."""
+    """A [`DilatedTransformerDecoderLayer`][dilated.longnet.layers.DilatedTransformerDecoderLayer] built like [`create_encoder_layer`][dilated.longnet.layers.create_encoder_layer]."""
     return DilatedTransformerDecoderLayer(attention_type=attention_type, **kwargs)

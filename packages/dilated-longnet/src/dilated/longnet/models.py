@@ -1,4 +1,4 @@
-"""LongNet models: :class:`LongNet` (encoder-decoder over embeddings) and :class:`LongNetLM`
+"""LongNet models: [`LongNet`][dilated.longnet.models.LongNet] (encoder-decoder over embeddings) and [`LongNetLM`][dilated.longnet.models.LongNetLM]
 (decoder-only language model over token ids)."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class LongNet(nn.Module):
     cross-attends densely to the encoder output. MAGNETO gains follow the encoder-decoder formula.
 
     Args:
-        config: a :class:`LongNetConfig` (``num_tokens`` is unused), or its fields as keywords.
+        config: a [`LongNetConfig`][dilated.longnet.config.LongNetConfig] (``num_tokens`` is unused), or its fields as keywords.
         device, dtype: where and in what dtype parameters are created.
     """
 
@@ -128,7 +128,7 @@ class LongNetLM(nn.Module):
     q/k, final norm and an output head tied to the embedding (``tie_weights``).
 
     Args:
-        config: a :class:`LongNetConfig` with ``num_encoder_layers == 0``, or its fields as
+        config: a [`LongNetConfig`][dilated.longnet.config.LongNetConfig] with ``num_encoder_layers == 0``, or its fields as
             keywords (e.g. ``LongNetLM(num_tokens=256, d_model=128, nhead=4,
             num_encoder_layers=0, num_decoder_layers=2, segment_lengths=[32, 64],
             dilation_rates=[1, 2])``).
@@ -171,11 +171,11 @@ class LongNetLM(nn.Module):
     def from_preset(
         cls, name: str, *, device: Any = None, dtype: Any = None, **overrides: Any
     ) -> LongNetLM:
-        """Build the preset ``name`` of :data:`dilated.longnet.LONGNET_PRESETS`."""
+        """Build the preset ``name`` of [`dilated.longnet.LONGNET_PRESETS`][dilated.longnet.config.LONGNET_PRESETS]."""
         return cls(LongNetConfig.from_preset(name, **overrides), device=device, dtype=dtype)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
-        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_length`` tokens."""
+        """An empty [`KVCache`][dilated.longnet.kv_cache.KVCache] for ``batch`` sequences of up to ``max_length`` tokens."""
         p, c = self.embedding.weight, self.config
         return KVCache(
             [
@@ -203,7 +203,7 @@ class LongNetLM(nn.Module):
         Args:
             input_ids: int64 ``(batch, seq)``.
             key_padding_mask: bool ``(batch, seq)``, True for real tokens (not with ``cache``).
-            cache: a :class:`KVCache` from :meth:`new_cache`; the tokens are taken to follow the
+            cache: a [`KVCache`][dilated.longnet.kv_cache.KVCache] from [`new_cache`][dilated.longnet.models.LongNetLM.new_cache]; the tokens are taken to follow the
                 ``cache.length`` tokens already in it, and are appended to it.
 
         Returns:

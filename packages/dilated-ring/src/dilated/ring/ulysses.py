@@ -6,7 +6,7 @@ sequence for ``heads / P`` of the heads (DeepSpeed-Ulysses); the single-process 
 sequence shards. The backward pass is autograd through the attention and through
 :class:`_AllToAll`, whose backward is the inverse exchange.
 
-The phase of a head in branch ``(w, r)`` is its *global* index mod ``r`` (SPEC.md). Rank ``c``
+The phase of a head in branch ``(w, r)`` is its *global* index mod ``r`` (the docs' Concepts page). Rank ``c``
 holds the global heads ``c h / P + j``; when ``c h / P`` is a multiple of every ``r_i`` local and
 global phases agree and one call of the single-process op does all branches. Otherwise each
 branch and phase is run as its own dense problem over the heads whose global phase it is.

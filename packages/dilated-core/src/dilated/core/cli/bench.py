@@ -12,7 +12,7 @@ on random ``(batch, seq, heads, head_dim)`` inputs. Per cell the table shows:
   keeps no allocator statistics, the peak total size of the live tensor storages the call's
   operators created (a ``TorchDispatchMode`` sees every op's outputs and
   ``StorageWeakRef`` tells when each storage is freed; inputs are not counted);
-- max err: SPEC.md's ``max|out - ref| / max|ref|`` against the ``dilated.core`` reference run in
+- max err: the Concepts page's ``max|out - ref| / max|ref|`` against the ``dilated.core`` reference run in
   float64 (up to ``--max-check-seq``; dense computes another function and has none).
 
 Dense is skipped above ``--max-dense-seq``; a cell that runs out of memory shows ``OOM`` and one

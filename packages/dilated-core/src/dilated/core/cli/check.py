@@ -2,9 +2,9 @@
 
 For each non-distributed implementation that runs on the device, the module
 ``impl.attention(segment_lengths, dilation_rates)`` is run on the random inputs of every case in
-:data:`CASES` (bfloat16 on CUDA, float32 on CPU), and its output and q/k/v gradients (for one
-random output gradient) are compared with :func:`dilated.core.testing.dense_dilated_attention`
-run in float64, with SPEC.md's measure ``max|x - ref| / max|ref|`` and bound ``tolerance(dtype)``.
+[`CASES`][dilated.core.cli.check.CASES] (bfloat16 on CUDA, float32 on CPU), and its output and q/k/v gradients (for one
+random output gradient) are compared with [`dilated.core.testing.dense_dilated_attention`][dilated.core.testing.dense_dilated_attention]
+run in float64, with the Concepts page's measure ``max|x - ref| / max|ref|`` and bound ``tolerance(dtype)``.
 The exit code is 1 when any case fails or raises.
 """
 
