@@ -61,8 +61,8 @@ class Implementation:
         description: one line for ``dilated info``.
         priority: ``kind="auto"`` takes the highest priority that supports the device.
         devices: device types it runs on.
-        distributed: needs an initialised process group; never chosen by ``"auto"`` and
-            skipped by ``dilated bench``/``check``.
+        distributed: works on shards of a process group; never chosen by ``"auto"``;
+            ``dilated bench``/``check`` run it as a world of one.
         backends: optional callable listing the backends usable here, for ``dilated info``.
     """
 
