@@ -152,6 +152,9 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
 
     multihead_config: MultiheadConfig
     attention_config: DilatedAttentionConfig
+    #: Inputs are ``(batch, seq, embed_dim)``; ``torch.nn.TransformerEncoder``/``Decoder`` read
+    #: this attribute of their layers' ``self_attn``.
+    batch_first: bool = True
 
     def __init__(
         self,
