@@ -1,10 +1,10 @@
 """Base modules that every dilated-attention implementation subclasses.
 
 [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention] owns the config, the call signature and the dropout/causality
-defaults; a subclass implements only [`BaseDilatedAttention._attention`][dilated.core.base.BaseDilatedAttention._attention].
+defaults; a subclass implements only ``BaseDilatedAttention._attention``.
 [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention] owns the projections, the MAGNETO sub-layer norm and the
 initialisation; a subclass chooses its inner attention through
-[`BaseMultiheadDilatedAttention._make_attention`][dilated.core.base.BaseMultiheadDilatedAttention._make_attention].
+``BaseMultiheadDilatedAttention._make_attention``.
 """
 
 from __future__ import annotations

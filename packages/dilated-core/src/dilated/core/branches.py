@@ -48,6 +48,8 @@ DenseAttention = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool, float],
     tuple[torch.Tensor, torch.Tensor],
 ]
+"""A dense attention kernel ``(q, k, v, key_mask, scale, is_causal, dropout_p) -> (out, lse)``
+over one sub-problem, the only part a backend supplies."""
 
 
 @dataclass(frozen=True)

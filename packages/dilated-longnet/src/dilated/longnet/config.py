@@ -99,8 +99,8 @@ class LongNetConfig:
     Attributes:
         num_tokens: vocabulary size (used by [`LongNetLM`][dilated.longnet.models.LongNetLM]; 0 for [`LongNet`][dilated.longnet.models.LongNet], which
             works on embeddings).
-        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, attention_type,
-            num_kv_heads, bias: as in [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig].
+        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, attention_type, num_kv_heads, bias: as in
+            [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig].
         num_encoder_layers, num_decoder_layers: stack depths (set the MAGNETO gains).
         segment_lengths, dilation_rates: the dilated branches of every self-attention.
         rotary: ``"rope"``, ``"xpos"`` or None (no position embedding).
@@ -188,8 +188,6 @@ class LongNetConfig:
         return cls(**{**LONGNET_PRESETS[name], **overrides})
 
 
-#: Named decoder-only model sizes (``num_tokens`` defaults to bytes, 256). Parameter counts with
-#: tied embeddings are given in docs/packages/longnet.md.
 LONGNET_PRESETS: dict[str, dict[str, Any]] = {
     "longnet_tiny": {
         "num_tokens": 256,
@@ -236,3 +234,5 @@ LONGNET_PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.0,
     },
 }
+"""Named decoder-only model sizes, ``LongNetConfig`` fields by name (``num_tokens`` is 256,
+bytes, for the small ones). Parameter counts are on the dilated-longnet docs page."""
