@@ -93,7 +93,7 @@ def distributed(session: nox.Session) -> None:
 def gpu(session: nox.Session) -> None:
     """The CUDA tests (``-m gpu``); skips cleanly on a machine without CUDA."""
     sync(session, "--all-packages", "--group", "test")
-    # One run per package: test modules of different packages share basenames.
+    # One run per package, so that each package reports its own GPU results.
     for package in PACKAGES:
         session.run(
             *pytest_args(session, f"packages/dilated-{package}/tests", "-m", "gpu"),
