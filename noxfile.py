@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -92,7 +93,7 @@ def distributed(session: nox.Session) -> None:
 def gpu(session: nox.Session) -> None:
     """The CUDA tests (``-m gpu``); skips cleanly on a machine without CUDA."""
     sync(session, "--all-packages", "--group", "test")
-    # One run per package: test modules of different packages share basenames.
+    # One run per package, so that each package reports its own GPU results.
     for package in PACKAGES:
         session.run(
             *pytest_args(session, f"packages/dilated-{package}/tests", "-m", "gpu"),
@@ -141,10 +142,15 @@ def build(session: nox.Session) -> None:
         session.error(f"expected {len(PACKAGES)} wheels, got {[w.name for w in wheels]}")
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
-            if "dilated/__init__.py" in zf.namelist():
-                session.error(
-                    f"{wheel.name} ships dilated/__init__.py: dilated must stay a namespace"
-                )
+            names = zf.namelist()
+        if "dilated/__init__.py" in names:
+            session.error(f"{wheel.name} ships dilated/__init__.py: dilated must stay a namespace")
+        if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+            session.error(f"{wheel.name} does not ship its LICENSE")
+    for sdist in sorted(dist.glob("*.tar.gz")):
+        with tarfile.open(sdist) as tf:
+            if not any(n.endswith("/LICENSE") for n in tf.getnames()):
+                session.error(f"{sdist.name} does not ship its LICENSE")
     for package in PACKAGES:
         venv = dist / f"venv-{package}"
         session.run(UV, "venv", "--quiet", "--python", sys.executable, str(venv), external=True)

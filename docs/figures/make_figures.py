@@ -2,12 +2,22 @@
 
 ``dilation_pattern.png``: for seq 32, 4 heads, segments [8, 16, 32] and rates [1, 2, 4], which
 keys (columns) each query (rows) may attend, per branch and head, and how many times each pair
-is reached once the branches are merged. Drawn from :func:`dilated.core.testing.branch_mask`,
+is reached once the branches are merged. Drawn from ``dilated.core.testing.branch_mask``,
 the same masks the dense reference uses.
+
+``reference_vs_dense.png``: the ``dilated bench`` medians of the Benchmarks page
+(``bench_reference.json``), dense attention against the plain-PyTorch reference, on CPU and H100.
+
+``ring_traffic.png``: what travels between ranks in dilated-ring's ``"ring"`` strategy, for
+seq 32 over 4 ranks (contiguous shards of 8) and the branches (8, 1) and (32, 4): the local
+branch sends nothing; for the spanning one, the heads of phase ``p`` read only the keys at
+``t = p (mod 4)``, so each rank passes only those rows of its K and V around the ring, forward,
+and the same rows with their dK/dV in the backward pass.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.colors import ListedColormap
+from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from dilated.core.testing import branch_mask
 
@@ -69,6 +80,122 @@ def dilation_pattern(path: Path) -> None:
     plt.close(fig)
 
 
+def reference_vs_dense(path: Path) -> None:
+    panels = json.loads((OUT / "bench_reference.json").read_text())["panels"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.8), layout="constrained")
+    for ax, panel in zip(axes, panels):
+        for name, marker in (("dense", "s"), ("standard", "o")):
+            points = [(n, ms) for n, ms in zip(panel["seq"], panel[name]) if ms is not None]
+            xs, ys = zip(*points)
+            label = "dense (SDPA, whole sequence)" if name == "dense" else "standard (reference)"
+            ax.plot(xs, ys, marker=marker, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("median forward time (ms)")
+        ax.set_title(panel["title"], fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+RING_SEQ, RANKS = 32, 4
+RING_BRANCHES = [(8, 1), (32, 4)]
+RANK_COLOURS = ["#c5cae9", "#c8e6c9", "#ffe0b2", "#f8bbd0"]
+SENT_COLOURS = ["#283593", "#2e7d32", "#ef6c00", "#ad1457"]
+
+
+def _shard_rows(ax: plt.Axes, y: float, sent: list[bool], label: str) -> None:
+    """One row of RING_SEQ cells, coloured by owning rank; the sent ones dark."""
+    shard = RING_SEQ // RANKS
+    for u in range(RING_SEQ):
+        rank = u // shard
+        colour = SENT_COLOURS[rank] if sent[u] else RANK_COLOURS[rank]
+        ax.add_patch(Rectangle((u, y), 0.92, 0.8, color=colour, linewidth=0))
+    ax.text(-0.6, y + 0.4, label, ha="right", va="center", fontsize=8)
+
+
+def ring_traffic(path: Path) -> None:
+    shard = RING_SEQ // RANKS
+    fig, (top, ring) = plt.subplots(
+        2, 1, figsize=(9.5, 7.0), height_ratios=[1.25, 1.0], layout="constrained"
+    )
+    rows: list[tuple[list[bool], str]] = []
+    for w, r in RING_BRANCHES:
+        if w <= shard:
+            rows.append(([False] * RING_SEQ, f"branch ({w}, {r}): local, sends nothing"))
+            continue
+        for phase in range(r):
+            sent = [u % r == phase for u in range(RING_SEQ)]
+            rows.append((sent, f"branch ({w}, {r}), heads of phase {phase}"))
+    for i, (sent, label) in enumerate(rows):
+        _shard_rows(top, len(rows) - 1 - i, sent, label)
+    for rank in range(RANKS):
+        top.text(
+            rank * shard + shard / 2,
+            len(rows) + 0.2,
+            f"rank {rank} (positions {rank * shard}-{(rank + 1) * shard - 1})",
+            ha="center",
+            fontsize=8,
+        )
+    top.set_xlim(-0.2, RING_SEQ + 0.2)
+    top.set_ylim(-0.3, len(rows) + 0.8)
+    top.set_xticks(range(0, RING_SEQ, 4))
+    top.set_yticks([])
+    top.set_xlabel("key/value position t (dark: the rows a rank sends for those heads)", fontsize=8)
+    for side in ("left", "right", "top"):
+        top.spines[side].set_visible(False)
+    top.set_title(
+        "Per spanning branch, each rank sends only the phase rows of its K and V: 1/r of its shard",
+        fontsize=10,
+    )
+
+    centres = [(0.0, 1.0), (1.0, 0.0), (0.0, -1.0), (-1.0, 0.0)]
+    for rank, (x, y) in enumerate(centres):
+        ring.add_patch(
+            Rectangle((x - 0.28, y - 0.17), 0.56, 0.34, color=RANK_COLOURS[rank], zorder=2)
+        )
+        ring.text(x, y, f"rank {rank}", ha="center", va="center", fontsize=9, zorder=3)
+    for rank in range(RANKS):
+        (x0, y0), (x1, y1) = centres[rank], centres[(rank + 1) % RANKS]
+        for bend, style, colour in ((0.25, "-|>", "#283593"), (-0.25, "-|>", "#9e9e9e")):
+            ring.add_patch(
+                FancyArrowPatch(
+                    (x0, y0),
+                    (x1, y1),
+                    connectionstyle=f"arc3,rad={bend}",
+                    arrowstyle=style,
+                    mutation_scale=14,
+                    color=colour,
+                    shrinkA=22,
+                    shrinkB=22,
+                    linewidth=1.6,
+                )
+            )
+    ring.plot([], [], color="#283593", label="forward: each step passes the block it holds on")
+    ring.plot(
+        [], [], color="#9e9e9e", label="backward: the block travels again, carrying its dK/dV"
+    )
+    ring.legend(loc="center left", bbox_to_anchor=(0.62, 0.5), fontsize=8, frameon=False)
+    ring.set_xlim(-1.6, 3.6)
+    ring.set_ylim(-1.45, 1.4)
+    ring.set_aspect("equal")
+    ring.axis("off")
+    ring.set_title(
+        f"{RANKS - 1} steps: every rank has seen the phase rows of the whole segment; the next "
+        "transfer overlaps the current block's compute",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    dilation_pattern(OUT / "dilation_pattern.png")
-    print(f"wrote {OUT / 'dilation_pattern.png'}")
+    for name, draw in (
+        ("dilation_pattern.png", dilation_pattern),
+        ("reference_vs_dense.png", reference_vs_dense),
+        ("ring_traffic.png", ring_traffic),
+    ):
+        draw(OUT / name)
+        print(f"wrote {OUT / name}")

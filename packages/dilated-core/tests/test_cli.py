@@ -45,10 +45,33 @@ def test_info_lists_the_standard_kind(capsys: pytest.CaptureFixture[str]) -> Non
     assert auto in rows  # the kind auto picks is one of the listed implementations
 
 
-def test_check_passes(capsys: pytest.CaptureFixture[str]) -> None:
+def _report(out: str, prefix: str) -> str:
+    return next(ln for ln in out.splitlines() if ln.startswith(prefix))
+
+
+def test_check_names_what_it_checked_and_skipped(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out
+    checked, skipped = _report(out, "checked: "), _report(out, "skipped: ")
+    impls = reg.available_implementations()
+    for name, impl in impls.items():
+        if impl.supports("cpu"):
+            assert name in checked  # distributed kinds too, as a world of one
+            assert any(ln.startswith(f"{name} ") for ln in out.splitlines())
+        else:
+            assert f"{name} (runs on {'/'.join(impl.devices)} only, not cpu)" in skipped
+    for kind in set(reg.KNOWN_KINDS) - set(impls):
+        assert f"{kind} (" in skipped
+    assert "match the reference" in out.splitlines()[-1]
+    assert "standard" in out.splitlines()[-1]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"dilated-core {version('dilated-core')}")
 
 
 class _Wrong(DilatedAttention):
@@ -145,11 +168,93 @@ def test_cpu_peak_memory_counts_live_storages_created_by_the_call() -> None:
     assert peak_bytes(lambda: x.t().sum(dim=0), torch.device("cpu")) == 256 * 4
 
 
-def test_bench_plot_writes_png(tmp_path: Path) -> None:
+def test_bench_plot_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
     assert main(["bench", *TINY, "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {path}" in capsys.readouterr().out
+
+
+def test_bench_plot_without_suffix_names_the_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    assert main(["bench", *TINY, "--plot", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out").exists()
+    assert f"plot written to {tmp_path / 'out.png'}" in capsys.readouterr().out
+
+
+def test_bench_names_what_it_ran_and_skipped(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *TINY]) == 0
+    out = capsys.readouterr().out
+    ran = _report(out, "ran: ")
+    for name, impl in reg.available_implementations().items():
+        assert (name in ran) == impl.supports("cpu")
+    if set(reg.KNOWN_KINDS) - set(reg.available_implementations()):
+        assert _report(out, "skipped: ")
+
+
+def _fail_before_work(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> str:
+    from dilated.core.cli import bench
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the run started before the options were checked")
+
+    monkeypatch.setattr(bench, "make_inputs", no_work)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["--device", "meta"], "--device 'meta': only cpu and cuda"),
+        (["--plot", "/nonexistent-dir/b.png"], "the folder '/nonexistent-dir' does not exist"),
+        (["--plot", "bench.txt"], "matplotlib cannot write '.txt' files"),
+    ],
+)
+def test_bench_bad_device_or_plot_fails_first(
+    extra: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if "--plot" in extra:
+        pytest.importorskip("matplotlib")
+    argv = ["bench", *TINY, *extra] if "--device" not in extra else ["bench", *extra]
+    assert message in _fail_before_work(argv, monkeypatch, capsys)
+
+
+def test_bench_plot_into_an_unwritable_folder_fails_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    from dilated.core.cli import options
+
+    monkeypatch.setattr(options.os, "access", lambda path, mode: False)  # root ignores modes
+    err = _fail_before_work(
+        ["bench", *TINY, "--plot", str(tmp_path / "b.png")], monkeypatch, capsys
+    )
+    assert "is not writable" in err
+
+
+def test_bench_plot_without_matplotlib_fails_first(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    err = _fail_before_work(["bench", *TINY, "--plot", "b.png"], monkeypatch, capsys)
+    assert "--plot needs matplotlib: pip install 'dilated-core[plot]'" in err
 
 
 @pytest.mark.parametrize(
@@ -189,8 +294,8 @@ def test_cuda_requested_without_cuda(capsys: pytest.CaptureFixture[str]) -> None
 def test_check_with_nothing_registered_fails(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dilated.core.cli import check
+    from dilated.core.cli import selection
 
-    monkeypatch.setattr(check, "available_implementations", dict)
+    monkeypatch.setattr(selection, "available_implementations", dict)
     assert main(["check", "--device", "cpu"]) == 1
     assert "no dilated-attention implementation is registered" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The reference op against SPEC.md's dense float64 judge, forward, LSE and gradients."""
+"""The reference op against the dense float64 judge, forward, LSE and gradients."""
 
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def test_half_precision(
     _check(2, seq, 4, 2, 16, ws, rs, dtype=dtype, causal=causal, padding=True, seed=seq)
 
 
-def test_spec_worked_example() -> None:
-    """SPEC.md: seq 16, 2 heads, segments [4, 8], rates [1, 2]."""
+def test_worked_example() -> None:
+    """A worked example: seq 16, 2 heads, segments [4, 8], rates [1, 2], uniform scores."""
     seq, d = 16, 4
     q = torch.zeros(1, seq, 2, d, dtype=torch.float64)  # equal scores: uniform weights
     k = torch.zeros(1, seq, 2, d, dtype=torch.float64)

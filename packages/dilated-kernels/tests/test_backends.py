@@ -1,4 +1,4 @@
-"""The sdpa and reference backends against the dense float64 judge of SPEC.md."""
+"""The sdpa and reference backends against the dense float64 judge of dilated.core.testing."""
 
 from __future__ import annotations
 

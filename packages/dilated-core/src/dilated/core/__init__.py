@@ -1,8 +1,8 @@
 """dilated-core: exact LongNet dilated attention for PyTorch.
 
-The public surface: configs, the reference op :func:`dilated_attention`, the LSE merge
-:func:`merge_attention`, the modules and their base classes, the registry/factory and the
-memory pool. Test helpers live in :mod:`dilated.core.testing`.
+The public surface: configs, the reference op [`dilated_attention`][dilated.core.functional.dilated_attention], the LSE merge
+[`merge_attention`][dilated.core.merge.merge_attention], the modules and their base classes, the registry/factory and the
+memory pool. Test helpers live in [`dilated.core.testing`][dilated.core.testing].
 """
 
 from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention

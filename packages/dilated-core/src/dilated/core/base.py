@@ -1,10 +1,10 @@
 """Base modules that every dilated-attention implementation subclasses.
 
-:class:`BaseDilatedAttention` owns the config, the call signature and the dropout/causality
-defaults; a subclass implements only :meth:`BaseDilatedAttention._attention`.
-:class:`BaseMultiheadDilatedAttention` owns the projections, the MAGNETO sub-layer norm and the
+[`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention] owns the config, the call signature and the dropout/causality
+defaults; a subclass implements only ``BaseDilatedAttention._attention``.
+[`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention] owns the projections, the MAGNETO sub-layer norm and the
 initialisation; a subclass chooses its inner attention through
-:meth:`BaseMultiheadDilatedAttention._make_attention`.
+``BaseMultiheadDilatedAttention._make_attention``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class BaseDilatedAttention(nn.Module, ABC):
     attention_dropout=0.0)`` as in dilated-attention-pytorch, or from a config, ``Cls(config)``.
 
     Attributes:
-        config: the validated :class:`~dilated.core.config.DilatedAttentionConfig`.
+        config: the validated [`DilatedAttentionConfig`][dilated.core.config.DilatedAttentionConfig].
     """
 
     config: DilatedAttentionConfig
@@ -121,7 +121,7 @@ class BaseDilatedAttention(nn.Module, ABC):
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
     ) -> torch.Tensor:
-        """Compute the attention with this implementation (inputs as in :meth:`forward`)."""
+        """Compute the attention with this implementation (inputs as in [`forward`][dilated.core.base.BaseDilatedAttention.forward])."""
 
     def extra_repr(self) -> str:
         c = self.config
@@ -143,15 +143,18 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
     or from configs, ``Cls(MultiheadConfig(...), DilatedAttentionConfig(...))``. Extra keywords
     (``num_kv_heads``, ``softmax_scale``, ``is_causal``) extend the original.
 
-    Inputs are ``(batch, seq, embed_dim)``; :meth:`forward` returns ``(out, None)``.
+    Inputs are ``(batch, seq, embed_dim)``; [`forward`][dilated.core.base.BaseMultiheadDilatedAttention.forward] returns ``(out, None)``.
 
     Attributes:
         multihead_config, attention_config: the validated configs.
-        attention: the inner :class:`BaseDilatedAttention`.
+        attention: the inner [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention].
     """
 
     multihead_config: MultiheadConfig
     attention_config: DilatedAttentionConfig
+    #: Inputs are ``(batch, seq, embed_dim)``; ``torch.nn.TransformerEncoder``/``Decoder`` read
+    #: this attribute of their layers' ``self_attn``.
+    batch_first: bool = True
 
     def __init__(
         self,

@@ -3,9 +3,9 @@
 Every branch ``(w, r)`` and phase ``p`` is a batch of independent dense problems over a strided
 view of the ``(batch, seq, heads, head_dim)`` input (rows ``p, p + r, ...`` of heads
 ``p, p + r, ...``), cut into segments of ``w / r`` rows; the last segment may be shorter. The
-reference (:mod:`dilated.core.reference`) and every backend that calls a dense attention kernel
-(dilated-kernels' sdpa and flash) supply only that kernel (:data:`DenseAttention`); the branches
-are merged with :func:`dilated.core.merge.merge_attention`.
+reference ([`dilated.core.reference`][dilated.core.reference]) and every backend that calls a dense attention kernel
+(dilated-kernels' sdpa and flash) supply only that kernel ([`DenseAttention`][dilated.core.branches.DenseAttention]); the branches
+are merged with [`dilated.core.merge.merge_attention`][dilated.core.merge.merge_attention].
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ DenseAttention = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool, float],
     tuple[torch.Tensor, torch.Tensor],
 ]
+"""A dense attention kernel ``(q, k, v, key_mask, scale, is_causal, dropout_p) -> (out, lse)``
+over one sub-problem, the only part a backend supplies."""
 
 
 @dataclass(frozen=True)
@@ -129,11 +131,11 @@ class SubProblem:
         )
 
     def uncut(self, part: torch.Tensor, batch: int) -> torch.Tensor:
-        """Inverse of :meth:`cut`: ``(batch, stop - start, heads, ...)``."""
+        """Inverse of [`cut`][dilated.core.branches.SubProblem.cut]: ``(batch, stop - start, heads, ...)``."""
         return part.reshape(batch, self.count * self.length, *part.shape[2:])
 
     def uncut_lse(self, part: torch.Tensor, batch: int) -> torch.Tensor:
-        """Inverse of :meth:`cut_lse`: ``(batch, heads, stop - start)``."""
+        """Inverse of [`cut_lse`][dilated.core.branches.SubProblem.cut_lse]: ``(batch, heads, stop - start)``."""
         h = part.shape[1]
         return (
             part.reshape(batch, self.count, h, self.length)

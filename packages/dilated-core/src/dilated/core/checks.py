@@ -1,6 +1,6 @@
 """Every validation rule of dilated attention, in one place.
 
-Each check raises :class:`ValueError` (or :class:`TypeError` for a wrong kind of object) whose
+Each check raises `ValueError` (or `TypeError` for a wrong kind of object) whose
 message names the argument, the offending value and the rule it breaks. Implementations in every
 ``dilated`` package call these functions instead of writing their own checks.
 """

@@ -1,6 +1,6 @@
 """Frozen, validated configuration dataclasses shared by every ``dilated`` package.
 
-Each config checks itself in ``__post_init__`` and raises :class:`ValueError` naming the field,
+Each config checks itself in ``__post_init__`` and raises `ValueError` naming the field,
 the value and the rule. Lists given for ``segment_lengths``/``dilation_rates`` are stored as tuples
 so that configs stay hashable and immutable.
 """
@@ -134,7 +134,7 @@ class MultiheadConfig:
 
 @dataclass(frozen=True)
 class MemoryPoolConfig:
-    """Bounds of a :class:`~dilated.core.memory_pool.MemoryPool`.
+    """Bounds of a [`MemoryPool`][dilated.core.memory_pool.MemoryPool].
 
     Attributes:
         max_bytes: bytes the pool may keep while idle; beyond it the least recently used buffers

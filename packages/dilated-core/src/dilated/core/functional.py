@@ -93,7 +93,7 @@ def dilated_attention(
     return_lse: bool = False,
     check_finite: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LongNet dilated attention, exactly as defined in SPEC.md (the reference implementation).
+    """LongNet dilated attention, exactly as defined in the docs' Concepts page (the reference implementation).
 
     Args:
         q: queries ``(batch, seq, heads, head_dim)``, float16/bfloat16/float32/float64.

@@ -6,11 +6,11 @@ keeps released buffers, keyed by ``(shape, dtype, device)``, and hands one back 
 request of that key. Rules:
 
 - a buffer is handed to one borrower at a time: it re-enters the pool only through
-  :meth:`MemoryPool.release`, and releasing it twice or releasing a foreign tensor is an error;
+  [`MemoryPool.release`][dilated.core.memory_pool.MemoryPool.release], and releasing it twice or releasing a foreign tensor is an error;
 - idle bytes stay under ``max_bytes`` and idle buffers per key under ``max_buffers_per_key``; the
   least recently released buffers are evicted first;
-- on CUDA, :meth:`MemoryPool.release` records an event on the releasing stream (the current one
-  unless ``stream`` is given) and the :meth:`MemoryPool.acquire` that hands the buffer out again
+- on CUDA, [`MemoryPool.release`][dilated.core.memory_pool.MemoryPool.release] records an event on the releasing stream (the current one
+  unless ``stream`` is given) and the [`MemoryPool.acquire`][dilated.core.memory_pool.MemoryPool.acquire] that hands the buffer out again
   makes the acquiring stream wait for that event, so kernels queued on the new stream cannot
   overwrite the buffer while kernels queued earlier on the old stream still read or write it.
   The wait is queued on the device; the host never blocks, and it is left out when both streams
@@ -42,7 +42,7 @@ _Key = tuple[tuple[int, ...], torch.dtype, torch.device]
 
 @dataclass(frozen=True)
 class PoolStats:
-    """Counters of a :class:`MemoryPool` at one moment.
+    """Counters of a [`MemoryPool`][dilated.core.memory_pool.MemoryPool] at one moment.
 
     Attributes:
         hits: acquires served from an idle buffer.
@@ -86,7 +86,7 @@ class MemoryPool:
     """Reusable scratch tensors, bounded in bytes, safe to share between threads.
 
     Args:
-        config: bounds; default :class:`~dilated.core.config.MemoryPoolConfig()` (1 GiB idle).
+        config: bounds; default [`MemoryPoolConfig`][dilated.core.config.MemoryPoolConfig] (1 GiB idle).
 
     Example:
         >>> pool = MemoryPool()
@@ -133,7 +133,7 @@ class MemoryPool:
     ) -> torch.Tensor:
         """A contiguous tensor of ``shape``/``dtype``/``device`` with undefined contents.
 
-        The caller owns it until :meth:`release`; no one else receives it meanwhile.
+        The caller owns it until [`release`][dilated.core.memory_pool.MemoryPool.release]; no one else receives it meanwhile.
 
         Args:
             shape: sizes, e.g. ``(batch, seq, heads, head_dim)``.
@@ -172,10 +172,10 @@ class MemoryPool:
         return tensor
 
     def release(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
-        """Give ``tensor`` (from :meth:`acquire`) back for reuse; the caller must not touch it again.
+        """Give ``tensor`` (from [`acquire`][dilated.core.memory_pool.MemoryPool.acquire]) back for reuse; the caller must not touch it again.
 
         Args:
-            tensor: the very tensor object that :meth:`acquire` returned.
+            tensor: the very tensor object that [`acquire`][dilated.core.memory_pool.MemoryPool.acquire] returned.
             stream: CUDA stream whose queued work is the last to use it (default: the current
                 stream of its device). The next acquire waits for that work. Ignored on CPU.
 
@@ -241,7 +241,7 @@ class MemoryPool:
     def borrow(
         self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu"
     ) -> Iterator[torch.Tensor]:
-        """Context manager: :meth:`acquire` on entry, :meth:`release` on exit."""
+        """Context manager: [`acquire`][dilated.core.memory_pool.MemoryPool.acquire] on entry, [`release`][dilated.core.memory_pool.MemoryPool.release] on exit."""
         tensor = self.acquire(shape, dtype, device)
         try:
             yield tensor

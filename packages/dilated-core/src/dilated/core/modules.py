@@ -13,9 +13,9 @@ __all__ = ["IMPLEMENTATION", "DilatedAttention", "MultiheadDilatedAttention"]
 
 
 class DilatedAttention(BaseDilatedAttention):
-    """Dilated attention computed by the plain-PyTorch reference (:func:`dilated.core.dilated_attention`).
+    """Dilated attention computed by the plain-PyTorch reference ([`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention]).
 
-    Input and output ``(batch, seq, heads, head_dim)``; see :class:`BaseDilatedAttention`.
+    Input and output ``(batch, seq, heads, head_dim)``; see [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention].
     """
 
     def _attention(
@@ -45,7 +45,7 @@ class MultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     """Multi-head dilated attention on the reference implementation.
 
     Input ``(batch, seq, embed_dim)``, returns ``(out, None)``; see
-    :class:`BaseMultiheadDilatedAttention`.
+    [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention].
     """
 
     def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:

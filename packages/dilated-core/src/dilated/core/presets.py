@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PRESETS", "Preset"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,15 @@ PRESETS: dict[str, Preset] = {
         "GPT-3 small width; 2K local window plus two dilated branches reaching 8K, "
         "2048 keys per branch.",
     ),
+    "longnet_32k": Preset(
+        (2048, 4096, 8192, 16384, 32768),
+        (1, 2, 4, 8, 16),
+        768,
+        12,
+        32768,
+        "The segment lengths of the LongNet paper's base model (2K to 32K) with rates that divide "
+        "them, 2048 keys per branch; the default of the layers and models built without branches.",
+    ),
     "longnet_64k": Preset(
         (2048, 8192, 32768, 65536),
         (1, 4, 16, 32),
@@ -70,3 +79,8 @@ PRESETS: dict[str, Preset] = {
         "Width and heads of a ~2B-parameter model with a 16K context, 2048 keys per branch.",
     ),
 }
+
+#: The preset whose branches and sizes fill the keywords left out by constructors that
+#: dilated-attention-pytorch gave defaults to (``LongNetLM(num_tokens=...)``, the keyword form of
+#: ``RingDistributedDilatedAttention``).
+DEFAULT_PRESET = "longnet_32k"

@@ -4,9 +4,9 @@ Every branch ``(w, r)`` and phase ``p`` is a set of independent dense problems: 
 ``t = p, p + r, ...`` of the heads ``j = p, p + r, ...``, cut into segments of ``w / r`` rows.
 Those rows are a strided view of the ``(batch, seq, heads, head_dim)`` input (stride ``r`` over
 seq and over heads), so no ``seq x seq`` mask is built and memory grows linearly with ``seq``.
-The loop over branches and phases is :func:`dilated.core.branches.run_branches`; this module supplies
+The loop over branches and phases is [`dilated.core.branches.run_branches`][dilated.core.branches.run_branches]; this module supplies
 its dense kernel, which also yields the log-sum-exp. Inputs are assumed valid:
-:mod:`dilated.core.functional` checks them.
+[`dilated.core.functional`][dilated.core.functional] checks them.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def dilated_attention_reference(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dilated attention of SPEC.md on validated inputs.
+    """Dilated attention (the definition of the docs' Concepts page) on validated inputs.
 
     Args:
         q: ``(batch, seq, heads, head_dim)``.
@@ -278,9 +278,9 @@ def dilated_attention_reference(
         segment_lengths: ``w_i`` of each branch (already validated).
         dilation_rates: ``r_i`` of each branch (already validated).
         scale: softmax scale.
-        is_causal: as in :func:`dilated.core.dilated_attention`.
-        key_padding_mask: as in :func:`dilated.core.dilated_attention`.
-        dropout_p: as in :func:`dilated.core.dilated_attention`.
+        is_causal: as in [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention].
+        key_padding_mask: as in [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention].
+        dropout_p: as in [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention].
 
     Returns:
         ``(out, lse)``: ``out`` like ``q`` in its dtype; ``lse`` ``(batch, heads, seq)`` in float32

@@ -1,7 +1,7 @@
 """Registry of dilated-attention implementations and the factory functions built on it.
 
 Packages announce implementations through the entry-point group ``dilated.attention``; each entry
-point names an :class:`Implementation`. ``create_dilated_attention(kind)`` and
+point names an [`Implementation`][dilated.core.registry.Implementation]. ``create_dilated_attention(kind)`` and
 ``create_multihead_dilated_attention(kind)`` build modules by name, by preset, or with
 ``kind="auto"``, the highest-priority implementation that runs on the target device.
 """
@@ -61,8 +61,8 @@ class Implementation:
         description: one line for ``dilated info``.
         priority: ``kind="auto"`` takes the highest priority that supports the device.
         devices: device types it runs on.
-        distributed: needs an initialised process group; never chosen by ``"auto"`` and
-            skipped by ``dilated bench``/``check``.
+        distributed: works on shards of a process group; never chosen by ``"auto"``;
+            ``dilated bench``/``check`` run it as a world of one.
         backends: optional callable listing the backends usable here, for ``dilated info``.
     """
 
@@ -130,7 +130,7 @@ def _default_device(device: Any) -> torch.device:
 def get_implementation(
     kind: str = "auto", device: torch.device | str | None = None
 ) -> Implementation:
-    """Resolve ``kind`` to an :class:`Implementation`.
+    """Resolve ``kind`` to an [`Implementation`][dilated.core.registry.Implementation].
 
     ``"auto"`` picks the highest-priority non-distributed implementation supporting ``device``
     (default: CUDA when available, else CPU). An unknown or uninstalled kind raises ``ValueError``

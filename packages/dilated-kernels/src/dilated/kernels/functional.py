@@ -64,9 +64,9 @@ def dilated_attention(
     backend: str = "auto",
     check_finite: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LongNet dilated attention (SPEC.md) on a chosen backend.
+    """LongNet dilated attention (as defined in the docs' Concepts page) on a chosen backend.
 
-    Accepts and rejects exactly what :func:`dilated.core.dilated_attention` does.
+    Accepts and rejects exactly what [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention] does.
 
     Args:
         q: queries ``(batch, seq, heads, head_dim)``, float16/bfloat16/float32/float64.
@@ -81,7 +81,7 @@ def dilated_attention(
         return_lse: also return the merged log-sum-exp.
         backend: ``"auto"``, ``"cudnn"``, ``"triton"``, ``"flash"``, ``"sdpa"`` or ``"reference"``; ``"auto"`` picks the
             fastest one that supports the call (see
-            :func:`dilated.kernels.backends.choose_backend`).
+            [`dilated.kernels.backends.choose_backend`][dilated.kernels.backends.choose_backend]).
         check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync).
 
     Returns:

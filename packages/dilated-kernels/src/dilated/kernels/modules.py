@@ -17,10 +17,10 @@ __all__ = ["IMPLEMENTATION", "ImprovedDilatedAttention", "ImprovedMultiheadDilat
 
 
 class ImprovedDilatedAttention(BaseDilatedAttention):
-    """Dilated attention on the fastest backend of :func:`dilated.kernels.dilated_attention`.
+    """Dilated attention on the fastest backend of [`dilated.kernels.dilated_attention`][dilated.kernels.functional.dilated_attention].
 
     Input and output ``(batch, seq, heads, head_dim)``; see
-    :class:`~dilated.core.base.BaseDilatedAttention`. ``backend`` (keyword, default ``"auto"``)
+    [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention]. ``backend`` (keyword, default ``"auto"``)
     pins one backend.
     """
 
@@ -75,10 +75,10 @@ class ImprovedDilatedAttention(BaseDilatedAttention):
 
 
 class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
-    """Multi-head dilated attention whose inner attention is :class:`ImprovedDilatedAttention`.
+    """Multi-head dilated attention whose inner attention is [`ImprovedDilatedAttention`][dilated.kernels.modules.ImprovedDilatedAttention].
 
     Input ``(batch, seq, embed_dim)``, returns ``(out, None)``; see
-    :class:`~dilated.core.base.BaseMultiheadDilatedAttention`.
+    [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention].
     """
 
     def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:

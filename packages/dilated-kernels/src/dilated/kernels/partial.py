@@ -148,8 +148,7 @@ def dilated_attention_backward(
 
     Args:
         grad_out: gradient of the final output, ``(batch, seq, heads, head_dim)``.
-        q, k, v, segment_lengths, dilation_rates, scale, is_causal, key_padding_mask, dropout_p,
-            dropout_seed, head_offset: as given to
+        q, k, v, segment_lengths, dilation_rates, scale, is_causal, key_padding_mask, dropout_p, dropout_seed, head_offset: as given to
             [`dilated_attention_forward`][dilated.kernels.partial.dilated_attention_forward].
         out: the final merged output ``(batch, seq, heads, head_dim)``.
         lse: the final merged LSE ``(batch, heads, seq)``.

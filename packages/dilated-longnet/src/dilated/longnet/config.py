@@ -51,7 +51,7 @@ class TransformerLayerConfig:
         activation: ``"relu"``, ``"gelu"``, ``"silu"``/``"swish"`` or a callable.
         layer_norm_eps: epsilon of every LayerNorm.
         gamma_init: MAGNETO gain of the value/output/feed-forward init (see
-            :func:`dilated.longnet.magneto_gain`).
+            [`dilated.longnet.magneto_gain`][dilated.longnet.magneto.magneto_gain]).
         attention_type: the ``kind`` given to the core factory (``"standard"``, ``"improved"``...).
         num_kv_heads: key/value heads (grouped-query attention); None means ``nhead``.
         bias: biases in the linear layers.
@@ -93,14 +93,14 @@ class TransformerLayerConfig:
 
 @dataclass(frozen=True)
 class LongNetConfig:
-    """A LongNet model: :class:`~dilated.longnet.LongNet` (encoder-decoder) or
-    :class:`~dilated.longnet.LongNetLM` (decoder-only, which needs ``num_encoder_layers == 0``).
+    """A LongNet model: [`LongNet`][dilated.longnet.models.LongNet] (encoder-decoder) or
+    [`LongNetLM`][dilated.longnet.models.LongNetLM] (decoder-only, which needs ``num_encoder_layers == 0``).
 
     Attributes:
-        num_tokens: vocabulary size (used by :class:`LongNetLM`; 0 for :class:`LongNet`, which
+        num_tokens: vocabulary size (used by [`LongNetLM`][dilated.longnet.models.LongNetLM]; 0 for [`LongNet`][dilated.longnet.models.LongNet], which
             works on embeddings).
-        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, attention_type,
-            num_kv_heads, bias: as in :class:`TransformerLayerConfig`.
+        d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, attention_type, num_kv_heads, bias: as in
+            [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig].
         num_encoder_layers, num_decoder_layers: stack depths (set the MAGNETO gains).
         segment_lengths, dilation_rates: the dilated branches of every self-attention.
         rotary: ``"rope"``, ``"xpos"`` or None (no position embedding).
@@ -158,7 +158,7 @@ class LongNetConfig:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
 
     def layer_config(self, gamma_init: float = 1.0) -> TransformerLayerConfig:
-        """The :class:`TransformerLayerConfig` of every layer, with the given MAGNETO gain."""
+        """The [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig] of every layer, with the given MAGNETO gain."""
         return TransformerLayerConfig(
             d_model=self.d_model,
             nhead=self.nhead,
@@ -176,7 +176,7 @@ class LongNetConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LongNetConfig:
-        """The preset ``name`` of :data:`LONGNET_PRESETS`, with ``overrides`` applied."""
+        """The preset ``name`` of [`LONGNET_PRESETS`][dilated.longnet.config.LONGNET_PRESETS], with ``overrides`` applied."""
         if name not in LONGNET_PRESETS:
             raise ValueError(
                 f"unknown LongNet preset {name!r}; choose one of {', '.join(sorted(LONGNET_PRESETS))}"
@@ -188,8 +188,6 @@ class LongNetConfig:
         return cls(**{**LONGNET_PRESETS[name], **overrides})
 
 
-#: Named decoder-only model sizes (``num_tokens`` defaults to bytes, 256). Parameter counts with
-#: tied embeddings are given in docs/packages/longnet.md.
 LONGNET_PRESETS: dict[str, dict[str, Any]] = {
     "longnet_tiny": {
         "num_tokens": 256,
@@ -236,3 +234,5 @@ LONGNET_PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.0,
     },
 }
+"""Named decoder-only model sizes, ``LongNetConfig`` fields by name (``num_tokens`` is 256,
+bytes, for the small ones). Parameter counts are on the dilated-longnet docs page."""

@@ -1,4 +1,4 @@
-"""Autoregressive generation for :class:`~dilated.longnet.LongNetLM`, with or without a KV cache."""
+"""Autoregressive generation for [`LongNetLM`][dilated.longnet.models.LongNetLM], with or without a KV cache."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def generate(
     """Extend ``input_ids`` by ``max_new_tokens`` tokens.
 
     With ``use_cache`` the prompt runs once through the model's attention kind and fills a
-    :class:`~dilated.longnet.KVCache`; each new token then reads, per layer and branch, at most
+    [`KVCache`][dilated.longnet.kv_cache.KVCache]; each new token then reads, per layer and branch, at most
     ``w / r`` cached keys of its own segment, so its cost does not grow with the tokens before it.
     Without the cache every step recomputes the whole sequence. Greedy decoding gives the same
     tokens either way (up to floating-point ties).

@@ -4,7 +4,7 @@ Causal dilated attention is prefix-consistent: query ``t`` reads, per branch ``(
 keys ``u`` of its own segment (``u // w == t // w``) with ``u <= t`` and, for the heads whose phase
 is ``t mod r``, ``u = t (mod r)``. So a new token needs at most ``w / r`` cached keys per branch,
 whatever number of tokens came before, and the branches are merged with
-:func:`dilated.core.merge.merge_attention` exactly as in the full computation.
+[`dilated.core.merge.merge_attention`][dilated.core.merge.merge_attention] exactly as in the full computation.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def cached_dilated_attention(
         scale: softmax scale, default ``head_dim ** -0.5``.
 
     Returns:
-        ``(batch, 1, heads, head_dim)`` in the dtype of ``q``: SPEC.md's output for row
+        ``(batch, 1, heads, head_dim)`` in the dtype of ``q``: the output for row
         ``position`` of a causal call over the first ``position + 1`` tokens.
     """
     return dilated_attention_at(

@@ -10,6 +10,7 @@ between, and so that a KV cache can be filled and read.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +38,55 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
 }
+
+
+def warn_old_call(message: str) -> None:
+    """A ``DeprecationWarning`` about a dilated-attention-pytorch 0.2.0 call shape, pointing at
+    the code that called a module's ``forward`` (past ``nn.Module.__call__``)."""
+    warnings.warn(message, DeprecationWarning, stacklevel=5)
+
+
+#: Default of ``tgt_mask``/``memory_mask``: tells a call of ``torch.nn.TransformerDecoder``
+#: (which always passes them) from a direct call.
+_NOT_GIVEN: Any = object()
+
+
+def _keep_mask(mask: torch.Tensor | None, name: str, *, torch_call: bool) -> torch.Tensor | None:
+    """A ``(batch, seq)`` key padding mask as bool, True for real tokens.
+
+    A bool mask already means that. A float mask is torch's additive form (0 keeps a key,
+    ``-inf`` drops it), which ``torch.nn.TransformerEncoder`` makes of its bool masks before
+    calling its layers. Inside ``torch.nn.TransformerDecoder`` (``torch_call``) a bool mask is
+    refused: it arrives in torch's convention, True = padding, the opposite of this library's.
+    """
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return mask
+    if mask.dtype == torch.bool:
+        if torch_call:
+            raise ValueError(
+                f"{name}: inside torch.nn.TransformerDecoder a bool key padding mask is ambiguous "
+                "(torch: True = padding; dilated: True = real token); pass the additive float "
+                "form (0 = keep, -inf = padding) or call the layers directly"
+            )
+        return mask
+    if not mask.is_floating_point():
+        raise ValueError(f"{name} must be a bool or an additive float mask, got {mask.dtype}")
+    keep = mask == 0
+    if not bool((keep | (mask == float("-inf"))).all()):
+        raise ValueError(
+            f"{name}: an additive float mask may only hold 0 (keep) and -inf (padding)"
+        )
+    return keep
+
+
+def _no_attn_mask(mask: Any, name: str, is_causal: bool, flag: str) -> None:
+    if mask is None or mask is _NOT_GIVEN:
+        return
+    if not is_causal:
+        raise ValueError(
+            f"{name} is not supported: dilated attention takes {flag}=True and key padding masks, "
+            f"not arbitrary masks (a causal {name} may be given together with {flag}=True)"
+        )
 
 
 def _layer_config(
@@ -142,12 +192,21 @@ class CrossAttention(nn.Module):
                 nn.init.zeros_(proj.bias)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, memory_key_padding_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        memory_key_padding_mask: torch.Tensor | None,
+        is_causal: bool = False,
     ) -> torch.Tensor:
         """``x`` ``(batch, n, d_model)``, ``memory`` ``(batch, m, d_model)``, mask ``(batch, m)``
-        True for real memory tokens; returns ``(batch, n, d_model)``."""
+        True for real memory tokens; returns ``(batch, n, d_model)``. ``is_causal``: position
+        ``i`` attends memory positions ``<= i`` only (needs ``m == n``)."""
         b, n, d = x.shape
         m = memory.shape[1]
+        if is_causal and m != n:
+            raise ValueError(
+                f"memory_is_causal=True needs a memory as long as the target, got {m} and {n}"
+            )
         h = self.nhead
         q = self.q_proj(x).view(b, n, h, d // h).transpose(1, 2)
         k = self.k_proj(memory).view(b, m, h, d // h).transpose(1, 2)
@@ -163,6 +222,9 @@ class CrossAttention(nn.Module):
                     f"{memory_key_padding_mask.dtype} {tuple(memory_key_padding_mask.shape)}"
                 )
             mask = memory_key_padding_mask[:, None, None, :]
+        if is_causal:
+            causal = torch.ones(n, m, dtype=torch.bool, device=x.device).tril()
+            mask = causal if mask is None else mask & causal
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -178,7 +240,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
     (``d_model, nhead, segment_lengths, dilation_rates, dim_feedforward=2048, dropout=0.1,
     activation="relu", layer_norm_eps=1e-5, gamma_init=1.0, device=None, dtype=None``, plus
     keyword-only ``attention_type="standard"``, ``num_kv_heads``, ``bias``) or from a
-    :class:`TransformerLayerConfig`.
+    [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig].
 
     Input and output ``(batch, seq, d_model)``.
     """
@@ -277,16 +339,21 @@ class DilatedTransformerEncoderLayer(nn.Module):
         is_causal: bool = False,
         src_key_padding_mask: torch.Tensor | None = None,
         *,
+        src_mask: torch.Tensor | None = None,
         rotary: RotaryEmbedding | None = None,
         cache: LayerKVCache | None = None,
         offset: int = 0,
     ) -> torch.Tensor:
-        """Apply the layer.
+        """Apply the layer (also as a layer of ``torch.nn.TransformerEncoder``).
 
         Args:
             src: ``(batch, seq, d_model)``.
             is_causal: causal dilated self-attention.
-            src_key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+            src_key_padding_mask: ``(batch, seq)``: bool, True for real tokens, or torch's
+                additive float form (0 = keep, -inf = padding), which
+                ``torch.nn.TransformerEncoder`` passes.
+            src_mask: None, or a causal mask together with ``is_causal=True`` (what
+                ``torch.nn.TransformerEncoder`` passes); other masks raise ``ValueError``.
             rotary: rotate q and k with this embedding (positions ``offset..offset+seq``).
             cache: fill (``offset == 0``) or extend and read (``offset > 0``) this KV cache;
                 needs ``is_causal=True``.
@@ -295,14 +362,16 @@ class DilatedTransformerEncoderLayer(nn.Module):
         Returns:
             ``(batch, seq, d_model)``.
         """
-        x = self._self_block(src, is_causal, src_key_padding_mask, rotary, cache, offset)
+        _no_attn_mask(src_mask, "src_mask", is_causal, "is_causal")
+        mask = _keep_mask(src_key_padding_mask, "src_key_padding_mask", torch_call=False)
+        x = self._self_block(src, is_causal, mask, rotary, cache, offset)
         return x + self._ff(self.norm2(x))
 
 
 class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
     """Causal dilated self-attention, dense cross-attention over the encoder output, feed-forward.
 
-    Same constructor as :class:`DilatedTransformerEncoderLayer`, plus keyword-only
+    Same constructor as [`DilatedTransformerEncoderLayer`][dilated.longnet.layers.DilatedTransformerEncoderLayer], plus keyword-only
     ``cross_attention=True`` (False gives the layer of a decoder-only model, whose ``memory``
     must then be None). Input ``tgt`` ``(batch, seq, d_model)``, ``memory``
     ``(batch, memory_seq, d_model)``; output ``(batch, seq, d_model)``.
@@ -365,44 +434,72 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
         self,
         tgt: torch.Tensor,
         memory: torch.Tensor | None = None,
-        tgt_is_causal: bool = True,
+        tgt_is_causal: bool | None = True,
         tgt_key_padding_mask: torch.Tensor | None = None,
         memory_key_padding_mask: torch.Tensor | None = None,
         *,
+        memory_is_causal: bool = False,
+        tgt_mask: torch.Tensor | None = _NOT_GIVEN,
+        memory_mask: torch.Tensor | None = _NOT_GIVEN,
         rotary: RotaryEmbedding | None = None,
         cache: LayerKVCache | None = None,
         offset: int = 0,
     ) -> torch.Tensor:
-        """Apply the layer.
+        """Apply the layer (also as a layer of ``torch.nn.TransformerDecoder``).
 
         Args:
             tgt: ``(batch, seq, d_model)``.
             memory: encoder output ``(batch, memory_seq, d_model)``; required with
                 cross-attention, must be None without.
-            tgt_is_causal: causal dilated self-attention (default True).
-            tgt_key_padding_mask: bool ``(batch, seq)``, True for real tokens.
-            memory_key_padding_mask: bool ``(batch, memory_seq)``, True for real tokens.
-            rotary, cache, offset: as in :meth:`DilatedTransformerEncoderLayer.forward`.
+            tgt_is_causal: causal dilated self-attention (default True; None means True).
+            tgt_key_padding_mask: ``(batch, seq)``, bool True for real tokens or the additive
+                float form (0 = keep, -inf = padding). A bool in this place is 0.2.0's
+                positional ``memory_is_causal`` (deprecated: pass it by keyword).
+            memory_key_padding_mask: ``(batch, memory_seq)``, like ``tgt_key_padding_mask``.
+            memory_is_causal: cross-attention from position ``i`` to memory positions ``<= i``
+                only (0.2.0's causal cross-attention; needs ``memory_seq == seq``).
+            tgt_mask, memory_mask: what ``torch.nn.TransformerDecoder`` passes: None, or a
+                causal mask together with ``tgt_is_causal``/``memory_is_causal``. When they are
+                passed, bool key padding masks are refused (torch's bool masks mean True =
+                padding): give the float form there.
+            rotary, cache, offset: as in [`DilatedTransformerEncoderLayer.forward`][dilated.longnet.layers.DilatedTransformerEncoderLayer.forward].
 
         Returns:
             ``(batch, seq, d_model)``.
         """
-        x = self._self_block(tgt, tgt_is_causal, tgt_key_padding_mask, rotary, cache, offset)
+        if isinstance(tgt_key_padding_mask, bool):
+            warn_old_call(
+                "layer(tgt, memory, tgt_is_causal, memory_is_causal) is dilated-attention-pytorch "
+                "0.2.0's positional call; pass memory_is_causal= by keyword (the fourth "
+                "positional argument is tgt_key_padding_mask)"
+            )
+            memory_is_causal, tgt_key_padding_mask = tgt_key_padding_mask, None
+        torch_call = tgt_mask is not _NOT_GIVEN or memory_mask is not _NOT_GIVEN
+        causal = True if tgt_is_causal is None else tgt_is_causal
+        _no_attn_mask(tgt_mask, "tgt_mask", causal, "tgt_is_causal")
+        _no_attn_mask(memory_mask, "memory_mask", memory_is_causal, "memory_is_causal")
+        tgt_keep = _keep_mask(tgt_key_padding_mask, "tgt_key_padding_mask", torch_call=torch_call)
+        memory_keep = _keep_mask(
+            memory_key_padding_mask, "memory_key_padding_mask", torch_call=torch_call
+        )
+        x = self._self_block(tgt, causal, tgt_keep, rotary, cache, offset)
         if self.cross_attn is not None and self.norm_cross is not None:
             if memory is None:
                 raise ValueError("memory is required by a decoder layer with cross-attention")
             x = x + self.dropout(
-                self.cross_attn(self.norm_cross(x), memory, memory_key_padding_mask)
+                self.cross_attn(self.norm_cross(x), memory, memory_keep, memory_is_causal)
             )
         elif memory is not None:
             raise ValueError("memory was given to a decoder layer built with cross_attention=False")
+        elif memory_is_causal:
+            raise ValueError("memory_is_causal=True needs a decoder layer with cross-attention")
         return x + self._ff(self.norm2(x))
 
 
 def create_encoder_layer(
     attention_type: str = "standard", **kwargs: Any
 ) -> DilatedTransformerEncoderLayer:
-    """A :class:`DilatedTransformerEncoderLayer` whose self-attention is the core factory's
+    """A [`DilatedTransformerEncoderLayer`][dilated.longnet.layers.DilatedTransformerEncoderLayer] whose self-attention is the core factory's
     ``attention_type`` (``"standard"``, ``"improved"``, ``"ring"``, ...); ``kwargs`` are the
     layer's keywords (``d_model``, ``nhead``, ``segment_lengths``, ``dilation_rates``, ...)."""
     return DilatedTransformerEncoderLayer(attention_type=attention_type, **kwargs)
@@ -411,5 +508,5 @@ def create_encoder_layer(
 def create_decoder_layer(
     attention_type: str = "standard", **kwargs: Any
 ) -> DilatedTransformerDecoderLayer:
-    """A :class:`DilatedTransformerDecoderLayer` built like :func:`create_encoder_layer`."""
+    """A [`DilatedTransformerDecoderLayer`][dilated.longnet.layers.DilatedTransformerDecoderLayer] built like [`create_encoder_layer`][dilated.longnet.layers.create_encoder_layer]."""
     return DilatedTransformerDecoderLayer(attention_type=attention_type, **kwargs)

@@ -1,4 +1,4 @@
-"""LongNet models: :class:`LongNet` (encoder-decoder over embeddings) and :class:`LongNetLM`
+"""LongNet models: [`LongNet`][dilated.longnet.models.LongNet] (encoder-decoder over embeddings) and [`LongNetLM`][dilated.longnet.models.LongNetLM]
 (decoder-only language model over token ids)."""
 
 from __future__ import annotations
@@ -10,25 +10,91 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dilated.core.presets import DEFAULT_PRESET, PRESETS
 from dilated.longnet.config import LongNetConfig
 from dilated.longnet.kv_cache import KVCache, LayerKVCache
-from dilated.longnet.layers import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer
+from dilated.longnet.layers import (
+    DilatedTransformerDecoderLayer,
+    DilatedTransformerEncoderLayer,
+    warn_old_call,
+)
 from dilated.longnet.magneto import magneto_gain
 from dilated.longnet.rotary import RotaryEmbedding
 
 __all__ = ["LongNet", "LongNetLM"]
 
 
-def _config(config: LongNetConfig | None, kwargs: dict[str, Any]) -> LongNetConfig:
-    if config is None:
-        return LongNetConfig(**kwargs)
-    if kwargs:
-        raise ValueError(
-            f"pass either a LongNetConfig or keywords, not both (got {sorted(kwargs)})"
+#: The positional order of ``LongNet`` in dilated-attention-pytorch 0.2.0 (``LongNetLM`` put
+#: ``num_tokens`` first). ``device`` and ``dtype`` came last.
+_POSITIONAL = (
+    "d_model",
+    "nhead",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "dim_feedforward",
+    "segment_lengths",
+    "dilation_rates",
+    "dropout",
+    "activation",
+    "layer_norm_eps",
+    "device",
+    "dtype",
+)
+
+
+def _defaults(num_encoder_layers: int) -> dict[str, Any]:
+    """What 0.2.0 filled in for the keywords left out: its base sizes (768 wide, 12 heads,
+    12 layers, 3072 feed-forward, no dropout), with the branches of the default preset."""
+    preset = PRESETS[DEFAULT_PRESET]
+    return {
+        "d_model": preset.embed_dim,
+        "nhead": preset.num_heads,
+        "num_encoder_layers": num_encoder_layers,
+        "num_decoder_layers": 12,
+        "dim_feedforward": 3072,
+        "segment_lengths": preset.segment_lengths,
+        "dilation_rates": preset.dilation_rates,
+        "dropout": 0.0,
+    }
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _config(
+    config: LongNetConfig | int | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    names: tuple[str, ...],
+    defaults: dict[str, Any],
+) -> tuple[LongNetConfig, dict[str, Any]]:
+    """The model's config and its ``device``/``dtype``, from a config or from 0.2.0-style
+    positional and keyword arguments (``names`` gives the positional order)."""
+    factory: dict[str, Any] = {k: kwargs.pop(k) for k in ("device", "dtype") if k in kwargs}
+    if isinstance(config, LongNetConfig):
+        if args or kwargs:
+            raise ValueError(
+                "pass either a LongNetConfig or the model's arguments, not both (got "
+                f"{len(args)} positional and {sorted(kwargs)})"
+            )
+        return config, factory
+    if config is not None and (isinstance(config, bool) or not isinstance(config, int)):
+        raise TypeError(
+            f"the first argument must be a LongNetConfig or {names[0]} (an int), got "
+            f"{type(config).__name__}"
         )
-    if not isinstance(config, LongNetConfig):
-        raise ValueError(f"config must be a LongNetConfig, got {type(config).__name__}")
-    return config
+    if config is None and args:
+        raise TypeError(f"the first positional argument ({names[0]}) must not be None")
+    given = () if config is None else (config, *args)
+    if len(given) > len(names):
+        raise TypeError(f"at most {len(names)} positional arguments ({', '.join(names)})")
+    for name, value in zip(names, given):
+        if name in kwargs or name in factory:
+            raise TypeError(f"{name} given both positionally and as a keyword")
+        (factory if name in ("device", "dtype") else kwargs)[name] = value
+    return LongNetConfig(**{**defaults, **kwargs}), factory
 
 
 def _rotary(c: LongNetConfig, device: Any) -> RotaryEmbedding | None:
@@ -48,21 +114,42 @@ class LongNet(nn.Module):
     The encoder's dilated self-attention is bidirectional, the decoder's causal; the decoder
     cross-attends densely to the encoder output. MAGNETO gains follow the encoder-decoder formula.
 
+    Construct from a [`LongNetConfig`][dilated.longnet.config.LongNetConfig] (``num_tokens``
+    is unused), or as in dilated-attention-pytorch 0.2.0 from its fields, positionally in 0.2.0's
+    order (``d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
+    segment_lengths, dilation_rates, dropout, activation, layer_norm_eps, device, dtype``) or as
+    keywords. Fields left out take 0.2.0's base sizes: ``d_model=768, nhead=12``, 12 encoder and
+    12 decoder layers, ``dim_feedforward=3072``, ``dropout=0.0``, and the branches of the
+    ``longnet_32k`` preset (0.2.0's own branches are not valid here: its rates do not divide its
+    segments).
+
     Args:
-        config: a :class:`LongNetConfig` (``num_tokens`` is unused), or its fields as keywords.
+        config: a ``LongNetConfig``, or ``d_model`` as the first of the positional fields.
+        *args: the rest of the positional fields.
         device, dtype: where and in what dtype parameters are created.
+        **kwargs: fields of ``LongNetConfig``.
     """
 
     def __init__(
         self,
-        config: LongNetConfig | None = None,
-        *,
+        config: LongNetConfig | int | None = None,
+        *args: Any,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        c = self.config = _config(config, {"num_tokens": 0, **kwargs} if config is None else kwargs)
+        if not isinstance(config, LongNetConfig):
+            kwargs.setdefault("num_tokens", 0)
+        c, factory = _config(
+            config,
+            args,
+            {**kwargs, **_given(device=device, dtype=dtype)},
+            names=_POSITIONAL,
+            defaults=_defaults(num_encoder_layers=12),
+        )
+        self.config = c
+        device, dtype = factory.get("device"), factory.get("dtype")
         n, m = c.num_encoder_layers, c.num_decoder_layers
         if n == 0 or m == 0:
             raise ValueError(
@@ -80,17 +167,27 @@ class LongNet(nn.Module):
         self.gradient_checkpointing = c.gradient_checkpointing
 
     def encode(
-        self, src: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None
+        self,
+        src: torch.Tensor,
+        src_key_padding_mask: torch.Tensor | None = None,
+        *,
+        is_causal: bool = False,
     ) -> torch.Tensor:
-        """Encoder output ``(batch, src_seq, d_model)`` of ``src`` ``(batch, src_seq, d_model)``."""
+        """Encoder output ``(batch, src_seq, d_model)`` of ``src`` ``(batch, src_seq, d_model)``;
+        ``is_causal`` makes the encoder's self-attention causal."""
         x = src
         for layer in self.encoder:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(
-                    layer, x, False, src_key_padding_mask, rotary=self.rotary, use_reentrant=False
+                    layer,
+                    x,
+                    is_causal,
+                    src_key_padding_mask,
+                    rotary=self.rotary,
+                    use_reentrant=False,
                 )
             else:
-                x = layer(x, False, src_key_padding_mask, rotary=self.rotary)
+                x = layer(x, is_causal, src_key_padding_mask, rotary=self.rotary)
         result: torch.Tensor = self.encoder_norm(x)
         return result
 
@@ -100,25 +197,43 @@ class LongNet(nn.Module):
         tgt: torch.Tensor | None = None,
         src_key_padding_mask: torch.Tensor | None = None,
         tgt_key_padding_mask: torch.Tensor | None = None,
+        *,
+        is_causal: bool | None = None,
     ) -> torch.Tensor:
         """Encode ``src`` and decode ``tgt`` (default: ``src``, as in dilated-attention-pytorch).
 
         Args:
             src: ``(batch, src_seq, d_model)``.
-            tgt: ``(batch, tgt_seq, d_model)`` or None.
+            tgt: ``(batch, tgt_seq, d_model)`` or None. A bool here is 0.2.0's positional
+                ``is_causal`` (deprecated: pass it by keyword).
             src_key_padding_mask, tgt_key_padding_mask: bool, True for real tokens.
+            is_causal: None (default): a bidirectional encoder, a causal decoder and dense
+                cross-attention. True: 0.2.0's meaning, causal everywhere (encoder, decoder, and
+                cross-attention from position ``i`` to memory positions ``<= i``; needs
+                ``tgt_seq == src_seq``), so that output ``i`` depends on inputs ``<= i`` only.
+                False: nothing causal.
 
         Returns:
             ``(batch, tgt_seq, d_model)``.
         """
-        memory = self.encode(src, src_key_padding_mask)
+        if isinstance(tgt, bool):
+            warn_old_call(
+                "LongNet(...)(x, is_causal) with is_causal as the second positional argument is "
+                "dilated-attention-pytorch 0.2.0's call; pass is_causal= by keyword (the second "
+                "positional argument is tgt)"
+            )
+            tgt, is_causal = None, tgt
+        everywhere = bool(is_causal)
+        memory = self.encode(src, src_key_padding_mask, is_causal=everywhere)
         x = src if tgt is None else tgt
+        self_causal = True if is_causal is None else is_causal
         for layer in self.decoder:
-            args = (x, memory, True, tgt_key_padding_mask, src_key_padding_mask)
+            args = (x, memory, self_causal, tgt_key_padding_mask, src_key_padding_mask)
+            kw: dict[str, Any] = {"rotary": self.rotary, "memory_is_causal": everywhere}
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, *args, rotary=self.rotary, use_reentrant=False)
+                x = checkpoint(layer, *args, use_reentrant=False, **kw)
             else:
-                x = layer(*args, rotary=self.rotary)
+                x = layer(*args, **kw)
         result: torch.Tensor = self.decoder_norm(x)
         return result
 
@@ -127,24 +242,38 @@ class LongNetLM(nn.Module):
     """Decoder-only LongNet language model: token embedding, causal dilated layers with rotary
     q/k, final norm and an output head tied to the embedding (``tie_weights``).
 
+    Construct from a [`LongNetConfig`][dilated.longnet.config.LongNetConfig] with
+    ``num_encoder_layers == 0``, or from its fields: positionally in dilated-attention-pytorch
+    0.2.0's order (``num_tokens``, then the order of [`LongNet`][dilated.longnet.models.LongNet])
+    or as keywords, e.g. ``LongNetLM(num_tokens=256, d_model=128, nhead=4, num_decoder_layers=2,
+    segment_lengths=[32, 64], dilation_rates=[1, 2])``. Fields left out take the defaults of
+    ``LongNet`` with no encoder: ``LongNetLM(num_tokens=1000)`` is a 12-layer, 768-wide model.
+
     Args:
-        config: a :class:`LongNetConfig` with ``num_encoder_layers == 0``, or its fields as
-            keywords (e.g. ``LongNetLM(num_tokens=256, d_model=128, nhead=4,
-            num_encoder_layers=0, num_decoder_layers=2, segment_lengths=[32, 64],
-            dilation_rates=[1, 2])``).
+        config: a ``LongNetConfig``, or ``num_tokens`` as the first of the positional fields.
+        *args: the rest of the positional fields.
         device, dtype: where and in what dtype parameters are created.
+        **kwargs: fields of ``LongNetConfig``.
     """
 
     def __init__(
         self,
-        config: LongNetConfig | None = None,
-        *,
+        config: LongNetConfig | int | None = None,
+        *args: Any,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        c = self.config = _config(config, kwargs)
+        c, factory = _config(
+            config,
+            args,
+            {**kwargs, **_given(device=device, dtype=dtype)},
+            names=("num_tokens", *_POSITIONAL),
+            defaults=_defaults(num_encoder_layers=0),
+        )
+        self.config = c
+        device, dtype = factory.get("device"), factory.get("dtype")
         if c.num_encoder_layers != 0:
             raise ValueError(
                 f"LongNetLM is decoder-only: num_encoder_layers must be 0, got "
@@ -171,11 +300,11 @@ class LongNetLM(nn.Module):
     def from_preset(
         cls, name: str, *, device: Any = None, dtype: Any = None, **overrides: Any
     ) -> LongNetLM:
-        """Build the preset ``name`` of :data:`dilated.longnet.LONGNET_PRESETS`."""
+        """Build the preset ``name`` of [`dilated.longnet.LONGNET_PRESETS`][dilated.longnet.config.LONGNET_PRESETS]."""
         return cls(LongNetConfig.from_preset(name, **overrides), device=device, dtype=dtype)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
-        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_length`` tokens."""
+        """An empty [`KVCache`][dilated.longnet.kv_cache.KVCache] for ``batch`` sequences of up to ``max_length`` tokens."""
         p, c = self.embedding.weight, self.config
         return KVCache(
             [
@@ -197,18 +326,33 @@ class LongNetLM(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        is_causal: bool | None = None,
     ) -> torch.Tensor:
         """Next-token logits.
 
         Args:
             input_ids: int64 ``(batch, seq)``.
             key_padding_mask: bool ``(batch, seq)``, True for real tokens (not with ``cache``).
-            cache: a :class:`KVCache` from :meth:`new_cache`; the tokens are taken to follow the
+                A bool here is 0.2.0's positional ``is_causal``.
+            cache: a [`KVCache`][dilated.longnet.kv_cache.KVCache] from [`new_cache`][dilated.longnet.models.LongNetLM.new_cache]; the tokens are taken to follow the
                 ``cache.length`` tokens already in it, and are appended to it.
+            is_causal: accepted for 0.2.0's calls (deprecated): the model is always causal, so
+                True changes nothing and False raises ``ValueError``.
 
         Returns:
             float logits ``(batch, seq, num_tokens)``.
         """
+        if isinstance(key_padding_mask, bool):
+            is_causal, key_padding_mask = key_padding_mask, None
+        if is_causal is not None:
+            if not is_causal:
+                raise ValueError(
+                    "LongNetLM is a decoder-only language model and always causal; "
+                    "is_causal=False is not supported (use LongNet for bidirectional encoding)"
+                )
+            warn_old_call(
+                "LongNetLM(...)(x, is_causal=True): the model is always causal; drop the argument"
+            )
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} "

@@ -1,7 +1,7 @@
 """dilated.ring: sequence-parallel dilated attention over torch.distributed.
 
 Each rank holds a shard of the sequence; :func:`ring_dilated_attention` and the modules return
-this rank's rows of the whole-sequence result of SPEC.md, forward and backward.
+this rank's rows of the whole-sequence result defined in the docs' Concepts page, forward and backward.
 """
 
 from dilated.ring.costs import CommCost, comm_cost

@@ -6,6 +6,7 @@ whole-sequence result; see :func:`dilated.ring.functional.ring_dilated_attention
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from dilated.core.config import (
     RingAttentionConfig,
     RingDistributedConfig,
 )
+from dilated.core.presets import DEFAULT_PRESET, PRESETS
 from dilated.core.registry import Implementation
 from dilated.ring.functional import group_rank_and_size, ring_dilated_attention
 
@@ -142,25 +144,125 @@ class DistributedImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention
         return DistributedImprovedDilatedAttention(config)
 
 
+#: Keywords of dilated-attention-pytorch's ``RingDistributedDilatedAttention`` that have no
+#: counterpart here, with the reason; each is accepted with a ``DeprecationWarning`` and ignored.
+_IGNORED_KEYWORDS = {
+    "block_size": "the ring works on whole segments and phase rows; there is no block size",
+    "enable_deepspeed": "DeepSpeed needs no switch in the layer (see dilated.ring.deepspeed)",
+    "use_deepspeed": "DeepSpeed needs no switch in the layer (see dilated.ring.deepspeed)",
+    "zero_stage": "ZeRO is configured in the DeepSpeed engine, not in the layer",
+    "cpu_offload": "offloading is configured in the DeepSpeed engine, not in the layer",
+    "use_flash_attention": "the attention backend is chosen per call (dilated-kernels)",
+    "use_tf32": "float32 products are never rounded to tf32",
+    "sequence_parallel": "the layer is always sequence parallel",
+    "enable_monitoring": "there is no monitoring layer",
+}
+#: Renamed keywords: old name -> (config, field).
+_RENAMED_KEYWORDS = {
+    "ring_size": ("distributed_config", "world_size"),
+    "use_checkpointing": ("ring_config", "checkpoint"),
+    "activation_checkpointing": ("ring_config", "checkpoint"),
+}
+
+
+def _config_from_keywords(
+    embed_dim: int,
+    num_heads: int,
+    segment_lengths: Sequence[int] | None,
+    dilation_rates: Sequence[int] | None,
+    legacy: dict[str, Any],
+) -> RingDistributedConfig:
+    """The config of dilated-attention-pytorch's keyword form (see
+    [`RingDistributedDilatedAttention`][dilated.ring.modules.RingDistributedDilatedAttention])."""
+    if segment_lengths is None and dilation_rates is None:
+        preset = PRESETS[DEFAULT_PRESET]
+        segment_lengths, dilation_rates = preset.segment_lengths, preset.dilation_rates
+    elif segment_lengths is None or dilation_rates is None:
+        raise ValueError("give segment_lengths and dilation_rates together (or neither)")
+    parts: dict[str, dict[str, Any]] = {"ring_config": {}, "distributed_config": {}}
+    for name in [n for n in legacy if n in _IGNORED_KEYWORDS]:
+        legacy.pop(name)
+        warnings.warn(
+            f"RingDistributedDilatedAttention({name}=...) has no effect: {_IGNORED_KEYWORDS[name]}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    for name in [n for n in legacy if n in _RENAMED_KEYWORDS]:
+        part, field = _RENAMED_KEYWORDS[name]
+        parts[part][field] = legacy.pop(name)
+        cls = "DistributedConfig" if part == "distributed_config" else "RingAttentionConfig"
+        warnings.warn(
+            f"RingDistributedDilatedAttention({name}=...) is {cls}({field}=...) here",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    multihead_fields = {"dropout", "bias", "layer_norm", "layer_norm_eps", "gamma_init"}
+    multihead_fields |= {"device", "dtype", "num_kv_heads"}
+    unknown = sorted(set(legacy) - multihead_fields)
+    if unknown:
+        raise TypeError(f"RingDistributedDilatedAttention got unexpected keyword(s) {unknown}")
+    dropout = legacy.pop("dropout", 0.0)
+    return RingDistributedConfig(
+        multihead_config=MultiheadConfig(embed_dim=embed_dim, num_heads=num_heads, **legacy),
+        ring_config=RingAttentionConfig(
+            segment_lengths=tuple(segment_lengths),
+            dilation_rates=tuple(dilation_rates),
+            dropout=dropout,
+            **parts["ring_config"],
+        ),
+        distributed_config=DistributedConfig(**parts["distributed_config"]),
+    )
+
+
 class RingDistributedDilatedAttention(nn.Module):
-    """A distributed multi-head layer built from a :class:`RingDistributedConfig`.
+    """A distributed multi-head layer built from a [`RingDistributedConfig`][dilated.core.config.RingDistributedConfig].
 
     Inputs are this rank's ``(batch, seq / P, embed_dim)``; returns ``(out, None)``. With
     ``ring_config.checkpoint`` the layer is recomputed in the backward pass instead of storing
     its activations.
 
+    The keyword form of dilated-attention-pytorch also works,
+    ``RingDistributedDilatedAttention(embed_dim=768, num_heads=12, segment_lengths=[...],
+    dilation_rates=[...], dropout=..., bias=..., layer_norm=..., layer_norm_eps=...,
+    gamma_init=..., device=..., dtype=...)``; branches left out take the ``longnet_32k`` preset.
+    Its other keywords are accepted with a ``DeprecationWarning``: ``ring_size`` is
+    ``DistributedConfig(world_size=...)`` (checked against the group at call time),
+    ``use_checkpointing``/``activation_checkpointing`` are ``RingAttentionConfig(checkpoint=...)``,
+    and ``block_size``, ``enable_deepspeed``/``use_deepspeed``, ``zero_stage``, ``cpu_offload``,
+    ``use_flash_attention``, ``use_tf32``, ``sequence_parallel`` and ``enable_monitoring`` have no
+    effect. ``create_ring_distributed_attention(...)`` is the keyword form without them.
+
     Args:
         config: multi-head, ring and distributed settings; ``distributed_config.strategy`` is
             ``"ring"``, ``"allgather"`` or ``"ulysses"``; ``distributed_config.timeout_s`` bounds
             every wait of a call; ``distributed_config.world_size``, when set, must equal the
-            size of the group at call time.
+            size of the group at call time. None with ``embed_dim``/``num_heads`` keywords.
         group: process group (None: default).
+        embed_dim, num_heads, segment_lengths, dilation_rates, **legacy: the keyword form.
     """
 
     def __init__(
-        self, config: RingDistributedConfig, group: dist.ProcessGroup | None = None
+        self,
+        config: RingDistributedConfig | None = None,
+        group: dist.ProcessGroup | None = None,
+        *,
+        embed_dim: int | None = None,
+        num_heads: int | None = None,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
+        **legacy: Any,
     ) -> None:
         super().__init__()
+        if config is None:
+            if embed_dim is None or num_heads is None:
+                raise ValueError(
+                    "pass a RingDistributedConfig, or embed_dim= and num_heads= (and the branches)"
+                )
+            config = _config_from_keywords(
+                embed_dim, num_heads, segment_lengths, dilation_rates, legacy
+            )
+        elif embed_dim is not None or num_heads is not None or legacy:
+            raise ValueError("pass either a RingDistributedConfig or keywords, not both")
         if not isinstance(config, RingDistributedConfig):
             raise ValueError(f"config must be a RingDistributedConfig, got {type(config).__name__}")
         strategy = config.distributed_config.strategy

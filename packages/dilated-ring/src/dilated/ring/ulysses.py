@@ -6,7 +6,7 @@ of dilated-kernels runs there, and a second all-to-all returns the output to the
 shards. The backward pass is autograd through the attention and through the all-to-all, whose
 backward is the inverse exchange.
 
-The phase of a head in branch ``(w, r)`` is its *global* index mod ``r`` (SPEC.md). Rank ``c``
+The phase of a head in branch ``(w, r)`` is its *global* index mod ``r`` (the docs' Concepts page). Rank ``c``
 holds the global heads ``c h / P + j``; when ``c h / P`` is a multiple of every ``r_i`` local and
 global phases agree and one call of the single-GPU op does all branches. Otherwise (and with
 dropout, whose masks are drawn from a seed so that the backward pass replays them) the heads

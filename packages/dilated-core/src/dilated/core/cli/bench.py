@@ -1,8 +1,10 @@
 """``dilated bench``: installed implementations against dense attention at growing lengths.
 
-Every non-distributed implementation that runs on the device, plus ``dense`` (torch SDPA over the
-whole sequence, no dilation: the cost dilated attention avoids), is called at each ``--seq-lens``
-on random ``(batch, seq, heads, head_dim)`` inputs. Per cell the table shows:
+Every implementation that runs on the device (distributed ones as a world of one, see
+[`select_implementations`][dilated.core.cli.selection.select_implementations]), plus ``dense``
+(torch SDPA over the whole sequence, no dilation: the cost dilated attention avoids), is called
+at each ``--seq-lens`` on random ``(batch, seq, heads, head_dim)`` inputs; the report names the
+kinds that did not run and why. Per cell the table shows:
 
 - time: median over ``--repeats`` calls after ``--warmup`` calls (CUDA events on CUDA, wall
   clock on CPU); forward only, or forward + backward with ``--backward``;
@@ -12,17 +14,20 @@ on random ``(batch, seq, heads, head_dim)`` inputs. Per cell the table shows:
   keeps no allocator statistics, the peak total size of the live tensor storages the call's
   operators created (a ``TorchDispatchMode`` sees every op's outputs and
   ``StorageWeakRef`` tells when each storage is freed; inputs are not counted);
-- max err: SPEC.md's ``max|out - ref| / max|ref|`` against the ``dilated.core`` reference run in
+- max err: the Concepts page's ``max|out - ref| / max|ref|`` against the ``dilated.core`` reference run in
   float64 (up to ``--max-check-seq``; dense computes another function and has none).
 
-Dense is skipped above ``--max-dense-seq``; a cell that runs out of memory shows ``OOM`` and one
-that raises shows ``error``; the other cells still run.
+Dense is skipped above ``--max-dense-seq``; a cell that runs out of memory shows ``OOM``, one
+whose input the implementation refuses (``ValueError``) shows ``refused`` and one that raises
+otherwise shows ``error``; the other cells still run. ``--device`` and ``--plot`` are checked
+before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,13 +39,14 @@ from dilated.core.cli.options import (
     branches,
     int_list,
     non_negative_int,
+    plot_path,
     positive_int,
     resolve_device,
 )
 from dilated.core.cli.progress import ProgressBar
+from dilated.core.cli.selection import select_implementations
 from dilated.core.cli.table import format_table
 from dilated.core.reference import dilated_attention_reference
-from dilated.core.registry import available_implementations
 from dilated.core.testing import make_inputs, relative_error
 
 CPU_DEFAULTS = {
@@ -85,7 +91,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--warmup", type=non_negative_int)
     p.add_argument("--max-dense-seq", type=positive_int, help="skip dense attention above this")
     p.add_argument("--max-check-seq", type=positive_int, help="skip the error check above this")
-    p.add_argument("--plot", metavar="FILE.png", help="draw time vs sequence length")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="draw time vs sequence length (.png when no suffix)"
+    )
     p.set_defaults(run=run)
 
 
@@ -109,17 +117,14 @@ def _fmt_bytes(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    plot = plot_path(args.plot)
     _fill_defaults(args, device)
     ws, rs = branches(args)
     dtype = DTYPES[args.dtype]
-    impls = {
-        n: i
-        for n, i in available_implementations().items()
-        if not i.distributed and i.supports(device)
-    }
+    selection = select_implementations(device)
     candidates: dict[str, Callable[..., torch.Tensor]] = {"dense": _dense}
-    for name, impl in impls.items():
-        module = impl.attention(ws, rs)
+    for impl in selection.run:
+        name, module = impl.name, impl.attention(ws, rs)
         candidates[name] = lambda q, k, v, c, m=module: m(q, k, v, is_causal=c)
     rows: list[tuple[object, ...]] = []
     errors = 0
@@ -174,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
                     rows.append((name, n, "OOM", "-", "-", "-"))
                     torch.cuda.empty_cache()
                     continue
+                except ValueError as exc:  # a documented refusal of this input, not a crash
+                    rows.append((name, n, f"refused: {exc}", "-", "-", "-"))
+                    continue
                 except Exception as exc:  # one failing implementation must not end the run
                     rows.append((name, n, f"error: {type(exc).__name__}: {exc}", "-", "-", "-"))
                     errors += 1
@@ -203,20 +211,16 @@ def run(args: argparse.Namespace) -> int:
         "(dense computes another function, so it has none)"
     )
     print(format_table(["impl", "seq", "time ms", "tokens/s", "peak mem", "max err"], rows))
-    if args.plot:
-        _plot(times, args.plot, f"{device.type}, {args.dtype}, {what}")
-        print(f"plot written to {args.plot}")
+    print("\n".join(selection.lines("ran")))
+    if plot is not None:
+        _plot(times, plot, f"{device.type}, {args.dtype}, {what}")
+        print(f"plot written to {plot}")
     return 1 if errors else 0
 
 
-def _plot(times: dict[str, list[tuple[int, float]]], path: str, title: str) -> None:
-    try:
-        import matplotlib
+def _plot(times: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt  # present: plot_path checked it before the run
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'dilated-core[plot]'") from None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in times.items():
         if points:

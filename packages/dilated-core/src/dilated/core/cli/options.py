@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import torch
 
@@ -52,13 +54,61 @@ def non_negative_int(text: str) -> int:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """The requested device, or CUDA when available, else CPU; errors when CUDA is missing."""
+    """The requested device, or CUDA when available, else CPU.
+
+    Raises ``ValueError`` naming ``--device`` for a string that is not a device, a device type
+    other than cpu/cuda, CUDA requested without CUDA, or a CUDA index beyond the GPUs present.
+    """
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s)")
     return device
+
+
+def plot_path(name: str | None) -> Path | None:
+    """The file ``--plot`` will write, checked before any work is done.
+
+    A name without a suffix gets ``.png`` (what matplotlib would append anyway); the suffix must
+    be a format matplotlib writes, matplotlib must be installed, and the folder must exist and
+    be writable. Raises ``ValueError`` naming ``--plot`` otherwise.
+    """
+    if name is None:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'dilated-core[plot]'") from None
+    path = Path(name)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(
+            f"--plot {name!r}: matplotlib cannot write {path.suffix!r} files; use one of "
+            + ", ".join(f".{f}" for f in sorted(formats))
+        )
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"--plot {name!r} is a folder; name a file such as {path / 'bench.png'}")
+    if not folder.is_dir():
+        raise ValueError(f"--plot {name!r}: the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--plot {name!r}: {str(path)!r} is not writable")
+    return path
 
 
 def branches(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -1,8 +1,8 @@
 """Test helpers every ``dilated`` package imports: the dense judge, inputs and tolerances.
 
-:func:`dense_dilated_attention` builds the full boolean mask of SPEC.md for each branch and
+[`dense_dilated_attention`][dilated.core.testing.dense_dilated_attention] builds the full boolean mask of the docs' Concepts page for each branch and
 computes in float64; it is O(seq^2) in memory and meant for tests only. Implementations are
-compared with it through :func:`assert_close_to_reference`, whose tolerances are SPEC.md's.
+compared with it through [`assert_close_to_reference`][dilated.core.testing.assert_close_to_reference], whose tolerances are those of the Concepts page.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def branch_mask(
     is_causal: bool = False,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """SPEC.md's mask ``M[j, t, u]`` of one branch: True where query ``t`` of head ``j`` may see key ``u``.
+    """The mask ``M[j, t, u]`` (docs' Concepts page) of one branch: True where query ``t`` of head ``j`` may see key ``u``.
 
     Returns a bool tensor ``(heads, seq, seq)`` (before any key padding mask).
     """
@@ -59,7 +59,7 @@ def dense_dilated_attention(
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dilated attention straight from SPEC.md's definition, in float64 with dense masks.
+    """Dilated attention straight from the definition of the docs' Concepts page, in float64 with dense masks.
 
     Args:
         q: ``(batch, seq, heads, head_dim)``.
@@ -68,8 +68,8 @@ def dense_dilated_attention(
         segment_lengths: ``w_i`` of each branch.
         dilation_rates: ``r_i`` of each branch.
         scale: default ``head_dim ** -0.5``.
-        is_causal: as in :func:`dilated.core.dilated_attention`.
-        key_padding_mask: as in :func:`dilated.core.dilated_attention`.
+        is_causal: as in [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention].
+        key_padding_mask: as in [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention].
 
     Returns:
         ``(out, lse)`` in float64: ``out`` ``(batch, seq, heads, head_dim)``, ``lse``
@@ -106,7 +106,7 @@ def dense_dilated_attention(
 
 @dataclass
 class AttentionInputs:
-    """Random inputs for one dilated-attention call (see :func:`make_inputs`)."""
+    """Random inputs for one dilated-attention call (see [`make_inputs`][dilated.core.testing.make_inputs])."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -146,7 +146,7 @@ def make_inputs(
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """SPEC.md's bound on ``max|out - ref| / max|ref|``: 1e-4 for float32/64, 2e-2 for 16-bit."""
+    """The bound of the docs' Concepts page on ``max|out - ref| / max|ref|``: 1e-4 for float32/64, 2e-2 for 16-bit."""
     return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
 
 
@@ -155,7 +155,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 
 
     The floor keeps the measure meaningful where the true value is zero up to rounding (the
     gradient of q when each query sees one key, say), where a pure ratio would compare rounding
-    noise with rounding noise. For the unit-variance inputs of :func:`make_inputs` it only acts
+    noise with rounding noise. For the unit-variance inputs of [`make_inputs`][dilated.core.testing.make_inputs] it only acts
     on tensors whose largest entry is under 0.1, and there the bound becomes absolute.
     """
     a, e = actual.double(), expected.double()
@@ -170,7 +170,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 
 def assert_close_to_reference(
     actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "output"
 ) -> None:
-    """Assert SPEC.md's relative bound for ``dtype`` holds between ``actual`` and ``expected``."""
+    """Assert the relative bound (docs' Concepts page) for ``dtype`` holds between ``actual`` and ``expected``."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     err = relative_error(actual, expected)
@@ -193,12 +193,12 @@ def assert_matches_reference(
     is_causal: bool = False,
     seed: int = 0,
 ) -> None:
-    """Assert that ``attention`` computes SPEC.md on ``inputs``: output, LSE and q/k/v gradients.
+    """Assert that ``attention`` computes dilated attention (docs' Concepts page) on ``inputs``: output, LSE and q/k/v gradients.
 
-    The judge is :func:`dense_dilated_attention` on float64 copies of the inputs (which must
+    The judge is [`dense_dilated_attention`][dilated.core.testing.dense_dilated_attention] on float64 copies of the inputs (which must
     require grad). Checked: output dtype and value, the LSE's ``-inf`` pattern and its finite
     values, and the gradients for one random output gradient, all within
-    :func:`tolerance` of the inputs' dtype.
+    [`tolerance`][dilated.core.testing.tolerance] of the inputs' dtype.
     """
     q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.key_padding_mask
     dtype = q.dtype
@@ -246,7 +246,7 @@ def check_on_random_inputs(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> None:
-    """:func:`assert_matches_reference` on :func:`make_inputs` drawn with ``seed`` (grads on)."""
+    """[`assert_matches_reference`][dilated.core.testing.assert_matches_reference] on [`make_inputs`][dilated.core.testing.make_inputs] drawn with ``seed`` (grads on)."""
     inputs = make_inputs(
         batch,
         seq,

@@ -1,9 +1,9 @@
-"""Backends of :func:`dilated.kernels.dilated_attention`, one module each.
+"""Backends of [`dilated.kernels.dilated_attention`][dilated.kernels.functional.dilated_attention], one module each.
 
 Each backend module exposes ``NAME``, ``available(device) -> bool`` and
 ``forward(q, k, v, segment_lengths, dilation_rates, *, scale, is_causal, key_padding_mask,
 dropout_p) -> (out, lse)`` on inputs already validated by
-:func:`dilated.core.functional.prepare_call`.
+[`dilated.core.functional.prepare_call`][dilated.core.functional.prepare_call].
 """
 
 from __future__ import annotations

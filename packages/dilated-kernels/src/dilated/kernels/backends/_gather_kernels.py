@@ -7,13 +7,13 @@ The ``"cudnn"`` backend computes every (branch, phase, segment run) as one dense
 on a strided view; each call returns its own compact tensor. These kernels read all of them for a
 block of output rows in one pass, so the output is written once:
 
-``gather_pieces`` with ``MERGE``: the LSE merge of SPEC.md (online over branches, float32),
+``gather_pieces`` with ``MERGE``: the LSE merge of the docs' Concepts page (online over branches, float32),
 writing ``out`` and the merged ``lse`` ``(batch, heads, seq)``; without: the plain sum (gradients
 of q, k and v, each branch's share added in float32).
 
 Where each piece lives is given by a table of int64 rows, one per (branch, phase, batch, full or
 partial segment): the byte addresses of the piece's values and LSE and their element strides
-(see :mod:`dilated.kernels.backends.cudnn`); the branches ``WS``/``RS`` are compile-time
+(see [`dilated.kernels.backends.cudnn`][dilated.kernels.backends.cudnn]); the branches ``WS``/``RS`` are compile-time
 constants. Addresses are turned into typed pointers in the
 kernel, which is what lets one launch read a variable number of separately allocated tensors.
 With ``SCALAR`` (every ``w_i`` a multiple of ``BLOCK_T``) a block of rows lies in one segment of

@@ -3,7 +3,7 @@
 Every (branch, phase) of a run of segments is a batch of dense problems over a strided view of
 the ``(batch, seq, heads, head_dim)`` input (rows ``s * w + p + r * i`` of heads ``p, p + r, ...``);
 cuDNN's fused attention reads such a view in place at full speed and returns the float32 LSE.
-One Triton kernel (:mod:`._gather_kernels`) then reads every piece of a block of rows and writes
+One Triton kernel (``_gather_kernels``) then reads every piece of a block of rows and writes
 the LSE-merged output and LSE once.
 
 Backward: with the merged output ``O`` and LSE ``L`` the branches form one softmax, so each
@@ -183,7 +183,7 @@ def _table(
     rmax: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Rows of :mod:`._gather_kernels`: where each (branch, phase, batch, partial) piece lives."""
+    """Rows of ``_gather_kernels``: where each (branch, phase, batch, partial) piece lives."""
     from dilated.kernels.backends._gather_kernels import ROW_FIELDS
 
     table = torch.zeros(n_branches, rmax, b, 2, int(ROW_FIELDS), dtype=torch.int64)

@@ -1,4 +1,4 @@
-"""The ``"flash"`` backend: flash-attn per branch and phase (install ``dilated-kernels[flash]``).
+"""The ``"flash"`` backend: flash-attn per branch and phase (flash-attn installed separately).
 
 flash-attn returns each branch's float32 LSE but its backward pass ignores a gradient on it, so
 this backend runs only without autograd, on CUDA, for float16/bfloat16 inputs without key padding
@@ -25,7 +25,8 @@ def _flash_attn_func() -> Any:
         from flash_attn import flash_attn_func
     except ImportError as exc:
         raise ValueError(
-            "backend='flash' needs flash-attn: pip install 'dilated-kernels[flash]'"
+            "backend='flash' needs flash-attn, built against your torch: "
+            "pip install flash-attn --no-build-isolation (needs the CUDA toolkit)"
         ) from exc
     return flash_attn_func
 

@@ -30,7 +30,7 @@ def forward(
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of :func:`dilated.core.reference.dilated_attention_reference`."""
+    """``(out, lse)`` of [`dilated.core.reference.dilated_attention_reference`][dilated.core.reference.dilated_attention_reference]."""
     return dilated_attention_reference(
         q,
         k,

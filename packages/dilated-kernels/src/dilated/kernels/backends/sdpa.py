@@ -4,7 +4,7 @@ The merge needs each branch's log-sum-exp and gradients through it. On CUDA, for
 without a key padding mask or dropout and when no gradient is needed, the cuDNN kernel
 (``aten._scaled_dot_product_cudnn_attention``, which returns the float32 LSE) computes each
 branch. Everywhere else (CPU, float32/64, masks, dropout, training) each branch runs the
-differentiable math of :func:`dilated.core.reference.attention_with_lse`, whose LSE gradient is
+differentiable math of [`dilated.core.reference.attention_with_lse`][dilated.core.reference.attention_with_lse], whose LSE gradient is
 exact; the fused kernels' backward passes ignore a gradient on their LSE output, so they cannot
 be used there.
 """

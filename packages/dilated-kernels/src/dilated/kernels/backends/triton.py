@@ -48,7 +48,7 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
 
 
 def _precision(q: torch.Tensor) -> str:
-    # float32 inputs keep float32 products (SPEC.md's 1e-4 bound rules out tf32).
+    # float32 inputs keep float32 products (the 1e-4 bound of the docs' Concepts page rules out tf32).
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
