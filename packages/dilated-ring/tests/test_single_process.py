@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +11,12 @@ from hypothesis import strategies as st
 
 from dilated.core.config import RingAttentionConfig
 from dilated.core.registry import create_multihead_dilated_attention, get_implementation
-from dilated.core.testing import assert_close_to_reference, dense_dilated_attention, make_inputs
+from dilated.core.testing import (
+    assert_close_to_reference,
+    check_on_random_inputs,
+    dense_dilated_attention,
+    make_inputs,
+)
 from dilated.ring import (
     RingDilatedAttention,
     comm_cost,
@@ -293,3 +300,16 @@ def test_distributed_config_world_size_is_checked() -> None:
     x = torch.randn(1, 8, 8)
     with pytest.raises(ValueError, match="world_size=2 but the process group has 1"):
         layer(x, x, x)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "ulysses"])
+@pytest.mark.parametrize(("seq", "ws", "rs"), [(96, [64, 128], [1, 2]), (77, [16, 40], [1, 4])])
+def test_world_of_one_takes_any_length(
+    strategy: str, seq: int, ws: list[int], rs: list[int]
+) -> None:
+    """A world of one holds the whole sequence: short last segments and segments longer than the
+    sequence are fine, exactly as in the single-process op."""
+    check_on_random_inputs(
+        functools.partial(ring_dilated_attention, strategy=strategy, return_lse=True),
+        2, seq, 4, 8, ws, rs, kv_heads=2, is_causal=True, padding=True, dtype=torch.float64,
+    )  # fmt: skip

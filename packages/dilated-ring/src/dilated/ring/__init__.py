@@ -1,6 +1,6 @@
 """dilated.ring: sequence-parallel dilated attention over torch.distributed.
 
-Each rank holds a shard of the sequence; :func:`ring_dilated_attention` and the modules return
+Each rank holds a shard of the sequence; [`ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention] and the modules return
 this rank's rows of the whole-sequence result defined in the docs' Concepts page, forward and backward.
 """
 

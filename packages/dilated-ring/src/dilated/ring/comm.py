@@ -35,7 +35,7 @@ __all__ = [
 
 
 def wait_all(works: Sequence[dist.Work], timeout_s: float | None, what: str) -> None:
-    """Wait for ``works``; with ``timeout_s``, raise :class:`TimeoutError` once it has passed.
+    """Wait for ``works``; with ``timeout_s``, raise `TimeoutError` once it has passed.
 
     The process group's own timeout (``init_process_group(timeout=...)``) still applies on top;
     ``timeout_s`` lets one call fail sooner. After a timeout the group is unusable (a peer is
@@ -175,7 +175,7 @@ class RingComm(Transport):
     ) -> PendingTransfer:
         """Post ``send`` to global rank ``dst`` and a receive of ``recv_shape`` from ``src``.
 
-        The receive buffer comes from the memory pool; give it back with :meth:`release`.
+        The receive buffer comes from the memory pool; give it back with [`release`][dilated.ring.comm.Transport.release].
         """
         recv = self.pool.acquire(recv_shape, send.dtype, send.device)
         ops = [
@@ -195,7 +195,7 @@ class RingComm(Transport):
         """Send each ``(tensor, dst)`` and receive each ``(shape, dtype, src)``; wait for all.
 
         Used by the all-gather strategy (one block to every peer of a group, and each peer's
-        gradient back to its owner). Received buffers come from the pool (see :meth:`release`).
+        gradient back to its owner). Received buffers come from the pool (see [`release`][dilated.ring.comm.Transport.release]).
         """
         device = sends[0][0].device if sends else torch.device("cpu")
         received = [self.pool.acquire(shape, dtype, device) for shape, dtype, _ in recvs]
@@ -215,7 +215,7 @@ class RingComm(Transport):
 
         Every rank's chunk ``i`` has the same shape as the chunk that rank ``i`` sends here
         (the Ulysses exchange keeps shapes symmetric). Received buffers come from the pool
-        (see :meth:`release`); the chunk a rank sends itself is copied, not sent.
+        (see [`release`][dilated.ring.comm.Transport.release]); the chunk a rank sends itself is copied, not sent.
         """
         rank = self.rank
         received = [self.pool.acquire(c.shape, c.dtype, c.device) for c in chunks]
@@ -246,7 +246,7 @@ class RingComm(Transport):
 
     @classmethod
     def reset_counters(cls) -> None:
-        """Zero :attr:`bytes_sent` and :attr:`bytes_received`."""
+        """Zero the ``bytes_sent`` and ``bytes_received`` counters."""
         cls.bytes_sent = 0
         cls.bytes_received = 0
 

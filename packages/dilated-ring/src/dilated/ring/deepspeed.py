@@ -3,9 +3,9 @@
 ``pip install 'dilated-ring[deepspeed]'``; this module imports without DeepSpeed (it is looked
 up only when used).
 
-* :func:`sequence_parallel_groups` cuts the world into sequence-parallel groups of consecutive
+* [`sequence_parallel_groups`][dilated.ring.deepspeed.sequence_parallel_groups] cuts the world into sequence-parallel groups of consecutive
   ranks (each holds the shards of one sequence) and the matching data-parallel groups.
-* :class:`CheckpointedAttention` recomputes an attention layer in the backward pass instead of
+* [`CheckpointedAttention`][dilated.ring.deepspeed.CheckpointedAttention] recomputes an attention layer in the backward pass instead of
   storing its activations, through ``deepspeed.checkpointing`` once that is configured
   (``deepspeed.checkpointing.configure(...)``), else through ``torch.utils.checkpoint``.
 
@@ -66,7 +66,7 @@ def sequence_parallel_groups(
         backend: backend of the new groups (None: the default group's).
 
     Returns:
-        This rank's :class:`SequenceParallelGroups`.
+        This rank's [`SequenceParallelGroups`][dilated.ring.deepspeed.SequenceParallelGroups].
 
     Raises:
         ValueError: when torch.distributed is not initialised or ``P`` does not divide the world.
@@ -129,7 +129,7 @@ class CheckpointedAttention(nn.Module):
     again in the backward pass (in the same order on every rank).
 
     Args:
-        layer: e.g. :class:`~dilated.ring.RingMultiheadDilatedAttention`; it must return
+        layer: e.g. [`RingMultiheadDilatedAttention`][dilated.ring.modules.RingMultiheadDilatedAttention]; it must return
             ``(out, anything)``.
         use_deepspeed: ``True``: ``deepspeed.checkpointing.checkpoint`` (it must be configured);
             ``False``: ``torch.utils.checkpoint``; None (default): DeepSpeed's when configured.

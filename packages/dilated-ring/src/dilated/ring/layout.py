@@ -90,8 +90,9 @@ class Call:
 
 
 def is_local(seq: int, world_size: int, mode: str, w: int) -> bool:
-    """Whether every segment of a branch lies inside one run of a rank's positions."""
-    return chunk_length(seq, world_size, mode) % w == 0
+    """Whether every segment of a branch lies inside one run of a rank's positions (always, in a
+    world of one: the shard is the whole sequence, a short last segment included)."""
+    return world_size == 1 or chunk_length(seq, world_size, mode) % w == 0
 
 
 def branch_members(seq: int, world_size: int, mode: str, w: int, rank: int) -> list[int]:

@@ -1,7 +1,7 @@
 """Modules of dilated-ring and their registry entries (``"ring"``, ``"ring_distributed"``).
 
 Every module takes this rank's shard of the sequence and returns this rank's rows of the
-whole-sequence result; see :func:`dilated.ring.functional.ring_dilated_attention`.
+whole-sequence result; see [`dilated.ring.functional.ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention].
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ __all__ = [
 class RingDilatedAttention(BaseDilatedAttention):
     """Sequence-parallel dilated attention over this rank's shard ``(batch, seq / P, heads, head_dim)``.
 
-    Construct like :class:`~dilated.core.modules.DilatedAttention` (keywords or a
-    :class:`~dilated.core.config.DilatedAttentionConfig` /
-    :class:`~dilated.core.config.RingAttentionConfig`), plus ``group`` (None: the default process
+    Construct like [`DilatedAttention`][dilated.core.modules.DilatedAttention] (keywords or a
+    [`DilatedAttentionConfig`][dilated.core.config.DilatedAttentionConfig] /
+    [`RingAttentionConfig`][dilated.core.config.RingAttentionConfig]), plus ``group`` (None: the default process
     group, or a world of one when torch.distributed is not initialised) and ``load_balance``
     (taken from a ``RingAttentionConfig`` when one is given). Call as
     ``attn(q_shard, k_shard, v_shard, is_causal=False)``. ``strategy`` is ``"ring"`` (default),
     ``"allgather"`` or ``"ulysses"``; ``timeout_s`` bounds every wait of a call (see
-    :func:`~dilated.ring.functional.ring_dilated_attention`).
+    [`ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention]).
     """
 
     default_strategy = "ring"
@@ -131,14 +131,14 @@ class DistributedImprovedDilatedAttention(RingDilatedAttention):
     """LongNet's distributed algorithm: each rank receives every phase-row block of K/V of its
     segment group at once (an all-gather inside the group) and sends key/value gradients back
     to their owners in the backward pass (a reduce-scatter). Same arguments as
-    :class:`RingDilatedAttention`; same results.
+    [`RingDilatedAttention`][dilated.ring.modules.RingDilatedAttention]; same results.
     """
 
     default_strategy = "allgather"
 
 
 class DistributedImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
-    """Multi-head layer on :class:`DistributedImprovedDilatedAttention` (shards in and out)."""
+    """Multi-head layer on [`DistributedImprovedDilatedAttention`][dilated.ring.modules.DistributedImprovedDilatedAttention] (shards in and out)."""
 
     def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
         return DistributedImprovedDilatedAttention(config)
@@ -328,7 +328,7 @@ def create_ring_distributed_attention(
     group: dist.ProcessGroup | None = None,
     **multihead: Any,
 ) -> RingDistributedDilatedAttention:
-    """Build a :class:`RingDistributedDilatedAttention` from keywords (configs are validated)."""
+    """Build a [`RingDistributedDilatedAttention`][dilated.ring.modules.RingDistributedDilatedAttention] from keywords (configs are validated)."""
     config = RingDistributedConfig(
         multihead_config=MultiheadConfig(
             embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **multihead

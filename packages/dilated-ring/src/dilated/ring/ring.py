@@ -184,7 +184,7 @@ def _phase_view(x: torch.Tensor, r: int) -> torch.Tensor:
 
 def _phase_view_lse(lse: torch.Tensor, r: int) -> torch.Tensor:
     """``(batch, phases, heads / phases, s / r)`` view of an lse ``(batch, heads, s)``, phases as
-    in [`_phase_view`][dilated.ring.ring._phase_view]."""
+    in `_phase_view`."""
     b, h, s = lse.shape
     if r >= h:
         diag = lse.view(b, h, s // r, r)[..., :h].diagonal(dim1=1, dim2=3)  # (b, s / r, h)

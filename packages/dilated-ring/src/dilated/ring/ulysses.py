@@ -188,9 +188,9 @@ def ulysses_attention(
         q: this rank's shard ``(batch, seq / P, heads, head_dim)`` (``heads % P == 0``).
         k, v: ``(batch, seq / P, kv_heads, head_dim)``.
         segment_lengths, dilation_rates, scale, is_causal, dropout_p: validated, as in
-            :func:`dilated.core.functional.dilated_attention`.
+            [`dilated.core.functional.dilated_attention`][dilated.core.functional.dilated_attention].
         key_padding_mask: this rank's ``(batch, seq / P)`` bool mask or None; gathered once.
-        load_balance: the sharding of q/k/v (any of :mod:`dilated.ring.sharding`).
+        load_balance: the sharding of q/k/v (any of [`dilated.ring.sharding`][dilated.ring.sharding]).
         rank, world_size: this rank in ``comm.group`` and its size.
         comm: transfers (timeout, byte counters).
         return_lse: also return this rank's ``(batch, heads, seq / P)`` lse (one more exchange).

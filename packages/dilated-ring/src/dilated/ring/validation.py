@@ -124,13 +124,13 @@ def check_branch_layout(
 ) -> None:
     """Raise unless every branch either fits in a chunk or spans whole shards.
 
-    Contiguous shards: a segment must lie inside one shard (``shard_len % w == 0``), cover whole
+    A world of one takes any branch. Contiguous shards: a segment must lie inside one shard (``shard_len % w == 0``), cover whole
     shards (``w % shard_len == 0``) or the whole sequence. Zigzag and striped shards accept any
     branch (a spanning branch rotates over every rank).
     """
     seq = shard_len * world_size
     for i, w in enumerate(segment_lengths):
-        if chunk_len % w == 0 or w >= seq:
+        if world_size == 1 or chunk_len % w == 0 or w >= seq:
             continue
         if mode == "contiguous" and w % shard_len != 0:
             raise ValueError(
