@@ -238,6 +238,7 @@ def _profile(fn: Callable[[], None], what: str) -> None:
     busy = sum(e.self_device_time_total for e in events) / 1e3
     print(f"profile {what}: wall {wall:.2f} ms, device busy {busy:.2f} ms")
     print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def _check_live(

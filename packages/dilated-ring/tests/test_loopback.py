@@ -201,3 +201,87 @@ def test_blocks_hold_only_phase_rows() -> None:
     assert [ph.rows for ph in layouts] == [4, 4, 4, 4]
     with pytest.raises(ValueError, match="rank"):
         hub.group(4)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["raises_before", "bad_argument", "crash_in_checks", "raises_forward", "raises_backward"],
+)
+def test_fault_injection_every_rank_raises_in_time(
+    fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 of 3 fails before, inside or after the cross-rank agreement, or in either pass:
+    every other rank raises too, within ``timeout_s`` plus a small margin (measured)."""
+    import time
+
+    from dilated.ring import op
+
+    timeout_s, world = 1.5, 3
+    real_forward, real_backward = op.ring_forward, op.ring_backward
+
+    def faulty(real: object) -> object:
+        def call(plan: object, *args: object, **kw: object) -> object:
+            if plan.rank == 1:  # type: ignore[attr-defined]
+                raise RuntimeError("injected fault")
+            return real(plan, *args, **kw)  # type: ignore[operator]
+
+        return call
+
+    if fault == "raises_forward":
+        monkeypatch.setattr(op, "ring_forward", faulty(real_forward))
+    if fault == "raises_backward":
+        monkeypatch.setattr(op, "ring_backward", faulty(real_backward))
+
+    class Exploding(torch.Tensor):
+        """A tensor whose shape cannot be read: the rank's checks crash unexpectedly."""
+
+        @property  # type: ignore[misc]
+        def shape(self) -> torch.Size:
+            raise RuntimeError("shape unavailable")
+
+    def rank_fn(rank: int, group: LoopbackGroup) -> tuple[str, float]:
+        n = 8 * world
+        q = shard(torch.randn(1, n, 2, 4), rank, world).requires_grad_()
+        start = time.monotonic()
+        try:
+            if rank == 1 and fault == "raises_before":
+                raise RuntimeError("injected fault")
+            bad: object = q
+            if rank == 1 and fault == "bad_argument":
+                bad = None
+            if rank == 1 and fault == "crash_in_checks":
+                bad = q.detach().as_subclass(Exploding)
+            out = ring_dilated_attention(
+                bad,
+                q,
+                q,
+                [8, n],
+                [1, 2],
+                is_causal=True,
+                group=group,
+                timeout_s=timeout_s,  # type: ignore[arg-type]
+            )
+            assert isinstance(out, torch.Tensor)
+            out.sum().backward()
+        except Exception as exc:
+            return type(exc).__name__, time.monotonic() - start
+        return "no error", time.monotonic() - start
+
+    # The first custom-op call imports torch's compiler stack (seconds): not part of any wait.
+    warm = torch.randn(1, 8, 2, 4, requires_grad=True)
+    ring_dilated_attention(warm, warm, warm, [8], [1]).sum().backward()  # type: ignore[union-attr]
+    results = run_ranks(rank_fn, world, timeout_s=60)
+    assert all(kind != "no error" for kind, _ in results), results
+    margin = 3.0
+    for rank, (kind, waited) in enumerate(results):
+        assert waited < timeout_s + margin, (fault, rank, kind, waited)
+    if fault in ("bad_argument", "crash_in_checks"):
+        # Caught inside the agreement: every rank knows at once, nobody waits for a timeout.
+        assert all(waited < timeout_s for _, waited in results), results
+        assert [kind for kind, _ in results] == [
+            "ValueError",
+            "TypeError" if fault == "bad_argument" else "RuntimeError",
+            "ValueError",
+        ], results
+    else:
+        assert [kind for kind, _ in results][::2] == ["TimeoutError", "TimeoutError"], results

@@ -40,11 +40,14 @@ def check_timeout(timeout_s: object) -> float | None:
 
 def _shape_fields(q: object, k: object) -> list[int]:
     # Bad inputs still give a row of numbers: the exchange must happen whatever a rank holds.
-    if not (isinstance(q, torch.Tensor) and q.dim() == 4):
+    try:
+        if not (isinstance(q, torch.Tensor) and q.dim() == 4):
+            return [-1] * len(_SHAPES)
+        hkv = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else -1
+        dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+        return [q.shape[0], q.shape[1], q.shape[2], hkv, q.shape[3], dtype]
+    except Exception:  # whatever the input is, this rank must still join
         return [-1] * len(_SHAPES)
-    hkv = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else -1
-    dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
-    return [q.shape[0], q.shape[1], q.shape[2], hkv, q.shape[3], dtype]
 
 
 def _fingerprint(value: object) -> int:
@@ -67,7 +70,9 @@ def agree_across_ranks(
             exchanged as "no shape", so a rank with a bad argument still joins).
         options: the call's options by name; every rank must pass equal values, and a
             mismatch names the option.
-        local_checks: raises ``ValueError``/``TypeError`` for a bad local input.
+        local_checks: raises ``ValueError``/``TypeError`` for a bad local input. Any exception
+            it raises is held until every rank has joined the exchange, so a failing rank never
+            leaves the others waiting.
         group: process group (None: default) or a
             [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup].
         timeout_s: raise [`TimeoutError`][TimeoutError] when a peer has not joined the exchange
@@ -76,7 +81,7 @@ def agree_across_ranks(
     error: Exception | None = None
     try:
         local_checks()
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # re-raised below, once every rank knows this one failed
         error = exc
     comm = make_comm(group, timeout_s)
     if comm.world_size == 1:
@@ -94,7 +99,9 @@ def agree_across_ranks(
         raise TimeoutError(f"the cross-rank input check (rank {comm.rank}): {exc}") from exc
     rows = torch.stack([g.cpu() for g in gathered])
     if error is not None:
-        raise type(error)(f"rank {comm.rank}: {error}") from error
+        if isinstance(error, (ValueError, TypeError)):
+            raise type(error)(f"rank {comm.rank}: {error}") from error
+        raise error
     bad = [i for i in range(comm.world_size) if rows[i, 0] != 0]
     if bad:
         raise ValueError(f"invalid input on rank(s) {bad}; see the error raised on those ranks")
