@@ -10,9 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dilated.core.checks import ArgumentTypeError, check_bool
 from dilated.longnet.config import LongNetConfig
 from dilated.longnet.kv_cache import KVCache, LayerKVCache
-from dilated.longnet.layers import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer
+from dilated.longnet.layers import (
+    DilatedTransformerDecoderLayer,
+    DilatedTransformerEncoderLayer,
+    check_layer_input,
+)
 from dilated.longnet.magneto import magneto_gain
 from dilated.longnet.rotary import RotaryEmbedding
 
@@ -110,7 +115,14 @@ class LongNet(nn.Module):
 
         Returns:
             ``(batch, tgt_seq, d_model)``.
+
+        Raises:
+            ValueError: ``src`` and ``tgt`` of different batch sizes or widths.
         """
+        d = self.config.d_model
+        check_layer_input("src", src, d)
+        if tgt is not None:
+            check_layer_input("tgt", tgt, d, ("src", src.shape[0]))
         memory = self.encode(src, src_key_padding_mask)
         x = src if tgt is None else tgt
         for layer in self.decoder:
@@ -197,23 +209,32 @@ class LongNetLM(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        check_ids: bool = True,
     ) -> torch.Tensor:
         """Next-token logits.
 
         Args:
-            input_ids: int64 ``(batch, seq)``.
+            input_ids: int64 ``(batch, seq)``, ids in ``[0, num_tokens)``.
             key_padding_mask: bool ``(batch, seq)``, True for real tokens (not with ``cache``).
-            cache: a :class:`KVCache` from :meth:`new_cache`; the tokens are taken to follow the
-                ``cache.length`` tokens already in it, and are appended to it.
+            cache: a :class:`KVCache` from :meth:`new_cache`, for this batch size; the tokens
+                are taken to follow the ``cache.length`` tokens already in it, and are appended
+                to it.
+            check_ids: raise ``ValueError`` for an id outside ``[0, num_tokens)`` (one read of
+                ``input_ids``, a device sync on CUDA, where an out-of-range id would otherwise
+                be a device-side assert that ends the process's CUDA context).
+                [`generate`][dilated.longnet.generate] checks the prompt and turns it off for
+                the tokens it samples itself.
 
         Returns:
             float logits ``(batch, seq, num_tokens)``.
+
+        Raises:
+            ValueError: ``input_ids`` of the wrong shape, dtype or range, or a ``cache`` made
+                for another batch size or model.
         """
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} "
-                f"{tuple(input_ids.shape)}"
-            )
+        self._check_ids(input_ids, check_bool("check_ids", check_ids))
+        if cache is not None:
+            self._check_cache(cache, input_ids.shape[0])
         offset = 0 if cache is None else cache.length
         x = self.embedding(input_ids)
         for i, layer in enumerate(self.layers):
@@ -231,6 +252,46 @@ class LongNetLM(nn.Module):
         result: torch.Tensor = self.head(self.norm(x))
         return result
 
+    def _check_ids(self, input_ids: object, check_range: bool) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ArgumentTypeError(
+                f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}"
+            )
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token per sequence (seq >= 1)")
+        if not check_range or input_ids.device.type == "meta" or torch.compiler.is_compiling():
+            return
+        vocab = self.config.num_tokens
+        bad = (input_ids < 0) | (input_ids >= vocab)
+        if bool(bad.any()):
+            first = input_ids[bad][0].item()
+            raise ValueError(
+                f"input_ids must lie in [0, num_tokens={vocab}), got id {first} (and "
+                f"{int(bad.sum()) - 1} more out of range)"
+            )
+
+    def _check_cache(self, cache: object, batch: int) -> None:
+        if not isinstance(cache, KVCache):
+            raise ArgumentTypeError(
+                f"cache must be a KVCache from new_cache(), got {type(cache).__name__}"
+            )
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"cache has {len(cache.layers)} layer(s) but the model has {len(self.layers)}: "
+                "create it with this model's new_cache()"
+            )
+        cached = cache.layers[0].k.shape[0]
+        if cached != batch:
+            raise ValueError(
+                f"cache was created for batch {cached}, got input_ids of batch {batch}; "
+                "create it with new_cache(batch=...) of this batch size"
+            )
+
     def loss(self, input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of ``input_ids`` ``(batch, seq)`` (predicts tokens
         ``1..seq-1`` from their prefixes); a float scalar."""
@@ -238,7 +299,8 @@ class LongNetLM(nn.Module):
             raise ValueError(
                 f"loss needs input_ids of shape (batch, seq >= 2), got {tuple(input_ids.shape)}"
             )
-        logits = self(input_ids[:, :-1])
+        self._check_ids(input_ids, check_range=True)  # the targets too, not only the inputs
+        logits = self(input_ids[:, :-1], check_ids=False)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             input_ids[:, 1:].reshape(-1),
