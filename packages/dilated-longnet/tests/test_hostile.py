@@ -28,15 +28,10 @@ LAYER: dict[str, Any] = {
     "dropout": 0.0,
 }
 MODEL: dict[str, Any] = {
+    **LAYER,
     "num_tokens": 10,
-    "d_model": 16,
-    "nhead": 4,
     "num_encoder_layers": 0,
     "num_decoder_layers": 1,
-    "segment_lengths": (4, 8),
-    "dilation_rates": (1, 2),
-    "dim_feedforward": 32,
-    "dropout": 0.0,
 }
 
 # field -> values it must refuse (each message names the field).
