@@ -161,7 +161,7 @@ def _one_branch(
     lse_dtype: torch.dtype,
     head_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n, hq, d = q.shape
+    b, n, hq, _ = q.shape
     hkv = k.shape[2]
     # *_like of q, not new_zeros/full: under torch.func.vmap these are batched like q, so the
     # in-place writes below stay legal.

@@ -259,5 +259,6 @@ def check_finite(**tensors: torch.Tensor) -> None:
         if not bool(torch.isfinite(t).all()):
             raise ValueError(
                 f"{name} holds NaN or Inf values; dilated attention needs finite inputs "
-                "(with check_finite off, the default, non-finite values propagate as in dense attention)"
+                "(check_finite=False, or DILATED_CHECK_FINITE unset, lets them propagate as "
+                "in dense attention)"
             )

@@ -269,11 +269,9 @@ class LongNetLM(nn.Module):
         vocab = self.config.num_tokens
         bad = (input_ids < 0) | (input_ids >= vocab)
         if bool(bad.any()):
-            first = input_ids[bad][0].item()
-            raise ValueError(
-                f"input_ids must lie in [0, num_tokens={vocab}), got id {first} (and "
-                f"{int(bad.sum()) - 1} more out of range)"
-            )
+            first, count = input_ids[bad][0].item(), int(bad.sum())
+            more = f" ({count - 1} more ids out of range)" if count > 1 else ""
+            raise ValueError(f"input_ids must lie in [0, num_tokens={vocab}), got id {first}{more}")
 
     def _check_cache(self, cache: object, batch: int) -> None:
         if not isinstance(cache, KVCache):
