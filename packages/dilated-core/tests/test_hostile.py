@@ -223,6 +223,12 @@ def test_fields_nothing_reads_are_deprecated() -> None:
         DistributedConfig()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0, 0, "60", True, None])
+def test_distributed_timeout_is_finite_and_positive(bad: object) -> None:
+    with pytest.raises(ValueError, match="timeout_s must be a finite positive number"):
+        DistributedConfig(timeout_s=bad)  # type: ignore[arg-type]
+
+
 def test_mask_in_the_is_causal_slot_is_named() -> None:
     inp = make_inputs(1, 8, 2, 4, seed=0)
     mask = torch.ones(1, 8, dtype=torch.bool)
@@ -238,6 +244,8 @@ def test_mask_in_the_is_causal_slot_is_named() -> None:
         mha(x, x, x, need_weights="no")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"key must be a torch\.Tensor"):
         mha(x, None, x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"value must have the \(batch, seq\) of query"):
+        mha(x, x, torch.randn(2, 8, 8))
 
 
 def test_modules_check_finite_flag(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -236,10 +236,12 @@ class DistributedConfig:
         if (
             isinstance(self.timeout_s, bool)
             or not isinstance(self.timeout_s, (int, float))
+            or not math.isfinite(self.timeout_s)
             or not self.timeout_s > 0
         ):
+            # Infinity too: it would overflow the process group's timedelta at the first wait.
             raise ValueError(
-                f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}"
+                f"timeout_s must be a finite positive number of seconds, got {self.timeout_s!r}"
             )
         if self.backend is not None:
             warnings.warn(
