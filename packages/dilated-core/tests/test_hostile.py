@@ -32,23 +32,16 @@ from dilated.core.checks import (
     resolve_check_finite,
 )
 from dilated.core.testing import make_inputs
-
-# Values that must never pass for a bool, nor for a branch list.
-NOT_BOOLS: list[Any] = ["false", "no", "True", "", 0, 1, None, 1.0, torch.tensor(True), [True]]
-NOT_BRANCH_LISTS: list[Any] = [
-    {4, 8},
-    {4: 1},
-    frozenset({4}),
-    "48",
-    b"48",
-    8,
-    None,
-    4.0,
-    torch.tensor([4, 8]),
-]
+from dilated.core.testing.invalid import (
+    NOT_BOOLS,
+    NOT_BRANCH_LISTS,
+    InvalidCall,
+    assert_refuses,
+    invalid_calls,
+)
 
 
-@pytest.mark.parametrize("value", NOT_BOOLS)
+@pytest.mark.parametrize("value", [*NOT_BOOLS, torch.tensor(True)])
 def test_check_bool_refuses_everything_but_bools(value: object) -> None:
     with pytest.raises(ArgumentTypeError, match="flag must be a bool"):
         check_bool("flag", value)
@@ -60,7 +53,7 @@ def test_a_tensor_in_a_bool_slot_points_to_key_padding_mask() -> None:
         check_bool("is_causal", torch.ones(2, 8, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("value", [*NOT_BRANCH_LISTS, (w for w in (4, 8))])
+@pytest.mark.parametrize("value", [*NOT_BRANCH_LISTS, torch.tensor([4, 8]), (w for w in (4,))])
 def test_check_branch_list_takes_ordered_sequences_only(value: object) -> None:
     with pytest.raises((TypeError, ValueError), match="segment_lengths"):
         check_branch_list("segment_lengths", value)
@@ -94,90 +87,44 @@ def test_resolve_check_finite_refuses_unknown_values(monkeypatch: pytest.MonkeyP
         resolve_check_finite("yes")  # type: ignore[arg-type]
 
 
-# One corruption per case: (argument named in the message, change to the call's keywords).
-Corruption = tuple[str, Callable[[dict[str, Any]], None]]
+def _valid(seq: int = 8, heads: int = 2, kv_heads: int = 2, rate: int = 1) -> tuple[Any, ...]:
+    inp = make_inputs(1, seq, heads, 4, kv_heads=kv_heads, seed=seq)
+    return inp.q, inp.k, inp.v, [4 * rate], [rate]
 
 
-def _set(name: str, value: Any) -> Corruption:
-    def change(call: dict[str, Any]) -> None:
-        call[name] = value
-
-    return name, change
+CALLS = invalid_calls(*_valid())
 
 
-def _tensor(name: str, fn: Callable[[torch.Tensor], Any], source: str | None = None) -> Corruption:
-    """``name`` becomes ``fn`` of the call's tensor ``source`` (default: ``name`` itself)."""
-
-    def change(call: dict[str, Any]) -> None:
-        call[name] = fn(call[source or name])
-
-    return name, change
-
-
-CORRUPTIONS: list[Corruption] = [
-    *(_set("segment_lengths", v) for v in NOT_BRANCH_LISTS),
-    *(_set("dilation_rates", v) for v in NOT_BRANCH_LISTS),
-    _set("segment_lengths", [0]),
-    _set("segment_lengths", [True]),
-    _set("dilation_rates", [-1]),
-    _set("dilation_rates", [2.0]),
-    *(_set(name, v) for name in ("is_causal", "return_lse", "check_finite") for v in ("no", 1)),
-    _set("is_causal", torch.ones(1, dtype=torch.bool)),
-    _set("scale", -1.0),
-    _set("scale", "0.5"),
-    _set("scale", float("nan")),
-    _set("dropout_p", 1.0),
-    _set("dropout_p", "0.1"),
-    _set("key_padding_mask", [[True]]),
-    _tensor("key_padding_mask", lambda q: torch.ones(q.shape[:2]), "q"),
-    _tensor("key_padding_mask", lambda q: torch.ones(1, q.shape[1] + 1, dtype=torch.bool), "q"),
-    _tensor("q", lambda q: q.tolist()),
-    _tensor("q", lambda q: q[0]),
-    _tensor("q", lambda q: q.long()),
-    _tensor("k", lambda k: None),
-    _tensor("k", lambda k: k.double()),
-    _tensor("v", lambda v: v[:, :, :, :1]),
-]
-
-
-def _call(seq: int, heads: int, ws: list[int], rs: list[int]) -> dict[str, Any]:
-    inp = make_inputs(1, seq, heads, 4, seed=seq)
-    return {
-        "q": inp.q,
-        "k": inp.k,
-        "v": inp.v,
-        "segment_lengths": ws,
-        "dilation_rates": rs,
-        "is_causal": False,
-        "key_padding_mask": None,
-    }
-
-
-def _assert_refused(call: dict[str, Any], corruption: Corruption) -> None:
-    name, change = corruption
-    change(call)
-    q, k, v = call.pop("q"), call.pop("k"), call.pop("v")
-    ws, rs = call.pop("segment_lengths"), call.pop("dilation_rates")
-    with pytest.raises((TypeError, ValueError), match=rf"\b{name}\b"):
-        dilated_attention(q, k, v, ws, rs, **call)
-
-
-@pytest.mark.parametrize("corruption", CORRUPTIONS, ids=lambda c: c[0])
-def test_every_corruption_names_its_argument(corruption: Corruption) -> None:
-    _assert_refused(_call(8, 2, [4], [1]), corruption)
+@pytest.mark.parametrize("call", CALLS, ids=repr)
+def test_every_invalid_call_names_its_argument(call: InvalidCall) -> None:
+    assert_refuses(dilated_attention, call)
 
 
 @settings(max_examples=40)
 @given(
     seq=st.integers(1, 12),
-    heads=st.sampled_from([1, 2, 4]),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2]),
     rate=st.sampled_from([1, 2]),
-    corruption=st.sampled_from(CORRUPTIONS),
+    data=st.data(),
 )
 def test_random_invalid_call_names_its_argument(
-    seq: int, heads: int, rate: int, corruption: Corruption
+    seq: int, kv_heads: int, group: int, rate: int, data: st.DataObject
 ) -> None:
-    _assert_refused(_call(seq, heads, [4 * rate], [rate]), corruption)
+    calls = invalid_calls(*_valid(seq, kv_heads * group, kv_heads, rate))
+    assert_refuses(dilated_attention, data.draw(st.sampled_from(calls)))
+
+
+def test_assert_refuses_fails_on_silent_acceptance() -> None:
+    call = InvalidCall("is_causal", "a string", (*_valid()[:3], [4], [1]), {"is_causal": "no"})
+
+    def vague(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("bad input")
+
+    with pytest.raises(AssertionError, match="accepted"):
+        assert_refuses(lambda *args, **kwargs: None, call)
+    with pytest.raises(AssertionError, match="does not name 'is_causal'"):
+        assert_refuses(vague, call)
 
 
 @pytest.mark.parametrize("bad", NOT_BRANCH_LISTS)

@@ -12,6 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dilated.core.testing import check_on_random_inputs, make_inputs
+from dilated.core.testing.invalid import (
+    NOT_BRANCH_LISTS,
+    InvalidCall,
+    assert_refuses,
+    invalid_calls,
+)
 from dilated.kernels import (
     ImprovedDilatedAttention,
     ImprovedMultiheadDilatedAttention,
@@ -40,23 +46,23 @@ def test_non_tensor_inputs_are_named(backend: str, which: int, bad: object) -> N
         dilated_attention(*args, [4], [1], backend=backend)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "name"),
-    [
-        ({"is_causal": "false"}, "is_causal"),
-        ({"is_causal": 1}, "is_causal"),
-        ({"return_lse": "yes"}, "return_lse"),
-        ({"check_finite": "no"}, "check_finite"),
-        ({"backend": ["sdpa"]}, "backend"),
-        ({"backend": "bogus"}, "backend"),
-    ],
-)
-def test_bad_options_are_named(kwargs: dict[str, object], name: str) -> None:
-    with pytest.raises((TypeError, ValueError), match=name):
-        dilated_attention(*_qkv(), [4], [1], **kwargs)  # type: ignore[call-overload]
+_INPUTS = make_inputs(1, 8, 4, 16, kv_heads=2, seed=0)
+CALLS = invalid_calls(_INPUTS.q, _INPUTS.k, _INPUTS.v, [4, 8], [1, 2])
 
 
-@pytest.mark.parametrize("bad", [{4, 8}, 8, None, (w for w in (4,)), "4", {4: 1}])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", CALLS, ids=repr)
+def test_every_backend_refuses_every_invalid_call(backend: str, call: InvalidCall) -> None:
+    assert_refuses(functools.partial(dilated_attention, backend=backend), call)
+
+
+@pytest.mark.parametrize("backend", [["sdpa"], "bogus", None])
+def test_bad_backend_is_named(backend: object) -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dilated_attention(*_qkv(), [4], [1], backend=backend)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("bad", [*NOT_BRANCH_LISTS, (w for w in (4,))])
 def test_modules_refuse_non_sequence_branches(bad: object) -> None:
     for name, args in (("segment_lengths", (bad, [1])), ("dilation_rates", ([4], bad))):
         with pytest.raises((TypeError, ValueError), match=name):
