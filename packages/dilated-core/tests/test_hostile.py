@@ -127,6 +127,42 @@ def test_assert_refuses_fails_on_silent_acceptance() -> None:
         assert_refuses(vague, call)
 
 
+_ENTRY = st.one_of(
+    st.integers(-2, 16), st.booleans(), st.floats(0, 8), st.text(max_size=2), st.none()
+)
+_BRANCH_LIST = st.one_of(
+    st.lists(st.integers(1, 16), min_size=1, max_size=3),
+    st.lists(_ENTRY, max_size=3),
+    st.lists(_ENTRY, max_size=3).map(tuple),
+    st.sets(st.integers(1, 8), max_size=3),
+    st.integers(-2, 8),
+    st.none(),
+    st.text(max_size=3),
+)
+
+
+def _valid_branches(ws: object, rs: object) -> bool:
+    if not (isinstance(ws, (list, tuple)) and isinstance(rs, (list, tuple))):
+        return False
+    entries = [*ws, *rs]
+    return (
+        len(ws) == len(rs) > 0
+        and all(type(x) is int and x > 0 for x in entries)
+        and all(w % r == 0 for w, r in zip(ws, rs))
+    )
+
+
+@settings(max_examples=150)
+@given(ws=_BRANCH_LIST, rs=_BRANCH_LIST)
+def test_random_branch_lists_are_accepted_exactly_when_valid(ws: Any, rs: Any) -> None:
+    if _valid_branches(ws, rs):
+        config = DilatedAttentionConfig(ws, rs)
+        assert (config.segment_lengths, config.dilation_rates) == (tuple(ws), tuple(rs))
+    else:
+        with pytest.raises((TypeError, ValueError), match=r"segment_lengths|dilation_rates"):
+            DilatedAttentionConfig(ws, rs)
+
+
 @pytest.mark.parametrize("bad", NOT_BRANCH_LISTS)
 def test_modules_and_configs_refuse_non_sequence_branches(bad: object) -> None:
     for name, args in (("segment_lengths", (bad, [1])), ("dilation_rates", ([4], bad))):
