@@ -227,8 +227,8 @@ def test_mask_in_the_is_causal_slot_is_named() -> None:
         mha(x, x, x, need_weights="no")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"key must be a torch\.Tensor"):
         mha(x, None, x)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"value must have the \(batch, seq\) of query"):
-        mha(x, x, torch.randn(2, 8, 8))
+    with pytest.raises(ValueError, match=r"q and k must agree in batch, seq and head_dim"):
+        mha(x, torch.randn(2, 8, 8), torch.randn(2, 8, 8))
 
 
 def test_modules_check_finite_flag(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -112,7 +112,8 @@ class BaseDilatedAttention(nn.Module, ABC):
         Returns:
             ``(batch, seq, heads, head_dim)`` in the dtype of ``query``.
         """
-        check_optional_bool("is_causal", is_causal)
+        # is_causal is checked by the functional op (a mask in this slot is named there), inside
+        # the cross-rank agreement of distributed implementations.
         return self._attention(
             query,
             key,
@@ -285,7 +286,6 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         Returns:
             ``(out, None)`` with ``out`` ``(batch, seq, embed_dim)``.
         """
-        check_optional_bool("is_causal", is_causal)
         if check_bool("need_weights", need_weights):
             raise ValueError(
                 "need_weights=True is not supported: dilated attention weights are never materialised"
@@ -302,17 +302,13 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
                     f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), "
                     f"got {tuple(t.shape)}"
                 )
-        for name, t in (("key", key), ("value", value)):
-            if t.shape[:2] != query.shape[:2]:
-                raise ValueError(
-                    f"{name} must have the (batch, seq) of query, {tuple(query.shape[:2])}, got "
-                    f"{tuple(t.shape[:2])} (dilated attention is self-attention over one sequence)"
-                )
         mc = self.multihead_config
         b, n, _ = query.shape
         q = self.q_proj(query).view(b, n, mc.num_heads, mc.head_dim)
-        k = self.k_proj(key).view(b, n, mc.kv_heads, mc.head_dim)
-        v = self.v_proj(value).view(b, n, mc.kv_heads, mc.head_dim)
+        # Key/value keep their own (batch, seq): a mismatch with the query is named by the
+        # functional op's checks, which a distributed implementation runs on every rank at once.
+        k = self.k_proj(key).view(key.shape[0], key.shape[1], mc.kv_heads, mc.head_dim)
+        v = self.v_proj(value).view(value.shape[0], value.shape[1], mc.kv_heads, mc.head_dim)
         x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
         x = x.reshape(b, n, mc.embed_dim)
         if self.norm is not None:

@@ -202,7 +202,7 @@ class MemoryPool:
 
         Raises:
             ValueError: ``tensor`` is not the tensor of an open loan of this pool: released
-                already (its storage may be lent to another borrower by now), a view or copy
+                already (its storage may be lent to another borrower by now), a view
                 of a borrowed tensor, or a tensor this pool never handed out.
         """
         with self._lock:
@@ -254,7 +254,7 @@ class MemoryPool:
                 return (
                     f"tensor is not the one an open loan of this pool returned: its storage is "
                     f"lent (loan #{loan.number}) to the holder of another tensor object, so it "
-                    "was already released (double release), or it is a view or copy of a "
+                    "was already released (double release), or it is a view of a "
                     "borrowed tensor; release exactly the tensor acquire returned, once"
                 )
         for bucket in self._idle.values():
