@@ -186,8 +186,9 @@ def test_interpreter_chunked_grid_matches_dense(
 
 @no_cuda
 @pytest.mark.usefixtures("interpret")
-def test_interpreter_huge_segment_matches_dense() -> None:
-    attention = functools.partial(dilated_attention, return_lse=True, backend="triton")
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+def test_huge_segment_matches_dense(backend: str) -> None:
+    attention = functools.partial(dilated_attention, return_lse=True, backend=backend)
     check_on_random_inputs(
         attention, 1, 19, 4, 16, (8, 2**40), (1, 4), is_causal=True, padding=True, seed=4
     )
