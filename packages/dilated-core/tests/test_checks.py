@@ -83,17 +83,21 @@ def test_scale_dropout_mask() -> None:
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("which", ["q", "k", "v"])
-def test_non_finite_inputs_raise_by_default(which: str, bad: float) -> None:
+def test_non_finite_inputs_raise_when_checked(which: str, bad: float) -> None:
     tensors = dict(zip("qkv", _qkv()))
     tensors[which][0, 3, 1, 2] = bad
     with pytest.raises(ValueError, match=f"{which} holds NaN or Inf"):
-        dilated_attention(tensors["q"], tensors["k"], tensors["v"], *GOOD)
+        dilated_attention(tensors["q"], tensors["k"], tensors["v"], *GOOD, check_finite=True)
 
 
-def test_non_finite_propagates_when_unchecked() -> None:
-    """With check_finite=False a NaN key poisons exactly the queries that can see it."""
+@pytest.mark.parametrize("check_finite", [None, False])
+def test_non_finite_propagates_when_unchecked(
+    check_finite: bool | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unchecked (the default) a NaN key poisons exactly the queries that can see it."""
+    monkeypatch.delenv("DILATED_CHECK_FINITE", raising=False)
     q, k, v = _qkv(n=8, h=1)
     k[0, 5, 0, 0] = math.nan
-    out = dilated_attention(q, k, v, [4], [1], check_finite=False)
+    out = dilated_attention(q, k, v, [4], [1], check_finite=check_finite)
     assert torch.isnan(out[0, 4:]).all()
     assert torch.isfinite(out[0, :4]).all()

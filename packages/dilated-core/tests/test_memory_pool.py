@@ -114,12 +114,72 @@ def test_borrower_state_does_not_leak() -> None:
     t.sum().backward()
     pool.release(t)
     again = pool.acquire((4,), F32)
-    assert again is t and not again.requires_grad and again.grad is None
+    # The same storage, in a new tensor object that carries none of the last borrower's state.
+    assert again is not t and again.data_ptr() == t.data_ptr()
+    assert not again.requires_grad and again.grad is None
     again.resize_(8)  # reshaped in place: dropped on release, never handed out as (4,)
     pool.release(again)
     s = pool.stats()
     assert s.bytes_held == 0 and s.bytes_in_use == 0 and s.buffers_in_use == 0
-    assert pool.acquire((4,), F32) is not t
+    assert pool.stats().hits == 1
+
+
+def test_release_is_matched_to_its_loan_not_to_its_storage() -> None:
+    """The bug of issue 14: a stale release must not end someone else's loan of the same storage."""
+    pool = MemoryPool()
+    a = pool.acquire((8,), F32)
+    pool.release(a)
+    b = pool.acquire((8,), F32)
+    assert b.data_ptr() == a.data_ptr() and b is not a  # same storage, another loan
+    with pytest.raises(ValueError, match=r"already released \(double release\)|lent \(loan #2\)"):
+        pool.release(a)
+    c = pool.acquire((8,), F32)  # b still holds its storage: c must get another one
+    assert c.data_ptr() != b.data_ptr()
+    with pytest.raises(ValueError, match="view of a borrowed tensor"):
+        pool.release(b[:4])
+    pool.release(b)
+    pool.release(c)
+    with pytest.raises(ValueError, match="already released"):
+        pool.release(b)
+    with pytest.raises(ValueError, match="release takes the tensor that acquire returned"):
+        pool.release(None)  # type: ignore[arg-type]
+    s = pool.stats()
+    assert s.buffers_in_use == 0 and s.bytes_in_use == 0
+
+
+def test_threads_with_stale_releases_never_share_a_live_buffer() -> None:
+    """Every thread releases each buffer once, then tries to release it again later, while other
+    threads borrow the same storage. Matching a release by storage (or by a tensor object that
+    the pool hands out again) would accept a stale release and lend a live buffer twice."""
+    pool = MemoryPool(MemoryPoolConfig(max_buffers_per_key=2))
+    errors: list[str] = []
+    accepted_stale: list[int] = []
+
+    def worker(ident: int) -> None:
+        stale: torch.Tensor | None = None
+        for _ in range(200):
+            buf = pool.acquire((32,), F32)
+            buf.fill_(float(ident))
+            if stale is not None:
+                try:
+                    pool.release(stale)  # released already: must be refused
+                    accepted_stale.append(ident)
+                except ValueError:
+                    pass
+            time.sleep(0)  # let other threads acquire while this one holds ``buf``
+            if not bool((buf == ident).all()):
+                errors.append(f"thread {ident}: buffer overwritten while borrowed")
+            pool.release(buf)
+            stale = buf
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert accepted_stale == [] and errors == []
+    s = pool.stats()
+    assert s.buffers_in_use == 0 and s.bytes_in_use == 0 and s.hits > 0
 
 
 def test_borrow_and_clear() -> None:

@@ -44,8 +44,8 @@ def test_invalid_inputs_rejected_like_core() -> None:
         dilated_attention(inp.q, inp.k, inp.v, [6], [4], backend="sdpa")
     bad = inp.q.clone()
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError):
-        dilated_attention(bad, inp.k, inp.v, [4], [1], backend="sdpa")
+    with pytest.raises(ValueError, match="q holds NaN or Inf"):
+        dilated_attention(bad, inp.k, inp.v, [4], [1], backend="sdpa", check_finite=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn present")

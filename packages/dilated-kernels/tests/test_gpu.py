@@ -100,3 +100,35 @@ def test_auto_picks_cudnn_then_triton_on_cuda() -> None:
     assert choose_backend(q, q, mask, 0.0) == "triton"
     assert choose_backend(q.float(), q.float(), None, 0.0) == "triton"
     assert choose_backend(q, q, None, 0.1) in ("flash", "sdpa")
+
+
+def test_triton_more_segments_than_cuda_grid_axis() -> None:
+    # 65536 * 2 + 6 positions with w = 2: 65540 segments, beyond grid axis y (65535).
+    from dilated.core import dilated_attention as reference_attention
+    from dilated.core.testing import assert_close_to_reference
+
+    inp = make_inputs(1, 65536 * 2 + 6, 2, 16, dtype=torch.float16, device="cuda", seed=5)
+    mask = torch.ones(1, inp.q.shape[1], dtype=torch.bool, device="cuda")
+    mask[:, 7::11] = False  # "auto" takes triton with a key padding mask
+    out = dilated_attention(inp.q, inp.k, inp.v, [2, 8], [1, 2], key_padding_mask=mask)
+    want = reference_attention(
+        inp.q.double(), inp.k.double(), inp.v.double(), [2, 8], [1, 2], key_padding_mask=mask
+    )
+    assert_close_to_reference(out, want, torch.float16)
+
+
+def test_triton_more_batch_heads_than_cuda_grid_axis() -> None:
+    # batch * heads = 2 * 32772 = 65544, beyond grid axis z (65535); checked with gradients.
+    attention = functools.partial(dilated_attention, return_lse=True, backend="triton")
+    check_on_random_inputs(
+        attention, 2, 20, 32772, 16, (4, 8), (1, 2), kv_heads=4, is_causal=True, padding=True,
+        dtype=torch.float16, device="cuda", seed=6,
+    )  # fmt: skip
+
+
+def test_triton_huge_segment_length() -> None:
+    attention = functools.partial(dilated_attention, return_lse=True, backend="triton")
+    check_on_random_inputs(
+        attention, 1, 1000, 4, 64, (128, 2**40), (1, 4), is_causal=True, padding=True,
+        dtype=torch.bfloat16, device="cuda", seed=7,
+    )  # fmt: skip

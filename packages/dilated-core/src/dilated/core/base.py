@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dilated.core.checks import ArgumentTypeError, check_bool, check_optional_bool
 from dilated.core.config import DilatedAttentionConfig, MultiheadConfig
 
 __all__ = ["BaseDilatedAttention", "BaseMultiheadDilatedAttention"]
@@ -37,12 +38,18 @@ class BaseDilatedAttention(nn.Module, ABC):
 
     Construct from keywords, ``Cls(segment_lengths, dilation_rates, softmax_scale=None,
     attention_dropout=0.0)`` as in dilated-attention-pytorch, or from a config, ``Cls(config)``.
+    Keyword-only ``is_causal`` (default causality) and ``check_finite`` (NaN/Inf input check:
+    None follows the environment variable ``DILATED_CHECK_FINITE``, see
+    [`resolve_check_finite`][dilated.core.checks.resolve_check_finite]) extend the original.
 
     Attributes:
         config: the validated [`DilatedAttentionConfig`][dilated.core.config.DilatedAttentionConfig].
+        check_finite: passed to every call of the functional op; a subclass reads it in
+            [`_attention`][dilated.core.base.BaseDilatedAttention._attention].
     """
 
     config: DilatedAttentionConfig
+    check_finite: bool | None
 
     def __init__(
         self,
@@ -53,9 +60,11 @@ class BaseDilatedAttention(nn.Module, ABC):
         op: Any = None,
         *,
         is_causal: bool = False,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         _warn_op(op)
+        self.check_finite = check_optional_bool("check_finite", check_finite)
         if isinstance(segment_lengths, DilatedAttentionConfig):
             if dilation_rates is not None:
                 raise ValueError("pass either a DilatedAttentionConfig or dilation_rates, not both")
@@ -63,9 +72,11 @@ class BaseDilatedAttention(nn.Module, ABC):
         else:
             if dilation_rates is None:
                 raise ValueError("dilation_rates is required when segment_lengths is given")
+            # Handed over as given: the config refuses sets, ints and None by name, where
+            # tuple() would silently pair a set's hash order with the rates.
             self.config = DilatedAttentionConfig(
-                segment_lengths=tuple(segment_lengths),
-                dilation_rates=tuple(dilation_rates),
+                segment_lengths=segment_lengths,  # type: ignore[arg-type]
+                dilation_rates=dilation_rates,  # type: ignore[arg-type]
                 dropout=attention_dropout,
                 scale=softmax_scale,
                 is_causal=is_causal,
@@ -101,6 +112,8 @@ class BaseDilatedAttention(nn.Module, ABC):
         Returns:
             ``(batch, seq, heads, head_dim)`` in the dtype of ``query``.
         """
+        # is_causal is checked by the functional op (a mask in this slot is named there), inside
+        # the cross-rank agreement of distributed implementations.
         return self._attention(
             query,
             key,
@@ -141,7 +154,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
             layer_norm=True, layer_norm_eps=1e-5, gamma_init=1.0, device=None, dtype=None)
 
     or from configs, ``Cls(MultiheadConfig(...), DilatedAttentionConfig(...))``. Extra keywords
-    (``num_kv_heads``, ``softmax_scale``, ``is_causal``) extend the original.
+    (``num_kv_heads``, ``softmax_scale``, ``is_causal``, ``check_finite``) extend the original;
+    ``check_finite`` is handed to the inner attention (see [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention]).
 
     Inputs are ``(batch, seq, embed_dim)``; [`forward`][dilated.core.base.BaseMultiheadDilatedAttention.forward] returns ``(out, None)``.
 
@@ -174,9 +188,11 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         num_kv_heads: int | None = None,
         softmax_scale: float | None = None,
         is_causal: bool = False,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         _warn_op(op)
+        check_optional_bool("check_finite", check_finite)
         if isinstance(embed_dim, MultiheadConfig):
             if not isinstance(num_heads, DilatedAttentionConfig):
                 raise ValueError(
@@ -201,8 +217,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
                 dtype=dtype,
             )
             self.attention_config = DilatedAttentionConfig(
-                segment_lengths=tuple(segment_lengths),
-                dilation_rates=tuple(dilation_rates),
+                segment_lengths=segment_lengths,  # type: ignore[arg-type]
+                dilation_rates=dilation_rates,  # type: ignore[arg-type]
                 dropout=dropout,
                 scale=softmax_scale,
                 is_causal=is_causal,
@@ -218,6 +234,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         )
         self.out_proj = nn.Linear(mc.embed_dim, mc.embed_dim, bias=mc.bias, **factory)
         self.attention = self._make_attention(self.attention_config)
+        if check_finite is not None:
+            self.attention.check_finite = check_finite
         self._reset_parameters()
 
     @property
@@ -271,7 +289,7 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         Returns:
             ``(out, None)`` with ``out`` ``(batch, seq, embed_dim)``.
         """
-        if need_weights:
+        if check_bool("need_weights", need_weights):
             raise ValueError(
                 "need_weights=True is not supported: dilated attention weights are never materialised"
             )
@@ -280,6 +298,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
                 "attn_mask is not supported; use is_causal and key_padding_mask (True = real token)"
             )
         for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[-1] != self.embed_dim:
                 raise ValueError(
                     f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), "
@@ -288,6 +308,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         mc = self.multihead_config
         b, n, _ = query.shape
         q = self.q_proj(query).view(b, n, mc.num_heads, mc.head_dim)
+        # Key/value keep their own (batch, seq): a mismatch with the query is named by the
+        # functional op's checks, which a distributed implementation runs on every rank at once.
         k = self.k_proj(key).view(key.shape[0], key.shape[1], mc.kv_heads, mc.head_dim)
         v = self.v_proj(value).view(value.shape[0], value.shape[1], mc.kv_heads, mc.head_dim)
         x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)

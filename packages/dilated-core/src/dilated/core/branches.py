@@ -183,10 +183,17 @@ def _one_branch(
     lse_dtype: torch.dtype,
     head_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n, hq, d = q.shape
+    b, n, hq, _ = q.shape
     hkv = k.shape[2]
-    out = q.new_zeros(b, n, hq, d)
-    lse = torch.full((b, hq, n), float("-inf"), dtype=lse_dtype, device=q.device)
+    # *_like of q, not new_zeros/full: under torch.func.vmap these are batched like q, so the
+    # in-place writes below stay legal.
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full_like(
+        q[..., 0].transpose(1, 2),
+        float("-inf"),
+        dtype=lse_dtype,
+        memory_format=torch.contiguous_format,
+    )
     for sp in subproblems(n, hq, hkv, w, r, head_offset):
         kv = sp.kv_view(hq, hkv)
         o_part, l_part = dense(

@@ -1,27 +1,108 @@
 """Every validation rule of dilated attention, in one place.
 
-Each check raises `ValueError` (or `TypeError` for a wrong kind of object) whose
-message names the argument, the offending value and the rule it breaks. Implementations in every
-``dilated`` package call these functions instead of writing their own checks.
+Each check raises `ValueError` (or [`ArgumentTypeError`][dilated.core.checks.ArgumentTypeError],
+a `TypeError`, for a wrong kind of object) whose message names the argument, the offending
+value and the rule it breaks. Implementations in every ``dilated`` package call these functions
+instead of writing their own checks.
+
+Shape, dtype, device and type checks are always on; they read no tensor element, so they cost no
+device sync and work on meta tensors and under ``torch.func`` transforms. The one value check,
+NaN/Inf in the inputs, is opt-in: see [`resolve_check_finite`][dilated.core.checks.resolve_check_finite].
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
+    "CHECK_FINITE_ENV",
+    "ArgumentTypeError",
     "check_attention_inputs",
+    "check_bool",
+    "check_branch_list",
     "check_branches",
     "check_dropout",
     "check_finite",
     "check_key_padding_mask",
+    "check_optional_bool",
     "check_positive_int",
     "check_scale",
+    "resolve_check_finite",
 ]
+
+#: Environment variable read when ``check_finite`` is None: ``1``/``true``/``yes``/``on`` turn
+#: the NaN/Inf input check on, ``0``/``false``/``no``/``off`` or unset leave it off.
+CHECK_FINITE_ENV = "DILATED_CHECK_FINITE"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (a string where a bool is expected, a set of branches...).
+
+    A `TypeError`, and also a `ValueError` so that ``except ValueError`` written
+    against earlier versions, which raised ``ValueError`` for these, still catches it.
+    """
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a torch.Tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool``; anything else (``"false"``, ``0``, a tensor) raises.
+
+    Strings are never read as booleans: ``"false"`` is truthy, so accepting it would silently do
+    the opposite of what was asked.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a bool; the message names ``name``.
+    """
+    if isinstance(value, bool):
+        return value
+    hint = ""
+    if isinstance(value, torch.Tensor):
+        hint = " (a mask goes to key_padding_mask=..., by keyword)"
+    elif isinstance(value, str):
+        hint = " (strings are not read as booleans)"
+    raise ArgumentTypeError(f"{name} must be a bool (True or False), got {_kind(value)}{hint}")
+
+
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """Return ``value`` if it is a ``bool`` or None (see [`check_bool`][dilated.core.checks.check_bool])."""
+    return None if value is None else check_bool(name, value)
+
+
+def resolve_check_finite(check_finite: bool | None) -> bool:
+    """Whether the NaN/Inf input check runs: ``check_finite`` itself, or, when it is None, the
+    environment variable ``DILATED_CHECK_FINITE`` (``1``/``true``/``yes``/``on``; off when unset).
+
+    The check is off by default because it reads every element of q, k and v and waits for the
+    device; every other check reads only shapes and stays on.
+
+    Raises:
+        ArgumentTypeError: ``check_finite`` is neither a bool nor None.
+        ValueError: the environment variable holds something other than the values above.
+    """
+    if check_finite is not None:
+        return check_bool("check_finite", check_finite)
+    raw = os.environ.get(CHECK_FINITE_ENV, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw not in _FALSE:
+        raise ValueError(
+            f"environment variable {CHECK_FINITE_ENV}={os.environ[CHECK_FINITE_ENV]!r} must be one "
+            f"of {', '.join(_TRUE)} (check on) or {', '.join(repr(x) for x in _FALSE)} (off)"
+        )
+    return False
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -35,30 +116,44 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_branch_list(name: str, value: Any) -> tuple[int, ...]:
+    """Return one branch list (``segment_lengths`` or ``dilation_rates``) as a tuple of ints.
+
+    Rule: an ordered sequence (list, tuple, range) of positive integers, one per branch, and not
+    empty. Sets and dicts are refused (their order pairs segment lengths with the wrong rates),
+    so are strings, generators, single ints and None.
+
+    Raises:
+        ArgumentTypeError: not a sequence; ValueError: empty or holding a non-positive entry.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ArgumentTypeError(
+            f"{name} must be a sequence of positive integers (a list or tuple, one entry per "
+            f"branch, in branch order), got {_kind(value)}"
+        )
+    if len(value) == 0:
+        raise ValueError(f"{name} must not be empty: dilated attention needs at least one branch")
+    return tuple(check_positive_int(f"{name}[{i}]", x) for i, x in enumerate(value))
+
+
 def check_branches(
     segment_lengths: Sequence[int], dilation_rates: Sequence[int]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Validate one branch list and return it as two tuples of ints.
 
-    Rules: both are non-empty sequences of positive integers of equal length, and every segment
-    length is a multiple of its dilation rate (``w_i % r_i == 0``).
+    Rules: both pass [`check_branch_list`][dilated.core.checks.check_branch_list], they have
+    equal length, and every segment length is a multiple of its dilation rate (``w_i % r_i == 0``).
     """
     for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
-            raise ValueError(f"{name} must be a sequence of positive integers, got {seq!r}")
-        if len(seq) == 0:
-            raise ValueError(
-                f"{name} must not be empty: dilated attention needs at least one branch"
-            )
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or len(seq) == 0:
+            check_branch_list(name, seq)  # raises, naming the rule
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(
             "segment_lengths and dilation_rates must have the same length (one dilation rate per "
             f"segment length), got {len(segment_lengths)} and {len(dilation_rates)}"
         )
-    ws = tuple(
-        check_positive_int(f"segment_lengths[{i}]", w) for i, w in enumerate(segment_lengths)
-    )
-    rs = tuple(check_positive_int(f"dilation_rates[{i}]", r) for i, r in enumerate(dilation_rates))
+    ws = check_branch_list("segment_lengths", segment_lengths)
+    rs = check_branch_list("dilation_rates", dilation_rates)
     for i, (w, r) in enumerate(zip(ws, rs)):
         if w % r != 0:
             raise ValueError(
@@ -94,7 +189,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(
                 f"{name} must have rank 4, (batch, seq, heads, head_dim), got shape {tuple(t.shape)}"
@@ -132,7 +227,7 @@ def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}"
         )
     if mask.dtype != torch.bool:
@@ -151,14 +246,19 @@ def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
 def check_finite(**tensors: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the first tensor that holds NaN or Inf.
 
-    This reads every element and synchronises with the device; it is skipped while
-    ``torch.compile`` traces, where data-dependent errors cannot be raised.
+    This reads every element and synchronises with the device, which is why callers run it only
+    when [`resolve_check_finite`][dilated.core.checks.resolve_check_finite] says so. It is skipped
+    while ``torch.compile`` traces (data-dependent errors cannot be raised there) and for meta
+    tensors (which hold no values).
     """
     if torch.compiler.is_compiling():
         return
     for name, t in tensors.items():
+        if t.device.type == "meta":
+            continue
         if not bool(torch.isfinite(t).all()):
             raise ValueError(
                 f"{name} holds NaN or Inf values; dilated attention needs finite inputs "
-                "(pass check_finite=False to let non-finite values propagate as in dense attention)"
+                "(check_finite=False, or DILATED_CHECK_FINITE unset, lets them propagate as "
+                "in dense attention)"
             )

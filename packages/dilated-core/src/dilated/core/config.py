@@ -1,19 +1,27 @@
 """Frozen, validated configuration dataclasses shared by every ``dilated`` package.
 
 Each config checks itself in ``__post_init__`` and raises `ValueError` naming the field,
-the value and the rule. Lists given for ``segment_lengths``/``dilation_rates`` are stored as tuples
+the value and the rule (a `TypeError` for a wrong kind of object, e.g. a string where a
+bool is expected). Lists given for ``segment_lengths``/``dilation_rates`` are stored as tuples
 so that configs stay hashable and immutable.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from dilated.core.checks import check_branches, check_dropout, check_positive_int, check_scale
+from dilated.core.checks import (
+    check_bool,
+    check_branches,
+    check_dropout,
+    check_positive_int,
+    check_scale,
+)
 
 __all__ = [
     "DilatedAttentionConfig",
@@ -56,8 +64,7 @@ class DilatedAttentionConfig:
         check_dropout("dropout", self.dropout)
         if self.scale is not None:
             check_scale(self.scale, 1)
-        if not isinstance(self.is_causal, bool):
-            raise ValueError(f"is_causal must be a bool, got {self.is_causal!r}")
+        check_bool("is_causal", self.is_causal)
 
     @property
     def num_branches(self) -> int:
@@ -97,6 +104,8 @@ class MultiheadConfig:
     dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
+        check_bool("bias", self.bias)
+        check_bool("layer_norm", self.layer_norm)
         check_positive_int("embed_dim", self.embed_dim)
         check_positive_int("num_heads", self.num_heads)
         if self.embed_dim % self.num_heads != 0:
@@ -153,6 +162,7 @@ class MemoryPoolConfig:
         if self.max_bytes < 0:
             raise ValueError(f"max_bytes must be a non-negative integer, got {self.max_bytes}")
         check_positive_int("max_buffers_per_key", self.max_buffers_per_key)
+        check_bool("enabled", self.enabled)
 
 
 @dataclass(frozen=True)
@@ -164,7 +174,9 @@ class RingAttentionConfig(DilatedAttentionConfig):
     Attributes:
         load_balance: how the sequence is split: ``"contiguous"`` shards, or ``"zigzag"`` /
             ``"striped"`` to even out causal work.
-        overlap: overlap the next key/value transfer with the current block's compute.
+        overlap: deprecated and ignored. The ring strategy always posts the next key/value
+            transfer before computing on the current block; ``overlap=False`` warns
+            (``DeprecationWarning``) and changes nothing.
         checkpoint: recompute the attention in the backward pass instead of storing it.
     """
 
@@ -178,6 +190,15 @@ class RingAttentionConfig(DilatedAttentionConfig):
         if isinstance(self.dilation_rates, (tuple, list)) and len(self.dilation_rates) == 0:
             _set(self, "dilation_rates", (1,) * len(self.segment_lengths))
         super().__post_init__()
+        check_bool("overlap", self.overlap)
+        check_bool("checkpoint", self.checkpoint)
+        if not self.overlap:
+            warnings.warn(
+                "RingAttentionConfig.overlap is deprecated and ignored: the ring strategy always "
+                "overlaps the next key/value transfer with the current block's compute",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         if self.load_balance not in ("contiguous", "zigzag", "striped"):
             raise ValueError(
                 "load_balance must be 'contiguous', 'zigzag' or 'striped', "
@@ -194,7 +215,10 @@ class DistributedConfig:
         strategy: ``"ring"`` (rotating K/V blocks), ``"allgather"`` (LongNet's algorithm) or
             ``"ulysses"`` (all-to-all over heads).
         timeout_s: seconds a collective may wait before failing.
-        backend: ``torch.distributed`` backend to use when the group is created here.
+        backend: deprecated and ignored: no process group is ever created from this config (the
+            layers use the group they are given, or the default one). A value other than None
+            warns (``DeprecationWarning``); create the group with
+            ``torch.distributed.init_process_group(backend=...)`` instead.
     """
 
     world_size: int | None = None
@@ -212,10 +236,19 @@ class DistributedConfig:
         if (
             isinstance(self.timeout_s, bool)
             or not isinstance(self.timeout_s, (int, float))
+            or not math.isfinite(self.timeout_s)
             or not self.timeout_s > 0
         ):
+            # Infinity too: it would overflow the process group's timedelta at the first wait.
             raise ValueError(
-                f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}"
+                f"timeout_s must be a finite positive number of seconds, got {self.timeout_s!r}"
+            )
+        if self.backend is not None:
+            warnings.warn(
+                "DistributedConfig.backend is deprecated and ignored: no process group is created "
+                "from this config; pass backend= to torch.distributed.init_process_group instead",
+                DeprecationWarning,
+                stacklevel=3,
             )
 
 

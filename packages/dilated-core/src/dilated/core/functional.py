@@ -9,11 +9,13 @@ import torch
 
 from dilated.core.checks import (
     check_attention_inputs,
+    check_bool,
     check_branches,
     check_dropout,
     check_finite,
     check_key_padding_mask,
     check_scale,
+    resolve_check_finite,
 )
 from dilated.core.reference import dilated_attention_reference
 
@@ -30,17 +32,23 @@ def prepare_call(
     scale: float | None,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
-    check_finite_inputs: bool,
+    check_finite_inputs: bool | None,
+    is_causal: bool = False,
+    return_lse: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], float]:
     """Run every check of one dilated-attention call; return the branches and the scale.
 
     Shared by every backend's public op so that they accept and reject exactly the same inputs.
+    ``check_finite_inputs`` is resolved by
+    [`resolve_check_finite`][dilated.core.checks.resolve_check_finite] (None: the environment).
     """
     check_attention_inputs(q, k, v)
     ws, rs = check_branches(segment_lengths, dilation_rates)
     check_key_padding_mask(key_padding_mask, q)
     check_dropout("dropout_p", dropout_p)
-    if check_finite_inputs:
+    check_bool("is_causal", is_causal)
+    check_bool("return_lse", return_lse)
+    if resolve_check_finite(check_finite_inputs):
         check_finite(q=q, k=k, v=v)
     return ws, rs, check_scale(scale, q.shape[-1])
 
@@ -58,7 +66,7 @@ def dilated_attention(
     key_padding_mask: torch.Tensor | None = ...,
     dropout_p: float = ...,
     return_lse: Literal[False] = ...,
-    check_finite: bool = ...,
+    check_finite: bool | None = ...,
 ) -> torch.Tensor: ...
 
 
@@ -75,7 +83,7 @@ def dilated_attention(
     key_padding_mask: torch.Tensor | None = ...,
     dropout_p: float = ...,
     return_lse: Literal[True],
-    check_finite: bool = ...,
+    check_finite: bool | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -91,7 +99,7 @@ def dilated_attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LongNet dilated attention, exactly as defined in the docs' Concepts page (the reference implementation).
 
@@ -110,7 +118,9 @@ def dilated_attention(
         dropout_p: dropout on the attention probabilities (pass 0 in evaluation).
         return_lse: also return the merged log-sum-exp.
         check_finite: raise ``ValueError`` when q, k or v holds NaN or Inf (one pass over the
-            inputs and a device sync). With False, non-finite inputs propagate as in dense attention.
+            inputs and a device sync). None (default) reads the environment variable
+            ``DILATED_CHECK_FINITE`` (off unless ``1``/``true``/``yes``/``on``); when off,
+            non-finite inputs propagate as in dense attention.
 
     Returns:
         ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q``; with ``return_lse``, also
@@ -129,6 +139,8 @@ def dilated_attention(
         key_padding_mask=key_padding_mask,
         dropout_p=dropout_p,
         check_finite_inputs=check_finite,
+        is_causal=is_causal,
+        return_lse=return_lse,
     )
     out, lse = dilated_attention_reference(
         q,

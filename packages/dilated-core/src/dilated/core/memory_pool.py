@@ -5,8 +5,12 @@ step; allocating them anew each time costs allocator calls and, on CUDA, fragmen
 keeps released buffers, keyed by ``(shape, dtype, device)``, and hands one back on the next
 request of that key. Rules:
 
-- a buffer is handed to one borrower at a time: it re-enters the pool only through
-  [`MemoryPool.release`][dilated.core.memory_pool.MemoryPool.release], and releasing it twice or releasing a foreign tensor is an error;
+- a buffer is handed to one borrower at a time. Every [`MemoryPool.acquire`][dilated.core.memory_pool.MemoryPool.acquire] is one loan
+  and returns a new tensor object (a fresh alias of the pooled storage), so the tensor *is* the
+  loan's token: [`MemoryPool.release`][dilated.core.memory_pool.MemoryPool.release] accepts exactly the object one open loan returned,
+  once. Releasing a tensor twice raises ``ValueError`` even after its storage has been lent to
+  someone else (whose tensor is another object), and so does releasing a foreign tensor, a view
+  of a borrowed tensor, or another pool's buffer;
 - idle bytes stay under ``max_bytes`` and idle buffers per key under ``max_buffers_per_key``; the
   least recently released buffers are evicted first;
 - on CUDA, [`MemoryPool.release`][dilated.core.memory_pool.MemoryPool.release] records an event on the releasing stream (the current one
@@ -63,9 +67,20 @@ class PoolStats:
 
 @dataclass
 class _Idle:
-    tensor: torch.Tensor
+    tensor: torch.Tensor  # the pool's own reference to the storage, never handed out
     event: torch.cuda.Event | None
     stream: torch.cuda.Stream | None  # where ``event`` was recorded
+
+
+@dataclass
+class _Loan:
+    """One open borrow: ``handle`` is what the borrower holds, ``base`` the pool's reference."""
+
+    handle: torch.Tensor
+    base: torch.Tensor
+    key: _Key
+    size: int  # bytes as handed out: a borrower may resize ``handle`` in place meanwhile
+    number: int  # the loan's serial number, for error messages
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -101,7 +116,9 @@ class MemoryPool:
         # key -> idle buffers, and one LRU order over every idle buffer (by id).
         self._idle: dict[_Key, list[_Idle]] = {}
         self._lru: OrderedDict[int, _Key] = OrderedDict()
-        self._in_use: dict[int, tuple[torch.Tensor, _Key, int]] = {}
+        # id(handle) -> loan; the loan keeps the handle alive, so no id is reused while open.
+        self._in_use: dict[int, _Loan] = {}
+        self._loans = 0
         # Spare CUDA events: creating one per release costs more than the allocation it saves.
         # An event belongs to the device it was first recorded on: one free list per device.
         self._events: dict[torch.device, list[torch.cuda.Event]] = {}
@@ -143,7 +160,8 @@ class MemoryPool:
                 device); a reused buffer is made safe for this stream. Ignored on CPU.
 
         Returns:
-            A tensor that requires no grad, owned by the caller until released.
+            A tensor that requires no grad, owned by the caller until released: a new tensor
+            object per call (the token of this loan), possibly over reused storage.
         """
         key = self._key(shape, dtype, device)
         idle: _Idle | None = None
@@ -165,11 +183,14 @@ class MemoryPool:
                     self._events.setdefault(key[2], []).append(idle.event)
         else:
             tensor = torch.empty(key[0], dtype=dtype, device=key[2])
+        # A new object per loan: a stale reference from an earlier loan of this storage is
+        # never the current borrower's tensor, so releasing it cannot end the current loan.
+        handle = tensor.detach()
         with self._lock:
-            # Key and size as handed out: a borrower may resize the tensor in place meanwhile.
-            self._in_use[id(tensor)] = (tensor, key, _nbytes(tensor))
+            self._loans += 1
+            self._in_use[id(handle)] = _Loan(handle, tensor, key, _nbytes(tensor), self._loans)
             self._bytes_in_use += _nbytes(tensor)
-        return tensor
+        return handle
 
     def release(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
         """Give ``tensor`` (from [`acquire`][dilated.core.memory_pool.MemoryPool.acquire]) back for reuse; the caller must not touch it again.
@@ -180,28 +201,34 @@ class MemoryPool:
                 stream of its device). The next acquire waits for that work. Ignored on CPU.
 
         Raises:
-            ValueError: ``tensor`` was not handed out by this pool, or was released already.
+            ValueError: ``tensor`` is not the tensor of an open loan of this pool: released
+                already (its storage may be lent to another borrower by now), a view
+                of a borrowed tensor, or a tensor this pool never handed out.
         """
         with self._lock:
-            entry = self._in_use.get(id(tensor))
-            if entry is None or entry[0] is not tensor:
-                raise ValueError("tensor was not acquired from this pool or was already released")
+            loan = self._in_use.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+            if loan is None or loan.handle is not tensor:
+                raise ValueError(self._release_error(tensor))
             del self._in_use[id(tensor)]
-            _, key, size = entry
+            key, size, base = loan.key, loan.size, loan.base
             self._bytes_in_use -= size
             if not self.config.enabled:
                 return
-            if tensor.requires_grad:  # a borrower's autograd flag must not leak to the next one
-                tensor.requires_grad_(False)
-            tensor.grad = None
+            # The borrower's autograd flags and .grad live on its handle, which the pool drops:
+            # the next loan gets a fresh handle of ``base``, untouched by them.
             if (
                 _nbytes(tensor) != size
                 or tuple(tensor.shape) != key[0]
                 or not tensor.is_contiguous()
+                or tensor.data_ptr() != base.data_ptr()
+                or tuple(base.shape) != key[0]
+                or _nbytes(base) != size
             ):
-                # Reshaped in place by its borrower: no longer what its key promises, dropped.
-                _forget(tensor, stream)
+                # Reshaped or re-pointed in place by its borrower: no longer what its key
+                # promises, dropped.
+                _forget(base, stream)
                 return
+            tensor = base
             event, last = None, None
             if tensor.is_cuda:
                 spare = self._events.get(key[2])
@@ -216,6 +243,27 @@ class MemoryPool:
                 self._evict_one(key)
             while self._bytes_held > self.config.max_bytes and self._lru:
                 self._evict_one(None)
+
+    def _release_error(self, tensor: object) -> str:
+        """Why ``tensor`` cannot be released (lock held)."""
+        if not isinstance(tensor, torch.Tensor):
+            return f"release takes the tensor that acquire returned, got {type(tensor).__name__}"
+        ptr = tensor.untyped_storage().data_ptr()
+        for loan in self._in_use.values():
+            if loan.base.untyped_storage().data_ptr() == ptr:
+                return (
+                    f"tensor is not the one an open loan of this pool returned: its storage is "
+                    f"lent (loan #{loan.number}) to the holder of another tensor object, so it "
+                    "was already released (double release), or it is a view of a "
+                    "borrowed tensor; release exactly the tensor acquire returned, once"
+                )
+        for bucket in self._idle.values():
+            if any(idle.tensor.untyped_storage().data_ptr() == ptr for idle in bucket):
+                return "tensor was already released to this pool (double release)"
+        return (
+            "tensor was not acquired from this pool or was already released (release exactly "
+            "the tensor acquire returned, once)"
+        )
 
     def _evict_one(self, key: _Key | None) -> None:
         """Drop the least recently released idle buffer (of ``key`` if given). Lock held."""

@@ -38,6 +38,7 @@ class DilatedAttention(BaseDilatedAttention):
             is_causal=is_causal,
             key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
+            check_finite=self.check_finite,
         )
 
 

@@ -27,7 +27,7 @@ def dilated_attention(
     dropout_p: float = ...,
     return_lse: Literal[False] = ...,
     backend: str = ...,
-    check_finite: bool = ...,
+    check_finite: bool | None = ...,
 ) -> torch.Tensor: ...
 
 
@@ -45,7 +45,7 @@ def dilated_attention(
     dropout_p: float = ...,
     return_lse: Literal[True],
     backend: str = ...,
-    check_finite: bool = ...,
+    check_finite: bool | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -62,7 +62,7 @@ def dilated_attention(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LongNet dilated attention (as defined in the docs' Concepts page) on a chosen backend.
 
@@ -81,8 +81,10 @@ def dilated_attention(
         return_lse: also return the merged log-sum-exp.
         backend: ``"auto"``, ``"cudnn"``, ``"triton"``, ``"flash"``, ``"sdpa"`` or ``"reference"``; ``"auto"`` picks the
             fastest one that supports the call (see
-            [`dilated.kernels.backends.choose_backend`][dilated.kernels.backends.choose_backend]).
-        check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync).
+            [`choose_backend`][dilated.kernels.backends.choose_backend]).
+        check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync); None
+            (default) reads the environment variable ``DILATED_CHECK_FINITE`` (off when unset),
+            see [`resolve_check_finite`][dilated.core.checks.resolve_check_finite].
 
     Returns:
         ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q``; with ``return_lse`` also
@@ -92,9 +94,8 @@ def dilated_attention(
     Raises:
         ValueError: invalid inputs, an unknown backend, or a backend that cannot run the call.
     """
-    impl = get_backend(
-        choose_backend(q, k, key_padding_mask, dropout_p) if backend == "auto" else backend
-    )
+    # Inputs first: the backend choice reads them (``q.is_cuda``), so a bad one would otherwise
+    # fail there with an AttributeError instead of a message naming it.
     ws, rs, softmax_scale = prepare_call(
         q,
         k,
@@ -105,6 +106,11 @@ def dilated_attention(
         key_padding_mask=key_padding_mask,
         dropout_p=dropout_p,
         check_finite_inputs=check_finite,
+        is_causal=is_causal,
+        return_lse=return_lse,
+    )
+    impl = get_backend(
+        choose_backend(q, k, key_padding_mask, dropout_p) if backend == "auto" else backend
     )
     out, lse = impl.forward(
         q,

@@ -33,6 +33,7 @@ class ImprovedDilatedAttention(BaseDilatedAttention):
         op: Any = None,
         *,
         is_causal: bool = False,
+        check_finite: bool | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -42,8 +43,9 @@ class ImprovedDilatedAttention(BaseDilatedAttention):
             attention_dropout,
             op,
             is_causal=is_causal,
+            check_finite=check_finite,
         )
-        if backend not in BACKEND_NAMES:
+        if not isinstance(backend, str) or backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {backend!r}")
         self.backend = backend
 
@@ -68,6 +70,7 @@ class ImprovedDilatedAttention(BaseDilatedAttention):
             key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
             backend=self.backend,
+            check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from dilated.core.checks import check_branches, check_dropout, check_positive_int
+from dilated.core.checks import (
+    check_bool,
+    check_branches,
+    check_dropout,
+    check_optional_bool,
+    check_positive_int,
+)
 
 __all__ = ["ACTIVATIONS", "LONGNET_PRESETS", "LongNetConfig", "TransformerLayerConfig"]
 
@@ -55,6 +61,9 @@ class TransformerLayerConfig:
         attention_type: the ``kind`` given to the core factory (``"standard"``, ``"improved"``...).
         num_kv_heads: key/value heads (grouped-query attention); None means ``nhead``.
         bias: biases in the linear layers.
+        check_finite: NaN/Inf check of the attention inputs (None: the environment variable
+            ``DILATED_CHECK_FINITE``, off when unset; see
+            [`resolve_check_finite`][dilated.core.checks.resolve_check_finite]).
     """
 
     d_model: int
@@ -69,8 +78,11 @@ class TransformerLayerConfig:
     attention_type: str = "standard"
     num_kv_heads: int | None = None
     bias: bool = True
+    check_finite: bool | None = None
 
     def __post_init__(self) -> None:
+        check_bool("bias", self.bias)
+        check_optional_bool("check_finite", self.check_finite)
         _check_heads(self.d_model, self.nhead, self.num_kv_heads)
         ws, rs = check_branches(self.segment_lengths, self.dilation_rates)
         _set(self, "segment_lengths", ws)
@@ -108,6 +120,7 @@ class LongNetConfig:
         xpos_scale_base: xPos decay base (used when ``rotary == "xpos"``).
         tie_weights: share the token embedding with the output head.
         gradient_checkpointing: recompute each layer in the backward pass while training.
+        check_finite: as in [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig], for every layer.
     """
 
     num_tokens: int
@@ -129,8 +142,11 @@ class LongNetConfig:
     xpos_scale_base: float = 512.0
     tie_weights: bool = True
     gradient_checkpointing: bool = False
+    check_finite: bool | None = None
 
     def __post_init__(self) -> None:
+        check_bool("tie_weights", self.tie_weights)
+        check_bool("gradient_checkpointing", self.gradient_checkpointing)
         if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int):
             raise ValueError(f"num_tokens must be a non-negative int, got {self.num_tokens!r}")
         if self.num_tokens < 0:
@@ -141,10 +157,12 @@ class LongNetConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if self.num_encoder_layers + self.num_decoder_layers == 0:
             raise ValueError("a model needs at least one layer (num_encoder/decoder_layers)")
+        # The branch lists first: layer_config() copies them, and a copy of a set would hide it.
+        ws, rs = check_branches(self.segment_lengths, self.dilation_rates)
+        _set(self, "segment_lengths", ws)
+        _set(self, "dilation_rates", rs)
         # Validates everything the layers share, with the same messages.
         layer = self.layer_config()
-        _set(self, "segment_lengths", layer.segment_lengths)
-        _set(self, "dilation_rates", layer.dilation_rates)
         if self.rotary not in (None, "rope", "xpos"):
             raise ValueError(f"rotary must be 'rope', 'xpos' or None, got {self.rotary!r}")
         if self.rotary is not None and layer.head_dim % 2:
@@ -172,6 +190,7 @@ class LongNetConfig:
             attention_type=self.attention_type,
             num_kv_heads=self.num_kv_heads,
             bias=self.bias,
+            check_finite=self.check_finite,
         )
 
     @classmethod

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from dilated.core.checks import ArgumentTypeError, check_bool
 from dilated.longnet.models import LongNetLM
 
 __all__ = ["generate"]
@@ -52,7 +55,18 @@ def generate(
 
     Returns:
         int64 ``(batch, prompt + max_new_tokens)``.
+
+    Raises:
+        ValueError / TypeError: naming the argument: a prompt that is not ``(batch, >= 1)``
+            integer ids in ``[0, num_tokens)``, a negative or non-int ``max_new_tokens``, a
+            negative or non-finite ``temperature``, a ``top_k`` that is not a positive int
+            (``True`` included), a non-bool ``use_cache``, a ``generator`` that is not a
+            ``torch.Generator``.
     """
+    if not isinstance(model, LongNetLM):
+        raise ArgumentTypeError(f"model must be a LongNetLM, got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise ArgumentTypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be (batch, prompt >= 1), got {tuple(input_ids.shape)}")
     if (
@@ -61,10 +75,21 @@ def generate(
         or max_new_tokens < 0
     ):
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    check_bool("use_cache", use_cache)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    model._check_ids(input_ids, check_range=True)  # the prompt; sampled ids are in range
     was_training = model.training
     model.eval()
     try:
@@ -73,15 +98,15 @@ def generate(
             return seq
         if use_cache:
             cache = model.new_cache(seq.shape[0], seq.shape[1] + max_new_tokens)
-            logits = model(seq, cache=cache)[:, -1]
+            logits = model(seq, cache=cache, check_ids=False)[:, -1]
             for step in range(max_new_tokens):
                 nxt = _pick(logits, temperature, top_k, generator)
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 if step + 1 < max_new_tokens:
-                    logits = model(nxt[:, None], cache=cache)[:, -1]
+                    logits = model(nxt[:, None], cache=cache, check_ids=False)[:, -1]
         else:
             for _ in range(max_new_tokens):
-                nxt = _pick(model(seq)[:, -1], temperature, top_k, generator)
+                nxt = _pick(model(seq, check_ids=False)[:, -1], temperature, top_k, generator)
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
         return seq
     finally:

@@ -42,7 +42,23 @@ class LayerKVCache:
         return self.k.shape[1]
 
     def write(self, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``/``v`` ``(batch, n, kv_heads, head_dim)`` at positions ``offset..offset+n``."""
+        """Store ``k``/``v`` ``(batch, n, kv_heads, head_dim)`` at positions ``offset..offset+n``.
+
+        Raises:
+            ValueError: shapes other than the cache's ``(batch, ·, kv_heads, head_dim)`` (a
+                smaller batch would otherwise be broadcast into every cached sequence), or
+                positions beyond the capacity.
+        """
+        b, _, hkv, d = self.k.shape
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != (b, hkv, d):
+                raise ValueError(
+                    f"{name} of shape {tuple(t.shape)} does not fit a KV cache of batch {b}, "
+                    f"{hkv} kv heads and head_dim {d}: (batch, n, kv_heads, head_dim) = "
+                    f"({b}, n, {hkv}, {d}) expected"
+                )
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
         end = offset + k.shape[1]
         if end > self.capacity:
             raise ValueError(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dilated.core.base import BaseMultiheadDilatedAttention
+from dilated.core.checks import ArgumentTypeError, check_bool
 from dilated.core.registry import create_multihead_dilated_attention
 from dilated.longnet.config import TransformerLayerConfig
 from dilated.longnet.kv_cache import LayerKVCache, cached_dilated_attention
@@ -102,13 +103,32 @@ def _layer_config(
         return config
     if nhead is None or segment_lengths is None or dilation_rates is None:
         raise ValueError("d_model, nhead, segment_lengths and dilation_rates are required")
+    # Handed over as given: the config refuses sets, ints and generators by name.
     return TransformerLayerConfig(
         d_model=config,
         nhead=nhead,
-        segment_lengths=tuple(segment_lengths),
-        dilation_rates=tuple(dilation_rates),
+        segment_lengths=segment_lengths,  # type: ignore[arg-type]
+        dilation_rates=dilation_rates,  # type: ignore[arg-type]
         **kwargs,
     )
+
+
+def check_layer_input(
+    name: str, x: object, d_model: int, batch: tuple[str, int] | None = None
+) -> None:
+    """``x`` must be a ``(batch, seq, d_model)`` tensor; ``batch = (other_name, size)``: of the
+    same batch as the tensor ``other_name``."""
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(
+            f"{name} must have shape (batch, seq, d_model={d_model}), got {tuple(x.shape)}"
+        )
+    if batch is not None and x.shape[0] != batch[1]:
+        raise ValueError(
+            f"{name} has batch {x.shape[0]} but {batch[0]} has batch {batch[1]}: the encoder "
+            "and decoder sides must hold the same sequences (one memory per target)"
+        )
 
 
 def _dilated_self_attention(
@@ -201,6 +221,7 @@ class CrossAttention(nn.Module):
         """``x`` ``(batch, n, d_model)``, ``memory`` ``(batch, m, d_model)``, mask ``(batch, m)``
         True for real memory tokens; returns ``(batch, n, d_model)``. ``is_causal``: position
         ``i`` attends memory positions ``<= i`` only (needs ``m == n``)."""
+        check_layer_input("memory", memory, x.shape[-1], ("the decoder input", x.shape[0]))
         b, n, d = x.shape
         m = memory.shape[1]
         if is_causal and m != n:
@@ -239,8 +260,8 @@ class DilatedTransformerEncoderLayer(nn.Module):
     Construct as in dilated-attention-pytorch 0.2.0 / ``torch.nn.TransformerEncoderLayer``
     (``d_model, nhead, segment_lengths, dilation_rates, dim_feedforward=2048, dropout=0.1,
     activation="relu", layer_norm_eps=1e-5, gamma_init=1.0, device=None, dtype=None``, plus
-    keyword-only ``attention_type="standard"``, ``num_kv_heads``, ``bias``) or from a
-    [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig].
+    keyword-only ``attention_type="standard"``, ``num_kv_heads``, ``bias``, ``check_finite``)
+    or from a [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig].
 
     Input and output ``(batch, seq, d_model)``.
     """
@@ -262,6 +283,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
         attention_type: str = "standard",
         num_kv_heads: int | None = None,
         bias: bool = True,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         kw: dict[str, Any] = {}
@@ -275,6 +297,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
                 "attention_type": attention_type,
                 "num_kv_heads": num_kv_heads,
                 "bias": bias,
+                "check_finite": check_finite,
             }
         c = self.config = _layer_config(d_model, nhead, segment_lengths, dilation_rates, **kw)
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -290,6 +313,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
             layer_norm_eps=c.layer_norm_eps,
             gamma_init=c.gamma_init,
             num_kv_heads=c.num_kv_heads,
+            check_finite=c.check_finite,
             **fk,
         )
         self.norm1 = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, **fk)
@@ -362,6 +386,8 @@ class DilatedTransformerEncoderLayer(nn.Module):
         Returns:
             ``(batch, seq, d_model)``.
         """
+        check_layer_input("src", src, self.config.d_model)
+        check_bool("is_causal", is_causal)
         _no_attn_mask(src_mask, "src_mask", is_causal, "is_causal")
         mask = _keep_mask(src_key_padding_mask, "src_key_padding_mask", torch_call=False)
         x = self._self_block(src, is_causal, mask, rotary, cache, offset)
@@ -394,6 +420,7 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
         attention_type: str = "standard",
         num_kv_heads: int | None = None,
         bias: bool = True,
+        check_finite: bool | None = None,
         cross_attention: bool = True,
     ) -> None:
         super().__init__(
@@ -411,8 +438,10 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
             attention_type=attention_type,
             num_kv_heads=num_kv_heads,
             bias=bias,
+            check_finite=check_finite,
         )
         c = self.config
+        check_bool("cross_attention", cross_attention)
         self.cross_attn: CrossAttention | None = None
         self.norm_cross: nn.LayerNorm | None = None
         if cross_attention:
@@ -467,6 +496,7 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
         Returns:
             ``(batch, seq, d_model)``.
         """
+        check_layer_input("tgt", tgt, self.config.d_model)
         if isinstance(tgt_key_padding_mask, bool):
             warn_old_call(
                 "layer(tgt, memory, tgt_is_causal, memory_is_causal) is dilated-attention-pytorch "
@@ -475,7 +505,7 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
             )
             memory_is_causal, tgt_key_padding_mask = tgt_key_padding_mask, None
         torch_call = tgt_mask is not _NOT_GIVEN or memory_mask is not _NOT_GIVEN
-        causal = True if tgt_is_causal is None else tgt_is_causal
+        causal = True if tgt_is_causal is None else check_bool("tgt_is_causal", tgt_is_causal)
         _no_attn_mask(tgt_mask, "tgt_mask", causal, "tgt_is_causal")
         _no_attn_mask(memory_mask, "memory_mask", memory_is_causal, "memory_is_causal")
         tgt_keep = _keep_mask(tgt_key_padding_mask, "tgt_key_padding_mask", torch_call=torch_call)

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dilated.core.checks import ArgumentTypeError, check_bool, resolve_check_finite
 from dilated.core.presets import DEFAULT_PRESET, PRESETS
 from dilated.longnet.config import LongNetConfig
 from dilated.longnet.kv_cache import KVCache, LayerKVCache
 from dilated.longnet.layers import (
     DilatedTransformerDecoderLayer,
     DilatedTransformerEncoderLayer,
+    check_layer_input,
     warn_old_call,
 )
 from dilated.longnet.magneto import magneto_gain
@@ -215,6 +217,9 @@ class LongNet(nn.Module):
 
         Returns:
             ``(batch, tgt_seq, d_model)``.
+
+        Raises:
+            ValueError: ``src`` and ``tgt`` of different batch sizes or widths.
         """
         if isinstance(tgt, bool):
             warn_old_call(
@@ -223,7 +228,11 @@ class LongNet(nn.Module):
                 "positional argument is tgt)"
             )
             tgt, is_causal = None, tgt
-        everywhere = bool(is_causal)
+        d = self.config.d_model
+        check_layer_input("src", src, d)
+        if tgt is not None:
+            check_layer_input("tgt", tgt, d, ("src", src.shape[0]))
+        everywhere = False if is_causal is None else check_bool("is_causal", is_causal)
         memory = self.encode(src, src_key_padding_mask, is_causal=everywhere)
         x = src if tgt is None else tgt
         self_causal = True if is_causal is None else is_causal
@@ -327,20 +336,31 @@ class LongNetLM(nn.Module):
         *,
         cache: KVCache | None = None,
         is_causal: bool | None = None,
+        check_ids: bool | None = None,
     ) -> torch.Tensor:
         """Next-token logits.
 
         Args:
-            input_ids: int64 ``(batch, seq)``.
+            input_ids: int64 ``(batch, seq)``, ids in ``[0, num_tokens)``.
             key_padding_mask: bool ``(batch, seq)``, True for real tokens (not with ``cache``).
                 A bool here is 0.2.0's positional ``is_causal``.
             cache: a [`KVCache`][dilated.longnet.kv_cache.KVCache] from [`new_cache`][dilated.longnet.models.LongNetLM.new_cache]; the tokens are taken to follow the
                 ``cache.length`` tokens already in it, and are appended to it.
             is_causal: accepted for 0.2.0's calls (deprecated): the model is always causal, so
                 True changes nothing and False raises ``ValueError``.
+            check_ids: raise ``ValueError`` for an id outside ``[0, num_tokens)``. None
+                (default): on CPU inputs always (free), on CUDA only when
+                ``DILATED_CHECK_FINITE`` asks for value checks, since it reads ``input_ids``
+                back (a device sync); an out-of-range id on CUDA is otherwise a device-side
+                assert. [`generate`][dilated.longnet.generate] checks the prompt once and turns
+                it off for the tokens it samples itself.
 
         Returns:
             float logits ``(batch, seq, num_tokens)``.
+
+        Raises:
+            ValueError: ``input_ids`` of the wrong shape, dtype or range, or a ``cache`` made
+                for another batch size or model.
         """
         if isinstance(key_padding_mask, bool):
             is_causal, key_padding_mask = key_padding_mask, None
@@ -353,11 +373,12 @@ class LongNetLM(nn.Module):
             warn_old_call(
                 "LongNetLM(...)(x, is_causal=True): the model is always causal; drop the argument"
             )
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} "
-                f"{tuple(input_ids.shape)}"
-            )
+        if check_ids is None:
+            on_cpu = isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
+            check_ids = on_cpu or resolve_check_finite(None)
+        self._check_ids(input_ids, check_bool("check_ids", check_ids))
+        if cache is not None:
+            self._check_cache(cache, input_ids.shape[0])
         offset = 0 if cache is None else cache.length
         x = self.embedding(input_ids)
         for i, layer in enumerate(self.layers):
@@ -375,6 +396,44 @@ class LongNetLM(nn.Module):
         result: torch.Tensor = self.head(self.norm(x))
         return result
 
+    def _check_ids(self, input_ids: object, check_range: bool) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ArgumentTypeError(
+                f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}"
+            )
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token per sequence (seq >= 1)")
+        if not check_range or input_ids.device.type == "meta" or torch.compiler.is_compiling():
+            return
+        vocab = self.config.num_tokens
+        bad = (input_ids < 0) | (input_ids >= vocab)
+        if bool(bad.any()):
+            first, count = input_ids[bad][0].item(), int(bad.sum())
+            more = f" ({count - 1} more ids out of range)" if count > 1 else ""
+            raise ValueError(f"input_ids must lie in [0, num_tokens={vocab}), got id {first}{more}")
+
+    def _check_cache(self, cache: object, batch: int) -> None:
+        if not isinstance(cache, KVCache):
+            raise ArgumentTypeError(
+                f"cache must be a KVCache from new_cache(), got {type(cache).__name__}"
+            )
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"cache has {len(cache.layers)} layer(s) but the model has {len(self.layers)}: "
+                "create it with this model's new_cache()"
+            )
+        cached = cache.layers[0].k.shape[0]
+        if cached != batch:
+            raise ValueError(
+                f"cache was created for batch {cached}, got input_ids of batch {batch}; "
+                "create it with new_cache(batch=...) of this batch size"
+            )
+
     def loss(self, input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of ``input_ids`` ``(batch, seq)`` (predicts tokens
         ``1..seq-1`` from their prefixes); a float scalar."""
@@ -382,7 +441,8 @@ class LongNetLM(nn.Module):
             raise ValueError(
                 f"loss needs input_ids of shape (batch, seq >= 2), got {tuple(input_ids.shape)}"
             )
-        logits = self(input_ids[:, :-1])
+        self._check_ids(input_ids, check_range=True)  # the targets too, not only the inputs
+        logits = self(input_ids[:, :-1], check_ids=False)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             input_ids[:, 1:].reshape(-1),

@@ -27,7 +27,7 @@ BACKEND_NAMES: tuple[str, ...] = ("auto", *_MODULES)
 
 def get_backend(name: str):  # type: ignore[no-untyped-def]
     """The backend module called ``name``; ``ValueError`` listing the valid names otherwise."""
-    if name not in _MODULES:
+    if not isinstance(name, str) or name not in _MODULES:
         raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
     return _MODULES[name]
 

@@ -3,7 +3,9 @@
 # mypy: disable-error-code="untyped-decorator,no-untyped-def"
 """Triton kernels of the ``"triton"`` backend: one branch per launch, LSE-merged accumulators.
 
-Layout: q/k/v ``(batch, seq, heads, head_dim)`` read in place. For branch ``(w, r)``, query head
+Layout: q/k/v ``(batch, seq, heads, head_dim)`` read in place. Grid: (row block, segment,
+batch * head); positions are int32 (the backend refuses ``seq >= 2**31``), every element offset
+is int64. For branch ``(w, r)``, query head
 ``h`` (phase ``p = h % r``) and segment ``s``, row ``i`` is position ``t = s * w + p + r * i``: a
 strided view with row stride ``r * heads * head_dim``, so no gathered copy exists.
 
@@ -23,12 +25,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _program_head(H, group, w, r):
-    """Batch, head, kv head and first position of this program's (segment, batch * head)."""
-    bh = tl.program_id(2)
+def _program_head(H, group, w, r, seg0, bh0):
+    """Batch (int64), head (int64, for offsets), kv head (int64) and first position (int32) of this
+    program's (segment, batch * head); ``seg0``/``bh0`` offset the grid's axes 1 and 2 when
+    a launch covers only a chunk of them (CUDA caps those axes at 65535)."""
+    bh = tl.program_id(2) + bh0
     b = bh // H
     h = bh % H
-    return b, b.to(tl.int64), h, h // group, tl.program_id(1) * w + h % r
+    base = (tl.program_id(1) + seg0) * w + h % r
+    return b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64), base
 
 
 @triton.jit
@@ -43,14 +48,14 @@ def _query_rows(b64, h, base, offs_i, offs_d, dmask, rows, n, r, sqb, sqn, sqh):
 
 @triton.jit
 def _key_block(
-    K, V, Mask, b, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh,
+    K, V, Mask, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh,
     HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """Keys and values of rows ``offs_j`` (0 where not allowed), their validity and offsets."""
     u = base + offs_j * r
     k_ok = (offs_j < rows) & (u < n)
     if HAS_MASK:
-        pad = tl.load(Mask + b * n + u, mask=k_ok, other=0)
+        pad = tl.load(Mask + b64 * n + u, mask=k_ok, other=0)
         k_ok = k_ok & (pad != 0)
     kv_off = b64 * skb + u.to(tl.int64)[:, None] * skn + hk * skh + offs_d[None, :]
     kv_m = k_ok[:, None] & dmask[None, :]
@@ -93,6 +98,8 @@ def branch_forward(
     r,
     rows,
     scale,
+    seg0,
+    bh0,
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -102,7 +109,7 @@ def branch_forward(
     BLOCK_N: tl.constexpr,
 ):
     mblock = tl.program_id(0)
-    b, b64, h, hk, base = _program_head(H, group, w, r)
+    b64, h, hk, base = _program_head(H, group, w, r, seg0, bh0)
     offs_i = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -119,7 +126,7 @@ def branch_forward(
     for start in range(0, hi, BLOCK_N):
         offs_j = start + tl.arange(0, BLOCK_N)
         k, v, k_ok, _, _ = _key_block(
-            K, V, Mask, b, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh,
+            K, V, Mask, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh,
             HAS_MASK,
         )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
@@ -180,6 +187,8 @@ def branch_backward(
     r,
     rows,
     scale,
+    seg0,
+    bh0,
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -189,12 +198,12 @@ def branch_backward(
     BLOCK_N: tl.constexpr,
 ):
     nblock = tl.program_id(0)
-    b, b64, h, hk, base = _program_head(H, group, w, r)
+    b64, h, hk, base = _program_head(H, group, w, r, seg0, bh0)
     offs_j = nblock * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     k, v, k_ok, kv_off, kv_m = _key_block(
-        K, V, Mask, b, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh, HAS_MASK
+        K, V, Mask, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh, HAS_MASK
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -247,6 +256,8 @@ def branch_backward_dq(
     r,
     rows,
     scale,
+    seg0,
+    bh0,
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -258,7 +269,7 @@ def branch_backward_dq(
     # dq of one branch: a program owns a query block (as in the forward), so it adds its result
     # to the float32 dq buffer without atomics (branches are successive launches).
     mblock = tl.program_id(0)
-    b, b64, h, hk, base = _program_head(H, group, w, r)
+    b64, h, hk, base = _program_head(H, group, w, r, seg0, bh0)
     offs_i = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -277,7 +288,7 @@ def branch_backward_dq(
         u = base + offs_j * r
         k_ok = (offs_j < rows) & (u < n)
         if HAS_MASK:
-            pad = tl.load(Mask + b * n + u, mask=k_ok, other=0)
+            pad = tl.load(Mask + b64 * n + u, mask=k_ok, other=0)
             k_ok = k_ok & (pad != 0)
         u64 = u.to(tl.int64)
         kv_off = b64 * skb + u64[:, None] * skn + hk * skh + offs_d[None, :]

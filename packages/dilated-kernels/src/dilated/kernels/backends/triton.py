@@ -4,7 +4,13 @@ Supports causal, key padding mask, grouped-query attention, head_dim up to 128 a
 lengths that are not multiples of the segments. float16/bfloat16 inputs run their matmuls in
 their dtype with float32 accumulation; float32 inputs run in full float32 (``input_precision="ieee"``, slower than
 16-bit). Dropout is not supported: pass ``backend="sdpa"`` or ``"reference"``.
-Without a GPU it runs under ``TRITON_INTERPRET=1`` (slow; for tests).
+Without a GPU it runs under ``TRITON_INTERPRET=1`` (slow; for tests), in float16 and float32 only:
+the interpreter's bfloat16 ``tl.dot`` is wrong, so bfloat16 calls are refused there.
+
+Launches respect CUDA's grid limits (axes y and z at most 65535): a branch with more segments,
+or a call with more ``batch * heads``, is split into several launches over chunks of them. A
+segment longer than the sequence is run as the one segment it is (the same result), so huge
+segment lengths cost nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ __all__ = ["NAME", "available", "backward", "forward", "unsupported_reason"]
 NAME = "triton"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: CUDA's bound on grid axes y and z (axis x allows ``2**31 - 1``).
+GRID_YZ_LIMIT = 65535
+_GRID_X_LIMIT = 2**31 - 1
+#: Positions are int32 in the kernels (element offsets are int64).
+_MAX_SEQ = 2**31 - 1
 
 
 def _interpreting() -> bool:
@@ -42,8 +54,15 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
         return f"it needs triton and a CUDA device (got {q.device.type})"
     if q.dtype not in _DTYPES:
         return f"it takes float16/bfloat16/float32, got {q.dtype}"
+    if q.dtype == torch.bfloat16 and _interpreting():
+        return (
+            "the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 tl.dot wrongly; "
+            "use float16 or float32 there, or backend='reference'"
+        )
     if q.shape[-1] > 128:
         return f"head_dim must be at most 128, got {q.shape[-1]}"
+    if q.shape[1] > _MAX_SEQ:
+        return f"seq must be below 2**31 (int32 positions), got {q.shape[1]}"
     return None
 
 
@@ -67,9 +86,41 @@ def _launch_options(d: int) -> dict[str, int]:
     return {"num_warps": 8 if d > 64 else 4, "num_stages": 3}
 
 
+def effective_segment(n: int, w: int, r: int) -> int:
+    """The segment length that the kernels run for branch ``(w, r)`` on ``n`` positions.
+
+    A segment at least as long as the sequence is one segment; the smallest multiple of ``r``
+    that covers the sequence gives the same rows for every phase, so ``w`` is capped there
+    (a segment of ``2**40`` would otherwise size the grid and the key loop by ``w / r``).
+    """
+    return min(w, r * triton_cdiv(n, r))
+
+
 def _launch_geometry(n: int, w: int, r: int, block: int) -> tuple[int, int, int]:
     rows = w // r
     return rows, triton_cdiv(rows, block), triton_cdiv(n, w)
+
+
+def launch_grids(
+    blocks: int, segments: int, batch_heads: int
+) -> list[tuple[tuple[int, int, int], int, int]]:
+    """The launches of one kernel over ``(blocks, segments, batch_heads)`` programs.
+
+    Returns ``(grid, seg0, bh0)`` per launch: axis 1 covers segments ``seg0..``, axis 2 the
+    ``batch * head`` indices ``bh0..``, each at most ``GRID_YZ_LIMIT`` long. One launch when
+    both fit (every realistic call).
+
+    Raises:
+        ValueError: more row blocks than CUDA's axis x allows (not reachable below 2**31 rows).
+    """
+    if blocks > _GRID_X_LIMIT:
+        raise ValueError(f"backend='triton': {blocks} row blocks exceed CUDA's grid limit")
+    lim = GRID_YZ_LIMIT
+    return [
+        ((blocks, min(lim, segments - s0), min(lim, batch_heads - h0)), s0, h0)
+        for s0 in range(0, segments, lim)
+        for h0 in range(0, batch_heads, lim)
+    ]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -96,41 +147,45 @@ class _DilatedAttentionFn(torch.autograd.Function):
         lse = torch.full((b, h, n), float("-inf"), dtype=torch.float32, device=q.device)
         bm, bn, bd = _blocks(d)
         mask_arg = q if mask is None else mask
-        for w, r in zip(ws, rs):
+        for w_given, r in zip(ws, rs):
+            w = effective_segment(n, w_given, r)
             rows, nbm, nseg = _launch_geometry(n, w, r, bm)
-            branch_forward[(nbm, nseg, b * h)](
-                q,
-                k,
-                v,
-                mask_arg,
-                acc,
-                lse,
-                q.stride(0),
-                q.stride(1),
-                q.stride(2),
-                k.stride(0),
-                k.stride(1),
-                k.stride(2),
-                acc.stride(0),
-                acc.stride(1),
-                acc.stride(2),
-                lse.stride(0),
-                lse.stride(1),
-                n,
-                h,
-                h // k.shape[2],
-                w,
-                r,
-                rows,
-                scale,
-                IS_CAUSAL=is_causal,
-                HAS_MASK=mask is not None,
-                DOT_PREC=_precision(q),
-                D=d,
-                BLOCK_D=bd,
-                BLOCK_M=bm,
-                BLOCK_N=bn,
-            )
+            for grid, seg0, bh0 in launch_grids(nbm, nseg, b * h):
+                branch_forward[grid](
+                    q,
+                    k,
+                    v,
+                    mask_arg,
+                    acc,
+                    lse,
+                    q.stride(0),
+                    q.stride(1),
+                    q.stride(2),
+                    k.stride(0),
+                    k.stride(1),
+                    k.stride(2),
+                    acc.stride(0),
+                    acc.stride(1),
+                    acc.stride(2),
+                    lse.stride(0),
+                    lse.stride(1),
+                    n,
+                    h,
+                    h // k.shape[2],
+                    w,
+                    r,
+                    rows,
+                    scale,
+                    seg0,
+                    bh0,
+                    IS_CAUSAL=is_causal,
+                    HAS_MASK=mask is not None,
+                    DOT_PREC=_precision(q),
+                    D=d,
+                    BLOCK_D=bd,
+                    BLOCK_M=bm,
+                    BLOCK_N=bn,
+                )
         out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, mask, out, lse)
         ctx.config = (ws, rs, scale, is_causal)
@@ -187,7 +242,8 @@ def backward(
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     bm, bn, bd = _blocks(d)
     mask_arg = q if mask is None else mask
-    for w, r in zip(ws, rs):
+    for w_given, r in zip(ws, rs):
+        w = effective_segment(n, w_given, r)
         rows, nbn, nseg = _launch_geometry(n, w, r, bn)
         _, nbm, _ = _launch_geometry(n, w, r, bm)
         shape = (
@@ -198,12 +254,14 @@ def backward(
             "IS_CAUSAL": is_causal, "HAS_MASK": mask is not None, "DOT_PREC": _precision(q),
             "D": d, "BLOCK_D": bd, "BLOCK_M": bm, "BLOCK_N": bn, **_launch_options(d),
         }  # fmt: skip
-        branch_backward_dq[(nbm, nseg, b * h)](
-            q, k, v, mask_arg, do, lse, delta, dq, *shape, **options
-        )
-        branch_backward[(nbn, nseg, b * h)](
-            q, k, v, mask_arg, do, lse, delta, dk, dv, *shape, **options
-        )
+        for grid, seg0, bh0 in launch_grids(nbm, nseg, b * h):
+            branch_backward_dq[grid](
+                q, k, v, mask_arg, do, lse, delta, dq, *shape, seg0, bh0, **options
+            )
+        for grid, seg0, bh0 in launch_grids(nbn, nseg, b * h):
+            branch_backward[grid](
+                q, k, v, mask_arg, do, lse, delta, dk, dv, *shape, seg0, bh0, **options
+            )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
