@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -30,12 +29,6 @@ def group_rank_and_size(group: object) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)  # type: ignore[arg-type]
-
-
-def _resolve_finite(check_finite: bool | None) -> bool:
-    if check_finite is None:
-        return os.environ.get("DILATED_CHECK_FINITE", "").lower() in ("1", "true", "yes", "on")
-    return check_finite
 
 
 def ring_dilated_attention(
@@ -119,7 +112,9 @@ def ring_dilated_attention(
                 scale=scale,
                 key_padding_mask=key_padding_mask,
                 dropout_p=dropout_p,
-                check_finite_inputs=_resolve_finite(check_finite),
+                check_finite_inputs=check_finite,
+                is_causal=is_causal,
+                return_lse=return_lse,
             )
         )
         seq = q.shape[1] * world

@@ -107,6 +107,7 @@ class RingDilatedAttention(BaseDilatedAttention):
             load_balance=self.load_balance,
             strategy=self.strategy,
             timeout_s=self.timeout_s,
+            check_finite=self.check_finite,
         )
         assert isinstance(out, torch.Tensor)
         return out
@@ -205,8 +206,8 @@ def _config_from_keywords(
     return RingDistributedConfig(
         multihead_config=MultiheadConfig(embed_dim=embed_dim, num_heads=num_heads, **legacy),
         ring_config=RingAttentionConfig(
-            segment_lengths=tuple(segment_lengths),
-            dilation_rates=tuple(dilation_rates),
+            segment_lengths=segment_lengths,  # type: ignore[arg-type]  # the config checks it
+            dilation_rates=dilation_rates,  # type: ignore[arg-type]
             dropout=dropout,
             **parts["ring_config"],
         ),
@@ -334,8 +335,8 @@ def create_ring_distributed_attention(
             embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **multihead
         ),
         ring_config=RingAttentionConfig(
-            segment_lengths=tuple(segment_lengths),
-            dilation_rates=tuple(dilation_rates),
+            segment_lengths=segment_lengths,  # type: ignore[arg-type]  # the config checks it
+            dilation_rates=dilation_rates,  # type: ignore[arg-type]
             is_causal=is_causal,
             load_balance=load_balance,  # type: ignore[arg-type]
             checkpoint=checkpoint,
