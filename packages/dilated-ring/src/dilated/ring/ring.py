@@ -19,6 +19,7 @@ is stored between the passes but the output and the LSE.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -411,6 +412,53 @@ def _gather(
     return [(plan.rank, block), *zip(peers, received)]
 
 
+def _combined(
+    plan: RingPlan, gathered: list[tuple[int, torch.Tensor]], w: int, r: int, d: int
+) -> tuple[_Block, list[int]] | None:
+    """The gathered blocks of a segment group as ONE block, keys in sub-problem row order.
+
+    With contiguous shards a spanning segment's members hold consecutive rows of every phase's
+    sub-problem, so their blocks side by side are one key range: each phase then needs at most
+    two dense calls (keys before this rank's rows, and the causal diagonal) whatever the number
+    of ranks, instead of one or more per member. Returns the block and the members in row order,
+    or None when the layout does not allow it (other shardings, phases of unequal rows).
+    """
+    if plan.load_balance != "contiguous" or len(gathered) < 2:
+        return None
+    order = sorted(gathered, key=lambda item: item[0])
+    layouts = [plan.layouts(src, w, r) for src, _ in order]
+    first = layouts[0]
+    for lay in layouts:
+        if not _batchable(first, lay, plan.seq // plan.world_size, plan.heads):
+            return None
+        if any(len(ph.pieces) != 1 for ph in lay):
+            return None
+    for prev, nxt in itertools.pairwise(layouts):
+        left, right = prev[0].pieces[0], nxt[0].pieces[0]
+        if right.segment != left.segment or right.row != left.row + left.count:
+            return None
+        if left.row_step != 1:
+            return None
+    b, phases, rows = order[0][1].shape[0], len(first), first[0].rows
+    kvh = len(first[0].kv_heads)
+    parts = [flat.view(b, 2, phases, rows, kvh, d) for _, flat in order]
+    flat = torch.cat(parts, dim=3).reshape(b, -1)
+    total = rows * len(order)
+    merged = []
+    for c, ph in enumerate(first):
+        p0 = ph.pieces[0]
+        piece = Piece(
+            segment=p0.segment, count=total, local=c, local_step=r, packed=0, row=p0.row,
+            row_step=1, pos=p0.pos, pos_step=p0.pos_step,
+        )  # fmt: skip
+        merged.append(
+            PhaseLayout(ph.phase, ph.heads, ph.kv_heads, ph.kv_index, ph.uniform, total, (piece,))
+        )
+    return _Block(-1, tuple(merged), _unpack(flat, tuple(merged), d), flat), [
+        src for src, _ in order
+    ]
+
+
 def _span_forward(
     plan: RingPlan,
     q: torch.Tensor,
@@ -436,8 +484,12 @@ def _span_forward(
 
     if plan.strategy == "allgather":
         gathered = _gather(plan, comm, ring, own, w, r, d)
-        for src, flat in gathered:
-            compute(src, flat)
+        combined = _combined(plan, gathered, w, r, d)
+        if combined is not None:
+            _forward_block(plan, q, acc, acc_lse, mine, combined[0], branch, key_mask)
+        else:
+            for src, flat in gathered:
+                compute(src, flat)
         for _, flat in gathered[1:]:
             comm.release(flat)
         return
@@ -503,9 +555,20 @@ def _span_backward(
 
     if plan.strategy == "allgather":
         gathered = _gather(plan, comm, ring, own, w, r, d)
-        d_flats = [torch.zeros(f.shape, dtype=work, device=q.device) for _, f in gathered]
-        for (src, flat), d_flat in zip(gathered, d_flats):
-            compute(src, flat, d_flat)
+        combined = _combined(plan, gathered, w, r, d)
+        if combined is not None:
+            block, members = combined
+            d_all = torch.zeros(block.flat.shape, dtype=work, device=q.device)
+            _backward_block(plan, tensors, dq, mine, block, d_all, branch, key_mask)
+            b, phases = q.shape[0], len(mine)
+            rows, kvh = mine[0].rows, len(mine[0].kv_heads)
+            split = d_all.view(b, 2, phases, len(members), rows, kvh, d)
+            by_member = {m: split[:, :, :, i].reshape(b, -1) for i, m in enumerate(members)}
+            d_flats = [by_member[src] for src, _ in gathered]
+        else:
+            d_flats = [torch.zeros(f.shape, dtype=work, device=q.device) for _, f in gathered]
+            for (src, flat), d_flat in zip(gathered, d_flats):
+                compute(src, flat, d_flat)
         # Reduce-scatter: each peer's key gradients go back to it; ours come from every peer.
         peers = [comm.peer(src) for src, _ in gathered[1:]]
         returned = comm.exchange_many(
@@ -589,11 +652,13 @@ def ring_forward(
             return local
     work = compute_dtype(q.dtype)
     b, s, h, d = q.shape
-    acc = torch.zeros(b, s, h, d, dtype=work, device=q.device)
-    acc_lse = torch.full((b, h, s), float("-inf"), dtype=work, device=q.device)
     if local is not None:
-        acc.copy_(local[0])
-        acc_lse.copy_(local[1])
+        # The local result starts the float32 accumulators (one pass, no zero-fill).
+        acc = local[0].to(work, copy=True)
+        acc_lse = local[1].to(work, copy=True)
+    else:
+        acc = torch.zeros(b, s, h, d, dtype=work, device=q.device)
+        acc_lse = torch.full((b, h, s), float("-inf"), dtype=work, device=q.device)
     for branch, w, r in spanning:
         _span_forward(plan, q, k, v, acc, acc_lse, branch, w, r, comm, key_mask)
     return acc.to(q.dtype), acc_lse
@@ -629,10 +694,10 @@ def ring_backward(
         if not spanning:
             return local[0].to(q.dtype), local[1].to(k.dtype), local[2].to(v.dtype)
     work = compute_dtype(q.dtype)
-    grads = tuple(torch.zeros(x.shape, dtype=work, device=q.device) for x in (q, k, v))
     if local is not None:
-        for total, part in zip(grads, local):
-            total += part
+        grads = tuple(part.to(work, copy=True) for part in local)
+    else:
+        grads = tuple(torch.zeros(x.shape, dtype=work, device=q.device) for x in (q, k, v))
     for branch, w, r in spanning:
         _span_backward(plan, (q, out, lse, d_out), k, v, grads, branch, w, r, comm, key_mask)  # type: ignore[arg-type]
     dq, dk, dv = grads
