@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -112,8 +113,31 @@ def _select_heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
     return x[:, :, index] if isinstance(index, slice) else x.index_select(2, index)
 
 
-def _pack(k: torch.Tensor, v: torch.Tensor, layouts: tuple[PhaseLayout, ...]) -> torch.Tensor:
+def _kv_phase_view(
+    x: torch.Tensor, layouts: tuple[PhaseLayout, ...], heads: int
+) -> torch.Tensor | None:
+    """The packed layout of ``x``'s phase rows as one view ``(batch, phases, rows, kv_p, d)``,
+    or None: when every phase holds all rows ``p, p + r, ...`` of the shard and reads either the
+    key/value heads ``p, p + r, ...`` (no grouped-query attention) or all of them."""
+    r = layouts[0].heads.step or 1
+    s, kv = x.shape[1], x.shape[2]
+    if not _batchable(layouts, layouts, s, heads) or layouts[0].rows != s // r:
+        return None
+    if all(ph.kv_heads == tuple(range(kv)[ph.heads]) for ph in layouts) and kv == heads:
+        return _phase_view(x, r)
+    if all(ph.kv_heads == tuple(range(kv)) for ph in layouts):
+        b, d = x.shape[0], x.shape[3]
+        return x.view(b, s // r, r, kv, d)[:, :, : len(layouts)].movedim(2, 1)
+    return None
+
+
+def _pack(
+    k: torch.Tensor, v: torch.Tensor, layouts: tuple[PhaseLayout, ...], heads: int
+) -> torch.Tensor:
     """Flat ``(batch, F)`` block of the phase rows of k and v (every phase's k, then its v)."""
+    kp, vp = (_kv_phase_view(x, layouts, heads) for x in (k, v))
+    if kp is not None and vp is not None:
+        return torch.stack([kp, vp], dim=1).reshape(k.shape[0], -1)  # one copy for the block
     parts = []
     for x in (k, v):
         for ph in layouts:
@@ -158,12 +182,18 @@ def _add_kv_grad(target: torch.Tensor, grad: torch.Tensor, ph: PhaseLayout) -> N
 
 @dataclass
 class _Block:
-    """A block in hand: its owner's layouts and views of its packed k/v (and their gradients)."""
+    """A block in hand: its owner (``-1``: several members' blocks side by side), their layouts
+    and the packed k/v (or their gradients)."""
 
     src: int
     layouts: tuple[PhaseLayout, ...]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
     flat: torch.Tensor
+    head_dim: int
+
+    @cached_property
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-phase views ``(k_p, v_p)``, for calls that take the phases one at a time."""
+        return _unpack(self.flat, self.layouts, self.head_dim)
 
 
 def _phase_view(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -454,9 +484,7 @@ def _combined(
         merged.append(
             PhaseLayout(ph.phase, ph.heads, ph.kv_heads, ph.kv_index, ph.uniform, total, (piece,))
         )
-    return _Block(-1, tuple(merged), _unpack(flat, tuple(merged), d), flat), [
-        src for src, _ in order
-    ]
+    return _Block(-1, tuple(merged), flat, d), [src for src, _ in order]
 
 
 def _span_forward(
@@ -475,11 +503,11 @@ def _span_forward(
     d = q.shape[-1]
     mine = plan.layouts(plan.rank, w, r)
     ring = _Ring(plan, w, comm)
-    own = _pack(k, v, mine)
+    own = _pack(k, v, mine, plan.heads)
 
     def compute(src: int, flat: torch.Tensor) -> None:
         layouts = plan.layouts(src, w, r)
-        block = _Block(src, layouts, _unpack(flat, layouts, d), flat)
+        block = _Block(src, layouts, flat, d)
         _forward_block(plan, q, acc, acc_lse, mine, block, branch, key_mask)
 
     if plan.strategy == "allgather":
@@ -512,19 +540,30 @@ def _span_forward(
 
 
 def _add_home(
-    d_flat: torch.Tensor, mine: tuple[PhaseLayout, ...], dk: torch.Tensor, dv: torch.Tensor
+    d_flat: torch.Tensor,
+    mine: tuple[PhaseLayout, ...],
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    heads: int,
 ) -> None:
     """Add this rank's packed key/value gradients into ``dk``/``dv`` ``(b, s, kv_heads, d)``."""
+    dkp, dvp = (_kv_phase_view(x, mine, heads) for x in (dk, dv))
+    if dkp is not None and dvp is not None:
+        b, phases = dk.shape[0], len(mine)
+        both = d_flat.view(b, 2, phases, mine[0].rows, len(mine[0].kv_heads), dk.shape[-1])
+        dkp += both[:, 0].to(dkp.dtype)
+        dvp += both[:, 1].to(dvp.dtype)
+        return
     for ph, grads in zip(mine, _unpack(d_flat, mine, dk.shape[-1])):
-        heads = head_index(ph.kv_heads, dk.device)
+        index = head_index(ph.kv_heads, dk.device)
         for target, grad in zip((dk, dv), grads):
             for pc in ph.pieces:
                 part = grad[:, pc.packed : pc.packed + pc.count].to(target.dtype)
                 rows = target[:, pc.local_slice(0, pc.count)]
-                if isinstance(heads, slice):
-                    rows[:, :, heads] += part
+                if isinstance(index, slice):
+                    rows[:, :, index] += part
                 else:
-                    rows.index_add_(2, heads, part)
+                    rows.index_add_(2, index, part)
 
 
 def _span_backward(
@@ -544,13 +583,13 @@ def _span_backward(
     d = q.shape[-1]
     mine = plan.layouts(plan.rank, w, r)
     ring = _Ring(plan, w, comm)
-    own = _pack(k, v, mine)
+    own = _pack(k, v, mine, plan.heads)
     # Key/value gradients travel and accumulate in float32 (float64 for float64 inputs).
     work = dq.dtype
 
     def compute(src: int, flat: torch.Tensor, d_flat: torch.Tensor) -> None:
         layouts = plan.layouts(src, w, r)
-        block = _Block(src, layouts, _unpack(flat, layouts, d), flat)
+        block = _Block(src, layouts, flat, d)
         _backward_block(plan, tensors, dq, mine, block, d_flat, branch, key_mask)
 
     if plan.strategy == "allgather":
@@ -579,7 +618,7 @@ def _span_backward(
             comm.release(t)
         for _, flat in gathered[1:]:
             comm.release(flat)
-        _add_home(d_flats[0], mine, dk, dv)
+        _add_home(d_flats[0], mine, dk, dv, plan.heads)
         return
     flat = own
     d_flat = torch.zeros(own.shape, dtype=work, device=q.device)
@@ -609,7 +648,7 @@ def _span_backward(
             flat = received
     if flat is not own:
         comm.release(flat)
-    _add_home(d_flat, mine, dk, dv)
+    _add_home(d_flat, mine, dk, dv, plan.heads)
     if not d_owned:
         comm.release(d_flat)
 
