@@ -35,9 +35,8 @@ import torch.distributed as dist
 from dilated.core.presets import PRESETS
 from dilated.kernels import dilated_attention
 from dilated.ring import comm_cost, ring_dilated_attention, shard, unshard
-from dilated.ring.comm import make_comm
 from dilated.ring.loopback import LoopbackHub, run_ranks
-from dilated.ring.ring import RingPlan, ring_backward, ring_forward
+from dilated.ring.ring import ring_passes
 
 STRATEGIES = ("ring", "allgather", "ulysses")
 PLAIN = ([2048, 4096, 8192], [1, 2, 4])
@@ -255,20 +254,17 @@ def _check_live(
     g = torch.randn_like(whole[0])
     ref = single(*whole)
     ref_grads = torch.autograd.grad(ref, whole, g)
-    _, seq, heads, d = whole[0].shape
 
     def rank_fn(rank: int, group: Any) -> list[torch.Tensor]:
         # CUDA autograd runs every backward of a device on one engine thread, where the ranks'
         # backward passes would wait for each other: drive the two passes directly instead.
-        q, k, v = (shard(t.detach(), rank, world, mode) for t in whole)
-        plan = RingPlan(
-            segment_lengths=tuple(ws), dilation_rates=tuple(rs), scale=d**-0.5, is_causal=True,
-            load_balance=mode, group=group, rank=rank, world_size=world, seq=seq, heads=heads,
-            kv_heads=heads, strategy=strategy,
+        q, k, v, d_out = (shard(t.detach(), rank, world, mode) for t in (*whole, g))
+        return list(
+            ring_passes(
+                q, k, v, d_out, ws, rs, group=group, is_causal=True, load_balance=mode,
+                strategy=strategy, timeout_s=600.0,
+            )
         )  # fmt: skip
-        comm = make_comm(group, 600.0)
-        out, lse = ring_forward(plan, q, k, v, comm)
-        return [out, *ring_backward(plan, q, k, v, out, lse, shard(g, rank, world, mode), comm)]
 
     results = run_ranks(rank_fn, world, timeout_s=600)
     got = [unshard([r[i] for r in results], mode) for i in range(4)]

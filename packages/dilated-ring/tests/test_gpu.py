@@ -14,9 +14,8 @@ import torch
 from dilated.core import dilated_attention as core_dilated_attention
 from dilated.core.testing import assert_close_to_reference, check_on_random_inputs, make_inputs
 from dilated.ring import RingDilatedAttention, ring_dilated_attention, shard, unshard
-from dilated.ring.comm import make_comm
 from dilated.ring.loopback import run_ranks
-from dilated.ring.ring import RingPlan, ring_backward, ring_forward
+from dilated.ring.ring import ring_passes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -81,15 +80,13 @@ def test_rings_on_one_gpu_match_float64_reference(
     def rank_fn(rank: int, group: object) -> list[torch.Tensor]:
         # CUDA autograd runs every backward of a device on one engine thread, where the ranks'
         # backward passes would wait for each other: drive the two passes directly instead.
-        q, k, v = (shard(t.detach(), rank, world, mode) for t in (x.q, x.k, x.v))
-        plan = RingPlan(
-            segment_lengths=ws, dilation_rates=rs, scale=64**-0.5, is_causal=True,
-            load_balance=mode, group=group, rank=rank, world_size=world, seq=n, heads=4,
-            kv_heads=kv_heads, strategy=strategy,
+        q, k, v, d_out = (shard(t.detach(), rank, world, mode) for t in (x.q, x.k, x.v, g))
+        return list(
+            ring_passes(
+                q, k, v, d_out, ws, rs, group=group, is_causal=True, load_balance=mode,
+                strategy=strategy, timeout_s=120.0,
+            )
         )  # fmt: skip
-        comm = make_comm(group, 120.0)
-        out, lse = ring_forward(plan, q, k, v, comm)
-        return [out, *ring_backward(plan, q, k, v, out, lse, shard(g, rank, world, mode), comm)]
 
     results = run_ranks(rank_fn, world, timeout_s=300)
     got = [unshard([r[i] for r in results], mode) for i in range(4)]

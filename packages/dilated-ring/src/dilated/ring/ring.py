@@ -20,6 +20,7 @@ is stored between the passes but the output and the LSE.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -30,7 +31,7 @@ from dilated.core.branches import compute_dtype, head_index
 from dilated.core.merge import merge_into
 from dilated.kernels.partial import dilated_attention_backward, dilated_attention_forward
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
-from dilated.ring.comm import Transport
+from dilated.ring.comm import Transport, make_comm
 from dilated.ring.layout import (
     PhaseLayout,
     Piece,
@@ -40,7 +41,7 @@ from dilated.ring.layout import (
     phase_layouts,
 )
 
-__all__ = ["RingPlan", "ring_backward", "ring_forward"]
+__all__ = ["RingPlan", "ring_backward", "ring_forward", "ring_passes"]
 
 
 @dataclass(frozen=True)
@@ -741,3 +742,46 @@ def ring_backward(
         _span_backward(plan, (q, out, lse, d_out), k, v, grads, branch, w, r, comm, key_mask)  # type: ignore[arg-type]
     dq, dk, dv = grads
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def ring_passes(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    group: Any = None,
+    is_causal: bool = False,
+    load_balance: str = "contiguous",
+    strategy: str = "ring",
+    scale: float | None = None,
+    timeout_s: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One rank's forward and backward passes without autograd: ``(out, dq, dk, dv)``.
+
+    For rings of [`dilated.ring.loopback`][dilated.ring.loopback] threads on CUDA, where autograd
+    runs every backward of a device on one engine thread, so the ranks' backward passes would
+    wait for each other there. Inputs as in
+    [`ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention] (not validated);
+    ``d_out`` is the gradient of this rank's output rows.
+    """
+    comm = make_comm(group, timeout_s)
+    plan = RingPlan(
+        segment_lengths=tuple(segment_lengths),
+        dilation_rates=tuple(dilation_rates),
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        is_causal=is_causal,
+        load_balance=load_balance,
+        group=group,
+        rank=comm.rank,
+        world_size=comm.world_size,
+        seq=q.shape[1] * comm.world_size,
+        heads=q.shape[2],
+        kv_heads=k.shape[2],
+        strategy=strategy,
+        timeout_s=timeout_s,
+    )
+    out, lse = ring_forward(plan, q, k, v, comm)
+    return (out, *ring_backward(plan, q, k, v, out, lse, d_out, comm))
