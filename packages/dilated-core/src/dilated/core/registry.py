@@ -139,6 +139,9 @@ def get_implementation(
     impls = available_implementations()
     if kind == "auto":
         dev = _default_device(device)
+        if dev.type == "meta":
+            # Shapes only (a model built on the meta device): choose as for the CPU.
+            dev = torch.device("cpu")
         candidates = [i for i in impls.values() if not i.distributed and i.supports(dev)]
         if not candidates:
             raise ValueError(f"no installed dilated-attention implementation supports {dev}")

@@ -58,7 +58,9 @@ class TransformerLayerConfig:
         layer_norm_eps: epsilon of every LayerNorm.
         gamma_init: MAGNETO gain of the value/output/feed-forward init (see
             [`dilated.longnet.magneto_gain`][dilated.longnet.magneto.magneto_gain]).
-        attention_type: the ``kind`` given to the core factory (``"standard"``, ``"improved"``...).
+        attention_type: the ``kind`` given to the core factory; ``"auto"`` (default) takes the
+            fastest installed implementation for the device (``"improved"`` on CUDA with
+            dilated-kernels, else ``"standard"``), or name one (``"standard"``, ``"ring"``...).
         num_kv_heads: key/value heads (grouped-query attention); None means ``nhead``.
         bias: biases in the linear layers.
         check_finite: NaN/Inf check of the attention inputs (None: the environment variable
@@ -75,7 +77,7 @@ class TransformerLayerConfig:
     activation: Any = "relu"
     layer_norm_eps: float = 1e-5
     gamma_init: float = 1.0
-    attention_type: str = "standard"
+    attention_type: str = "auto"
     num_kv_heads: int | None = None
     bias: bool = True
     check_finite: bool | None = None
@@ -134,7 +136,7 @@ class LongNetConfig:
     dropout: float = 0.1
     activation: Any = "relu"
     layer_norm_eps: float = 1e-5
-    attention_type: str = "standard"
+    attention_type: str = "auto"
     num_kv_heads: int | None = None
     bias: bool = True
     rotary: str | None = "rope"

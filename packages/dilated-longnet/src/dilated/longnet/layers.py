@@ -260,7 +260,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
     Construct as in dilated-attention-pytorch 0.2.0 / ``torch.nn.TransformerEncoderLayer``
     (``d_model, nhead, segment_lengths, dilation_rates, dim_feedforward=2048, dropout=0.1,
     activation="relu", layer_norm_eps=1e-5, gamma_init=1.0, device=None, dtype=None``, plus
-    keyword-only ``attention_type="standard"``, ``num_kv_heads``, ``bias``, ``check_finite``)
+    keyword-only ``attention_type="auto"``, ``num_kv_heads``, ``bias``, ``check_finite``)
     or from a [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig].
 
     Input and output ``(batch, seq, d_model)``.
@@ -280,7 +280,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        attention_type: str = "standard",
+        attention_type: str = "auto",
         num_kv_heads: int | None = None,
         bias: bool = True,
         check_finite: bool | None = None,
@@ -417,7 +417,7 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        attention_type: str = "standard",
+        attention_type: str = "auto",
         num_kv_heads: int | None = None,
         bias: bool = True,
         check_finite: bool | None = None,
@@ -527,7 +527,7 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
 
 
 def create_encoder_layer(
-    attention_type: str = "standard", **kwargs: Any
+    attention_type: str = "auto", **kwargs: Any
 ) -> DilatedTransformerEncoderLayer:
     """A [`DilatedTransformerEncoderLayer`][dilated.longnet.layers.DilatedTransformerEncoderLayer] whose self-attention is the core factory's
     ``attention_type`` (``"standard"``, ``"improved"``, ``"ring"``, ...); ``kwargs`` are the
@@ -536,7 +536,7 @@ def create_encoder_layer(
 
 
 def create_decoder_layer(
-    attention_type: str = "standard", **kwargs: Any
+    attention_type: str = "auto", **kwargs: Any
 ) -> DilatedTransformerDecoderLayer:
     """A [`DilatedTransformerDecoderLayer`][dilated.longnet.layers.DilatedTransformerDecoderLayer] built like [`create_encoder_layer`][dilated.longnet.layers.create_encoder_layer]."""
     return DilatedTransformerDecoderLayer(attention_type=attention_type, **kwargs)
