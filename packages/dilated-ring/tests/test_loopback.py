@@ -205,7 +205,14 @@ def test_blocks_hold_only_phase_rows() -> None:
 
 @pytest.mark.parametrize(
     "fault",
-    ["raises_before", "bad_argument", "crash_in_checks", "raises_forward", "raises_backward"],
+    [
+        "raises_before",
+        "bad_argument",
+        "bad_timeout",
+        "crash_in_checks",
+        "raises_forward",
+        "raises_backward",
+    ],
 )
 def test_fault_injection_every_rank_raises_in_time(
     fault: str, monkeypatch: pytest.MonkeyPatch
@@ -251,6 +258,7 @@ def test_fault_injection_every_rank_raises_in_time(
                 bad = None
             if rank == 1 and fault == "crash_in_checks":
                 bad = q.detach().as_subclass(Exploding)
+            wait = -1.0 if rank == 1 and fault == "bad_timeout" else timeout_s
             out = ring_dilated_attention(
                 bad,
                 q,
@@ -259,7 +267,7 @@ def test_fault_injection_every_rank_raises_in_time(
                 [1, 2],
                 is_causal=True,
                 group=group,
-                timeout_s=timeout_s,  # type: ignore[arg-type]
+                timeout_s=wait,  # type: ignore[arg-type]
             )
             assert isinstance(out, torch.Tensor)
             out.sum().backward()
@@ -275,15 +283,18 @@ def test_fault_injection_every_rank_raises_in_time(
     margin = 3.0
     for rank, (kind, waited) in enumerate(results):
         assert waited < timeout_s + margin, (fault, rank, kind, waited)
-    if fault in ("bad_argument", "crash_in_checks"):
+    if fault in ("bad_argument", "bad_timeout", "crash_in_checks"):
         # Caught inside the agreement: every rank knows at once, nobody waits for a timeout.
         assert all(waited < timeout_s for _, waited in results), results
         kinds = [kind for kind, _ in results]
         assert kinds[0] == kinds[2] == "ValueError", results
         # The failing rank raises its own error: a TypeError (naming q) or the crash itself.
-        assert kinds[1] in (
-            ("TypeError", "ArgumentTypeError") if fault == "bad_argument" else ("RuntimeError",)
-        ), results
+        own = {
+            "bad_argument": ("TypeError", "ArgumentTypeError"),
+            "bad_timeout": ("ValueError",),
+            "crash_in_checks": ("RuntimeError",),
+        }
+        assert kinds[1] in own[fault], results
     else:
         assert [kind for kind, _ in results][::2] == ["TimeoutError", "TimeoutError"], results
 

@@ -161,6 +161,13 @@ def bad_inputs(rank: int, world: int) -> None:
         nan_q[0, 0, 0, 0] = float("nan")
     expect("NaN|rank", q=nan_q, check_finite=True)
     expect("segment_lengths|branch|rank", segs=[4 if rank == 0 else 8])
+    # A non-tensor on one rank: that rank names q, every other rank names the failing rank.
+    good = torch.randn(1, s, 2, 4)
+    with pytest.raises((TypeError, ValueError), match=r"\bq\b|rank\(s\) \[0\]"):
+        ring_dilated_attention(None if rank == 0 else good, good, good, [4], [1])  # type: ignore[arg-type]
+    # A bad timeout_s on one rank only: caught before any wait, reported on every rank.
+    with pytest.raises(ValueError, match=r"timeout_s|rank\(s\) \[0\]"):
+        ring_dilated_attention(good, good, good, [4], [1], timeout_s=-1.0 if rank == 0 else 30.0)
     dist.barrier()
     # Still in step: a good call works after the errors.
     q = torch.randn(1, s, 2, 4)

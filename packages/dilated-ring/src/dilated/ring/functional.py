@@ -95,11 +95,18 @@ def ring_dilated_attention(
             message names the argument or option).
         TimeoutError: when a peer rank does not join a transfer within ``timeout_s``.
     """
-    timeout = check_timeout(timeout_s)
+    timeout_error: ValueError | None = None
+    try:
+        timeout = check_timeout(timeout_s)
+    except ValueError as exc:
+        # Join the agreement anyway (with no bound of its own), so no peer waits for this rank.
+        timeout, timeout_error = None, exc
     rank, world = group_rank_and_size(group)
     checked: list[tuple[tuple[int, ...], tuple[int, ...], float]] = []
 
     def local_checks() -> None:
+        if timeout_error is not None:
+            raise timeout_error
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         checked.append(
