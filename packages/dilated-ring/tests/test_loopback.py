@@ -322,3 +322,19 @@ def test_ring_passes_without_autograd_match_the_judge(strategy: str) -> None:
     want = [ref, *torch.autograd.grad(ref, (q, k, v), g)]
     for name, a, e in zip(["out", "dq", "dk", "dv"], got, want):
         assert_close_to_reference(a, e, torch.float64, name)
+
+
+@pytest.mark.parametrize(
+    ("world", "seq", "ws", "rs", "kv_heads", "strategy"),
+    [
+        (2, 16, [8, 32], [8, 4], 2, "ring"),  # rate > heads, a rank's rows start mid-stride
+        (4, 32, [4, 32], [1, 8], 4, "allgather"),
+        (3, 24, [6, 24], [2, 3], 2, "ring"),
+    ],
+)
+def test_zigzag_phase_batching(
+    world: int, seq: int, ws: list[int], rs: list[int], kv_heads: int, strategy: str
+) -> None:
+    """Zigzag shards whose second run starts off a multiple of the rate: the phases of such a
+    rank are not the phase views' rows, and must not be batched as if they were."""
+    _check(world, ws, rs, seq=seq, kv_heads=kv_heads, causal=True, mode="zigzag", strategy=strategy)

@@ -248,6 +248,9 @@ def _batchable(
                     return False
                 if a.local_step != r or a.local != a0.local + c or a.pos != a0.pos + c:
                     return False
+                # The phase views put phase p at shard rows m r + p.
+                if side is ph and a0.local % r:
+                    return False
     return True
 
 
