@@ -8,13 +8,21 @@ are computed as a few dense rectangles per sub-problem and merged by their log-s
 from dilated.core.config import SparsePatternConfig
 from dilated.core.sparsity import BranchLayout, resolve_layouts
 from dilated.sparse.functional import block_sparse_dilated_attention
+from dilated.sparse.modules import (
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+    create_block_sparse_multihead_attention,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttention",
     "BranchLayout",
     "SparsePatternConfig",
     "__version__",
     "block_sparse_dilated_attention",
+    "create_block_sparse_multihead_attention",
     "resolve_layouts",
 ]
