@@ -232,3 +232,33 @@ def test_random_layouts_and_configurations(
         is_causal=is_causal,
         padding=padding,
     )
+
+
+def test_every_way_of_batching_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Longer segments than above, so that stacks, segments and phases all have several members:
+    # index dims in the head slot (one head per phase), real heads looped so that an index dim
+    # takes the head slot, and leftover index dims looped.
+    from dilated.sparse import engine
+
+    seen = {"head_loop": 0, "head_slot": 0, "loop": 0}
+    steps = engine._steps
+
+    def spy(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for step in steps(*args, **kwargs):  # type: ignore[arg-type]
+            seen["head_loop"] += step.head is not None
+            seen["head_slot"] += step.plan.head_slot is not None and step.head is None
+            seen["loop"] += bool(step.loop)
+            yield step
+
+    monkeypatch.setattr(engine, "_steps", spy)
+    for cfg in (LAYOUTS["local_window"], SparsePatternConfig("dilated_sparse", block_size=1)):
+        for batch, seq, heads, kv_heads, ws, rs in (
+            (1, 192, 4, 4, [64, 192], [1, 3]),
+            (2, 128, 4, 2, [64], [2]),
+            (1, 96, 2, 2, [32, 96], [1, 4]),
+        ):
+            _check(
+                cfg, batch=batch, seq=seq, heads=heads, head_dim=4, segment_lengths=ws,
+                dilation_rates=rs, kv_heads=kv_heads, is_causal=seq == 128, seed=seq,
+            )  # fmt: skip
+    assert all(count > 0 for count in seen.values()), seen

@@ -20,6 +20,7 @@ no grouped-query attention; otherwise each phase is its own run.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -160,17 +161,24 @@ def _stride(coef: _Coef, strides: tuple[int, int, int]) -> int:
 
 @dataclass(frozen=True)
 class _Problems:
-    """How a call's index dims map onto the primitive: looped, batch and (maybe) head slot."""
+    """How a call's index dims map onto the primitive: looped, batch and (maybe) head slot.
+
+    ``head_loop``: the call's real heads are looped one at a time (their count), so that an
+    index dim can take the head slot; 0 when the heads stay in it.
+    """
 
     loops: tuple[tuple[int, tuple[_Coef, ...]], ...]
     batch: tuple[int, tuple[_Coef, ...]]
     head_slot: tuple[int, tuple[_Coef, ...]] | None
+    head_loop: int
 
 
 def _problems(call: _Call, strides: Sequence[tuple[int, int, int]], heads_ok: bool) -> _Problems:
     """Merge adjacent index dims whose strides agree in every tensor; pick batch and head slot.
 
-    A merged group keeps the coefficients of its innermost dim (the stride of one step).
+    A merged group keeps the coefficients of its innermost dim (the stride of one step). The
+    largest group is the batch; the next one takes the head slot when there is one head, or
+    when looping over the heads instead makes fewer calls; the rest is looped.
     """
     groups: list[tuple[int, tuple[_Coef, ...]]] = []
     for size, coef in call.dims:
@@ -185,55 +193,65 @@ def _problems(call: _Call, strides: Sequence[tuple[int, int, int]], heads_ok: bo
         groups = [(1, ((0, 0, 0),))]
     order = sorted(range(len(groups)), key=lambda i: -groups[i][0])
     batch = groups[order[0]]
-    head_slot = None
     rest = order[1:]
-    one_head = call.q_heads[0] == 1 and call.k_heads[0] == 1
-    if heads_ok and one_head and rest:
-        head_slot = groups[rest[0]]
-        rest = rest[1:]
+    heads = call.q_heads[0]
+    one_head = heads == 1 and call.k_heads[0] == 1
+    head_slot = None
+    head_loop = 0
+    if heads_ok and rest:
+        keep_heads = math.prod(groups[i][0] for i in rest)
+        loop_heads = heads * math.prod(groups[i][0] for i in rest[1:])
+        if one_head or loop_heads < keep_heads:
+            head_slot = groups[rest[0]]
+            head_loop = 0 if one_head else heads
+            rest = rest[1:]
     loops = tuple(groups[i] for i in sorted(rest))
-    return _Problems(loops, batch, head_slot)
+    return _Problems(loops, batch, head_slot, head_loop)
 
 
 def _strides(x: torch.Tensor, heads: bool = True) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2) if heads else 0
 
 
-def _view(
-    x: torch.Tensor,
-    plan: _Problems,
-    loop: Sequence[int],
-    offset: _Coef,
-    rows: int,
-    heads: tuple[int, _Coef],
-    call: _Call,
-    has_heads: bool = True,
-) -> torch.Tensor:
-    """``(batch, rows, heads, x.shape[3])`` view of ``x`` ``(batch, seq, heads, d)``."""
-    s = _strides(x, has_heads)
-    base = _stride(offset, s)
-    for i, (_, coefs) in zip(loop, plan.loops):
-        base += i * _stride(coefs[-1], s)
-    hsize, hcoef = heads
-    if plan.head_slot is not None:
-        hsize, hcoef = plan.head_slot[0], plan.head_slot[1][-1]
-    if not has_heads:
-        hsize, hcoef = 1, (0, 0, 0)
-    return x.as_strided(
-        (plan.batch[0], rows, hsize, x.shape[3]),
-        (_stride(plan.batch[1][-1], s), _stride(call.row, s), _stride(hcoef, s), x.stride(3)),
-        x.storage_offset() + base,
-    )
-
-
 @dataclass(frozen=True)
 class _Step:
-    """One primitive call: the run, the call geometry and the index of every looped dim."""
+    """One primitive call: the run, the call geometry, the index of every looped dim and the
+    looped head (None when the heads are not looped)."""
 
     run: _Run
     call: _Call
     plan: _Problems
     loop: tuple[int, ...]
+    head: int | None
+
+
+def _view(x: torch.Tensor, step: _Step, role: str) -> torch.Tensor:
+    """``(batch, rows, heads, x.shape[3])`` view of ``x`` ``(batch, seq, heads, d)`` for one call.
+
+    ``role``: ``"q"`` (queries, and every tensor shaped like them: output, LSE, gradients),
+    ``"k"`` (keys, values and their gradients) or ``"mask"`` (a ``(batch, seq, 1, 1)`` key mask).
+    """
+    c, plan = step.call, step.plan
+    s = _strides(x, role != "mask")
+    queries = role == "q"
+    offset = c.q_offset if queries else c.k_offset
+    hsize, hcoef = c.q_heads if queries else c.k_heads
+    base = _stride(offset, s)
+    for i, (_, coefs) in zip(step.loop, plan.loops):
+        base += i * _stride(coefs[-1], s)
+    if step.head is not None:
+        # One query head per call; the keys are those of its key/value head.
+        group = c.q_heads[0] // c.k_heads[0]
+        base += (step.head if queries else step.head // group) * _stride(hcoef, s)
+    if plan.head_slot is not None:
+        hsize, hcoef = plan.head_slot[0], plan.head_slot[1][-1]
+    if role == "mask":
+        hsize, hcoef = 1, (0, 0, 0)
+    return x.as_strided(
+        (plan.batch[0], c.q_rows if queries else c.k_rows, hsize, x.shape[3]),
+        (_stride(plan.batch[1][-1], s), _stride(c.row, s), _stride(hcoef, s), x.stride(3)),
+        x.storage_offset() + base,
+    )
 
 
 def _steps(
@@ -254,8 +272,10 @@ def _steps(
             for tile in plan_tiles(lay.blocks, run.length, block, is_causal):
                 call = _call(run, tile, b, block)
                 plan = _problems(call, strides, heads_ok=mask is None)
+                heads: Sequence[int | None] = range(plan.head_loop) if plan.head_loop else [None]
                 for loop in itertools.product(*(range(size) for size, _ in plan.loops)):
-                    yield _Step(run, call, plan, loop)
+                    for head in heads:
+                        yield _Step(run, call, plan, loop, head)
 
 
 def count_calls(
@@ -296,16 +316,8 @@ class _Views:
 def _inputs(
     step: _Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask4: torch.Tensor | None
 ) -> _Views:
-    c, p, loop = step.call, step.plan, step.loop
-    km = None
-    if mask4 is not None:
-        km = _view(mask4, p, loop, c.k_offset, c.k_rows, c.k_heads, c, has_heads=False)[..., 0, 0]
-    return _Views(
-        _view(q, p, loop, c.q_offset, c.q_rows, c.q_heads, c),
-        _view(k, p, loop, c.k_offset, c.k_rows, c.k_heads, c),
-        _view(v, p, loop, c.k_offset, c.k_rows, c.k_heads, c),
-        km,
-    )
+    km = None if mask4 is None else _view(mask4, step, "mask")[..., 0, 0]
+    return _Views(_view(q, step, "q"), _view(k, step, "k"), _view(v, step, "k"), km)
 
 
 def block_sparse_forward(
@@ -348,7 +360,7 @@ def block_sparse_forward(
         for i, step in enumerate(
             _steps(layouts, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask)
         ):
-            c, p = step.call, step.plan
+            c = step.call
             if step.run not in sources:
                 sources = {step.run: _kv_sources(step.run, k, v)}
             ks, vs = sources[step.run]
@@ -363,9 +375,8 @@ def block_sparse_forward(
                 dropout_p=dropout_p,
                 dropout_seed=_seed(dropout_seed, i),
             )
-            acc_view = _view(acc, p, step.loop, c.q_offset, c.q_rows, c.q_heads, c)
-            lse_view = _view(acc_lse, p, step.loop, c.q_offset, c.q_rows, c.q_heads, c)
-            merge_into(acc_view, lse_view[..., 0].transpose(1, 2), out, lse.to(work))
+            lse_view = _view(acc_lse, step, "q")[..., 0].transpose(1, 2)
+            merge_into(_view(acc, step, "q"), lse_view, out, lse.to(work))
     return acc.to(q.dtype), acc_lse[..., 0].transpose(1, 2).contiguous()
 
 
@@ -412,7 +423,7 @@ def block_sparse_backward(
         layouts, block_size, is_causal, [q, k, v, grad_out, out, lse4, dq, dk, dv], key_padding_mask
     )
     for i, step in enumerate(steps):
-        c, p, run = step.call, step.plan, step.run
+        c, run = step.call, step.run
         if run is not current:
             _flush(current, dk, dv, dks, dvs)
             current = run
@@ -428,8 +439,7 @@ def block_sparse_backward(
         x = _inputs(step, q, ks, vs, mask4)
 
         def view_q(t: torch.Tensor, step: _Step = step) -> torch.Tensor:
-            c = step.call
-            return _view(t, step.plan, step.loop, c.q_offset, c.q_rows, c.q_heads, c)
+            return _view(t, step, "q")
 
         gq, gk, gv = subproblem_attention_backward(
             view_q(grad_out),
@@ -445,8 +455,8 @@ def block_sparse_backward(
             dropout_seed=_seed(dropout_seed, i),
         )
         view_q(dq).add_(gq)
-        _add_keys(_view(dks, p, step.loop, c.k_offset, c.k_rows, c.k_heads, c), gk, c)
-        _add_keys(_view(dvs, p, step.loop, c.k_offset, c.k_rows, c.k_heads, c), gv, c)
+        _add_keys(_view(dks, step, "k"), gk, c)
+        _add_keys(_view(dvs, step, "k"), gv, c)
     _flush(current, dk, dv, dks, dvs)
     return dq, dk, dv
 
