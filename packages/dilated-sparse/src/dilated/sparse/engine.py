@@ -32,7 +32,14 @@ from dilated.core.sparsity import BranchLayout
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 from dilated.sparse.tiles import Tile, plan_tiles
 
-__all__ = ["block_sparse_backward", "block_sparse_forward", "count_calls"]
+__all__ = [
+    "RunTable",
+    "backward_into",
+    "block_sparse_backward",
+    "block_sparse_forward",
+    "count_calls",
+    "forward_into",
+]
 
 #: ``(coefficient of the batch stride, of the seq stride, of the head stride)``.
 _Coef = tuple[int, int, int]
@@ -59,6 +66,9 @@ class _Run:
     start: int
     count: int
     length: int
+    # Query rows (and everything shaped like them) are read ``q_shift`` rows earlier: a rank
+    # holding rows ``q_shift ..`` of a segment passes its shard as the queries.
+    q_shift: int = 0
 
 
 def _strided_kv(kv: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -141,7 +151,7 @@ def _call(run: _Run, tile: Tile, batch: int, block: int) -> _Call:
     kv_head0 = 0 if run.kv_index is not None else run.kv0
     return _Call(
         dims=tuple(d for d in dims if d[0] > 1),
-        q_offset=(0, run.phase0 + (run.start + q_row0) * r, run.phase0),
+        q_offset=(0, run.phase0 + (run.start + q_row0 - run.q_shift) * r, run.phase0),
         k_offset=(0, run.phase0 + (run.start + k_row0) * r, kv_head0),
         q_rows=q_rows,
         k_rows=k_rows,
@@ -254,28 +264,40 @@ def _view(x: torch.Tensor, step: _Step, role: str) -> torch.Tensor:
     )
 
 
+#: A run and the bool ``(nb, nb)`` block table its tiles come from.
+RunTable = tuple[_Run, torch.Tensor]
+
+
+def _run_tables(
+    layouts: Sequence[BranchLayout], seq: int, heads: int, kv_heads: int
+) -> list[RunTable]:
+    return [
+        (run, lay.blocks)
+        for i, lay in enumerate(layouts)
+        for run in _runs(seq, heads, kv_heads, i, lay.segment_length, lay.dilation_rate)
+    ]
+
+
 def _steps(
-    layouts: Sequence[BranchLayout],
+    runs: Sequence[RunTable],
     block: int,
     is_causal: bool,
     tensors: Sequence[torch.Tensor],
     mask: torch.Tensor | None,
 ) -> Iterator[_Step]:
     """Every primitive call, in the order both passes use (dropout seeds follow it)."""
-    b, n, hq = tensors[0].shape[:3]
-    hkv = tensors[1].shape[2]
+    b = tensors[0].shape[0]
     strides = [_strides(t) for t in tensors]
     if mask is not None:
         strides.append((mask.stride(0), mask.stride(1), 0))
-    for i, lay in enumerate(layouts):
-        for run in _runs(n, hq, hkv, i, lay.segment_length, lay.dilation_rate):
-            for tile in plan_tiles(lay.blocks, run.length, block, is_causal):
-                call = _call(run, tile, b, block)
-                plan = _problems(call, strides, heads_ok=mask is None)
-                heads: Sequence[int | None] = range(plan.head_loop) if plan.head_loop else [None]
-                for loop in itertools.product(*(range(size) for size, _ in plan.loops)):
-                    for head in heads:
-                        yield _Step(run, call, plan, loop, head)
+    for run, table in runs:
+        for tile in plan_tiles(table, run.length, block, is_causal):
+            call = _call(run, tile, b, block)
+            plan = _problems(call, strides, heads_ok=mask is None)
+            heads: Sequence[int | None] = range(plan.head_loop) if plan.head_loop else [None]
+            for loop in itertools.product(*(range(size) for size, _ in plan.loops)):
+                for head in heads:
+                    yield _Step(run, call, plan, loop, head)
 
 
 def count_calls(
@@ -290,7 +312,8 @@ def count_calls(
     q = torch.empty(shape, device="meta")
     k = torch.empty(b, n, kv_heads, d, device="meta")
     lse = torch.empty(b, n, h, 1, device="meta")
-    return sum(1 for _ in _steps(layouts, block_size, is_causal, [q, k, k, q, lse], None))
+    runs = _run_tables(layouts, n, h, kv_heads)
+    return sum(1 for _ in _steps(runs, block_size, is_causal, [q, k, k, q, lse], None))
 
 
 def _kv_sources(run: _Run, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,12 +377,38 @@ def block_sparse_forward(
     work = compute_dtype(q.dtype)
     acc = torch.zeros(b, n, h, d, dtype=work, device=q.device)
     acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=work, device=q.device)
+    runs = _run_tables(layouts, n, h, k.shape[2])
+    forward_into(
+        runs, block_size, q, k, v, acc, acc_lse, scale=scale, is_causal=is_causal,
+        key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
+    )  # fmt: skip
+    return acc.to(q.dtype), acc_lse[..., 0].transpose(1, 2).contiguous()
+
+
+def forward_into(
+    runs: Sequence[RunTable],
+    block_size: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    acc: torch.Tensor,
+    acc_lse: torch.Tensor,
+    *,
+    scale: float,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> None:
+    """Merge the tiles of ``runs`` into ``acc`` ``(batch, n, heads, head_dim)`` and ``acc_lse``
+    ``(batch, n, heads, 1)`` (float32, in place). ``q`` is shaped like ``acc``; ``k``/``v``
+    hold the keys the runs address (another length when a run has a ``q_shift``)."""
+    work = acc.dtype
     mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
     sources: dict[_Run, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        for i, step in enumerate(
-            _steps(layouts, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask)
-        ):
+        steps = _steps(runs, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask)
+        for i, step in enumerate(steps):
             c = step.call
             if step.run not in sources:
                 sources = {step.run: _kv_sources(step.run, k, v)}
@@ -377,7 +426,6 @@ def block_sparse_forward(
             )
             lse_view = _view(acc_lse, step, "q")[..., 0].transpose(1, 2)
             merge_into(_view(acc, step, "q"), lse_view, out, lse.to(work))
-    return acc.to(q.dtype), acc_lse[..., 0].transpose(1, 2).contiguous()
 
 
 def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call) -> None:
@@ -411,18 +459,47 @@ def block_sparse_backward(
     ``(batch, heads, seq)`` of [`block_sparse_forward`][dilated.sparse.engine.block_sparse_forward]
     (same arguments). Returns float32 gradients (float64 for float64 inputs)."""
     work = compute_dtype(q.dtype)
-    grad_out = grad_out.contiguous()
     lse4 = lse.transpose(1, 2).unsqueeze(-1).contiguous()
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
     dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    runs = _run_tables(layouts, q.shape[1], q.shape[2], k.shape[2])
+    backward_into(
+        runs, block_size, grad_out, q, k, v, out, lse4, dq, dk, dv, scale=scale,
+        is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def backward_into(
+    runs: Sequence[RunTable],
+    block_size: int,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse4: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    *,
+    scale: float,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> None:
+    """Add the gradients of the tiles of ``runs`` into ``dq``/``dk``/``dv`` (float32, shaped like
+    ``q``/``k``/``v``) given the final ``out`` and ``lse4`` ``(batch, n, heads, 1)``."""
+    work = dq.dtype
+    grad_out = grad_out.contiguous()
     mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
     current: _Run | None = None
     ks, vs, dks, dvs = k, v, dk, dv
-    steps = _steps(
-        layouts, block_size, is_causal, [q, k, v, grad_out, out, lse4, dq, dk, dv], key_padding_mask
-    )
-    for i, step in enumerate(steps):
+    tensors = [q, k, v, grad_out, out, lse4, dq, dk, dv]
+    for i, step in enumerate(_steps(runs, block_size, is_causal, tensors, key_padding_mask)):
         c, run = step.call, step.run
         if run is not current:
             _flush(current, dk, dv, dks, dvs)
@@ -458,7 +535,6 @@ def block_sparse_backward(
         _add_keys(_view(dks, step, "k"), gk, c)
         _add_keys(_view(dvs, step, "k"), gv, c)
     _flush(current, dk, dv, dks, dvs)
-    return dq, dk, dv
 
 
 def _flush(
