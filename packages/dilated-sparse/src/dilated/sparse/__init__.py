@@ -7,9 +7,12 @@ are computed as a few dense rectangles per sub-problem and merged by their log-s
 
 from dilated.core.config import SparsePatternConfig
 from dilated.core.sparsity import BranchLayout, resolve_layouts
+from dilated.sparse.distributed import block_sparse_ring_dilated_attention
 from dilated.sparse.functional import block_sparse_dilated_attention
 from dilated.sparse.modules import (
     BlockSparseRingDilatedAttention,
+    BlockSparseRingDistributedDilatedAttention,
+    BlockSparseRingDistributedMultiheadDilatedAttention,
     BlockSparseRingMultiheadDilatedAttention,
     create_block_sparse_multihead_attention,
 )
@@ -18,11 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockSparseRingDilatedAttention",
+    "BlockSparseRingDistributedDilatedAttention",
+    "BlockSparseRingDistributedMultiheadDilatedAttention",
     "BlockSparseRingMultiheadDilatedAttention",
     "BranchLayout",
     "SparsePatternConfig",
     "__version__",
     "block_sparse_dilated_attention",
+    "block_sparse_ring_dilated_attention",
     "create_block_sparse_multihead_attention",
     "resolve_layouts",
 ]

@@ -15,11 +15,15 @@ from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttentio
 from dilated.core.config import CustomLayout, DilatedAttentionConfig, SparsePatternConfig
 from dilated.core.registry import Implementation
 from dilated.core.testing import dense_block_sparse_attention
+from dilated.sparse.distributed import block_sparse_ring_dilated_attention
 from dilated.sparse.functional import block_sparse_dilated_attention, branch_layouts
 
 __all__ = [
     "IMPLEMENTATION",
+    "RING_IMPLEMENTATION",
     "BlockSparseRingDilatedAttention",
+    "BlockSparseRingDistributedDilatedAttention",
+    "BlockSparseRingDistributedMultiheadDilatedAttention",
     "BlockSparseRingMultiheadDilatedAttention",
     "create_block_sparse_multihead_attention",
     "sparse_pattern_config",
@@ -199,6 +203,69 @@ class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
         )
 
 
+class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention):
+    """[`BlockSparseRingDilatedAttention`][dilated.sparse.BlockSparseRingDilatedAttention] over
+    a sequence in contiguous shards across the ranks of ``group``: call it with this rank's
+    ``(batch, seq / P, heads, head_dim)`` shards (see
+    [`block_sparse_ring_dilated_attention`][dilated.sparse.distributed.block_sparse_ring_dilated_attention]).
+
+    Extra keywords: ``group`` (a process group, None for the default one, or a
+    [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]) and ``timeout_s``.
+    """
+
+    def __init__(
+        self, *args: Any, group: Any = None, timeout_s: float | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+        self.timeout_s = timeout_s
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        out = block_sparse_ring_dilated_attention(
+            q,
+            k,
+            v,
+            self.config.segment_lengths,
+            self.config.dilation_rates,
+            sparse_config=self.sparse_config,
+            scale=self.config.scale,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            group=self.group,
+            timeout_s=self.timeout_s,
+        )
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+class BlockSparseRingDistributedMultiheadDilatedAttention(BlockSparseRingMultiheadDilatedAttention):
+    """The multi-head layer of [`BlockSparseRingDistributedDilatedAttention`][dilated.sparse.BlockSparseRingDistributedDilatedAttention]:
+    ``(batch, seq / P, embed_dim)`` per rank (the projections act token by token on the shard).
+    Extra keywords ``group`` and ``timeout_s``."""
+
+    def __init__(
+        self, *args: Any, group: Any = None, timeout_s: float | None = None, **kwargs: Any
+    ) -> None:
+        self.group = group
+        self.timeout_s = timeout_s
+        super().__init__(*args, **kwargs)
+
+    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
+        return BlockSparseRingDistributedDilatedAttention(
+            config, sparse_config=self.sparse_config, group=self.group, timeout_s=self.timeout_s
+        )
+
+
 def create_block_sparse_multihead_attention(
     embed_dim: int,
     num_heads: int,
@@ -245,5 +312,16 @@ IMPLEMENTATION = Implementation(
     description="block-sparse layouts (local window, global+local, log-sparse, custom), exact",
     # Never chosen by "auto": it computes another function unless the layout is dense.
     priority=-100,
+    backends=_available_engines,
+)
+
+RING_IMPLEMENTATION = Implementation(
+    name="block_sparse_ring",
+    attention=BlockSparseRingDistributedDilatedAttention,
+    multihead=BlockSparseRingDistributedMultiheadDilatedAttention,
+    package="dilated-sparse",
+    description="block-sparse layouts over contiguous shards: only the needed key blocks travel",
+    priority=-100,
+    distributed=True,
     backends=_available_engines,
 )
