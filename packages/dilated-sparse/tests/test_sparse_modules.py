@@ -16,6 +16,8 @@ from dilated.core import (
 from dilated.core.testing import assert_close_to_reference, make_inputs
 from dilated.sparse import (
     BlockSparseRingDilatedAttention,
+    BlockSparseRingDistributedDilatedAttention,
+    BlockSparseRingDistributedMultiheadDilatedAttention,
     BlockSparseRingMultiheadDilatedAttention,
     block_sparse_dilated_attention,
     create_block_sparse_multihead_attention,
@@ -67,6 +69,9 @@ def test_multihead_module_factory_and_registry() -> None:
     assert isinstance(mh, BlockSparseRingMultiheadDilatedAttention)
     one = create_dilated_attention("block_sparse", segment_lengths=[16], dilation_rates=[1])
     assert one.sparse_config == SparsePatternConfig()
+    ring = get_implementation("block_sparse_ring")
+    assert ring.distributed and ring.attention is BlockSparseRingDistributedDilatedAttention
+    assert ring.multihead is BlockSparseRingDistributedMultiheadDilatedAttention
     # A sparse layout is another function than dilated attention: "auto" never picks it.
     assert get_implementation("auto", "cpu").name != "block_sparse"
 
