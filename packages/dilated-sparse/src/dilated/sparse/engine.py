@@ -181,6 +181,7 @@ class _Problems:
     batch: tuple[int, tuple[_Coef, ...]]
     head_slot: tuple[int, tuple[_Coef, ...]] | None
     head_loop: int
+    keys_overlap: bool
 
 
 def _problems(call: _Call, strides: Sequence[tuple[int, int, int]], heads_ok: bool) -> _Problems:
@@ -208,15 +209,19 @@ def _problems(call: _Call, strides: Sequence[tuple[int, int, int]], heads_ok: bo
     one_head = heads == 1 and call.k_heads[0] == 1
     head_slot = None
     head_loop = 0
+    in_call = [order[0]]
     if heads_ok and rest:
         keep_heads = math.prod(groups[i][0] for i in rest)
         loop_heads = heads * math.prod(groups[i][0] for i in rest[1:])
         if one_head or loop_heads < keep_heads:
             head_slot = groups[rest[0]]
             head_loop = 0 if one_head else heads
+            in_call.append(rest[0])
             rest = rest[1:]
     loops = tuple(groups[i] for i in sorted(rest))
-    return _Problems(loops, batch, head_slot, head_loop)
+    # The stack dim is the last one; its overlapping key windows meet only inside one call.
+    overlap = call.overlapping_keys and len(groups) - 1 in in_call
+    return _Problems(loops, batch, head_slot, head_loop, overlap)
 
 
 def _strides(x: torch.Tensor, heads: bool = True) -> tuple[int, int, int]:
@@ -428,9 +433,9 @@ def forward_into(
             merge_into(_view(acc, step, "q"), lse_view, out, lse.to(work))
 
 
-def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call) -> None:
+def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call, overlap: bool) -> None:
     """Add a call's key gradient into the accumulator view; overlapping windows block by block."""
-    if not call.overlapping_keys:
+    if not overlap:
         acc += grad
         return
     # Stacked windows overlap (a band): each key block of the window is disjoint across the stack.
@@ -532,8 +537,8 @@ def backward_into(
             dropout_seed=_seed(dropout_seed, i),
         )
         view_q(dq).add_(gq)
-        _add_keys(_view(dks, step, "k"), gk, c)
-        _add_keys(_view(dvs, step, "k"), gv, c)
+        _add_keys(_view(dks, step, "k"), gk, c, step.plan.keys_overlap)
+        _add_keys(_view(dvs, step, "k"), gv, c, step.plan.keys_overlap)
     _flush(current, dk, dv, dks, dvs)
 
 
