@@ -290,7 +290,7 @@ class _ShardedBlockSparse(torch.autograd.Function):
         options: dict[str, Any] = {"scale": call.scale, "is_causal": sh.causal}
         if local:
             runs = _run_tables(local, n, h, k.shape[2])
-            forward_into(runs, sh.block, q, k, v, acc, acc_lse, **options)
+            forward_into(runs, sh.block, q, k, v, acc, acc_lse, empty=True, **options)
         gathered = []
         for i, (lay, spans) in enumerate(zip(call.layouts, call.spanning)):
             if spans:

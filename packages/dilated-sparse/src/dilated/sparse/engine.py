@@ -231,13 +231,19 @@ def _strides(x: torch.Tensor, heads: bool = True) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class _Step:
     """One primitive call: the run, the call geometry, the index of every looped dim and the
-    looped head (None when the heads are not looped)."""
+    looped head (None when the heads are not looped). ``first``: no earlier call of the same
+    pass wrote its query rows (they belong to the first branch and to no earlier tile)."""
 
     run: _Run
     call: _Call
     plan: _Problems
     loop: tuple[int, ...]
     head: int | None
+    first: bool = False
+
+
+def _tile_blocks(tile: Tile) -> set[int]:
+    return {tile.q0 + e * tile.step + i for e in range(tile.stack) for i in range(tile.qn)}
 
 
 def _view(x: torch.Tensor, step: _Step, role: str) -> torch.Tensor:
@@ -295,14 +301,22 @@ def _steps(
     strides = [_strides(t) for t in tensors]
     if mask is not None:
         strides.append((mask.stride(0), mask.stride(1), 0))
+    first_branch = runs[0][0].branch if runs else None
     for run, table in runs:
+        # Runs of one branch hold disjoint rows; a later branch covers them again.
+        written: set[int] | None = set() if run.branch == first_branch else None
         for tile in plan_tiles(table, run.length, block, is_causal):
             call = _call(run, tile, b, block)
             plan = _problems(call, strides, heads_ok=mask is None)
+            first = False
+            if written is not None:
+                blocks = _tile_blocks(tile)
+                first = not (blocks & written)
+                written |= blocks
             heads: Sequence[int | None] = range(plan.head_loop) if plan.head_loop else [None]
             for loop in itertools.product(*(range(size) for size, _ in plan.loops)):
                 for head in heads:
-                    yield _Step(run, call, plan, loop, head)
+                    yield _Step(run, call, plan, loop, head, first)
 
 
 def count_calls(
@@ -386,6 +400,7 @@ def block_sparse_forward(
     forward_into(
         runs, block_size, q, k, v, acc, acc_lse, scale=scale, is_causal=is_causal,
         key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        empty=True,
     )  # fmt: skip
     return acc.to(q.dtype), acc_lse[..., 0].transpose(1, 2).contiguous()
 
@@ -404,10 +419,13 @@ def forward_into(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    empty: bool = False,
 ) -> None:
     """Merge the tiles of ``runs`` into ``acc`` ``(batch, n, heads, head_dim)`` and ``acc_lse``
     ``(batch, n, heads, 1)`` (float32, in place). ``q`` is shaped like ``acc``; ``k``/``v``
-    hold the keys the runs address (another length when a run has a ``q_shift``)."""
+    hold the keys the runs address (another length when a run has a ``q_shift``). ``empty``:
+    the accumulators hold nothing yet (zeros and ``-inf``), so a call on rows no earlier call
+    wrote copies its result instead of merging it."""
     work = acc.dtype
     mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
     sources: dict[_Run, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -430,7 +448,12 @@ def forward_into(
                 dropout_seed=_seed(dropout_seed, i),
             )
             lse_view = _view(acc_lse, step, "q")[..., 0].transpose(1, 2)
-            merge_into(_view(acc, step, "q"), lse_view, out, lse.to(work))
+            if step.first and empty:
+                # Nothing merged into these rows yet: the merge would be a copy.
+                _view(acc, step, "q").copy_(out)
+                lse_view.copy_(lse)
+            else:
+                merge_into(_view(acc, step, "q"), lse_view, out, lse.to(work))
 
 
 def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call, overlap: bool) -> None:
