@@ -262,3 +262,20 @@ def test_every_way_of_batching_calls(monkeypatch: pytest.MonkeyPatch) -> None:
                 dilation_rates=rs, kv_heads=kv_heads, is_causal=seq == 128, seed=seq,
             )  # fmt: skip
     assert all(count > 0 for count in seen.values()), seen
+
+
+def test_non_contiguous_inputs() -> None:
+    # (batch, heads, seq, head_dim) tensors seen as (batch, seq, heads, head_dim): views are cut
+    # from the tensors' own strides, so nothing needs to be contiguous.
+    cfg = LAYOUTS["global_local"]
+    base = make_inputs(2, 4, 48, 8, seed=6)  # drawn as (batch, heads, seq, head_dim)
+    q, k, v = (t.transpose(1, 2) for t in (base.q, base.k, base.v))
+    assert not q.is_contiguous()
+    got = block_sparse_dilated_attention(
+        q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=True
+    )
+    want = block_sparse_dilated_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), SEGMENTS, RATES, sparse_config=cfg,
+        is_causal=True,
+    )  # fmt: skip
+    assert torch.equal(got, want)
