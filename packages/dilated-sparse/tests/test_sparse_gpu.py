@@ -81,3 +81,19 @@ def test_dense_layout_equals_the_cudnn_op_at_size() -> None:
     want = torch.autograd.grad(dense, (x.q, x.k, x.v), grad)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert_close_to_reference(g, w, torch.bfloat16, name)
+
+
+def test_fused_merge_on_gpu() -> None:
+    from dilated.core.merge import merge_into
+    from dilated.sparse._merge_kernel import fused_merge_into
+
+    acc = torch.randn(2, 4096, 16, 128, device="cuda")[:, ::2]
+    acc_lse = torch.randn(2, 16, 4096, device="cuda")[:, :, ::2]
+    out = torch.randn(2, 2048, 16, 128, device="cuda", dtype=torch.bfloat16)
+    lse = torch.randn(2, 16, 2048, device="cuda")
+    lse[:, :, :7] = float("-inf")
+    want_acc, want_lse = acc.clone(), acc_lse.clone()
+    merge_into(want_acc, want_lse, out, lse)
+    fused_merge_into(acc, acc_lse, out, lse)
+    assert torch.allclose(acc, want_acc, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(acc_lse, want_lse, atol=1e-5, rtol=1e-5)

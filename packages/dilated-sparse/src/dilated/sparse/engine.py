@@ -19,9 +19,10 @@ no grouped-query attention; otherwise each phase is its own run.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -405,6 +406,27 @@ def block_sparse_forward(
     return acc.to(q.dtype), acc_lse[..., 0].transpose(1, 2).contiguous()
 
 
+#: Use the one-launch Triton merge: None = on CUDA for float32 accumulators (tests force it).
+FUSED_MERGE: bool | None = None
+
+
+def _merge_for(
+    acc: torch.Tensor,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    fused = FUSED_MERGE
+    if fused is None:
+        fused = (
+            acc.is_cuda
+            and acc.dtype == torch.float32
+            and importlib.util.find_spec("triton") is not None
+        )
+    if not fused:
+        return merge_into
+    from dilated.sparse._merge_kernel import fused_merge_into
+
+    return fused_merge_into
+
+
 def forward_into(
     runs: Sequence[RunTable],
     block_size: int,
@@ -427,6 +449,7 @@ def forward_into(
     the accumulators hold nothing yet (zeros and ``-inf``), so a call on rows no earlier call
     wrote copies its result instead of merging it."""
     work = acc.dtype
+    merge = _merge_for(acc)
     mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
     sources: dict[_Run, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
@@ -453,7 +476,7 @@ def forward_into(
                 _view(acc, step, "q").copy_(out)
                 lse_view.copy_(lse)
             else:
-                merge_into(_view(acc, step, "q"), lse_view, out, lse.to(work))
+                merge(_view(acc, step, "q"), lse_view, out, lse.to(work))
 
 
 def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call, overlap: bool) -> None:
