@@ -35,6 +35,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -139,50 +140,73 @@ def configs(
     return out
 
 
-def flex_runner(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layouts: Sequence[BranchLayout],
-    block: int,
-    causal: bool,
-    grad: bool,
-    dout: torch.Tensor,
-) -> Callable[[], object]:
-    """FlexAttention over the whole sequence with the pattern as one mask_mod/block mask."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+class FlexPattern:
+    """FlexAttention over the whole sequence with the pattern as one mask_mod and block mask.
 
-    _, seq, h, _ = q.shape
-    tables = [lay.blocks.to(q.device) for lay in layouts]
-    params = [(lay.segment_length, lay.dilation_rate) for lay in layouts]
+    One ``mask_mod`` and one compiled ``flex_attention`` serve every layout of a sequence
+    length: the layout tables and the block size are tensors that :meth:`set` overwrites in
+    place, so a new layout rebuilds the block mask but recompiles nothing (and the recompile
+    limit, past which FlexAttention would fall back silently to an eager path that materialises
+    the whole score matrix, is never approached; it raises if it is).
+    """
 
-    def mask_mod(b, hi, qi, ki):  # type: ignore[no-untyped-def]
-        ok = torch.zeros_like(qi, dtype=torch.bool)
-        for (w, r), table in zip(params, tables):
-            p = hi % r
-            same = (qi // w == ki // w) & (qi % r == p) & (ki % r == p)
-            qa = ((qi % w) // r) // block
-            ka = ((ki % w) // r) // block
-            ok = ok | (same & table[qa, ka])
-        if causal:
-            ok = ok & (ki <= qi)
-        return ok
+    def __init__(
+        self, q: torch.Tensor, ws: Sequence[int], rs: Sequence[int], causal: bool, nb_max: int
+    ) -> None:
+        from torch.nn.attention.flex_attention import flex_attention
 
-    torch._dynamo.reset()
-    try:  # blockwise, without a dense seq x seq mask
-        block_mask = create_block_mask(mask_mod, 1, h, seq, seq, device=q.device, _compile=True)
-    except TypeError:  # a PyTorch without the (deprecated) _compile flag
-        block_mask = torch.compile(create_block_mask)(mask_mod, 1, h, seq, seq, device=q.device)
-    fn = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(grad) for x in (q, k, v))
-    dt = dout.transpose(1, 2).contiguous()
+        self.seq, self.heads = q.shape[1], q.shape[2]
+        self.device = q.device
+        self.tables = torch.zeros(len(ws), nb_max, nb_max, dtype=torch.bool, device=q.device)
+        self.block = torch.ones((), dtype=torch.int64, device=q.device)
+        params = list(zip(ws, rs))
+        tables, block = self.tables, self.block
 
-    def run() -> None:
-        o = fn(qt, kt, vt, block_mask=block_mask)
-        if grad:
-            torch.autograd.grad(o, (qt, kt, vt), dt)
+        def mask_mod(b, hi, qi, ki):  # type: ignore[no-untyped-def]
+            ok = torch.zeros_like(qi, dtype=torch.bool)
+            for i, (w, r) in enumerate(params):
+                p = hi % r
+                same = (qi // w == ki // w) & (qi % r == p) & (ki % r == p)
+                qa = ((qi % w) // r) // block
+                ka = ((ki % w) // r) // block
+                ok = ok | (same & tables[i, qa, ka])
+            if causal:
+                ok = ok & (ki <= qi)
+            return ok
 
-    return run
+        self.mask_mod = mask_mod
+        torch._dynamo.reset()
+        self.fn = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+        self.block_mask: Any = None
+
+    def set(self, layouts: Sequence[BranchLayout], block: int) -> None:
+        """Load a layout and build its block mask (blockwise, never a dense seq x seq mask)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        self.tables.zero_()
+        for i, lay in enumerate(layouts):
+            self.tables[i, : lay.nb, : lay.nb] = lay.blocks.to(self.device)
+        self.block.fill_(block)
+        shape = (self.mask_mod, 1, self.heads, self.seq, self.seq)
+        try:
+            self.block_mask = create_block_mask(*shape, device=self.device, _compile=True)
+        except TypeError:  # a PyTorch without the (deprecated) _compile flag
+            self.block_mask = torch.compile(create_block_mask)(*shape, device=self.device)
+
+    def runner(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: bool, dout: torch.Tensor
+    ) -> Callable[[], object]:
+        qt, kt, vt = (
+            x.detach().transpose(1, 2).contiguous().requires_grad_(grad) for x in (q, k, v)
+        )
+        dt = dout.transpose(1, 2).contiguous()
+
+        def run() -> None:
+            o = self.fn(qt, kt, vt, block_mask=self.block_mask)
+            if grad:
+                torch.autograd.grad(o, (qt, kt, vt), dt)
+
+        return run
 
 
 def bench_sequence(
@@ -225,57 +249,75 @@ def bench_sequence(
             print(f"seq={seq} {mode} dense failed: {type(exc).__name__}: {exc}")
             dense_ms[mode] = math.nan
         torch.cuda.empty_cache()
-    for layout in args.layouts:
-        for target, cfg in configs(layout, args.densities, block, ws, rs, seq, causal):
-            layouts = resolve_layouts(cfg, ws, rs)
-            dens = density(layouts, seq, causal)
-            calls = count_calls(layouts, cfg.block_size, (1, seq, h, d), h, causal)
+    rows_configs = [
+        (layout, target, cfg)
+        for layout in args.layouts
+        for target, cfg in configs(layout, args.densities, block, ws, rs, seq, causal)
+    ]
+    flex: FlexPattern | None = None
+    flex_note = "seq > --flex-max-seq"
+    flex_layout: tuple[str, float] | None = None
+    if not args.no_flex and seq <= args.flex_max_seq:
+        try:
+            nb_max = max(
+                lay.nb for _, _, cfg in rows_configs for lay in resolve_layouts(cfg, ws, rs)
+            )
+            flex = FlexPattern(q, ws, rs, causal, nb_max)
+        except Exception as exc:
+            flex_note = f"FlexAttention unavailable: {type(exc).__name__}: {str(exc)[:80]}"
+    for layout, target, cfg in rows_configs:
+        layouts = resolve_layouts(cfg, ws, rs)
+        dens = density(layouts, seq, causal)
+        calls = count_calls(layouts, cfg.block_size, (1, seq, h, d), h, causal)
 
-            def sparse(cfg: SparsePatternConfig = cfg) -> torch.Tensor:
-                return block_sparse_dilated_attention(
-                    q, k, v, ws, rs, sparse_config=cfg, is_causal=causal, check_finite=False
-                )
+        def sparse(cfg: SparsePatternConfig = cfg) -> torch.Tensor:
+            return block_sparse_dilated_attention(
+                q, k, v, ws, rs, sparse_config=cfg, is_causal=causal, check_finite=False
+            )
 
-            for mode in args.modes:
-                grad = mode == "fwd+bwd"
-                note = ""
-                sparse_ms = flex_ms = peak = math.nan
+        for mode in args.modes:
+            grad = mode == "fwd+bwd"
+            note = ""
+            sparse_ms = flex_ms = peak = math.nan
+            try:
+                sparse_ms, peak = time_ms(step(sparse, grad), args.warmup, args.repeats)
+            except Exception as exc:
+                note = f"sparse failed: {type(exc).__name__}: {str(exc)[:120]}"
+                traceback.print_exc(limit=3)
+            torch.cuda.empty_cache()
+            if flex is not None:
                 try:
-                    sparse_ms, peak = time_ms(step(sparse, grad), args.warmup, args.repeats)
+                    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                        if flex_layout != (layout, target):
+                            flex.set(layouts, cfg.block_size)
+                            flex_layout = (layout, target)
+                        run = flex.runner(q, k, v, grad, dout)
+                        flex_ms = time_ms(run, args.warmup, args.repeats)[0]
                 except Exception as exc:
-                    note = f"sparse failed: {type(exc).__name__}: {str(exc)[:120]}"
-                    traceback.print_exc(limit=3)
+                    note += f" flex failed: {type(exc).__name__}: {str(exc)[:120]}"
                 torch.cuda.empty_cache()
-                if not args.no_flex and seq <= args.flex_max_seq:
-                    try:
-                        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                            flex = flex_runner(q, k, v, layouts, cfg.block_size, causal, grad, dout)
-                            flex_ms = time_ms(flex, args.warmup, args.repeats)[0]
-                    except Exception as exc:
-                        note += f" flex failed: {type(exc).__name__}: {str(exc)[:120]}"
-                    torch.cuda.empty_cache()
-                elif not args.no_flex:
-                    note += " flex skipped (seq > --flex-max-seq)"
-                dense_t = dense_ms.get(mode, math.nan)
-                record(
-                    {
-                        "seq": seq,
-                        "mode": mode,
-                        "layout": layout,
-                        "target": target,
-                        "block_size": cfg.block_size,
-                        "windows": [lay.window for lay in layouts],
-                        "density": dens,
-                        "calls": calls,
-                        "sparse_ms": sparse_ms,
-                        "sparse_peak_gib": peak,
-                        "dense_ms": dense_t,
-                        "flex_ms": flex_ms,
-                        "efficiency": dense_t * dens / sparse_ms,
-                        "vs_flex": flex_ms / sparse_ms,
-                        "note": note.strip(),
-                    }
-                )
+            elif not args.no_flex:
+                note += f" flex skipped ({flex_note})"
+            dense_t = dense_ms.get(mode, math.nan)
+            record(
+                {
+                    "seq": seq,
+                    "mode": mode,
+                    "layout": layout,
+                    "target": target,
+                    "block_size": cfg.block_size,
+                    "windows": [lay.window for lay in layouts],
+                    "density": dens,
+                    "calls": calls,
+                    "sparse_ms": sparse_ms,
+                    "sparse_peak_gib": peak,
+                    "dense_ms": dense_t,
+                    "flex_ms": flex_ms,
+                    "efficiency": dense_t * dens / sparse_ms,
+                    "vs_flex": flex_ms / sparse_ms,
+                    "note": note.strip(),
+                }
+            )
 
 
 def main() -> None:
@@ -337,7 +379,7 @@ def main() -> None:
     what = "causal" if causal else "non-causal"
     print(
         f"\n{device_name()}, torch {torch.__version__}, "
-        f"bf16, batch 1, {h} heads x {d}, preset {args.preset}, {what}, block {block} rows; "
+        f"{'bf16' if torch.cuda.is_available() else 'float32'}, batch 1, {h} heads x {d}, preset {args.preset}, {what}, block {block} rows; "
         "efficiency = dense ms x density / sparse ms; flex/sparse = FlexAttention ms / sparse ms"
     )
     print(
