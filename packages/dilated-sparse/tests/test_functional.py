@@ -279,3 +279,13 @@ def test_non_contiguous_inputs() -> None:
         is_causal=True,
     )  # fmt: skip
     assert torch.equal(got, want)
+
+
+def test_without_the_head_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dilated.sparse import engine
+
+    monkeypatch.setattr(engine, "HEAD_SLOT", False)
+    _check(
+        LAYOUTS["local_window"], batch=1, seq=96, heads=2, head_dim=4, segment_lengths=[32, 96],
+        dilation_rates=[1, 4], is_causal=True,
+    )  # fmt: skip

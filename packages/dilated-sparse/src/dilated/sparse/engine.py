@@ -276,6 +276,10 @@ def _view(x: torch.Tensor, step: _Step, role: str) -> torch.Tensor:
     )
 
 
+#: Let an index dim (segments, phases, stacked tiles) take the primitive's head slot. With it
+#: off every call keeps its real heads there and loops over the other index dims instead.
+HEAD_SLOT = True
+
 #: A run and the bool ``(nb, nb)`` block table its tiles come from.
 RunTable = tuple[_Run, torch.Tensor]
 
@@ -308,7 +312,7 @@ def _steps(
         written: set[int] | None = set() if run.branch == first_branch else None
         for tile in plan_tiles(table, run.length, block, is_causal):
             call = _call(run, tile, b, block)
-            plan = _problems(call, strides, heads_ok=mask is None)
+            plan = _problems(call, strides, heads_ok=HEAD_SLOT and mask is None)
             first = False
             if written is not None:
                 blocks = _tile_blocks(tile)
