@@ -131,7 +131,7 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
     ) -> torch.Tensor:
-        return block_sparse_dilated_attention(
+        out = self._op(
             q,
             k,
             v,
@@ -143,6 +143,13 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
             key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
         )
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def _op(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The functional this module calls (the distributed subclass adds its group)."""
+        out: torch.Tensor = block_sparse_dilated_attention(*args, **kwargs)
+        return out
 
     def dense_reference(
         self,
@@ -220,32 +227,10 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
         self.group = group
         self.timeout_s = timeout_s
 
-    def _attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        is_causal: bool,
-        key_padding_mask: torch.Tensor | None,
-        dropout_p: float,
-    ) -> torch.Tensor:
-        out = block_sparse_ring_dilated_attention(
-            q,
-            k,
-            v,
-            self.config.segment_lengths,
-            self.config.dilation_rates,
-            sparse_config=self.sparse_config,
-            scale=self.config.scale,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=dropout_p,
-            group=self.group,
-            timeout_s=self.timeout_s,
+    def _op(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return block_sparse_ring_dilated_attention(
+            *args, group=self.group, timeout_s=self.timeout_s, **kwargs
         )
-        assert isinstance(out, torch.Tensor)
-        return out
 
 
 class BlockSparseRingDistributedMultiheadDilatedAttention(BlockSparseRingMultiheadDilatedAttention):
