@@ -41,9 +41,12 @@ def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def _run(
-    cfg: SparsePatternConfig, world: int, is_causal: bool, kv_heads: int
+    cfg: SparsePatternConfig, world: int, is_causal: bool, kv_heads: int, padding: bool = False
 ) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...], list[tuple[int, int]]]:
-    x = make_inputs(2, SEQ, 4, 8, kv_heads=kv_heads, dtype=torch.float64, seed=world)
+    x = make_inputs(
+        2, SEQ, 4, 8, kv_heads=kv_heads, dtype=torch.float64, seed=world, padding=padding
+    )
+    mask = x.key_padding_mask
     grad = torch.randn(
         2, SEQ, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9)
     )
@@ -51,8 +54,9 @@ def _run(
     def rank_fn(rank: int, group: LoopbackGroup) -> tuple[torch.Tensor, ...]:
         q, k, v = (_shard(t, rank, world).clone().requires_grad_() for t in (x.q, x.k, x.v))
         out = block_sparse_ring_dilated_attention(
-            q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=is_causal, group=group
-        )
+            q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=is_causal, group=group,
+            key_padding_mask=None if mask is None else _shard(mask, rank, world),
+        )  # fmt: skip
         assert isinstance(out, torch.Tensor)
         sent_forward = group.hub.bytes_sent[rank]
         out.backward(_shard(grad, rank, world))
@@ -64,7 +68,7 @@ def _run(
     results = run_ranks(rank_fn, world, timeout_s=120.0)
     q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
     ref = block_sparse_dilated_attention(
-        q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=is_causal
+        q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=is_causal, key_padding_mask=mask
     )
     ref.backward(grad)
     assert q.grad is not None and k.grad is not None and v.grad is not None
@@ -74,10 +78,12 @@ def _run(
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("world", [1, 2, 4])
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_shards_equal_the_single_process_op(name: str, world: int, is_causal: bool) -> None:
+@pytest.mark.parametrize(("is_causal", "padding"), [(False, False), (True, False), (True, True)])
+def test_shards_equal_the_single_process_op(
+    name: str, world: int, is_causal: bool, padding: bool
+) -> None:
     cfg = CONFIGS[name]
-    ranks, want, counts = _run(cfg, world, is_causal, kv_heads=2)
+    ranks, want, counts = _run(cfg, world, is_causal, kv_heads=2, padding=padding)
     for rank, got in enumerate(ranks):
         for what, g, w in zip(("out", "dq", "dk", "dv"), got, want):
             assert_close_to_reference(
@@ -88,6 +94,7 @@ def test_shards_equal_the_single_process_op(name: str, world: int, is_causal: bo
         model = comm_bytes(
             layouts, cfg.block_size, world_size=world, rank=rank, shard=SEQ // world, batch=2,
             heads=4, kv_heads=2, head_dim=8, is_causal=is_causal, dtype=torch.float64,
+            key_padding_mask=padding,
         )  # fmt: skip
         assert (fwd, bwd) == (model["forward"], model["backward"])
 
@@ -125,12 +132,15 @@ def test_module_and_bad_sharding() -> None:
     with pytest.raises(ValueError, match="rate \\* block_size = 32"):
         check_sharding(coarse, 16, 4, 16)
 
-    def masked(rank: int, group: LoopbackGroup) -> None:
-        q = _shard(x.q, rank, 2)
-        with pytest.raises(ValueError, match="key_padding_mask"):
-            block_sparse_ring_dilated_attention(
-                q, q, q, SEGMENTS, RATES, sparse_config=cfg, group=group,
-                key_padding_mask=torch.ones(1, SEQ // 2, dtype=torch.bool),
-            )  # fmt: skip
+    def dropped(rank: int, group: LoopbackGroup) -> torch.Tensor:
+        q, k, v = (_shard(t, rank, 2).clone().requires_grad_() for t in (x.q, x.k, x.v))
+        out = block_sparse_ring_dilated_attention(
+            q, k, v, SEGMENTS, RATES, sparse_config=cfg, group=group, dropout_p=0.5
+        )
+        assert isinstance(out, torch.Tensor)
+        out.square().sum().backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+        return out.detach()
 
-    run_ranks(masked, 2, timeout_s=60.0)
+    with_dropout = torch.cat(run_ranks(dropped, 2, timeout_s=60.0), dim=1)
+    assert not torch.allclose(with_dropout, single)

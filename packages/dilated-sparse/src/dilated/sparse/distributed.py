@@ -32,7 +32,7 @@ from dilated.core.branches import compute_dtype
 from dilated.core.config import SparsePatternConfig
 from dilated.core.functional import prepare_call
 from dilated.core.sparsity import BranchLayout
-from dilated.ring.comm import Transport, make_comm
+from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
 from dilated.ring.functional import group_rank_and_size
 from dilated.sparse.engine import RunTable, _run_tables, _runs, backward_into, forward_into
 from dilated.sparse.functional import block_sparse_dilated_attention, branch_layouts
@@ -188,9 +188,11 @@ def comm_bytes(
     head_dim: int,
     is_causal: bool,
     dtype: torch.dtype,
+    key_padding_mask: bool = False,
 ) -> dict[str, int]:
-    """Bytes ``rank`` sends in one call: ``"forward"`` (key/value rows in ``dtype``) and
-    ``"backward"`` (their gradients back to the owners, float32, float64 for float64)."""
+    """Bytes ``rank`` sends in one call: ``"forward"`` (key/value rows in ``dtype``, and with a
+    ``key_padding_mask`` its shard, one byte a token, to every peer when a branch spans ranks)
+    and ``"backward"`` (the rows' gradients back to their owners, float32, float64 for float64)."""
     sh = _Shards(shard * world_size, shard, world_size, heads, kv_heads, block_size, is_causal)
     spanning = check_sharding(layouts, shard, world_size, block_size)
     work = torch.empty(0, dtype=compute_dtype(dtype)).element_size()
@@ -203,6 +205,8 @@ def comm_bytes(
             if peer != rank:
                 fwd += 2 * batch * head_dim * size * _rows(_transfer(sh, lay, peer, rank))
                 bwd += 2 * batch * head_dim * work * _rows(_transfer(sh, lay, rank, peer))
+    if key_padding_mask and world_size > 1 and any(spanning):
+        fwd += (world_size - 1) * batch * shard
     return {"forward": fwd, "backward": bwd}
 
 
@@ -273,12 +277,44 @@ class _Call:
     scale: float
     group: Any
     timeout_s: float | None
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None
+
+    def options(self, branch: int | None, mask: torch.Tensor | None) -> dict[str, Any]:
+        """Keywords of [`forward_into`][dilated.sparse.engine.forward_into] for the local
+        branches (``branch`` None) or one spanning branch: each its own dropout seeds."""
+        seed = self.dropout_seed
+        if seed is not None:
+            seed = (seed * 1_000_003 + (0 if branch is None else branch + 1)) % (1 << 62)
+        return {
+            "scale": self.scale,
+            "is_causal": self.sh.causal,
+            "key_padding_mask": mask,
+            "dropout_p": self.dropout_p,
+            "dropout_seed": seed,
+        }
+
+
+def _segment_mask(
+    sh: _Shards, lay: BranchLayout, rank: int, whole: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The ``(batch, segment)`` key padding mask of the gathered keys' buffer."""
+    if whole is None:
+        return None
+    start, length = _segment(sh, lay.segment_length, rank)
+    return whole[:, start : start + length]
 
 
 class _ShardedBlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: _Call
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        call: _Call,
+        mask: torch.Tensor | None,
+        whole_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sh = call.sh
         comm = make_comm(call.group, call.timeout_s)
@@ -287,21 +323,23 @@ class _ShardedBlockSparse(torch.autograd.Function):
         acc = torch.zeros(b, n, h, d, dtype=work, device=q.device)
         acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=work, device=q.device)
         local = [lay for lay, spans in zip(call.layouts, call.spanning) if not spans]
-        options: dict[str, Any] = {"scale": call.scale, "is_causal": sh.causal}
         if local:
             runs = _run_tables(local, n, h, k.shape[2])
+            options = call.options(None, mask)
             forward_into(runs, sh.block, q, k, v, acc, acc_lse, empty=True, **options)
         gathered = []
         for i, (lay, spans) in enumerate(zip(call.layouts, call.spanning)):
             if spans:
                 kbuf, vbuf = _gather(sh, lay, k, v, comm)
                 runs = _spanning_runs(sh, i, lay, comm.rank)
+                options = call.options(i, _segment_mask(sh, lay, comm.rank, whole_mask))
                 forward_into(runs, sh.block, q, kbuf, vbuf, acc, acc_lse, **options)
                 gathered += [kbuf, vbuf]
         out = acc.to(q.dtype)
         lse = acc_lse[..., 0].transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, out, lse, *gathered)
         ctx.call = call
+        ctx.masks = (mask, whole_mask)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -309,6 +347,7 @@ class _ShardedBlockSparse(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor | None, _grad_lse: Any) -> tuple[Any, ...]:
         q, k, v, out, lse, *gathered = ctx.saved_tensors
         call: _Call = ctx.call
+        mask, whole_mask = ctx.masks
         sh = call.sh
         comm = make_comm(call.group, call.timeout_s)
         if grad_out is None:
@@ -316,10 +355,10 @@ class _ShardedBlockSparse(torch.autograd.Function):
         work = compute_dtype(q.dtype)
         lse4 = lse.transpose(1, 2).unsqueeze(-1).contiguous()
         dq, dk, dv = (torch.zeros(x.shape, dtype=work, device=q.device) for x in (q, k, v))
-        options: dict[str, Any] = {"scale": call.scale, "is_causal": sh.causal}
         local = [lay for lay, spans in zip(call.layouts, call.spanning) if not spans]
         if local:
             runs = _run_tables(local, q.shape[1], q.shape[2], k.shape[2])
+            options = call.options(None, mask)
             backward_into(runs, sh.block, grad_out, q, k, v, out, lse4, dq, dk, dv, **options)
         bufs = iter(gathered)
         for i, (lay, spans) in enumerate(zip(call.layouts, call.spanning)):
@@ -328,12 +367,13 @@ class _ShardedBlockSparse(torch.autograd.Function):
                 dkbuf = torch.zeros(kbuf.shape, dtype=work, device=q.device)
                 dvbuf = torch.zeros(vbuf.shape, dtype=work, device=q.device)
                 runs = _spanning_runs(sh, i, lay, comm.rank)
+                options = call.options(i, _segment_mask(sh, lay, comm.rank, whole_mask))
                 backward_into(
                     runs, sh.block, grad_out, q, kbuf, vbuf, out, lse4, dq, dkbuf, dvbuf,
                     **options,
                 )  # fmt: skip
                 _return_grads(sh, lay, dkbuf, dvbuf, dk, dv, comm)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def block_sparse_ring_dilated_attention(
@@ -366,7 +406,10 @@ def block_sparse_ring_dilated_attention(
             single-process op, identical on every rank (see
             [`check_sharding`][dilated.sparse.distributed.check_sharding] for the segments that
             can be split).
-        key_padding_mask, dropout_p: not supported yet over several ranks (``ValueError``).
+        key_padding_mask: this rank's ``(batch, seq / P)`` bool shard (True = real token) or
+            None; gathered once (``batch * seq / P`` bytes per rank) when a branch spans ranks.
+        dropout_p: dropout on the probabilities; each rank draws its seed from torch's default
+            generator (its masks differ from the single-process op's).
         group: a ``torch.distributed`` process group (None: the default one, or a world of one
             when torch.distributed is not initialised) or a
             [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup].
@@ -384,14 +427,9 @@ def block_sparse_ring_dilated_attention(
             return_lse=True,
         )  # fmt: skip
         return (out, lse) if return_lse else out
-    if key_padding_mask is not None or dropout_p > 0.0:
-        raise ValueError(
-            "key_padding_mask and dropout_p are not supported by the distributed block-sparse op "
-            "yet; call it without them (or run the single-process op)"
-        )
     ws, rs, softmax_scale = prepare_call(
-        q, k, v, segment_lengths, dilation_rates, scale=scale, key_padding_mask=None,
-        dropout_p=0.0, check_finite_inputs=False,
+        q, k, v, segment_lengths, dilation_rates, scale=scale, key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p, check_finite_inputs=False,
     )  # fmt: skip
     layouts = branch_layouts(sparse_config, ws, rs)
     _, shard, heads, _ = q.shape
@@ -399,6 +437,11 @@ def block_sparse_ring_dilated_attention(
     sh = _Shards(
         shard * world, shard, world, heads, k.shape[2], sparse_config.block_size, is_causal
     )
-    call = _Call(sh, layouts, tuple(spanning), softmax_scale, group, timeout_s)
-    out, lse = _ShardedBlockSparse.apply(q, k, v, call)
+    seed = int(torch.randint(1 << 62, (), dtype=torch.int64)) if dropout_p > 0.0 else None
+    call = _Call(sh, layouts, tuple(spanning), softmax_scale, group, timeout_s, dropout_p, seed)
+    whole_mask = None
+    if key_padding_mask is not None and any(spanning):
+        comm = make_comm(group, timeout_s)
+        whole_mask = gather_key_padding_mask(key_padding_mask, "contiguous", world, comm)
+    out, lse = _ShardedBlockSparse.apply(q, k, v, call, key_padding_mask, whole_mask)
     return (out, lse) if return_lse else out
