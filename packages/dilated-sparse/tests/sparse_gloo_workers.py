@@ -17,7 +17,7 @@ from dilated.core.sparsity import resolve_layouts
 from dilated.core.testing import assert_close_to_reference, make_inputs
 from dilated.ring.comm import RingComm
 from dilated.sparse import (
-    BlockSparseRingDistributedDilatedAttention,
+    DistributedBlockSparseDilatedAttention,
     block_sparse_dilated_attention,
 )
 from dilated.sparse.distributed import comm_bytes
@@ -35,7 +35,7 @@ def equivalence(rank: int, world: int, pattern: str, is_causal: bool) -> None:
     size = SEQ // world
     rows = slice(rank * size, (rank + 1) * size)
     q, k, v = (t[:, rows].clone().requires_grad_() for t in (x.q, x.k, x.v))
-    module = BlockSparseRingDistributedDilatedAttention(
+    module = DistributedBlockSparseDilatedAttention(
         SEGMENTS, RATES, sparse_config=cfg, is_causal=is_causal, timeout_s=60.0
     )
     RingComm.reset_counters()

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dilated.core import SparsePatternConfig
+from dilated.core import DilatedAttentionConfig, SparsePatternConfig
 from dilated.core.sparsity import resolve_layouts
 from dilated.core.testing import assert_close_to_reference, make_inputs
 from dilated.ring.loopback import LoopbackGroup, run_ranks
 from dilated.sparse import (
-    BlockSparseRingDistributedDilatedAttention,
+    DistributedBlockSparseDilatedAttention,
     block_sparse_dilated_attention,
     block_sparse_ring_dilated_attention,
 )
@@ -120,7 +120,7 @@ def test_sparse_layouts_send_fewer_bytes_than_dense() -> None:
 
 def test_module_and_bad_sharding() -> None:
     cfg = CONFIGS["local_window"]
-    module = BlockSparseRingDistributedDilatedAttention(SEGMENTS, RATES, sparse_config=cfg)
+    module = DistributedBlockSparseDilatedAttention(SEGMENTS, RATES, sparse_config=cfg)
     x = make_inputs(1, SEQ, 4, 8, seed=0)
     # A world of one (torch.distributed not initialised) is the single-process op.
     single = block_sparse_dilated_attention(x.q, x.k, x.v, SEGMENTS, RATES, sparse_config=cfg)
@@ -144,3 +144,49 @@ def test_module_and_bad_sharding() -> None:
 
     with_dropout = torch.cat(run_ranks(dropped, 2, timeout_s=60.0), dim=1)
     assert not torch.allclose(with_dropout, single)
+
+
+def test_layer_built_from_a_ring_distributed_config() -> None:
+    from dilated.core import (
+        DistributedConfig,
+        MultiheadConfig,
+        RingAttentionConfig,
+        RingDistributedConfig,
+    )
+    from dilated.sparse import (
+        BlockSparseRingDistributedDilatedAttention,
+        BlockSparseRingMultiheadDilatedAttention,
+    )
+
+    cfg = CONFIGS["global_local"]
+    config = RingDistributedConfig(
+        MultiheadConfig(embed_dim=32, num_heads=4),
+        RingAttentionConfig(SEGMENTS, RATES, is_causal=True, checkpoint=True),
+        DistributedConfig(world_size=4),
+    )
+    single = BlockSparseRingMultiheadDilatedAttention(
+        config.multihead_config,
+        DilatedAttentionConfig(SEGMENTS, RATES, is_causal=True),
+        sparse_config=cfg,
+    )
+    x = torch.randn(2, SEQ, 32)
+    want = single(x, x, x)[0]
+
+    def rank_fn(rank: int, group: LoopbackGroup) -> torch.Tensor:
+        layer = BlockSparseRingDistributedDilatedAttention(config, group, sparse_config=cfg)
+        layer.layer.load_state_dict(single.state_dict())
+        part = _shard(x, rank, 4).clone().requires_grad_()
+        out, weights = layer(part, part, part)
+        assert weights is None
+        out.sum().backward()  # through the checkpoint
+        assert part.grad is not None and torch.isfinite(part.grad).all()
+        return out.detach()
+
+    got = torch.cat(run_ranks(rank_fn, 4, timeout_s=120.0), dim=1)
+    assert_close_to_reference(got, want.detach(), torch.float32)
+    with pytest.raises(ValueError, match="load_balance"):
+        BlockSparseRingDistributedDilatedAttention(
+            RingDistributedConfig(
+                config.multihead_config, RingAttentionConfig(SEGMENTS, RATES, load_balance="zigzag")
+            )
+        )

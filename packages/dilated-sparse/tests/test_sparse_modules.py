@@ -16,9 +16,9 @@ from dilated.core import (
 from dilated.core.testing import assert_close_to_reference, make_inputs
 from dilated.sparse import (
     BlockSparseRingDilatedAttention,
-    BlockSparseRingDistributedDilatedAttention,
-    BlockSparseRingDistributedMultiheadDilatedAttention,
     BlockSparseRingMultiheadDilatedAttention,
+    DistributedBlockSparseDilatedAttention,
+    DistributedBlockSparseMultiheadDilatedAttention,
     block_sparse_dilated_attention,
     create_block_sparse_multihead_attention,
 )
@@ -70,8 +70,8 @@ def test_multihead_module_factory_and_registry() -> None:
     one = create_dilated_attention("block_sparse", segment_lengths=[16], dilation_rates=[1])
     assert one.sparse_config == SparsePatternConfig()
     ring = get_implementation("block_sparse_ring")
-    assert ring.distributed and ring.attention is BlockSparseRingDistributedDilatedAttention
-    assert ring.multihead is BlockSparseRingDistributedMultiheadDilatedAttention
+    assert ring.distributed and ring.attention is DistributedBlockSparseDilatedAttention
+    assert ring.multihead is DistributedBlockSparseMultiheadDilatedAttention
     # A sparse layout is another function than dilated attention: "auto" never picks it.
     assert get_implementation("auto", "cpu").name != "block_sparse"
 

@@ -12,8 +12,9 @@ from dilated.sparse.functional import block_sparse_dilated_attention
 from dilated.sparse.modules import (
     BlockSparseRingDilatedAttention,
     BlockSparseRingDistributedDilatedAttention,
-    BlockSparseRingDistributedMultiheadDilatedAttention,
     BlockSparseRingMultiheadDilatedAttention,
+    DistributedBlockSparseDilatedAttention,
+    DistributedBlockSparseMultiheadDilatedAttention,
     create_block_sparse_multihead_attention,
 )
 
@@ -22,9 +23,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockSparseRingDilatedAttention",
     "BlockSparseRingDistributedDilatedAttention",
-    "BlockSparseRingDistributedMultiheadDilatedAttention",
     "BlockSparseRingMultiheadDilatedAttention",
     "BranchLayout",
+    "DistributedBlockSparseDilatedAttention",
+    "DistributedBlockSparseMultiheadDilatedAttention",
     "SparsePatternConfig",
     "__version__",
     "block_sparse_dilated_attention",

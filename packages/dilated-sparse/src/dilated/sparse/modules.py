@@ -10,11 +10,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention
-from dilated.core.config import CustomLayout, DilatedAttentionConfig, SparsePatternConfig
+from dilated.core.config import (
+    CustomLayout,
+    DilatedAttentionConfig,
+    RingDistributedConfig,
+    SparsePatternConfig,
+)
 from dilated.core.registry import Implementation
 from dilated.core.testing import dense_block_sparse_attention
+from dilated.ring.functional import group_rank_and_size
 from dilated.sparse.distributed import block_sparse_ring_dilated_attention
 from dilated.sparse.functional import block_sparse_dilated_attention, branch_layouts
 
@@ -23,8 +31,9 @@ __all__ = [
     "RING_IMPLEMENTATION",
     "BlockSparseRingDilatedAttention",
     "BlockSparseRingDistributedDilatedAttention",
-    "BlockSparseRingDistributedMultiheadDilatedAttention",
     "BlockSparseRingMultiheadDilatedAttention",
+    "DistributedBlockSparseDilatedAttention",
+    "DistributedBlockSparseMultiheadDilatedAttention",
     "create_block_sparse_multihead_attention",
     "sparse_pattern_config",
 ]
@@ -210,7 +219,7 @@ class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
         )
 
 
-class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention):
+class DistributedBlockSparseDilatedAttention(BlockSparseRingDilatedAttention):
     """[`BlockSparseRingDilatedAttention`][dilated.sparse.BlockSparseRingDilatedAttention] over
     a sequence in contiguous shards across the ranks of ``group``: call it with this rank's
     ``(batch, seq / P, heads, head_dim)`` shards (see
@@ -233,8 +242,8 @@ class BlockSparseRingDistributedDilatedAttention(BlockSparseRingDilatedAttention
         )
 
 
-class BlockSparseRingDistributedMultiheadDilatedAttention(BlockSparseRingMultiheadDilatedAttention):
-    """The multi-head layer of [`BlockSparseRingDistributedDilatedAttention`][dilated.sparse.BlockSparseRingDistributedDilatedAttention]:
+class DistributedBlockSparseMultiheadDilatedAttention(BlockSparseRingMultiheadDilatedAttention):
+    """The multi-head layer of [`DistributedBlockSparseDilatedAttention`][dilated.sparse.DistributedBlockSparseDilatedAttention]:
     ``(batch, seq / P, embed_dim)`` per rank (the projections act token by token on the shard).
     Extra keywords ``group`` and ``timeout_s``."""
 
@@ -246,9 +255,92 @@ class BlockSparseRingDistributedMultiheadDilatedAttention(BlockSparseRingMultihe
         super().__init__(*args, **kwargs)
 
     def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        return BlockSparseRingDistributedDilatedAttention(
+        return DistributedBlockSparseDilatedAttention(
             config, sparse_config=self.sparse_config, group=self.group, timeout_s=self.timeout_s
         )
+
+
+class BlockSparseRingDistributedDilatedAttention(nn.Module):
+    """A distributed multi-head block-sparse layer built from a
+    [`RingDistributedConfig`][dilated.core.config.RingDistributedConfig], like dilated-ring's
+    ``RingDistributedDilatedAttention``, plus the layout.
+
+    Inputs are this rank's ``(batch, seq / P, embed_dim)`` (contiguous shards); returns
+    ``(out, None)``. ``ring_config.load_balance`` must be ``"contiguous"`` and
+    ``distributed_config.strategy`` is ignored (only the needed key/value rows travel, see
+    [`block_sparse_ring_dilated_attention`][dilated.sparse.distributed.block_sparse_ring_dilated_attention]);
+    ``distributed_config.timeout_s`` bounds every wait, ``ring_config.checkpoint`` recomputes
+    the layer in the backward pass, ``distributed_config.world_size`` (when set) must equal the
+    group's size.
+
+    Args:
+        config: multi-head, ring and distributed settings.
+        group: process group (None: default) or a loopback group.
+        sparse_config: the layout (or its fields as keywords, see
+            [`BlockSparseRingDilatedAttention`][dilated.sparse.BlockSparseRingDilatedAttention]).
+    """
+
+    def __init__(
+        self,
+        config: RingDistributedConfig,
+        group: Any = None,
+        *,
+        sparse_config: SparsePatternConfig | None = None,
+        **sparse_fields: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, RingDistributedConfig):
+            raise ValueError(f"config must be a RingDistributedConfig, got {type(config).__name__}")
+        rc = config.ring_config
+        if rc.load_balance != "contiguous":
+            raise ValueError(
+                "ring_config.load_balance must be 'contiguous' for block-sparse attention over "
+                f"ranks, got {rc.load_balance!r}"
+            )
+        self.config = config
+        self.group = group
+        attention = DilatedAttentionConfig(
+            segment_lengths=rc.segment_lengths,
+            dilation_rates=rc.dilation_rates,
+            dropout=rc.dropout,
+            scale=rc.scale,
+            is_causal=rc.is_causal,
+        )
+        self.layer = DistributedBlockSparseMultiheadDilatedAttention(
+            config.multihead_config,
+            attention,
+            sparse_config=sparse_pattern_config(sparse_config, **sparse_fields),
+            group=group,
+            timeout_s=config.distributed_config.timeout_s,
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        is_causal: bool | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Attend over the sharded sequence; ``(batch, seq / P, embed_dim)`` in and out."""
+        expected = self.config.distributed_config.world_size
+        if expected is not None:
+            _, world = group_rank_and_size(self.group)
+            if world != expected:
+                raise ValueError(
+                    f"distributed_config.world_size={expected} but the process group has {world} "
+                    "rank(s)"
+                )
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.layer(
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask
+            )[0]
+            return out
+
+        if self.config.ring_config.checkpoint and torch.is_grad_enabled():
+            return checkpoint(run, query, key, value, use_reentrant=False), None
+        return run(query, key, value), None
 
 
 def create_block_sparse_multihead_attention(
@@ -302,8 +394,8 @@ IMPLEMENTATION = Implementation(
 
 RING_IMPLEMENTATION = Implementation(
     name="block_sparse_ring",
-    attention=BlockSparseRingDistributedDilatedAttention,
-    multihead=BlockSparseRingDistributedMultiheadDilatedAttention,
+    attention=DistributedBlockSparseDilatedAttention,
+    multihead=DistributedBlockSparseMultiheadDilatedAttention,
     package="dilated-sparse",
     description="block-sparse layouts over contiguous shards: only the needed key blocks travel",
     priority=-100,
