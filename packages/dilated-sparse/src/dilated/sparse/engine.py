@@ -5,9 +5,11 @@ the [`Tile`][dilated.sparse.tiles.Tile]s of their block layout. One tile is one 
 [`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention] on strided views of
 the ``(batch, seq, heads, head_dim)`` inputs (nothing is copied): the call's problems are the
 product of up to four index dimensions (batch, segment, folded phase, stacked tile), of which
-adjacent ones with compatible strides merge into the primitive's batch dimension; with one head
-per phase another one takes the head slot, and any left over is looped. The results are merged
-into float32 accumulators with [`merge_into`][dilated.core.merge.merge_into]. The backward pass
+adjacent ones with compatible strides merge into the primitive's batch dimension; another one
+takes the head slot when a call has one head (or when looping over the real heads instead makes
+fewer calls), and any left over is looped. The results are merged into float32 accumulators with
+[`merge_into`][dilated.core.merge.merge_into] (on CUDA its one-launch Triton form; a call on rows
+nothing was merged into yet copies its result). The backward pass
 enumerates the same calls and gives each one the FINAL merged output and LSE
 ([`subproblem_attention_backward`][dilated.kernels.subproblem.subproblem_attention_backward]),
 so the parts' gradients add up to the gradient of the whole.
