@@ -83,7 +83,13 @@ def distributed(session: nox.Session) -> None:
     # DeepSpeed comes in as dilated-ring's extra, so its ZeRO test runs here too (CPU accelerator).
     sync(session, "--all-packages", "--group", "test", "--extra", "deepspeed")
     session.run(
-        *pytest_args(session, "packages/dilated-ring/tests", "-m", "distributed"),
+        *pytest_args(
+            session,
+            "packages/dilated-ring/tests",
+            "packages/dilated-sparse/tests",
+            "-m",
+            "distributed",
+        ),
         env={**CPU_ENV, "DS_ACCELERATOR": "cpu"},
         success_codes=[0, 5],
     )

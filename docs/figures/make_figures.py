@@ -13,6 +13,14 @@ seq 32 over 4 ranks (contiguous shards of 8) and the branches (8, 1) and (32, 4)
 branch sends nothing; for the spanning one, the heads of phase ``p`` read only the keys at
 ``t = p (mod 4)``, so each rank passes only those rows of its K and V around the ring, forward,
 and the same rows with their dK/dV in the backward pass.
+
+``sparse_layouts.png``: the block layouts of dilated-sparse (one table of 16 x 16 blocks each),
+and under each the token mask it gives one branch (seq 64, w 32, r 2, head 1, 2 rows per block),
+from ``dilated.core.sparsity.resolve_layouts`` and ``dilated.core.testing.sparse_branch_mask``,
+the judge's own masks.
+
+``sparsity_ratio.png``: the density of ``"local_window"`` against ``W`` for a few ``nb``, and
+the ``W`` that ``sparsity_ratio`` picks (the first density at or above the ratio).
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
-from dilated.core.testing import branch_mask
+from dilated.core import SparsePatternConfig
+from dilated.core.sparsity import choose_window, resolve_layouts, window_block_count
+from dilated.core.testing import branch_mask, sparse_branch_mask
 
 SEQ, HEADS = 32, 4
 SEGMENTS, RATES = [8, 16, 32], [1, 2, 4]
@@ -191,11 +201,87 @@ def ring_traffic(path: Path) -> None:
     plt.close(fig)
 
 
+SPARSE_LAYOUTS = {
+    "dense": SparsePatternConfig("dense", block_size=1),
+    "local_window, W=2": SparsePatternConfig("local_window", local_window_size=2, block_size=1),
+    "global_local, G=2, W=1": SparsePatternConfig(
+        "global_local", local_window_size=1, global_tokens=2, block_size=1
+    ),
+    "dilated_sparse": SparsePatternConfig("dilated_sparse", block_size=1),
+    "custom: b <= a, a - b < 4": SparsePatternConfig(
+        "custom", block_size=1, layout=lambda a, b: (b <= a) & (a - b < 4)
+    ),
+}
+
+
+def sparse_layouts(path: Path) -> None:
+    cols = len(SPARSE_LAYOUTS)
+    fig, axes = plt.subplots(2, cols, figsize=(2.5 * cols, 5.4), layout="constrained")
+    binary = ListedColormap(["#f4f4f4", "#3949ab"])
+    seq, w, r, block, head = 64, 32, 2, 2, 1
+    for j, (name, cfg) in enumerate(SPARSE_LAYOUTS.items()):
+        (table,) = resolve_layouts(cfg, [16], [1])
+        ax = axes[0, j]
+        ax.imshow(table.blocks.numpy(), cmap=binary, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{name}\ndensity {table.density:.2f}", fontsize=8)
+        ax.set_xlabel("key block b", fontsize=7)
+        # The same rule on the rows of one branch: 16 rows per segment, blocks of 2 rows.
+        (lay,) = resolve_layouts(
+            SparsePatternConfig(
+                cfg.pattern_type,
+                block_size=block,
+                local_window_size=None
+                if cfg.local_window_size is None
+                else cfg.local_window_size * block,
+                global_tokens=None if cfg.global_tokens is None else cfg.global_tokens * block,
+                layout=cfg.layout,
+            ),
+            [w],
+            [r],
+        )
+        mask = sparse_branch_mask(seq, 2, w, r, lay.blocks, block)[head]
+        ax = axes[1, j]
+        ax.imshow(mask.numpy(), cmap=binary, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"w={w}, r={r}, head {head}, B={block} rows", fontsize=8)
+        ax.set_xlabel("key u", fontsize=7)
+    for ax in axes.flat:
+        ax.tick_params(labelsize=6)
+    axes[0, 0].set_ylabel("query block a", fontsize=8)
+    axes[1, 0].set_ylabel("query t", fontsize=8)
+    fig.suptitle(
+        "Block layouts (top: 16 x 16 blocks) and the token mask of one branch", fontsize=11
+    )
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def sparsity_ratio(path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), layout="constrained")
+    for nb in (8, 16, 32, 64):
+        ws = list(range(nb))
+        ax.plot(ws, [window_block_count(nb, w) / nb**2 for w in ws], marker=".", label=f"nb={nb}")
+    for ratio in (0.1, 0.25, 0.5):
+        ax.axhline(ratio, color="#999999", lw=0.8, ls="--")
+        picks = ", ".join(f"{choose_window(nb, ratio)}" for nb in (8, 16, 32, 64))
+        ax.text(40, ratio + 0.01, f"ratio {ratio}: W = {picks}", fontsize=7)
+    ax.set_xlim(0, 63)
+    ax.set_xlabel("window W (blocks on each side)")
+    ax.set_ylabel("fraction of nb x nb blocks kept")
+    ax.set_title(
+        "local_window: density against W (sparsity_ratio picks the first W above it)", fontsize=9
+    )
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     for name, draw in (
         ("dilation_pattern.png", dilation_pattern),
         ("reference_vs_dense.png", reference_vs_dense),
         ("ring_traffic.png", ring_traffic),
+        ("sparse_layouts.png", sparse_layouts),
+        ("sparsity_ratio.png", sparsity_ratio),
     ):
         draw(OUT / name)
         print(f"wrote {OUT / name}")

@@ -85,7 +85,7 @@ def test_other_configs() -> None:
     with pytest.raises(ValueError, match="block_size"):
         SparseAttentionConfig(block_size=0)
     with pytest.raises(ValueError, match="sparsity_ratio"):
-        SparseAttentionConfig(sparsity_ratio=1.0)
+        SparseAttentionConfig(sparsity_ratio=0.0)
     composed = RingDistributedConfig(
         multihead_config=MultiheadConfig(embed_dim=768, num_heads=12),
         ring_config=RingAttentionConfig(segment_lengths=[2048, 4096, 8192]),

@@ -14,6 +14,7 @@ from dilated.core.config import (
     RingAttentionConfig,
     RingDistributedConfig,
     SparseAttentionConfig,
+    SparsePatternConfig,
 )
 from dilated.core.functional import dilated_attention
 from dilated.core.memory_pool import MemoryPool, PoolStats, get_default_pool
@@ -48,6 +49,7 @@ __all__ = [
     "RingAttentionConfig",
     "RingDistributedConfig",
     "SparseAttentionConfig",
+    "SparsePatternConfig",
     "__version__",
     "available_implementations",
     "create_dilated_attention",

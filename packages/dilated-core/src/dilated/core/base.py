@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -46,10 +46,14 @@ class BaseDilatedAttention(nn.Module, ABC):
         config: the validated [`DilatedAttentionConfig`][dilated.core.config.DilatedAttentionConfig].
         check_finite: passed to every call of the functional op; a subclass reads it in
             [`_attention`][dilated.core.base.BaseDilatedAttention._attention].
+        computes_dilated_attention: True when the module computes exactly the dilated attention
+            of its branches (what a KV cache of them reproduces); a subclass that computes
+            another function of the same branches (a block-sparse layout) sets it False.
     """
 
     config: DilatedAttentionConfig
     check_finite: bool | None
+    computes_dilated_attention: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -135,6 +139,35 @@ class BaseDilatedAttention(nn.Module, ABC):
         dropout_p: float,
     ) -> torch.Tensor:
         """Compute the attention with this implementation (inputs as in [`forward`][dilated.core.base.BaseDilatedAttention.forward])."""
+
+    def dense_reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The function this module computes, by the dense float64 judge (O(seq^2) memory).
+
+        ``dilated check`` compares every implementation with it; a subclass that computes
+        another function of its branches overrides it. Inputs as in [`forward`][dilated.core.base.BaseDilatedAttention.forward]; returns
+        float64 ``(out, lse)`` as [`dense_dilated_attention`][dilated.core.testing.dense_dilated_attention].
+        """
+        from dilated.core.testing import dense_dilated_attention
+
+        c = self.config
+        return dense_dilated_attention(
+            q,
+            k,
+            v,
+            c.segment_lengths,
+            c.dilation_rates,
+            scale=c.scale,
+            is_causal=c.is_causal if is_causal is None else is_causal,
+            key_padding_mask=key_padding_mask,
+        )
 
     def extra_repr(self) -> str:
         c = self.config

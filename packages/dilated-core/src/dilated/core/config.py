@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ from dilated.core.checks import (
 )
 
 __all__ = [
+    "DEFAULT_SPARSITY_RATIO",
+    "PATTERN_TYPES",
     "DilatedAttentionConfig",
     "DistributedConfig",
     "MemoryPoolConfig",
@@ -31,6 +34,7 @@ __all__ = [
     "RingAttentionConfig",
     "RingDistributedConfig",
     "SparseAttentionConfig",
+    "SparsePatternConfig",
 ]
 
 
@@ -252,28 +256,172 @@ class DistributedConfig:
             )
 
 
+#: The block layouts of [`SparsePatternConfig`][dilated.core.config.SparsePatternConfig]; ``"custom"`` takes ``layout``.
+PATTERN_TYPES = ("dense", "local_window", "global_local", "dilated_sparse", "custom")
+
+#: The fraction of blocks kept by ``"local_window"``/``"global_local"`` when neither
+#: ``sparsity_ratio`` nor ``local_window_size`` is given.
+DEFAULT_SPARSITY_RATIO = 0.25
+
+#: A custom block layout: one bool ``(nb, nb)`` tensor for every branch (cropped to each
+#: branch's block count), one per branch, or a function of (query block, key block).
+CustomLayout = torch.Tensor | Sequence[torch.Tensor] | Callable[[Any, Any], Any]
+
+
+def _check_layout_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a bool tensor (nb, nb), got {type(value).__name__}")
+    if value.dim() != 2 or value.shape[0] != value.shape[1] or value.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be a square (nb, nb) bool tensor, got shape {tuple(value.shape)}"
+        )
+    if value.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor, got dtype {value.dtype}")
+    # A private CPU copy: the config stays immutable even if the caller edits their tensor.
+    return value.detach().to("cpu").clone()
+
+
 @dataclass(frozen=True)
-class SparseAttentionConfig:
-    """A block-sparse restriction of the dilated pattern.
+class SparsePatternConfig:
+    """A block layout that restricts every dense sub-problem of every dilated branch.
+
+    Blocks are counted in rows of a branch's sub-problem (tokens when ``r = 1``): block ``a``
+    holds rows ``a * block_size .. (a + 1) * block_size - 1`` of a segment's positions of one
+    phase. Query block ``a`` may attend key block ``b`` when the layout says so (see the concepts
+    page of the docs); [`resolve_layouts`][dilated.core.sparsity.resolve_layouts] builds each
+    branch's layout and [`describe`][dilated.core.config.SparsePatternConfig.describe] prints it.
 
     Attributes:
-        block_size: tokens per block.
-        sparsity_ratio: fraction of key blocks each query block skips, in ``[0, 1)``.
-        pattern: how kept blocks are chosen.
+        pattern_type: ``"dense"``, ``"local_window"`` (``|a - b| <= W``), ``"global_local"``
+            (``a < G or b < G or |a - b| <= W``), ``"dilated_sparse"`` (``a == b`` or ``|a - b|``
+            a power of two) or ``"custom"`` (``layout``).
+        sparsity_ratio: for ``"local_window"``/``"global_local"``: the fraction of the
+            ``nb_i * nb_i`` blocks to keep, in ``(0, 1]``; each branch takes the smallest window
+            ``W`` that keeps at least that fraction. Exclusive with ``local_window_size``; with
+            neither, ``DEFAULT_SPARSITY_RATIO`` (0.25).
+        block_size: rows per block (positive).
+        local_window_size: the window in rows, ``W = local_window_size // block_size`` blocks on
+            each side, the same for every branch (``>= 0``).
+        global_tokens: for ``"global_local"``: rows of global blocks,
+            ``G = ceil(global_tokens / block_size)`` (``>= 1``; default one block).
+        layout: for ``"custom"``: a bool tensor ``(nb, nb)`` for every branch (cropped to each
+            branch's ``nb_i``, so at least the largest), a list with one per branch, or a
+            function ``(a, b) -> bool`` of block numbers (called on broadcast long tensors
+            first, element by element if that fails).
     """
 
+    pattern_type: str = "local_window"
+    sparsity_ratio: float | None = None
     block_size: int = 128
-    sparsity_ratio: float = 0.0
-    pattern: Literal["local_window", "dilated_sparse", "global_local"] = "dilated_sparse"
+    local_window_size: int | None = None
+    global_tokens: int | None = None
+    layout: CustomLayout | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        check_positive_int("block_size", self.block_size)
-        check_dropout("sparsity_ratio", self.sparsity_ratio)
-        if self.pattern not in ("local_window", "dilated_sparse", "global_local"):
+        if self.pattern_type not in PATTERN_TYPES:
             raise ValueError(
-                "pattern must be 'local_window', 'dilated_sparse' or 'global_local', "
-                f"got {self.pattern!r}"
+                f"pattern_type must be one of {', '.join(map(repr, PATTERN_TYPES))}, "
+                f"got {self.pattern_type!r}"
             )
+        check_positive_int("block_size", self.block_size)
+        windowed = self.pattern_type in ("local_window", "global_local")
+        if self.sparsity_ratio is not None:
+            if not windowed:
+                raise ValueError(
+                    "sparsity_ratio picks the window of 'local_window'/'global_local'; "
+                    f"pattern_type {self.pattern_type!r} has none"
+                )
+            r = self.sparsity_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise ValueError(f"sparsity_ratio must be a number in (0, 1], got {r!r}")
+            if self.local_window_size is not None:
+                raise ValueError(
+                    "give either sparsity_ratio or local_window_size, not both: both set the window"
+                )
+        if self.local_window_size is not None:
+            if not windowed:
+                raise ValueError(
+                    "local_window_size applies to 'local_window'/'global_local', "
+                    f"not to pattern_type {self.pattern_type!r}"
+                )
+            _check_non_negative_int("local_window_size", self.local_window_size)
+        if self.global_tokens is not None:
+            if self.pattern_type != "global_local":
+                raise ValueError(
+                    "global_tokens applies to 'global_local', "
+                    f"not to pattern_type {self.pattern_type!r}"
+                )
+            _check_non_negative_int("global_tokens", self.global_tokens)
+            if self.global_tokens == 0:
+                raise ValueError(
+                    "global_tokens must be >= 1 for 'global_local' (use 'local_window' for none)"
+                )
+        if self.pattern_type == "custom":
+            _set(self, "layout", _check_custom_layout(self.layout))
+        elif self.layout is not None:
+            raise ValueError(
+                f"layout is only for pattern_type 'custom', got pattern_type {self.pattern_type!r}"
+            )
+
+    @property
+    def window_blocks(self) -> int | None:
+        """``W`` from ``local_window_size`` (None when the window comes from a ratio)."""
+        if self.local_window_size is None:
+            return None
+        return self.local_window_size // self.block_size
+
+    @property
+    def global_blocks(self) -> int:
+        """``G = ceil(global_tokens / block_size)`` (one block by default)."""
+        if self.global_tokens is None:
+            return 1
+        return -(-self.global_tokens // self.block_size)
+
+    @property
+    def ratio(self) -> float | None:
+        """The fraction that picks ``W``: ``sparsity_ratio``, the default, or None (fixed ``W``)."""
+        if self.pattern_type not in ("local_window", "global_local"):
+            return None
+        if self.local_window_size is not None:
+            return None
+        return DEFAULT_SPARSITY_RATIO if self.sparsity_ratio is None else self.sparsity_ratio
+
+    def describe(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> str:
+        """One line per branch: rows, blocks ``nb``, window ``W``, global ``G`` and density."""
+        from dilated.core.sparsity import describe_layouts, resolve_layouts
+
+        return describe_layouts(self, resolve_layouts(self, segment_lengths, dilation_rates))
+
+
+#: The name dilated-core used before dilated-sparse; the same class.
+SparseAttentionConfig = SparsePatternConfig
+
+
+def _check_non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _check_custom_layout(layout: object) -> CustomLayout:
+    if layout is None:
+        raise ValueError(
+            "pattern_type 'custom' needs layout: a bool (nb, nb) tensor, a list of them (one per "
+            "branch) or a function (a, b) -> bool"
+        )
+    if isinstance(layout, torch.Tensor):
+        return _check_layout_tensor("layout", layout)
+    if isinstance(layout, (list, tuple)):
+        if len(layout) == 0:
+            raise ValueError(
+                "layout must not be an empty list: give one (nb, nb) tensor per branch"
+            )
+        return tuple(_check_layout_tensor(f"layout[{i}]", t) for i, t in enumerate(layout))
+    if callable(layout):
+        return layout
+    raise ValueError(
+        "layout must be a bool (nb, nb) tensor, a list of them or a function (a, b) -> bool, "
+        f"got {type(layout).__name__}"
+    )
 
 
 @dataclass(frozen=True)

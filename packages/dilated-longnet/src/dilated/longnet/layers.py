@@ -150,6 +150,11 @@ def _dilated_self_attention(
     if rotary is not None:
         q, k = rotary(q, k, offset=offset)
     if cache is not None:
+        if not mha.attention.computes_dilated_attention:
+            raise ValueError(
+                f"a KV cache reproduces plain dilated attention; {type(mha.attention).__name__} "
+                "computes another function (e.g. a block-sparse layout): generate without a cache"
+            )
         if not is_causal:
             raise ValueError("a KV cache needs causal self-attention (is_causal=True)")
         if key_padding_mask is not None:

@@ -4,9 +4,11 @@ For each implementation that runs on the device (distributed ones as a world of 
 [`select_implementations`][dilated.core.cli.selection.select_implementations]), the module
 ``impl.attention(segment_lengths, dilation_rates)`` is run on the random inputs of every case in
 [`CASES`][dilated.core.cli.check.CASES] (bfloat16 on CUDA, float32 on CPU), and its output and q/k/v gradients (for one
-random output gradient) are compared with [`dilated.core.testing.dense_dilated_attention`][dilated.core.testing.dense_dilated_attention]
-run in float64, with the Concepts page's measure ``max|x - ref| / max|ref|`` and bound ``tolerance(dtype)``.
-The report names what was checked and every kind that was not, with the reason. The exit code
+random output gradient) are compared with the module's own dense float64 judge
+([`dense_reference`][dilated.core.base.BaseDilatedAttention.dense_reference]: the dilated judge, or the
+block-sparse one for a block-sparse module), with the Concepts page's measure ``max|x - ref| / max|ref|``
+and bound ``tolerance(dtype)``. The report names what was checked and every kind that was not,
+with the reason. The exit code
 is 1 when any case fails or raises, or when nothing could be checked.
 """
 
@@ -22,7 +24,7 @@ from dilated.core.cli.progress import ProgressBar
 from dilated.core.cli.selection import select_implementations
 from dilated.core.cli.table import format_table
 from dilated.core.registry import Implementation
-from dilated.core.testing import dense_dilated_attention, make_inputs, relative_error, tolerance
+from dilated.core.testing import make_inputs, relative_error, tolerance
 
 # (batch, seq, heads, kv_heads, head_dim, segment_lengths, dilation_rates, causal, padding)
 CASES: list[tuple[int, int, int, int, int, list[int], list[int], bool, bool]] = [
@@ -64,8 +66,8 @@ def check_one(
     out = module(inp.q, inp.k, inp.v, is_causal=causal, key_padding_mask=inp.key_padding_mask)
     # The judge runs on float64 copies so that its gradients are not rounded to ``dtype``.
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (inp.q, inp.k, inp.v))
-    ref, _ = dense_dilated_attention(
-        q64, k64, v64, ws, rs, is_causal=causal, key_padding_mask=inp.key_padding_mask
+    ref, _ = module.dense_reference(
+        q64, k64, v64, is_causal=causal, key_padding_mask=inp.key_padding_mask
     )
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
     got = torch.autograd.grad(out, (inp.q, inp.k, inp.v), grad)

@@ -1,7 +1,8 @@
 """Test helpers every ``dilated`` package imports: the dense judge, inputs and tolerances.
 
 [`dense_dilated_attention`][dilated.core.testing.dense_dilated_attention] builds the full boolean mask of the docs' Concepts page for each branch and
-computes in float64; it is O(seq^2) in memory and meant for tests only. Implementations are
+computes in float64 ([`dense_block_sparse_attention`][dilated.core.testing.dense_block_sparse_attention] adds the block layout of
+dilated-sparse to each mask); it is O(seq^2) in memory and meant for tests only. Implementations are
 compared with it through [`assert_close_to_reference`][dilated.core.testing.assert_close_to_reference], whose tolerances are those of the Concepts page.
 """
 
@@ -12,15 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
+from dilated.core.config import SparsePatternConfig
+from dilated.core.sparsity import resolve_layouts
+
 __all__ = [
     "AttentionInputs",
     "assert_close_to_reference",
     "assert_matches_reference",
     "branch_mask",
     "check_on_random_inputs",
+    "dense_attention_from_masks",
+    "dense_block_sparse_attention",
     "dense_dilated_attention",
     "make_inputs",
     "relative_error",
+    "sparse_branch_mask",
     "tolerance",
 ]
 
@@ -46,6 +53,78 @@ def branch_mask(
     if is_causal:
         mask &= (pos[None, :] <= pos[:, None])[None]
     return mask
+
+
+def sparse_branch_mask(
+    seq: int,
+    heads: int,
+    segment_length: int,
+    dilation_rate: int,
+    blocks: torch.Tensor,
+    block_size: int,
+    *,
+    is_causal: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Rules 1-4 of block-sparse dilated attention: [`branch_mask`][dilated.core.testing.branch_mask] and the block layout.
+
+    Query ``t`` may attend key ``u`` only if ``blocks[a(t), a(u)]``, where ``a(t)`` is the
+    block of ``t``'s row in its sub-problem: ``((t mod w) div r) div block_size``. ``blocks`` is
+    the branch's bool ``(nb, nb)`` table (``nb = ceil((w / r) / block_size)``).
+
+    Returns a bool tensor ``(heads, seq, seq)`` (before any key padding mask).
+    """
+    mask = branch_mask(
+        seq, heads, segment_length, dilation_rate, is_causal=is_causal, device=device
+    )
+    pos = torch.arange(seq, device=device)
+    block = ((pos % segment_length) // dilation_rate) // block_size  # (n,)
+    allowed = blocks.to(device=device, dtype=torch.bool)[block[:, None], block[None, :]]
+    return mask & allowed[None]
+
+
+def dense_attention_from_masks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax per mask ``M_i`` ``(heads, seq, seq)``, merged by eq. 10, in float64.
+
+    Returns ``(out, lse)``: ``out`` ``(batch, seq, heads, head_dim)`` and ``lse``
+    ``(batch, heads, seq)``, float64 and differentiable in q, k and v. Empty rows give 0 and
+    ``-inf`` with finite gradients.
+    """
+    d = q.shape[-1]
+    group = q.shape[2] // k.shape[2]
+    qd = q.double().transpose(1, 2)  # (b, h, n, d)
+    kd = k.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    vd = v.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    s = (qd @ kd.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)  # (b, h, n, n)
+    branch_outputs, branch_lses = [], []
+    for mask in masks:
+        m = mask[None]  # (1, h, n, n)
+        if key_padding_mask is not None:
+            m = m & key_padding_mask[:, None, None, :]
+        empty = ~m.any(dim=-1, keepdim=True)  # (b, h, n, 1)
+        # Rows with no allowed key are set to 0 before logsumexp and back to -inf after, so that
+        # neither the value nor its gradient is NaN.
+        masked = torch.where(m, s, torch.where(empty, 0.0, float("-inf")))
+        lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+        probs = torch.where(m, torch.exp(masked - lse), 0.0)
+        branch_outputs.append(probs @ vd)
+        branch_lses.append(torch.where(empty, float("-inf"), lse).squeeze(-1))
+    lses = torch.stack(branch_lses)  # (m, b, h, n)
+    covered = torch.isfinite(lses).any(dim=0)  # (b, h, n)
+    total = torch.logsumexp(torch.where(covered, lses, 0.0), dim=0)
+    weights = torch.where(covered, torch.exp(lses - total), 0.0)
+    total = torch.where(covered, total, float("-inf"))
+    out = sum(wt[..., None] * o for wt, o in zip(weights, branch_outputs))
+    assert isinstance(out, torch.Tensor)
+    return out.transpose(1, 2), total
 
 
 def dense_dilated_attention(
@@ -75,33 +154,52 @@ def dense_dilated_attention(
         ``(out, lse)`` in float64: ``out`` ``(batch, seq, heads, head_dim)``, ``lse``
         ``(batch, heads, seq)``. Differentiable with respect to q, k and v (through float64).
     """
-    _, n, hq, d = q.shape
-    group = hq // k.shape[2]
-    qd = q.double().transpose(1, 2)  # (b, h, n, d)
-    kd = k.double().repeat_interleave(group, dim=2).transpose(1, 2)
-    vd = v.double().repeat_interleave(group, dim=2).transpose(1, 2)
-    s = (qd @ kd.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)  # (b, h, n, n)
-    branch_outputs, branch_lses = [], []
-    for w, r in zip(segment_lengths, dilation_rates):
-        m = branch_mask(n, hq, w, r, is_causal=is_causal, device=q.device)[None]  # (1, h, n, n)
-        if key_padding_mask is not None:
-            m = m & key_padding_mask[:, None, None, :]
-        empty = ~m.any(dim=-1, keepdim=True)  # (b, h, n, 1)
-        # Rows with no allowed key are set to 0 before logsumexp and back to -inf after, so that
-        # neither the value nor its gradient is NaN.
-        masked = torch.where(m, s, torch.where(empty, 0.0, float("-inf")))
-        lse = torch.logsumexp(masked, dim=-1, keepdim=True)
-        probs = torch.where(m, torch.exp(masked - lse), 0.0)
-        branch_outputs.append(probs @ vd)
-        branch_lses.append(torch.where(empty, float("-inf"), lse).squeeze(-1))
-    lses = torch.stack(branch_lses)  # (m, b, h, n)
-    covered = torch.isfinite(lses).any(dim=0)  # (b, h, n)
-    total = torch.logsumexp(torch.where(covered, lses, 0.0), dim=0)
-    weights = torch.where(covered, torch.exp(lses - total), 0.0)
-    total = torch.where(covered, total, float("-inf"))
-    out = sum(wt[..., None] * o for wt, o in zip(weights, branch_outputs))
-    assert isinstance(out, torch.Tensor)
-    return out.transpose(1, 2), total
+    _, n, hq, _ = q.shape
+    masks = [
+        branch_mask(n, hq, w, r, is_causal=is_causal, device=q.device)
+        for w, r in zip(segment_lengths, dilation_rates)
+    ]
+    return dense_attention_from_masks(
+        q, k, v, masks, scale=scale, key_padding_mask=key_padding_mask
+    )
+
+
+def dense_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    sparse_config: SparsePatternConfig,
+    scale: float | None = None,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse dilated attention straight from its definition (rules 1-4), in float64.
+
+    Each branch's mask is [`sparse_branch_mask`][dilated.core.testing.sparse_branch_mask] with the branch's table from
+    [`resolve_layouts`][dilated.core.sparsity.resolve_layouts]; with the ``"dense"`` layout
+    this is exactly [`dense_dilated_attention`][dilated.core.testing.dense_dilated_attention]. Arguments and result as there.
+    """
+    _, n, hq, _ = q.shape
+    layouts = resolve_layouts(sparse_config, segment_lengths, dilation_rates)
+    masks = [
+        sparse_branch_mask(
+            n,
+            hq,
+            lay.segment_length,
+            lay.dilation_rate,
+            lay.blocks,
+            sparse_config.block_size,
+            is_causal=is_causal,
+            device=q.device,
+        )
+        for lay in layouts
+    ]
+    return dense_attention_from_masks(
+        q, k, v, masks, scale=scale, key_padding_mask=key_padding_mask
+    )
 
 
 @dataclass
@@ -192,11 +290,13 @@ def assert_matches_reference(
     *,
     is_causal: bool = False,
     seed: int = 0,
+    reference: AttentionWithLse | None = None,
 ) -> None:
     """Assert that ``attention`` computes dilated attention (docs' Concepts page) on ``inputs``: output, LSE and q/k/v gradients.
 
-    The judge is [`dense_dilated_attention`][dilated.core.testing.dense_dilated_attention] on float64 copies of the inputs (which must
-    require grad). Checked: output dtype and value, the LSE's ``-inf`` pattern and its finite
+    The judge is ``reference`` (default [`dense_dilated_attention`][dilated.core.testing.dense_dilated_attention]; e.g.
+    ``functools.partial(dense_block_sparse_attention, sparse_config=...)``) on float64 copies of
+    the inputs (which must require grad). Checked: output dtype and value, the LSE's ``-inf`` pattern and its finite
     values, and the gradients for one random output gradient, all within
     [`tolerance`][dilated.core.testing.tolerance] of the inputs' dtype.
     """
@@ -206,7 +306,8 @@ def assert_matches_reference(
         q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, key_padding_mask=mask
     )
     ref_q, ref_k, ref_v = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref, ref_lse = dense_dilated_attention(
+    judge = dense_dilated_attention if reference is None else reference
+    ref, ref_lse = judge(
         ref_q,
         ref_k,
         ref_v,
@@ -245,6 +346,7 @@ def check_on_random_inputs(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    reference: AttentionWithLse | None = None,
 ) -> None:
     """[`assert_matches_reference`][dilated.core.testing.assert_matches_reference] on [`make_inputs`][dilated.core.testing.make_inputs] drawn with ``seed`` (grads on)."""
     inputs = make_inputs(
@@ -260,5 +362,11 @@ def check_on_random_inputs(
         seed=seed,
     )
     assert_matches_reference(
-        attention, inputs, segment_lengths, dilation_rates, is_causal=is_causal, seed=seed
+        attention,
+        inputs,
+        segment_lengths,
+        dilation_rates,
+        is_causal=is_causal,
+        seed=seed,
+        reference=reference,
     )

@@ -1,0 +1,413 @@
+"""Benchmark of dilated-sparse on one GPU: each layout against the dense layout and FlexAttention.
+
+Per sequence length (branches of a preset whose segment fits), per layout and target density
+(~50/25/10 %), forward and forward+backward, bfloat16, batch 1:
+
+- ``sparse``: ``dilated.sparse.block_sparse_dilated_attention`` (tiles of cuDNN calls);
+- ``dense``: the dense-layout dilated op, ``dilated.kernels.dilated_attention(backend="cudnn")``,
+  timed once per sequence length and mode in the same run;
+- ``flex``: FlexAttention given the same pattern as one block mask over the whole sequence (what
+  a user would write instead); a mask cannot count a key twice, so it computes the union of the
+  branches' keys (the timing is comparable, the values slightly differ). Skipped above
+  ``--flex-max-seq`` (building the block mask evaluates the mask on every token pair) and where
+  it cannot be built. Every row compiles afresh with ``fail_on_recompile_limit_hit``, so that
+  FlexAttention can never fall back silently to its eager path (which materialises the whole
+  score matrix).
+
+``density`` is the fraction of the dense layout's work that the layout keeps (each branch's
+kept blocks, weighted by the branch's work, causal halves counted), and **sparse efficiency** is
+``dense time x density / sparse time``: 1 means the kept blocks cost what they cost in the dense
+computation. Times are medians of CUDA-event timings after warm-up; a failing row prints its
+error and the run goes on. The rows are also written as JSON (``--out``).
+
+    python benchmarks/sparse.py --out sparse.json
+    python benchmarks/sparse.py --quick --out quick.json            # small sizes, smoke test
+    python benchmarks/sparse.py --seqs 262144 --layouts local_window --causal
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dilated.core import PRESETS, SparsePatternConfig
+from dilated.core.sparsity import BranchLayout, resolve_layouts
+from dilated.kernels import dilated_attention
+from dilated.sparse import block_sparse_dilated_attention
+from dilated.sparse.engine import count_calls
+
+LAYOUTS = ("local_window", "global_local", "dilated_sparse", "dense")
+
+
+def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
+    """Median milliseconds of ``fn`` by CUDA events, and its peak extra memory in GiB
+    (wall-clock and NaN on the CPU, which only serves as a smoke test of this script)."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        wall = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            wall.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(wall), math.nan
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return statistics.median(times), peak
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke test)"
+
+
+def branch_work(seq: int, w: int, r: int) -> float:
+    """Score entries one head computes in branch ``(w, r)`` (rows seq / r, keys w / r each)."""
+    return (seq / r) * (w / r)
+
+
+def density(layouts: Sequence[BranchLayout], seq: int, causal: bool) -> float:
+    """Kept fraction of the dense layout's work over all branches."""
+    kept = total = 0.0
+    for lay in layouts:
+        blocks = lay.blocks.double()
+        if causal:
+            # Below-diagonal blocks fully, diagonal blocks half, of the nb^2 / 2 causal blocks.
+            frac = (blocks.tril(-1).sum() + 0.5 * blocks.diagonal().sum()) / (lay.nb**2 / 2)
+        else:
+            frac = blocks.mean()
+        work = branch_work(seq, lay.segment_length, lay.dilation_rate)
+        kept += float(frac) * work
+        total += work
+    return kept / total
+
+
+def configs(
+    layout: str,
+    targets: Sequence[float],
+    block: int,
+    ws: Sequence[int],
+    rs: Sequence[int],
+    seq: int,
+    causal: bool,
+) -> list[tuple[float, SparsePatternConfig]]:
+    """``(target, config)`` per target density; ``dilated_sparse`` has no window, so its block
+    size is chosen to come closest to each target (duplicates dropped)."""
+    if layout == "dense":
+        return [(1.0, SparsePatternConfig("dense", block_size=block))]
+    if layout in ("local_window", "global_local"):
+        extra = {"global_tokens": block} if layout == "global_local" else {}
+        return [
+            (t, SparsePatternConfig(layout, sparsity_ratio=t, block_size=block, **extra))
+            for t in targets
+        ]
+    out: list[tuple[float, SparsePatternConfig]] = []
+    seen = set()
+    rows = min(w // r for w, r in zip(ws, rs))
+    sizes = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048) if b <= rows]
+    for t in targets:
+        best = min(
+            sizes,
+            key=lambda b: abs(
+                density(
+                    resolve_layouts(SparsePatternConfig(layout, block_size=b), ws, rs), seq, causal
+                )
+                - t
+            ),
+        )
+        if best not in seen:
+            seen.add(best)
+            out.append((t, SparsePatternConfig(layout, block_size=best)))
+    return out
+
+
+class FlexPattern:
+    """FlexAttention over the whole sequence with the pattern as one mask_mod and block mask.
+
+    One ``mask_mod`` and one compiled ``flex_attention`` serve every layout of a sequence
+    length: the layout tables and the block size are tensors that :meth:`set` overwrites in
+    place, so a new layout rebuilds the block mask but recompiles nothing (and the recompile
+    limit, past which FlexAttention would fall back silently to an eager path that materialises
+    the whole score matrix, is never approached; it raises if it is).
+    """
+
+    def __init__(
+        self, q: torch.Tensor, ws: Sequence[int], rs: Sequence[int], causal: bool, nb_max: int
+    ) -> None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self.seq, self.heads = q.shape[1], q.shape[2]
+        self.device = q.device
+        self.tables = torch.zeros(len(ws), nb_max, nb_max, dtype=torch.bool, device=q.device)
+        self.block = torch.ones((), dtype=torch.int64, device=q.device)
+        params = list(zip(ws, rs))
+        tables, block = self.tables, self.block
+
+        def mask_mod(b, hi, qi, ki):  # type: ignore[no-untyped-def]
+            ok = torch.zeros_like(qi, dtype=torch.bool)
+            for i, (w, r) in enumerate(params):
+                p = hi % r
+                same = (qi // w == ki // w) & (qi % r == p) & (ki % r == p)
+                qa = ((qi % w) // r) // block
+                ka = ((ki % w) // r) // block
+                ok = ok | (same & tables[i, qa, ka])
+            if causal:
+                ok = ok & (ki <= qi)
+            return ok
+
+        self.mask_mod = mask_mod
+        torch._dynamo.reset()
+        self.fn = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+        self.block_mask: Any = None
+
+    def set(self, layouts: Sequence[BranchLayout], block: int) -> None:
+        """Load a layout and build its block mask (blockwise, never a dense seq x seq mask)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        self.tables.zero_()
+        for i, lay in enumerate(layouts):
+            self.tables[i, : lay.nb, : lay.nb] = lay.blocks.to(self.device)
+        self.block.fill_(block)
+        shape = (self.mask_mod, 1, self.heads, self.seq, self.seq)
+        try:
+            self.block_mask = create_block_mask(*shape, device=self.device, _compile=True)
+        except TypeError:  # a PyTorch without the (deprecated) _compile flag
+            self.block_mask = torch.compile(create_block_mask)(*shape, device=self.device)
+
+    def runner(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: bool, dout: torch.Tensor
+    ) -> Callable[[], object]:
+        qt, kt, vt = (
+            x.detach().transpose(1, 2).contiguous().requires_grad_(grad) for x in (q, k, v)
+        )
+        dt = dout.transpose(1, 2).contiguous()
+
+        def run() -> None:
+            o = self.fn(qt, kt, vt, block_mask=self.block_mask)
+            if grad:
+                torch.autograd.grad(o, (qt, kt, vt), dt)
+
+        return run
+
+
+def bench_sequence(
+    args: argparse.Namespace,
+    seq: int,
+    ws: list[int],
+    rs: list[int],
+    record: Callable[[dict[str, object]], None],
+) -> None:
+    """Every row of one sequence length: the dense layout once per mode, then each layout."""
+    h, d, block, causal = args.heads, args.head_dim, args.block_size, args.causal
+    device, dtype = (
+        ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    )
+    q, k, v = (
+        torch.randn(1, seq, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+    )
+    dout = torch.randn_like(q)
+
+    def step(attend: Callable[[], torch.Tensor], grad: bool) -> Callable[[], object]:
+        def run() -> None:
+            o = attend()
+            if grad:
+                torch.autograd.grad(o, (q, k, v), dout)
+
+        return run
+
+    backend = "cudnn" if q.is_cuda else "reference"
+
+    def dense() -> torch.Tensor:
+        return dilated_attention(
+            q, k, v, ws, rs, is_causal=causal, backend=backend, check_finite=False
+        )
+
+    dense_ms: dict[str, float] = {}
+    for mode in args.modes:
+        try:
+            dense_ms[mode] = time_ms(step(dense, mode == "fwd+bwd"), args.warmup, args.repeats)[0]
+        except Exception as exc:  # reported; the sparse rows still run
+            print(f"seq={seq} {mode} dense failed: {type(exc).__name__}: {exc}")
+            dense_ms[mode] = math.nan
+        torch.cuda.empty_cache()
+    rows_configs = [
+        (layout, target, cfg)
+        for layout in args.layouts
+        for target, cfg in configs(layout, args.densities, block, ws, rs, seq, causal)
+    ]
+    flex: FlexPattern | None = None
+    flex_note = "seq > --flex-max-seq"
+    flex_layout: tuple[str, float] | None = None
+    if not args.no_flex and seq <= args.flex_max_seq:
+        try:
+            nb_max = max(
+                lay.nb for _, _, cfg in rows_configs for lay in resolve_layouts(cfg, ws, rs)
+            )
+            flex = FlexPattern(q, ws, rs, causal, nb_max)
+        except Exception as exc:
+            flex_note = f"FlexAttention unavailable: {type(exc).__name__}: {str(exc)[:80]}"
+    for layout, target, cfg in rows_configs:
+        layouts = resolve_layouts(cfg, ws, rs)
+        dens = density(layouts, seq, causal)
+        calls = count_calls(layouts, cfg.block_size, (1, seq, h, d), h, causal)
+
+        def sparse(cfg: SparsePatternConfig = cfg) -> torch.Tensor:
+            return block_sparse_dilated_attention(
+                q, k, v, ws, rs, sparse_config=cfg, is_causal=causal, check_finite=False
+            )
+
+        for mode in args.modes:
+            grad = mode == "fwd+bwd"
+            note = ""
+            sparse_ms = flex_ms = peak = math.nan
+            try:
+                sparse_ms, peak = time_ms(step(sparse, grad), args.warmup, args.repeats)
+            except Exception as exc:
+                note = f"sparse failed: {type(exc).__name__}: {str(exc)[:120]}"
+                traceback.print_exc(limit=3)
+            torch.cuda.empty_cache()
+            if flex is not None:
+                try:
+                    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                        if flex_layout != (layout, target):
+                            flex.set(layouts, cfg.block_size)
+                            flex_layout = (layout, target)
+                        run = flex.runner(q, k, v, grad, dout)
+                        flex_ms = time_ms(run, args.warmup, args.repeats)[0]
+                except Exception as exc:
+                    note += f" flex failed: {type(exc).__name__}: {str(exc)[:120]}"
+                torch.cuda.empty_cache()
+            elif not args.no_flex:
+                note += f" flex skipped ({flex_note})"
+            dense_t = dense_ms.get(mode, math.nan)
+            record(
+                {
+                    "seq": seq,
+                    "mode": mode,
+                    "layout": layout,
+                    "target": target,
+                    "block_size": cfg.block_size,
+                    "windows": [lay.window for lay in layouts],
+                    "density": dens,
+                    "calls": calls,
+                    "sparse_ms": sparse_ms,
+                    "sparse_peak_gib": peak,
+                    "dense_ms": dense_t,
+                    "flex_ms": flex_ms,
+                    "efficiency": dense_t * dens / sparse_ms,
+                    "vs_flex": flex_ms / sparse_ms,
+                    "note": note.strip(),
+                }
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", type=int, nargs="+", default=[262144, 1048576])
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--preset", default="longnet_1m", choices=sorted(PRESETS))
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--flex-max-seq", type=int, default=262144)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="16K and 32K tokens, two densities")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument(
+        "--cpu-smoke-test", action="store_true", help="run the script on the CPU at tiny sizes"
+    )
+    args = ap.parse_args()
+    if not torch.cuda.is_available() and not args.cpu_smoke_test:
+        raise SystemExit("benchmarks/sparse.py needs a CUDA GPU (or --cpu-smoke-test)")
+    if args.quick:
+        args.seqs, args.densities, args.repeats = [16384, 32768], [0.5, 0.25], 5
+    if args.cpu_smoke_test:
+        args.seqs, args.heads, args.head_dim, args.block_size = [4096, 8192], 2, 16, 32
+        args.densities, args.warmup, args.repeats, args.preset = [0.25], 1, 1, "longnet_1m"
+    preset = PRESETS[args.preset]
+    h, d, block, causal = args.heads, args.head_dim, args.block_size, args.causal
+    rows: list[dict[str, object]] = []
+
+    def record(row: dict[str, object]) -> None:
+        rows.append(row)
+        print(
+            f"seq={row['seq']:>8} {row['mode']:>7} {row['layout']:>14} "
+            f"density={row['density']:.3f} sparse={row['sparse_ms']:.2f} ms "
+            f"dense={row['dense_ms']:.2f} ms eff={row['efficiency']:.2f} "
+            f"flex={row['flex_ms']:.2f} ms flex/sparse={row['vs_flex']:.1f}x "
+            f"calls={row['calls']} {row['note']}",
+            flush=True,
+        )
+
+    for seq in args.seqs:
+        ws = [w for w in preset.segment_lengths if w <= seq]
+        rs = [r for w, r in zip(preset.segment_lengths, preset.dilation_rates) if w <= seq]
+        if not ws:
+            print(f"seq={seq}: no branch of {args.preset} fits; skipped")
+            continue
+        print(f"seq={seq}: branches w={ws} r={rs}", flush=True)
+        try:
+            bench_sequence(args, seq, ws, rs, record)
+        except torch.OutOfMemoryError:
+            print(f"seq={seq}: inputs do not fit; skipped")
+        torch.cuda.empty_cache()
+
+    what = "causal" if causal else "non-causal"
+    print(
+        f"\n{device_name()}, torch {torch.__version__}, "
+        f"{'bf16' if torch.cuda.is_available() else 'float32'}, batch 1, {h} heads x {d}, preset {args.preset}, {what}, block {block} rows; "
+        "efficiency = dense ms x density / sparse ms; flex/sparse = FlexAttention ms / sparse ms"
+    )
+    print(
+        "| seq | mode | layout | block | density | sparse ms | dense ms | efficiency | flex ms | flex/sparse |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['seq']:,} | {r['mode']} | {r['layout']} | {r['block_size']} | "
+            f"{r['density']:.2f} | {r['sparse_ms']:.2f} | {r['dense_ms']:.2f} | "
+            f"{r['efficiency']:.2f} | {r['flex_ms']:.2f} | {r['vs_flex']:.1f}x |"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {
+                    "device": device_name(),
+                    "torch": torch.__version__,
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    "args": vars(args),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

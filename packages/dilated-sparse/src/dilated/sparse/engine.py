@@ -1,0 +1,605 @@
+"""Block-sparse dilated attention as calls of the shared sub-problem primitive, without autograd.
+
+Each branch's sub-problems ([`subproblems`][dilated.core.branches.subproblems]) are cut into
+the [`Tile`][dilated.sparse.tiles.Tile]s of their block layout. One tile is one call of
+[`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention] on strided views of
+the ``(batch, seq, heads, head_dim)`` inputs (nothing is copied): the call's problems are the
+product of up to four index dimensions (batch, segment, folded phase, stacked tile), of which
+adjacent ones with compatible strides merge into the primitive's batch dimension; another one
+takes the head slot when a call has one head (or when looping over the real heads instead makes
+fewer calls), and any left over is looped. The results are merged into float32 accumulators with
+[`merge_into`][dilated.core.merge.merge_into] (on CUDA its one-launch Triton form; a call on rows
+nothing was merged into yet copies its result). The backward pass
+enumerates the same calls and gives each one the FINAL merged output and LSE
+([`subproblem_attention_backward`][dilated.kernels.subproblem.subproblem_attention_backward]),
+so the parts' gradients add up to the gradient of the whole.
+
+Phases are folded into one index dimension (head ``p`` at row offset ``p``: stride
+``seq_stride + head_stride``) for full segments when every phase has as many heads and there is
+no grouped-query attention; otherwise each phase is its own run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dilated.core.branches import SubProblem, compute_dtype, subproblems
+from dilated.core.merge import merge_into
+from dilated.core.sparsity import BranchLayout
+from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
+from dilated.sparse.tiles import Tile, plan_tiles
+
+__all__ = [
+    "RunTable",
+    "backward_into",
+    "block_sparse_backward",
+    "block_sparse_forward",
+    "count_calls",
+    "forward_into",
+]
+
+#: ``(coefficient of the batch stride, of the seq stride, of the head stride)``.
+_Coef = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Segments of one branch computed by the same tiles.
+
+    Query head ``c`` of folded phase ``p`` is head ``head0 + p + c * rate`` at rows
+    ``phase0 + p + rate * (start + i)``; it reads key/value head ``kv0 + p + (c // kv_group) *
+    kv_step`` (``kv_index`` set: a gathered copy of the key/value heads instead).
+    """
+
+    branch: int
+    rate: int
+    phase0: int
+    phases: int
+    heads: int
+    kv0: int
+    kv_step: int
+    kv_heads: int
+    kv_index: tuple[int, ...] | None
+    start: int
+    count: int
+    length: int
+    # Query rows (and everything shaped like them) are read ``q_shift`` rows earlier: a rank
+    # holding rows ``q_shift ..`` of a segment passes its shard as the queries.
+    q_shift: int = 0
+
+
+def _strided_kv(kv: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """``(first, step, count)`` when query head ``c`` reads ``first + (c // group) * step``."""
+    group = 1
+    while group < len(kv) and kv[group] == kv[0]:
+        group += 1
+    if len(kv) % group:
+        return None
+    count = len(kv) // group
+    step = kv[group] - kv[0] if count > 1 else 1
+    if step <= 0 or any(kv[c] != kv[0] + (c // group) * step for c in range(len(kv))):
+        return None
+    return kv[0], step, count
+
+
+def _runs(seq: int, heads: int, kv_heads: int, branch: int, w: int, r: int) -> list[_Run]:
+    sps = subproblems(seq, heads, kv_heads, w, r)
+    full = [sp for sp in sps if sp.start == 0 and sp.length == w // r]
+    fold = (
+        heads == kv_heads
+        and len(full) > 1
+        and len(full) == min(r, heads)
+        and (r >= heads or heads % r == 0)
+    )
+    runs = []
+    if fold:
+        sp = full[0]
+        hp = len(range(heads)[sp.heads])
+        runs.append(_Run(branch, r, 0, len(full), hp, 0, r, hp, None, 0, sp.count, sp.length))
+    for sp in sps:
+        if fold and sp in full:
+            continue
+        runs.append(_single_run(branch, sp))
+    return runs
+
+
+def _single_run(branch: int, sp: SubProblem) -> _Run:
+    hp = len(sp.kv_heads)
+    strided = _strided_kv(sp.kv_heads)
+    if strided is None:
+        return _Run(
+            branch, sp.rate, sp.phase, 1, hp, 0, 1, hp, sp.kv_heads, sp.start, sp.count, sp.length
+        )
+    kv0, step, count = strided
+    return _Run(
+        branch, sp.rate, sp.phase, 1, hp, kv0, step, count, None, sp.start, sp.count, sp.length
+    )
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The geometry of one tile of one run: index dims, rows and heads of queries and keys."""
+
+    dims: tuple[tuple[int, _Coef], ...]
+    q_offset: _Coef
+    k_offset: _Coef
+    q_rows: int
+    k_rows: int
+    row: _Coef
+    q_heads: tuple[int, _Coef]
+    k_heads: tuple[int, _Coef]
+    causal: bool
+    key_blocks: int
+    block_rows: int
+    overlapping_keys: bool
+
+
+def _call(run: _Run, tile: Tile, batch: int, block: int) -> _Call:
+    r = run.rate
+    dims: list[tuple[int, _Coef]] = [(batch, (1, 0, 0)), (run.count, (0, run.length * r, 0))]
+    if run.phases > 1:
+        dims.append((run.phases, (0, 1, 1)))
+    if tile.stack > 1:
+        dims.append((tile.stack, (0, tile.step * block * r, 0)))
+    q_row0 = tile.q0 * block
+    k_row0 = tile.k0 * block
+    q_rows = min(q_row0 + tile.qn * block, run.length) - q_row0
+    k_rows = min(k_row0 + tile.kn * block, run.length) - k_row0
+    kv_head0 = 0 if run.kv_index is not None else run.kv0
+    return _Call(
+        dims=tuple(d for d in dims if d[0] > 1),
+        q_offset=(0, run.phase0 + (run.start + q_row0 - run.q_shift) * r, run.phase0),
+        k_offset=(0, run.phase0 + (run.start + k_row0) * r, kv_head0),
+        q_rows=q_rows,
+        k_rows=k_rows,
+        row=(0, r, 0),
+        q_heads=(run.heads, (0, 0, r)),
+        k_heads=(run.kv_heads, (0, 0, run.kv_step)),
+        causal=tile.causal,
+        key_blocks=tile.kn,
+        block_rows=block,
+        overlapping_keys=tile.stack > 1 and tile.kn > tile.step,
+    )
+
+
+def _stride(coef: _Coef, strides: tuple[int, int, int]) -> int:
+    return coef[0] * strides[0] + coef[1] * strides[1] + coef[2] * strides[2]
+
+
+@dataclass(frozen=True)
+class _Problems:
+    """How a call's index dims map onto the primitive: looped, batch and (maybe) head slot.
+
+    ``head_loop``: the call's real heads are looped one at a time (their count), so that an
+    index dim can take the head slot; 0 when the heads stay in it.
+    """
+
+    loops: tuple[tuple[int, tuple[_Coef, ...]], ...]
+    batch: tuple[int, tuple[_Coef, ...]]
+    head_slot: tuple[int, tuple[_Coef, ...]] | None
+    head_loop: int
+    keys_overlap: bool
+
+
+def _problems(call: _Call, strides: Sequence[tuple[int, int, int]], heads_ok: bool) -> _Problems:
+    """Merge adjacent index dims whose strides agree in every tensor; pick batch and head slot.
+
+    A merged group keeps the coefficients of its innermost dim (the stride of one step). The
+    largest group is the batch; the next one takes the head slot when there is one head, or
+    when looping over the heads instead makes fewer calls; the rest is looped.
+    """
+    groups: list[tuple[int, tuple[_Coef, ...]]] = []
+    for size, coef in call.dims:
+        if groups:
+            psize, pcoefs = groups[-1]
+            inner = pcoefs[-1]
+            if all(_stride(inner, s) == _stride(coef, s) * size for s in strides):
+                groups[-1] = (psize * size, (*pcoefs[:-1], coef))
+                continue
+        groups.append((size, (coef,)))
+    if not groups:
+        groups = [(1, ((0, 0, 0),))]
+    order = sorted(range(len(groups)), key=lambda i: -groups[i][0])
+    batch = groups[order[0]]
+    rest = order[1:]
+    heads = call.q_heads[0]
+    one_head = heads == 1 and call.k_heads[0] == 1
+    head_slot = None
+    head_loop = 0
+    in_call = [order[0]]
+    if heads_ok and rest:
+        keep_heads = math.prod(groups[i][0] for i in rest)
+        loop_heads = heads * math.prod(groups[i][0] for i in rest[1:])
+        if one_head or loop_heads < keep_heads:
+            head_slot = groups[rest[0]]
+            head_loop = 0 if one_head else heads
+            in_call.append(rest[0])
+            rest = rest[1:]
+    loops = tuple(groups[i] for i in sorted(rest))
+    # The stack dim is the last one; its overlapping key windows meet only inside one call.
+    overlap = call.overlapping_keys and len(groups) - 1 in in_call
+    return _Problems(loops, batch, head_slot, head_loop, overlap)
+
+
+def _strides(x: torch.Tensor, heads: bool = True) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2) if heads else 0
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One primitive call: the run, the call geometry, the index of every looped dim and the
+    looped head (None when the heads are not looped). ``first``: no earlier call of the same
+    pass wrote its query rows (they belong to the first branch and to no earlier tile)."""
+
+    run: _Run
+    call: _Call
+    plan: _Problems
+    loop: tuple[int, ...]
+    head: int | None
+    first: bool = False
+
+
+def _tile_blocks(tile: Tile) -> set[int]:
+    return {tile.q0 + e * tile.step + i for e in range(tile.stack) for i in range(tile.qn)}
+
+
+def _view(x: torch.Tensor, step: _Step, role: str) -> torch.Tensor:
+    """``(batch, rows, heads, x.shape[3])`` view of ``x`` ``(batch, seq, heads, d)`` for one call.
+
+    ``role``: ``"q"`` (queries, and every tensor shaped like them: output, LSE, gradients),
+    ``"k"`` (keys, values and their gradients) or ``"mask"`` (a ``(batch, seq, 1, 1)`` key mask).
+    """
+    c, plan = step.call, step.plan
+    s = _strides(x, role != "mask")
+    queries = role == "q"
+    offset = c.q_offset if queries else c.k_offset
+    hsize, hcoef = c.q_heads if queries else c.k_heads
+    base = _stride(offset, s)
+    for i, (_, coefs) in zip(step.loop, plan.loops):
+        base += i * _stride(coefs[-1], s)
+    if step.head is not None:
+        # One query head per call; the keys are those of its key/value head.
+        group = c.q_heads[0] // c.k_heads[0]
+        base += (step.head if queries else step.head // group) * _stride(hcoef, s)
+    if plan.head_slot is not None:
+        hsize, hcoef = plan.head_slot[0], plan.head_slot[1][-1]
+    if role == "mask":
+        hsize, hcoef = 1, (0, 0, 0)
+    return x.as_strided(
+        (plan.batch[0], c.q_rows if queries else c.k_rows, hsize, x.shape[3]),
+        (_stride(plan.batch[1][-1], s), _stride(c.row, s), _stride(hcoef, s), x.stride(3)),
+        x.storage_offset() + base,
+    )
+
+
+#: Let an index dim (segments, phases, stacked tiles) take the primitive's head slot. With it
+#: off every call keeps its real heads there and loops over the other index dims instead.
+HEAD_SLOT = True
+
+#: A run and the bool ``(nb, nb)`` block table its tiles come from.
+RunTable = tuple[_Run, torch.Tensor]
+
+
+def _run_tables(
+    layouts: Sequence[BranchLayout], seq: int, heads: int, kv_heads: int
+) -> list[RunTable]:
+    return [
+        (run, lay.blocks)
+        for i, lay in enumerate(layouts)
+        for run in _runs(seq, heads, kv_heads, i, lay.segment_length, lay.dilation_rate)
+    ]
+
+
+def _steps(
+    runs: Sequence[RunTable],
+    block: int,
+    is_causal: bool,
+    tensors: Sequence[torch.Tensor],
+    mask: torch.Tensor | None,
+) -> Iterator[_Step]:
+    """Every primitive call, in the order both passes use (dropout seeds follow it)."""
+    b = tensors[0].shape[0]
+    strides = [_strides(t) for t in tensors]
+    if mask is not None:
+        strides.append((mask.stride(0), mask.stride(1), 0))
+    first_branch = runs[0][0].branch if runs else None
+    for run, table in runs:
+        # Runs of one branch hold disjoint rows; a later branch covers them again.
+        written: set[int] | None = set() if run.branch == first_branch else None
+        for tile in plan_tiles(table, run.length, block, is_causal):
+            call = _call(run, tile, b, block)
+            plan = _problems(call, strides, heads_ok=HEAD_SLOT and mask is None)
+            first = False
+            if written is not None:
+                blocks = _tile_blocks(tile)
+                first = not (blocks & written)
+                written |= blocks
+            heads: Sequence[int | None] = range(plan.head_loop) if plan.head_loop else [None]
+            for loop in itertools.product(*(range(size) for size, _ in plan.loops)):
+                for head in heads:
+                    yield _Step(run, call, plan, loop, head, first)
+
+
+def count_calls(
+    layouts: Sequence[BranchLayout],
+    block_size: int,
+    shape: tuple[int, int, int, int],
+    kv_heads: int,
+    is_causal: bool,
+) -> int:
+    """Primitive calls one forward pass makes on contiguous inputs of ``shape`` (for benchmarks)."""
+    b, n, h, d = shape
+    q = torch.empty(shape, device="meta")
+    k = torch.empty(b, n, kv_heads, d, device="meta")
+    lse = torch.empty(b, n, h, 1, device="meta")
+    runs = _run_tables(layouts, n, h, kv_heads)
+    return sum(1 for _ in _steps(runs, block_size, is_causal, [q, k, k, q, lse], None))
+
+
+def _kv_sources(run: _Run, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if run.kv_index is None:
+        return k, v
+    # Heads of a phase whose key/value heads are no strided slice: gather them once per run.
+    idx = torch.tensor(run.kv_index, device=k.device)
+    return k.index_select(2, idx), v.index_select(2, idx)
+
+
+def _seed(dropout_seed: int | None, call: int) -> int | None:
+    return None if dropout_seed is None else dropout_seed + call
+
+
+@dataclass(frozen=True)
+class _Views:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_mask: torch.Tensor | None
+
+
+def _inputs(
+    step: _Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask4: torch.Tensor | None
+) -> _Views:
+    km = None if mask4 is None else _view(mask4, step, "mask")[..., 0, 0]
+    return _Views(_view(q, step, "q"), _view(k, step, "k"), _view(v, step, "k"), km)
+
+
+def block_sparse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layouts: Sequence[BranchLayout],
+    block_size: int,
+    *,
+    scale: float,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of block-sparse dilated attention on validated inputs, without autograd.
+
+    Args:
+        q: ``(batch, seq, heads, head_dim)``.
+        k, v: ``(batch, seq, kv_heads, head_dim)``.
+        layouts: every branch's layout
+            ([`resolve_layouts`][dilated.core.sparsity.resolve_layouts]).
+        block_size: rows per block.
+        scale, is_causal, key_padding_mask: as in
+            [`block_sparse_dilated_attention`][dilated.sparse.block_sparse_dilated_attention].
+        dropout_p: dropout on the probabilities; needs ``dropout_seed``.
+        dropout_seed: seed of the first call's dropout mask (call ``i`` uses ``seed + i``).
+
+    Returns:
+        ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q`` (0 for uncovered rows)
+        and ``lse`` ``(batch, heads, seq)`` float32 (float64 for float64 inputs; ``-inf`` there).
+    """
+    b, n, h, d = q.shape
+    work = compute_dtype(q.dtype)
+    acc = torch.zeros(b, n, h, d, dtype=work, device=q.device)
+    acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=work, device=q.device)
+    runs = _run_tables(layouts, n, h, k.shape[2])
+    forward_into(
+        runs, block_size, q, k, v, acc, acc_lse, scale=scale, is_causal=is_causal,
+        key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        empty=True,
+    )  # fmt: skip
+    return acc.to(q.dtype), acc_lse[..., 0].transpose(1, 2).contiguous()
+
+
+#: Use the one-launch Triton merge: None = on CUDA for float32 accumulators (tests force it).
+FUSED_MERGE: bool | None = None
+
+
+def _merge_for(
+    acc: torch.Tensor,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    fused = FUSED_MERGE
+    if fused is None:
+        fused = (
+            acc.is_cuda
+            and acc.dtype == torch.float32
+            and importlib.util.find_spec("triton") is not None
+        )
+    if not fused:
+        return merge_into
+    from dilated.sparse._merge_kernel import fused_merge_into
+
+    return fused_merge_into
+
+
+def forward_into(
+    runs: Sequence[RunTable],
+    block_size: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    acc: torch.Tensor,
+    acc_lse: torch.Tensor,
+    *,
+    scale: float,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    empty: bool = False,
+) -> None:
+    """Merge the tiles of ``runs`` into ``acc`` ``(batch, n, heads, head_dim)`` and ``acc_lse``
+    ``(batch, n, heads, 1)`` (float32, in place). ``q`` is shaped like ``acc``; ``k``/``v``
+    hold the keys the runs address (another length when a run has a ``q_shift``). ``empty``:
+    the accumulators hold nothing yet (zeros and ``-inf``), so a call on rows no earlier call
+    wrote copies its result instead of merging it."""
+    work = acc.dtype
+    merge = _merge_for(acc)
+    mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
+    sources: dict[_Run, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        steps = _steps(runs, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask)
+        for i, step in enumerate(steps):
+            c = step.call
+            if step.run not in sources:
+                sources = {step.run: _kv_sources(step.run, k, v)}
+            ks, vs = sources[step.run]
+            x = _inputs(step, q, ks, vs, mask4)
+            out, lse = subproblem_attention(
+                x.q,
+                x.k,
+                x.v,
+                scale=scale,
+                is_causal=c.causal,
+                key_mask=x.key_mask,
+                dropout_p=dropout_p,
+                dropout_seed=_seed(dropout_seed, i),
+            )
+            lse_view = _view(acc_lse, step, "q")[..., 0].transpose(1, 2)
+            if step.first and empty:
+                # Nothing merged into these rows yet: the merge would be a copy.
+                _view(acc, step, "q").copy_(out)
+                lse_view.copy_(lse)
+            else:
+                merge(_view(acc, step, "q"), lse_view, out, lse.to(work))
+
+
+def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call, overlap: bool) -> None:
+    """Add a call's key gradient into the accumulator view; overlapping windows block by block."""
+    if not overlap:
+        acc += grad
+        return
+    # Stacked windows overlap (a band): each key block of the window is disjoint across the stack.
+    for j in range(call.key_blocks):
+        rows = slice(j * call.block_rows, (j + 1) * call.block_rows)
+        acc[:, rows] += grad[:, rows]
+
+
+def block_sparse_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    layouts: Sequence[BranchLayout],
+    block_size: int,
+    *,
+    scale: float,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` given the final ``out`` ``(batch, seq, heads, head_dim)`` and ``lse``
+    ``(batch, heads, seq)`` of [`block_sparse_forward`][dilated.sparse.engine.block_sparse_forward]
+    (same arguments). Returns float32 gradients (float64 for float64 inputs)."""
+    work = compute_dtype(q.dtype)
+    lse4 = lse.transpose(1, 2).unsqueeze(-1).contiguous()
+    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    dk = torch.zeros(k.shape, dtype=work, device=q.device)
+    dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    runs = _run_tables(layouts, q.shape[1], q.shape[2], k.shape[2])
+    backward_into(
+        runs, block_size, grad_out, q, k, v, out, lse4, dq, dk, dv, scale=scale,
+        is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def backward_into(
+    runs: Sequence[RunTable],
+    block_size: int,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse4: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    *,
+    scale: float,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> None:
+    """Add the gradients of the tiles of ``runs`` into ``dq``/``dk``/``dv`` (float32, shaped like
+    ``q``/``k``/``v``) given the final ``out`` and ``lse4`` ``(batch, n, heads, 1)``."""
+    work = dq.dtype
+    grad_out = grad_out.contiguous()
+    mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
+    current: _Run | None = None
+    ks, vs, dks, dvs = k, v, dk, dv
+    tensors = [q, k, v, grad_out, out, lse4, dq, dk, dv]
+    for i, step in enumerate(_steps(runs, block_size, is_causal, tensors, key_padding_mask)):
+        c, run = step.call, step.run
+        if run is not current:
+            _flush(current, dk, dv, dks, dvs)
+            current = run
+            ks, vs = _kv_sources(run, k, v)
+            dks, dvs = (
+                (dk, dv)
+                if run.kv_index is None
+                else (
+                    torch.zeros(ks.shape, dtype=work, device=q.device),
+                    torch.zeros(vs.shape, dtype=work, device=q.device),
+                )
+            )
+        x = _inputs(step, q, ks, vs, mask4)
+
+        def view_q(t: torch.Tensor, step: _Step = step) -> torch.Tensor:
+            return _view(t, step, "q")
+
+        gq, gk, gv = subproblem_attention_backward(
+            view_q(grad_out),
+            x.q,
+            x.k,
+            x.v,
+            view_q(out),
+            view_q(lse4)[..., 0].transpose(1, 2),
+            scale=scale,
+            is_causal=c.causal,
+            key_mask=x.key_mask,
+            dropout_p=dropout_p,
+            dropout_seed=_seed(dropout_seed, i),
+        )
+        view_q(dq).add_(gq)
+        _add_keys(_view(dks, step, "k"), gk, c, step.plan.keys_overlap)
+        _add_keys(_view(dvs, step, "k"), gv, c, step.plan.keys_overlap)
+    _flush(current, dk, dv, dks, dvs)
+
+
+def _flush(
+    run: _Run | None, dk: torch.Tensor, dv: torch.Tensor, dks: torch.Tensor, dvs: torch.Tensor
+) -> None:
+    """Add the gradients of a run's gathered key/value heads back into their heads."""
+    if run is None or run.kv_index is None:
+        return
+    idx = torch.tensor(run.kv_index, device=dk.device)
+    dk.index_add_(2, idx, dks)
+    dv.index_add_(2, idx, dvs)

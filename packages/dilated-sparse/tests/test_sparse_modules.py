@@ -1,0 +1,97 @@
+"""The modules, the factory and the registry kind of dilated-sparse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilated.core import (
+    DilatedAttentionConfig,
+    MultiheadConfig,
+    SparsePatternConfig,
+    create_dilated_attention,
+    create_multihead_dilated_attention,
+    get_implementation,
+)
+from dilated.core.testing import assert_close_to_reference, make_inputs
+from dilated.sparse import (
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+    DistributedBlockSparseDilatedAttention,
+    DistributedBlockSparseMultiheadDilatedAttention,
+    block_sparse_dilated_attention,
+    create_block_sparse_multihead_attention,
+)
+
+CFG = SparsePatternConfig("global_local", local_window_size=4, global_tokens=4, block_size=4)
+
+
+def test_module_computes_the_functional() -> None:
+    x = make_inputs(2, 40, 4, 8, kv_heads=2, padding=True, seed=0)
+    m = BlockSparseRingDilatedAttention([16, 32], [1, 2], sparse_config=CFG, is_causal=True)
+    got = m(x.q, x.k, x.v, key_padding_mask=x.key_padding_mask)
+    want = block_sparse_dilated_attention(
+        x.q, x.k, x.v, [16, 32], [1, 2], sparse_config=CFG, is_causal=True,
+        key_padding_mask=x.key_padding_mask,
+    )  # fmt: skip
+    assert torch.equal(got, want)
+    by_keywords = BlockSparseRingDilatedAttention(
+        DilatedAttentionConfig([16, 32], [1, 2], is_causal=True),
+        pattern_type="global_local",
+        local_window_size=4,
+        global_tokens=4,
+        block_size=4,
+    )
+    assert by_keywords.sparse_config == CFG
+    assert "nb=4" in repr(m) and "W=1" in m.describe()
+
+
+def test_multihead_module_factory_and_registry() -> None:
+    mc, ac = MultiheadConfig(embed_dim=32, num_heads=4), DilatedAttentionConfig([16, 32], [1, 2])
+    m = BlockSparseRingMultiheadDilatedAttention(mc, ac, sparse_config=CFG)
+    assert isinstance(m.attention, BlockSparseRingDilatedAttention)
+    assert m.attention.sparse_config is CFG
+    x = torch.randn(2, 40, 32)
+    out, weights = m(x, x, x)
+    assert out.shape == x.shape and weights is None
+    out.sum().backward()
+    assert m.q_proj.weight.grad is not None
+    seed = create_block_sparse_multihead_attention(64, 8, 0.5, "local_window", block_size=16)
+    assert seed.sparse_config == SparsePatternConfig(
+        "local_window", sparsity_ratio=0.5, block_size=16
+    )
+    assert seed.multihead_config.num_heads == 8
+    assert get_implementation("block_sparse").multihead is BlockSparseRingMultiheadDilatedAttention
+    mh = create_multihead_dilated_attention(
+        "block_sparse", embed_dim=32, num_heads=4, segment_lengths=[16], dilation_rates=[1],
+        pattern_type="dilated_sparse", block_size=2,
+    )  # fmt: skip
+    assert isinstance(mh, BlockSparseRingMultiheadDilatedAttention)
+    one = create_dilated_attention("block_sparse", segment_lengths=[16], dilation_rates=[1])
+    assert one.sparse_config == SparsePatternConfig()
+    ring = get_implementation("block_sparse_ring")
+    assert ring.distributed and ring.attention is DistributedBlockSparseDilatedAttention
+    assert ring.multihead is DistributedBlockSparseMultiheadDilatedAttention
+    # A sparse layout is another function than dilated attention: "auto" never picks it.
+    assert get_implementation("auto", "cpu").name != "block_sparse"
+
+
+def test_dense_module_matches_the_standard_module() -> None:
+    x = make_inputs(1, 33, 4, 8, seed=4)
+    sparse = BlockSparseRingDilatedAttention([8, 16], [1, 2], pattern_type="dense")
+    standard = create_dilated_attention("standard", segment_lengths=[8, 16], dilation_rates=[1, 2])
+    assert_close_to_reference(sparse(x.q, x.k, x.v), standard(x.q, x.k, x.v), torch.float32)
+
+
+def test_bad_module_arguments() -> None:
+    with pytest.raises(ValueError, match="either sparse_config or its fields"):
+        BlockSparseRingDilatedAttention([16], [1], sparse_config=CFG, block_size=8)
+    with pytest.raises(ValueError, match="block_size"):
+        BlockSparseRingDilatedAttention([16], [1], block_size=0)
+    with pytest.raises(ValueError, match="local_window_size"):
+        create_block_sparse_multihead_attention(32, 4, local_window_size=-2)
+    with pytest.raises(TypeError, match="sparse_config"):
+        BlockSparseRingDilatedAttention([16], [1], sparse_config={"block_size": 8})  # type: ignore[arg-type]
+    wrong = SparsePatternConfig("custom", block_size=4, layout=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="layout must be at least"):
+        BlockSparseRingDilatedAttention([32], [1], sparse_config=wrong)
