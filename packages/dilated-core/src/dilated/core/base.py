@@ -45,7 +45,7 @@ class BaseDilatedAttention(nn.Module, ABC):
     Attributes:
         config: the validated [`DilatedAttentionConfig`][dilated.core.config.DilatedAttentionConfig].
         check_finite: passed to every call of the functional op; a subclass reads it in
-            [`_attention`][dilated.core.base.BaseDilatedAttention._attention].
+            `_attention`.
         computes_dilated_attention: True when the module computes exactly the dilated attention
             of its branches (what a KV cache of them reproduces); a subclass that computes
             another function of the same branches (a block-sparse layout) sets it False.

@@ -404,7 +404,7 @@ def block_sparse_ring_dilated_attention(
         k, v: ``(batch, seq / P, kv_heads, head_dim)``.
         segment_lengths, dilation_rates, sparse_config, scale, is_causal: as in the
             single-process op, identical on every rank (see
-            [`check_sharding`][dilated.sparse.distributed.check_sharding] for the segments that
+            `check_sharding` for the segments that
             can be split).
         key_padding_mask: this rank's ``(batch, seq / P)`` bool shard (True = real token) or
             None; gathered once (``batch * seq / P`` bytes per rank) when a branch spans ranks.
