@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from dilated.core.branches import compute_dtype, head_index
-from dilated.core.merge import merge_into
+from dilated.kernels.merge import merge_into
 from dilated.kernels.partial import dilated_attention_backward, dilated_attention_forward
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 from dilated.ring.comm import Transport, make_comm

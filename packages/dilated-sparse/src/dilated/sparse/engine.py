@@ -8,7 +8,7 @@ product of up to four index dimensions (batch, segment, folded phase, stacked ti
 adjacent ones with compatible strides merge into the primitive's batch dimension; another one
 takes the head slot when a call has one head (or when looping over the real heads instead makes
 fewer calls), and any left over is looped. The results are merged into float32 accumulators with
-[`merge_into`][dilated.core.merge.merge_into] (on CUDA its one-launch Triton form; a call on rows
+[`merge_into`][dilated.kernels.merge.merge_into] (on CUDA its one-launch Triton form; a call on rows
 nothing was merged into yet copies its result). The backward pass
 enumerates the same calls and gives each one the FINAL merged output and LSE
 ([`subproblem_attention_backward`][dilated.kernels.subproblem.subproblem_attention_backward]),
@@ -21,17 +21,16 @@ no grouped-query attention; otherwise each phase is its own run.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from dilated.core.branches import SubProblem, compute_dtype, subproblems
-from dilated.core.merge import merge_into
 from dilated.core.sparsity import BranchLayout
+from dilated.kernels.merge import merge_into
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 from dilated.sparse.tiles import Tile, plan_tiles
 
@@ -412,27 +411,6 @@ def block_sparse_forward(
     return acc.to(q.dtype), acc_lse[..., 0].transpose(1, 2).contiguous()
 
 
-#: Use the one-launch Triton merge: None = on CUDA for float32 accumulators (tests force it).
-FUSED_MERGE: bool | None = None
-
-
-def _merge_for(
-    acc: torch.Tensor,
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
-    fused = FUSED_MERGE
-    if fused is None:
-        fused = (
-            acc.is_cuda
-            and acc.dtype == torch.float32
-            and importlib.util.find_spec("triton") is not None
-        )
-    if not fused:
-        return merge_into
-    from dilated.sparse._merge_kernel import fused_merge_into
-
-    return fused_merge_into
-
-
 def forward_into(
     runs: Sequence[RunTable],
     block_size: int,
@@ -455,7 +433,6 @@ def forward_into(
     the accumulators hold nothing yet (zeros and ``-inf``), so a call on rows no earlier call
     wrote copies its result instead of merging it."""
     work = acc.dtype
-    merge = _merge_for(acc)
     mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
     sources: dict[_Run, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
@@ -482,7 +459,7 @@ def forward_into(
                 _view(acc, step, "q").copy_(out)
                 lse_view.copy_(lse)
             else:
-                merge(_view(acc, step, "q"), lse_view, out, lse.to(work))
+                merge_into(_view(acc, step, "q"), lse_view, out, lse.to(work))
 
 
 def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call, overlap: bool) -> None:

@@ -1,11 +1,10 @@
 # Triton kernels take upper-case pointer names and untyped JIT arguments by convention.
 # ruff: noqa: N803
 # mypy: disable-error-code="untyped-decorator,no-untyped-def"
-"""[`merge_into`][dilated.core.merge.merge_into] as one Triton launch on strided views.
+"""[`merge_into`][dilated.core.merge.merge_into] as one Triton launch on strided views (used
+through [`dilated.kernels.merge`][dilated.kernels.merge]).
 
-The engine merges every tile's result into the float32 accumulators; ``merge_into`` is a dozen
-element-wise PyTorch ops, so with hundreds of tiles per layer their launches, not the GPU, would
-set the pace. This kernel computes the same formula (``L = logaddexp(L_acc, L_part)``,
+This kernel computes the same formula (``L = logaddexp(L_acc, L_part)``,
 ``O = exp(L_acc - L) O_acc + exp(L_part - L) O_part``, rows empty on both sides stay ``0`` /
 ``-inf``) for a block of rows per program, reading the four views in place through their strides.
 """

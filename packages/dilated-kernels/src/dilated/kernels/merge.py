@@ -1,0 +1,54 @@
+"""The online log-sum-exp merge on the device: one launch instead of a dozen.
+
+[`merge_into`][dilated.kernels.merge.merge_into] is
+[`dilated.core.merge.merge_into`][dilated.core.merge.merge_into] (same arguments, same result),
+run as one Triton kernel on strided views for CUDA float32 accumulators and as the core's
+plain-PyTorch formula everywhere else. The ring's spanning branches and dilated-sparse's tiles
+merge every dense call into float32 accumulators; with many calls per layer, the dozen
+element-wise launches of the plain formula, not the GPU, would set the pace.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from dilated.core.merge import merge_into as merge_into_reference
+
+__all__ = ["FUSED", "merge_into"]
+
+#: Use the Triton kernel: None (default) on CUDA for float32 accumulators when Triton is
+#: installed; True forces it (the tests run it under ``TRITON_INTERPRET=1``), False never.
+FUSED: bool | None = None
+
+
+def _fused(acc_out: torch.Tensor) -> bool:
+    if FUSED is not None:
+        return FUSED
+    return (
+        acc_out.is_cuda
+        and acc_out.dtype == torch.float32
+        and importlib.util.find_spec("triton") is not None
+    )
+
+
+def merge_into(
+    acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Merge one partial result into running float32 accumulators, in place (no autograd).
+
+    Args:
+        acc_out: ``(batch, rows, heads, head_dim)`` float32, any strides with a unit
+            ``head_dim`` stride.
+        acc_lse: ``(batch, heads, rows)`` float32, ``-inf`` where nothing was merged yet.
+        out: the part's output, shaped like ``acc_out``, any float dtype.
+        lse: the part's log-sum-exp, shaped like ``acc_lse``, ``-inf`` for rows it does not
+            cover.
+    """
+    if not _fused(acc_out):
+        merge_into_reference(acc_out, acc_lse, out, lse)
+        return
+    from dilated.kernels.backends._merge_kernel import fused_merge_into
+
+    fused_merge_into(acc_out, acc_lse, out, lse)

@@ -1,0 +1,37 @@
+"""The one-launch Triton merge equals dilated.core.merge.merge_into (under the interpreter on
+CPU): strided accumulators, 16-bit parts, rows empty on one side or both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilated.core.merge import merge_into as merge_into_reference
+from dilated.kernels import merge
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("b", "n", "h", "d"), [(2, 7, 3, 8), (1, 33, 1, 20), (3, 5, 4, 64)])
+def test_fused_merge_is_merge_into(
+    dtype: torch.dtype, b: int, n: int, h: int, d: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    gen = torch.Generator().manual_seed(n)
+    # Strided accumulators (every other row of a larger buffer), as the engine's views are.
+    acc = torch.randn(b, 2 * n, h, d, generator=gen)[:, ::2]
+    acc_lse = torch.randn(b, h, 2 * n, generator=gen)[:, :, ::2]
+    out = torch.randn(b, n, h, d, generator=gen).to(dtype)
+    lse = torch.randn(b, h, n, generator=gen)
+    acc_lse[:, :, 0] = float("-inf")  # nothing merged yet
+    lse[:, :, 1] = float("-inf")  # the part covers nothing
+    acc_lse[:, :, 2] = lse[:, :, 2] = float("-inf")  # empty on both sides
+    acc[:, 2] = 0.0
+    want_acc, want_lse = acc.clone(), acc_lse.clone()
+    merge_into_reference(want_acc, want_lse, out, lse)
+    monkeypatch.setattr(merge, "FUSED", True)
+    merge.merge_into(acc, acc_lse, out, lse)
+    assert torch.allclose(acc, want_acc, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(acc_lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    assert torch.allclose(acc_lse[finite], want_lse[finite], atol=1e-5)
+    assert torch.equal(acc[:, 2], torch.zeros_like(acc[:, 2]))
