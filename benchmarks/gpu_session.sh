@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: every package's CUDA tests, then the benchmarks, logs and JSON under $OUT
 # (default ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests] [ring] [sparse] [cli]
-# (default: all four). Each step has its own time limit, so one slow step never takes the rest.
+# (default: all four; PACKAGES="ring sparse" limits the tests). Each step has its own time limit,
+# so one slow step never takes the rest.
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -13,31 +14,31 @@ has() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; r
 summary=()
 
 if has tests; then
-    for pkg in core kernels ring sparse longnet; do
+    for pkg in ${PACKAGES:-core kernels ring sparse longnet}; do
         dir="$root/packages/dilated-$pkg/tests"
         [ -d "$dir" ] || continue
-        (cd "$dir" && timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider . \
+        (cd "$dir" && timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider . \
             >"$OUT/gpu-tests-$pkg.log" 2>&1)
         summary+=("tests $pkg: $(tail -1 "$OUT/gpu-tests-$pkg.log")")
     done
 fi
 if has ring; then
-    timeout 150 python3 "$root/benchmarks/ring.py" --iters 5 --out "$OUT/ring-world1.json" \
+    timeout 100 python3 "$root/benchmarks/ring.py" --iters 5 --out "$OUT/ring-world1.json" \
         >"$OUT/ring-world1.log" 2>&1
-    timeout 300 python3 "$root/benchmarks/ring.py" --skip-world-of-one --simulate 2 4 8 \
+    timeout 240 python3 "$root/benchmarks/ring.py" --skip-world-of-one --simulate 2 4 8 \
         --iters 3 --out "$OUT/ring-sim.json" >"$OUT/ring-sim.log" 2>&1
-    timeout 150 python3 "$root/benchmarks/ring.py" --skip-world-of-one --simulate 8 \
+    timeout 90 python3 "$root/benchmarks/ring.py" --skip-world-of-one --simulate 8 \
         --strategy allgather --no-check --iters 3 --out "$OUT/ring-sim-ag.json" \
         >"$OUT/ring-sim-ag.log" 2>&1
     summary+=("ring: see ring-*.log")
 fi
 if has sparse && [ -f "$root/benchmarks/sparse.py" ]; then
-    timeout 400 python3 "$root/benchmarks/sparse.py" --out "$OUT/sparse.json" \
+    timeout 300 python3 "$root/benchmarks/sparse.py" ${SPARSE_ARGS:-} --out "$OUT/sparse.json" \
         >"$OUT/sparse.log" 2>&1
     summary+=("sparse: $(tail -1 "$OUT/sparse.log")")
 fi
 if has cli; then
-    timeout 200 dilated check >"$OUT/cli-check.log" 2>&1
+    timeout 120 dilated check >"$OUT/cli-check.log" 2>&1
     summary+=("dilated check: $(tail -1 "$OUT/cli-check.log")")
 fi
 for log in "$OUT"/ring-world1.log "$OUT"/ring-sim.log "$OUT"/ring-sim-ag.log; do
