@@ -65,5 +65,7 @@ def choose_backend(
             name = sdpa.NAME
     else:
         name = reference.NAME
-    logger.debug("dilated_attention backend='auto' chose %r on %s", name, q.device)
+    # Logging is a graph break under torch.compile; the choice is the same in eager mode.
+    if not torch.compiler.is_compiling():
+        logger.debug("dilated_attention backend='auto' chose %r on %s", name, q.device)
     return name
