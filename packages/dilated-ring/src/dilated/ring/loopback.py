@@ -49,8 +49,9 @@ class LoopbackHub:
     Args:
         world_size: ranks in the group.
         live: the ranks that run (default: all). The others are *phantom peers*: what is sent
-            to them is counted and dropped, and a receive from one returns a random tensor of
-            the expected shape and dtype (one cached buffer per shape). With one live rank, that
+            to them is counted and dropped, a receive from one returns a random tensor of the
+            expected shape and dtype (one cached buffer per shape), and in an all-gather it
+            holds what this rank holds (so the cross-rank check agrees). With one live rank, that
             rank's compute and bytes are exactly those of a real run, measured alone on the
             device; only the values it receives are not its peers' (timing and byte counts, not
             results).
