@@ -15,7 +15,11 @@ import matplotlib.pyplot as plt
 def main(src: str, dst: str) -> None:
     with open(src) as f:
         data = json.load(f)
-    rows = data["rows"]
+    # One curve per method: plain MHA rows of one causal setting (the first row's), since the
+    # JSON of benchmarks/kernels.py may hold several features and both causal settings.
+    rows = [r for r in data["rows"] if r.get("feature", "mha") == "mha"]
+    causal = rows[0].get("causal", data.get("causal", False)) if rows else False
+    rows = [r for r in rows if r.get("causal", data.get("causal", False)) == causal]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for m in ("reference", "ideal", "flex", "cudnn", "triton"):
