@@ -16,8 +16,9 @@ FLOPs, no gather and no merge), with the same feature: k/v of the gathered parts
 feature's kv heads (``enable_gqa``), a boolean ``attn_mask`` hiding the gathered keys whose
 original position is in the padded tail (combined with the causal triangle into one mask, since
 SDPA takes no mask together with ``is_causal=True``), and the same ``dropout_p``. It is timed
-under each of the SDPA backends cuDNN, Flash and memory-efficient separately (a backend that
-cannot run the call is skipped) and the fastest is kept; the row says which (``ideal_backend``).
+under each of the SDPA backends cuDNN, Flash and memory-efficient separately
+(``--ideal-backends``; a backend that cannot run the call is skipped, saying why) and the fastest
+is kept; the row says which (``ideal_backend``).
 
 Prints median times (triton.testing.do_bench), TFLOP/s counted as
 ``4 * heads * sum_i(seq * (w_i / r_i) * head_dim / r_i)`` forward (x3.5 for forward+backward,
@@ -46,6 +47,7 @@ import gc
 import json
 import math
 import statistics
+import time
 import timeit
 import warnings
 from collections.abc import Callable, Sequence
@@ -243,6 +245,7 @@ class Case:
     grad: bool
     dtype: torch.dtype
     device: str = "cuda"
+    ideal_backends: tuple[str, ...] = IDEAL_BACKENDS
 
 
 def ideal_inputs(case: Case) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -281,7 +284,7 @@ def measure_ideal(case: Case) -> Measured:
         )
     leaves = [x for p in parts for x in p]
     best = Measured(note="no SDPA backend ran")
-    for name in IDEAL_BACKENDS:
+    for name in case.ideal_backends:
         backend = getattr(SDPBackend, name)
 
         def run(backend: SDPBackend = backend) -> None:
@@ -413,6 +416,7 @@ def kernel_rows(
     h, d = args.heads, args.head_dim
     ws, rs = tuple(args.segments), tuple(args.rates)
     rows = []
+    start = time.perf_counter()
     for seq in args.seqs:
         for feature in (FEATURES[name] for name in args.features):
             for causal in (CAUSAL_MODES[c] for c in args.causal_modes):
@@ -431,6 +435,7 @@ def kernel_rows(
                         grad=mode == "fwd+bwd",
                         dtype=dtype,
                         device=device,
+                        ideal_backends=tuple(args.ideal_backends),
                     )
                     res = {method: run_method(method, case, args) for method in args.methods}
                     ideal = res.get("ideal", Measured())
@@ -451,6 +456,7 @@ def kernel_rows(
                             "ideal_backend": ideal.backend,
                             "vs_ideal": ratio(ideal.ms, got.ms),
                             "note": got.note,
+                            "elapsed_s": round(time.perf_counter() - start, 1),
                         }
                         rows.append(row)
                         print(row_line(row), flush=True)
@@ -464,7 +470,8 @@ def row_line(r: dict[str, Any]) -> str:
     return (
         f"seq={r['seq']:>8} {r['feature']:>7} causal={causal_name(r['causal']):<3} "
         f"{r['mode']:>7} {r['method']:>9}: {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s "
-        f"peak {r['peak_gib']:6.2f} GiB  ideal/this {r['vs_ideal']:.2f}{won}{note}"
+        f"peak {r['peak_gib']:6.2f} GiB  ideal/this {r['vs_ideal']:.2f}{won}  "
+        f"t={r['elapsed_s']:.0f}s{note}"
     )
 
 
@@ -652,6 +659,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="off, on or both (default: off, or on with --causal)",
     )
+    ap.add_argument(
+        "--ideal-backends",
+        nargs="+",
+        choices=[short_backend(name) for name in IDEAL_BACKENDS],
+        default=[short_backend(name) for name in IDEAL_BACKENDS],
+        help="the SDPA backends the ideal is timed under (the fastest is kept)",
+    )
     ap.add_argument("--flex-max-seq", type=int, default=32768)
     ap.add_argument("--reference-max-seq", type=int, default=32768)
     ap.add_argument(
@@ -684,6 +698,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.causal_modes = ["on"] if args.causal else ["off"]
     elif args.causal and "on" not in args.causal_modes:
         ap.error("--causal contradicts --causal-modes without 'on'")
+    args.ideal_backends = [f"{name.upper()}_ATTENTION" for name in args.ideal_backends]
     if len(args.segments) != len(args.rates):
         ap.error("--segments and --rates need as many values each")
     for name in args.features:
