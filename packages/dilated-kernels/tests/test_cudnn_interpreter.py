@@ -134,19 +134,83 @@ def test_random_configs(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("heads", "kv_heads", "ws", "rs"),
     [
-        ({"dropout_p": 0.1}, r"no dropout.*sdpa"),
-        ({"key_padding_mask": torch.ones(1, 8, dtype=torch.bool)}, r"key padding.*triton"),
+        (4, 2, (4, 8, 16), (1, 2, 4)),  # group 2: rate 1 shares heads, rates 2 and 4 stride them
+        (8, 2, (8, 16), (2, 8)),  # group 4: rate 2 shares, rate 8 strides by 2
+        (4, 2, (8, 32), (1, 8)),  # more phases than heads
+        (6, 2, (4, 8), (1, 2)),  # group 3 with rate 2: neither divides, heads expanded once
+        (4, 1, (4, 8), (1, 4)),  # multi-query
     ],
 )
-def test_unsupported_calls_name_the_backend_that_can(kwargs: dict[str, object], match: str) -> None:
-    inp = make_inputs(1, 8, 2, 16, seed=0)
-    with pytest.raises(ValueError, match=match):
-        dilated_attention(inp.q, inp.k, inp.v, [4], [1], backend="cudnn", **kwargs)  # type: ignore[arg-type]
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+def test_grouped_query_and_padding_match_dense(
+    heads: int,
+    kv_heads: int,
+    ws: tuple[int, ...],
+    rs: tuple[int, ...],
+    causal: bool,
+    padding: bool,
+) -> None:
+    attention = functools.partial(dilated_attention, return_lse=True, backend="cudnn")
+    check_on_random_inputs(
+        attention, 2, 37, heads, 16, ws, rs, kv_heads=kv_heads, is_causal=causal,
+        padding=padding, seed=heads + kv_heads,
+    )  # fmt: skip
 
 
-def test_grouped_query_attention_names_triton() -> None:
-    inp = make_inputs(1, 8, 4, 16, kv_heads=2, seed=0)
-    with pytest.raises(ValueError, match=r"grouped-query.*triton"):
-        dilated_attention(inp.q, inp.k, inp.v, [4], [1], backend="cudnn")
+def test_fully_padded_rows_are_zero_with_finite_gradients() -> None:
+    inp = make_inputs(2, 24, 4, 16, kv_heads=2, requires_grad=True, seed=4)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, :16] = False  # the first two segments of w=8 see no key at all
+    mask[1] = False
+    out, lse = dilated_attention(
+        inp.q, inp.k, inp.v, (8,), (1,), key_padding_mask=mask, return_lse=True, backend="cudnn"
+    )
+    assert bool((out[0, :16] == 0).all()) and bool((out[1] == 0).all())
+    assert bool(torch.isinf(lse[0, :, :16]).all()) and bool(torch.isfinite(lse[0, :, 16:]).all())
+    grads = torch.autograd.grad(out.square().sum(), (inp.q, inp.k, inp.v))
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert bool((grads[0][1] == 0).all())
+
+
+def test_dropout_is_seeded_and_its_gradient_is_the_derivative() -> None:
+    """Reproducible under ``torch.manual_seed``, really dropping, and the backward pass replays
+    the forward's masks (central difference of the same draw), grouped heads included."""
+    x = make_inputs(1, 20, 4, 16, kv_heads=2, seed=5)
+    ins = [t.detach().requires_grad_() for t in (x.q, x.k, x.v)]
+    direction = [torch.randn_like(t) for t in ins]
+    g = torch.randn_like(x.q)
+
+    def value(eps: float, p: float = 0.4) -> torch.Tensor:
+        torch.manual_seed(11)
+        moved = [t + eps * d for t, d in zip(ins, direction)]
+        out = dilated_attention(
+            *moved, [4, 8], [1, 2], is_causal=True, dropout_p=p, backend="cudnn"
+        )
+        return (out * g).sum()
+
+    base = value(0.0)
+    assert torch.equal(base, value(0.0))
+    assert not torch.allclose(base, value(0.0, p=0.0))
+    grads = torch.autograd.grad(base, ins)
+    # float32 (the interpreter's cudnn path): rounding bounds the central difference's accuracy.
+    eps = 1e-2
+    numeric = (value(eps) - value(-eps)).item() / (2 * eps)
+    analytic = sum((gr * d).sum().item() for gr, d in zip(grads, direction))
+    assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+def test_kv_head_layouts() -> None:
+    # Which key/value heads each phase reads: the query heads of the phase, divided by the group.
+    for h, g, r in [(8, 2, 1), (8, 2, 2), (8, 2, 4), (8, 4, 8), (16, 4, 2), (4, 2, 8)]:
+        for phase in range(min(r, h)):
+            first, step, count = cudnn._kv_heads(phase, r, h, g)
+            wanted = sorted({j // g for j in range(phase, h, r)})
+            got = list(range(first, first + step * count, step))
+            # A group that is a multiple of r reads every kv head for g / r query heads each.
+            assert sorted(set(got)) == wanted, (h, g, r, phase)
+    assert cudnn._kv_layout(6, 2, (1, 2)) == "expand"
+    assert cudnn._kv_layout(8, 2, (1, 2, 4)) == "grouped"
+    assert cudnn._kv_layout(8, 8, (3,)) == "mha"

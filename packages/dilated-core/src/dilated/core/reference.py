@@ -25,9 +25,24 @@ __all__ = [
     "dense_segment_attention",
     "dense_segment_attention_backward",
     "dilated_attention_reference",
+    "draw_dropout_seed",
     "dropout_keep_mask",
+    "dropout_seed_value",
     "phase_heads",
 ]
+
+
+def draw_dropout_seed(dropout_p: float) -> torch.Tensor | None:
+    """One call's dropout seed: a CPU int64 tensor ``(1,)`` drawn from torch's default CPU
+    generator (reproducible under ``torch.manual_seed``; reading it is no device sync, and a
+    compiled graph draws it too), or None without dropout."""
+    return torch.randint(1 << 62, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
+
+
+def dropout_seed_value(seed: torch.Tensor | None) -> int | None:
+    """The ``int`` of a seed from [`draw_dropout_seed`][dilated.core.reference.draw_dropout_seed]
+    (a CPU tensor: no device sync), or None."""
+    return None if seed is None else int(seed.item())
 
 
 def dropout_keep_mask(

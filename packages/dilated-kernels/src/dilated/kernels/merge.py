@@ -10,11 +10,10 @@ element-wise launches of the plain formula, not the GPU, would set the pace.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from dilated.core.merge import merge_into as merge_into_reference
+from dilated.kernels._capabilities import HAS_TRITON
 
 __all__ = ["FUSED", "merge_into"]
 
@@ -26,11 +25,7 @@ FUSED: bool | None = None
 def _fused(acc_out: torch.Tensor) -> bool:
     if FUSED is not None:
         return FUSED
-    return (
-        acc_out.is_cuda
-        and acc_out.dtype == torch.float32
-        and importlib.util.find_spec("triton") is not None
-    )
+    return acc_out.is_cuda and acc_out.dtype == torch.float32 and HAS_TRITON
 
 
 def merge_into(

@@ -4,7 +4,7 @@ A caller that merges the result with other parts (the ring's branches that span 
 sequence-parallel head slice) needs the forward pass on its own, ``(out, lse)`` with the float32
 LSE, and the backward pass evaluated with the FINAL merged output and LSE, which may include keys
 this part never saw. Both run on the fused ``"cudnn"`` backend when it can take the call (CUDA,
-16-bit, no key padding mask, GQA or dropout) and otherwise as one
+16-bit, no dropout, the whole head range) and otherwise as one
 [`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention] call per branch, phase
 and run of segments ([`subproblems`][dilated.core.branches.subproblems]). Inputs are validated
 by the caller.
@@ -30,8 +30,10 @@ def _fused(
     dropout_p: float,
     head_offset: int,
 ) -> bool:
+    # Dropout keeps the per-call seeds this module hands out (the fused path draws its own).
     return (
         head_offset == 0
+        and dropout_p == 0.0
         and q.is_cuda
         and cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p) is None
     )
@@ -75,7 +77,9 @@ def dilated_attention_forward(
     """
     if _fused(q, k, key_padding_mask, dropout_p, head_offset):
         with torch.no_grad():
-            return cudnn.forward_no_grad(q, k, v, segment_lengths, dilation_rates, scale, is_causal)
+            return cudnn.forward_no_grad(
+                q, k, v, segment_lengths, dilation_rates, scale, is_causal, key_padding_mask
+            )
     calls = 0
 
     def dense(
@@ -159,8 +163,9 @@ def dilated_attention_backward(
     """
     if _fused(q, k, key_padding_mask, dropout_p, head_offset):
         return cudnn.backward_from_merged(
-            q, k, v, out, lse, grad_out, segment_lengths, dilation_rates, scale, is_causal
-        )
+            q, k, v, out, lse, grad_out, segment_lengths, dilation_rates, scale, is_causal,
+            key_padding_mask,
+        )  # fmt: skip
     n, hq, hkv = q.shape[1], q.shape[2], k.shape[2]
     work = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=work, device=q.device)

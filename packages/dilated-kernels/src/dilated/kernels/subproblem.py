@@ -9,13 +9,18 @@ and dilated-sparse all call it.
 
 Engines: cuDNN's fused attention (through PyTorch's ``_scaled_dot_product_cudnn_attention``),
 which reads strided views in place at full speed and returns the LSE, for CUDA float16/bfloat16
-inputs with ``head_dim`` a multiple of 8 up to 128, no key mask and no dropout; otherwise the
-portable plain-PyTorch fallback of dilated-core
+inputs with ``head_dim`` a multiple of 8 up to 256 on Hopper (128 before), grouped-query heads
+read natively, a key mask passed as an additive bias and dropout drawn from a Philox stream
+seeded with ``dropout_seed`` (so the backward replays it); otherwise the portable plain-PyTorch
+fallback of dilated-core
 ([`dense_segment_attention`][dilated.core.reference.dense_segment_attention]), computed in
 float32, which materialises the score matrix of the call.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -24,6 +29,7 @@ from dilated.core.reference import (
     dense_segment_attention,
     dense_segment_attention_backward,
 )
+from dilated.kernels._capabilities import cuda_capability_major, has_cudnn_attention
 
 __all__ = [
     "cudnn_supports",
@@ -33,9 +39,10 @@ __all__ = [
 ]
 
 
-def has_cudnn_attention() -> bool:
-    """Whether this PyTorch build has cuDNN's fused attention op."""
-    return hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+def cudnn_max_head_dim(device_index: int) -> int:
+    """The largest ``head_dim`` cuDNN attention takes on this CUDA device: 256 on Hopper and
+    newer (forward and backward, checked on an H200 with cuDNN 9.19), 128 before."""
+    return 256 if cuda_capability_major(device_index) >= 9 else 128
 
 
 def cudnn_supports(
@@ -47,35 +54,73 @@ def cudnn_supports(
     dropout_p: float = 0.0,
 ) -> bool:
     """Whether [`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention] runs
-    this call on cuDNN (else on the plain-PyTorch fallback)."""
+    this call on cuDNN (else on the plain-PyTorch fallback).
+
+    cuDNN takes grouped-query attention natively, a key mask as an additive bias and dropout
+    from its own Philox stream; ``key_mask`` and ``dropout_p`` do not change the answer.
+    """
+    del key_mask, dropout_p  # both run on cuDNN
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 128
-        and key_mask is None
-        and dropout_p == 0.0
         and q.shape[1] > 0
         and k.shape[1] > 0
+        and q.shape[2] % k.shape[2] == 0
         # cuDNN's causal mask with unequal lengths is not top-left aligned everywhere.
         and (not is_causal or q.shape[1] == k.shape[1])
         and has_cudnn_attention()
-        and torch.backends.cudnn.is_available()
+        and q.shape[-1] <= cudnn_max_head_dim(q.device.index or 0)
     )
 
 
-def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Repeat key/value heads ``(B, L, H_kv, D)`` for the query heads that read them."""
-    group = heads // x.shape[2]
-    return x if group == 1 else x.repeat_interleave(group, dim=2)
+def _key_bias(key_mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``key_mask`` ``(batch, rows_k)`` as cuDNN's additive bias ``(batch, heads, rows_q, rows_k)``.
+
+    0 for allowed keys, ``-inf`` for the others, in the dtype of ``q`` (cuDNN reads the bias in
+    the inputs' dtype). One ``(batch, rows_k)`` tensor broadcast over heads and queries, each
+    batch row 16-byte aligned: cuDNN misreads other bias strides.
+    """
+    b, rows_q, heads, _ = q.shape
+    rows_k = key_mask.shape[1]
+    padded = -(-rows_k // 8) * 8
+    bias = torch.zeros(b, padded, dtype=q.dtype, device=q.device)[:, :rows_k]
+    bias.masked_fill_(~key_mask, float("-inf"))
+    return bias[:, None, None, :].expand(b, heads, rows_q, rows_k)
 
 
-def _fold_heads(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Sum the gradients of repeated key/value heads back into ``(B, L, H_kv, D)``."""
-    b, n, h, d = dx.shape
-    if h == kv_heads:
-        return dx
-    return dx.reshape(b, n, kv_heads, h // kv_heads, d).sum(3)
+@contextlib.contextmanager
+def _cudnn_dropout_stream(device: torch.device, seed: int | None) -> Iterator[None]:
+    """cuDNN draws dropout from the device's default generator: seed it with ``seed`` (offset 0)
+    for this call and restore it after, so that the backward can replay ``(seed, 0)``."""
+    if seed is None:
+        yield
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise ValueError(
+            "dropout_p > 0 on cuDNN cannot be captured in a CUDA graph (each call reseeds the "
+            "generator); capture with dropout_p=0"
+        )
+    gen = torch.cuda.default_generators[device.index or 0]
+    state = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        yield
+    finally:
+        gen.set_state(state)
+
+
+def _philox(seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(seed, offset)`` device scalars cuDNN's backward replays a dropout mask from."""
+    # Pinned and asynchronous: a pageable copy would wait for every queued kernel.
+    pair = torch.tensor([seed & ((1 << 63) - 1), 0], dtype=torch.int64).pin_memory()
+    on_device = pair.to(device, non_blocking=True)
+    return on_device[0], on_device[1]
+
+
+def _check_seed(dropout_p: float, dropout_seed: int | None) -> None:
+    if dropout_p > 0.0 and dropout_seed is None:
+        raise ValueError("dropout_seed is required with dropout_p > 0: the backward replays it")
 
 
 def subproblem_attention(
@@ -111,16 +156,14 @@ def subproblem_attention(
         float64 inputs; ``-inf`` there), taken before dropout so that partial results merge into
         one softmax.
     """
-    if dropout_p > 0.0 and dropout_seed is None:
-        raise ValueError("dropout_seed is required with dropout_p > 0: the backward replays it")
-    heads = q.shape[2]
+    _check_seed(dropout_p, dropout_seed)
     if cudnn_supports(q, k, is_causal=is_causal, key_mask=key_mask, dropout_p=dropout_p):
-        qt, kt, vt = (
-            x.transpose(1, 2) for x in (q, _expand_heads(k, heads), _expand_heads(v, heads))
-        )
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            qt, kt, vt, None, True, 0.0, is_causal, False, scale=scale
-        )
+        bias = None if key_mask is None else _key_bias(key_mask, q)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        with _cudnn_dropout_stream(q.device, dropout_seed if dropout_p > 0.0 else None):
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qt, kt, vt, bias, True, dropout_p, is_causal, False, scale=scale
+            )
         return res[0].transpose(1, 2), res[1].reshape(qt.shape[:-1])
     work = compute_dtype(q.dtype)
     out, lse = dense_segment_attention(
@@ -169,20 +212,28 @@ def subproblem_attention_backward(
         ``(batch, rows_k, kv_heads, head_dim)`` (grouped query heads summed into their key/value
         head), in the dtypes of ``q``, ``k``, ``v``.
     """
-    heads, kv_heads = q.shape[2], k.shape[2]
+    _check_seed(dropout_p, dropout_seed)
     if cudnn_supports(q, k, is_causal=is_causal, key_mask=key_mask, dropout_p=dropout_p):
-        qt, kt, vt = (
-            x.transpose(1, 2) for x in (q, _expand_heads(k, heads), _expand_heads(v, heads))
-        )
-        # No dropout: the philox seed/offset are never read; no bias, no ragged lengths.
-        unused = q.new_empty(0, dtype=torch.int64)
+        bias = None
+        lse = lse.float()
+        if key_mask is not None:
+            bias = _key_bias(key_mask, q)
+            # A row that sees no key anywhere has L = -inf; P = exp(S - L) must be 0 there,
+            # which L = +inf gives (cuDNN would compute -inf - (-inf) = NaN).
+            lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+        if dropout_p > 0.0 and dropout_seed is not None:
+            seed, offset = _philox(dropout_seed, q.device)
+        else:
+            # No dropout: the philox seed/offset are never read.
+            seed = offset = q.new_empty(0, dtype=torch.int64)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             grad_out.to(q.dtype).transpose(1, 2), qt, kt, vt, out.to(q.dtype).transpose(1, 2),
-            lse.float().contiguous().unsqueeze(-1), unused, unused, None, None, None,
-            qt.shape[2], kt.shape[2], 0.0, is_causal, scale=scale,
+            lse.contiguous().unsqueeze(-1), seed, offset, bias, None, None,
+            qt.shape[2], kt.shape[2], dropout_p, is_causal, scale=scale,
         )  # fmt: skip
         dq, dk, dv = (g.transpose(1, 2) for g in grads[:3])
-        return dq, _fold_heads(dk, kv_heads), _fold_heads(dv, kv_heads)
+        return dq, dk, dv
     work = compute_dtype(q.dtype)
     dq, dk, dv = dense_segment_attention_backward(
         grad_out.to(work),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dilated.core.branches import compute_dtype
+from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.ring.comm import gather_key_padding_mask, make_comm, resolve_group
 from dilated.ring.ring import RingPlan, ring_backward, ring_forward
 
@@ -68,10 +69,9 @@ def _plan_of(q: torch.Tensor, k: torch.Tensor, seed: torch.Tensor | None, *opts:
     ws, rs, *rest = opts
     world = rest[6]
     plan = _plan(tuple(ws), tuple(rs), *rest, q.shape[1] * world, q.shape[2], k.shape[2])
-    if seed is None:
-        return plan
+    value = dropout_seed_value(seed)
     # The seed lives in a CPU tensor, so that a compiled graph draws it without a host read.
-    return plan.with_seed(int(seed.item()))
+    return plan if value is None else plan.with_seed(value)
 
 
 @torch.library.custom_op(
@@ -171,12 +171,6 @@ def _backward(
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _draw_seed() -> torch.Tensor:
-    """This call's dropout seed, from torch's default generator (reproducible under
-    ``torch.manual_seed``), as a CPU tensor."""
-    return torch.randint(1 << 62, (1,), dtype=torch.int64)
-
-
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -201,7 +195,7 @@ def ring_attention(
     the other arguments are those of
     [`ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention], checked.
     """
-    seed = _draw_seed() if dropout_p > 0.0 else None
+    seed = draw_dropout_seed(dropout_p)
     out, lse, _ = _attention(
         q, k, v, key_padding_mask, seed, list(segment_lengths), list(dilation_rates), scale,
         is_causal, load_balance, strategy, group, rank, world_size, timeout_s, dropout_p,

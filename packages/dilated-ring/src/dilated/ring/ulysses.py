@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.kernels import dilated_attention as kernels_dilated_attention
 from dilated.kernels.partial import dilated_attention_backward, dilated_attention_forward
 from dilated.ring.comm import Transport, gather_key_padding_mask
@@ -158,7 +159,7 @@ def global_phase_attention(
         "scale": scale,
         "is_causal": is_causal,
         "dropout_p": dropout_p,
-        "dropout_seed": int(torch.randint(1 << 62, ())) if dropout_p > 0.0 else None,
+        "dropout_seed": dropout_seed_value(draw_dropout_seed(dropout_p)),
         "head_offset": 0 if aligned else head_offset,
     }
     out, lse = _HeadSliceAttention.apply(q, k, v, key_padding_mask, options)

@@ -31,6 +31,7 @@ import torch
 from dilated.core.branches import compute_dtype
 from dilated.core.config import SparsePatternConfig
 from dilated.core.functional import prepare_call
+from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout
 from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
 from dilated.ring.functional import group_rank_and_size
@@ -437,7 +438,7 @@ def block_sparse_ring_dilated_attention(
     sh = _Shards(
         shard * world, shard, world, heads, k.shape[2], sparse_config.block_size, is_causal
     )
-    seed = int(torch.randint(1 << 62, (), dtype=torch.int64)) if dropout_p > 0.0 else None
+    seed = dropout_seed_value(draw_dropout_seed(dropout_p))
     call = _Call(sh, layouts, tuple(spanning), softmax_scale, group, timeout_s, dropout_p, seed)
     whole_mask = None
     if key_padding_mask is not None and any(spanning):

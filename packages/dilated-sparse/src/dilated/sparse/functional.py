@@ -10,6 +10,7 @@ import torch
 
 from dilated.core.config import SparsePatternConfig
 from dilated.core.functional import prepare_call
+from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout, resolve_layouts
 from dilated.sparse.engine import block_sparse_backward, block_sparse_forward
 
@@ -189,7 +190,7 @@ def block_sparse_dilated_attention(
         check_finite_inputs=check_finite,
     )
     layouts = branch_layouts(sparse_config, ws, rs)
-    seed = int(torch.randint(1 << 62, (), dtype=torch.int64)) if dropout_p > 0.0 else None
+    seed = dropout_seed_value(draw_dropout_seed(dropout_p))
     out, lse = _BlockSparseDilatedAttention.apply(
         q,
         k,

@@ -9,11 +9,13 @@ dropout_p) -> (out, lse)`` on inputs already validated by
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
 from dilated.kernels.backends import cudnn, flash, reference, sdpa
 from dilated.kernels.backends import triton as triton_backend
+from dilated.kernels.subproblem import cudnn_max_head_dim
 
 __all__ = ["BACKEND_NAMES", "available_backends", "choose_backend", "get_backend"]
 
@@ -45,17 +47,19 @@ def choose_backend(
 ) -> str:
     """The backend ``"auto"`` runs for this call (logged at debug level).
 
-    CUDA: ``"cudnn"`` (cuDNN per sub-problem + fused merge, the fastest) for 16-bit calls
-    without key padding mask, grouped-query attention or dropout; else ``"triton"`` (the fused
-    kernel) unless the call has dropout or an unsupported dtype or head_dim, then ``"flash"``
-    when installed and the call is inference in 16-bit without mask, else ``"sdpa"``. Other
-    devices: ``"reference"`` (on CPU the ``"sdpa"`` backend runs the same math with more copies).
+    | device, call | backend |
+    |---|---|
+    | CUDA, float16/bfloat16, ``head_dim % 8 == 0``, ``head_dim <= 256`` (Hopper; 128 before), any mask, GQA, dropout, causal | ``"cudnn"`` |
+    | CUDA, other float16/bfloat16/float32 calls without dropout | ``"triton"``, with a one-time warning that this is a slower path |
+    | CUDA, the rest (dropout in float32, float64) | ``"flash"`` when installed and it takes the call, else ``"sdpa"`` |
+    | CPU and other devices | ``"reference"`` |
     """
     if q.is_cuda:
         if cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p) is None:
             name = cudnn.NAME
         elif triton_backend.unsupported_reason(q, dropout_p) is None:
             name = triton_backend.NAME
+            _warn_slow_path(q)
         elif (
             flash.available(q.device)
             and flash.unsupported_reason(q, key_padding_mask, dropout_p) is None
@@ -69,3 +73,21 @@ def choose_backend(
     if not torch.compiler.is_compiling():
         logger.debug("dilated_attention backend='auto' chose %r on %s", name, q.device)
     return name
+
+
+_warned: set[tuple[torch.dtype, int]] = set()
+
+
+def _warn_slow_path(q: torch.Tensor) -> None:
+    """Say once per (dtype, head_dim) that the call left the cuDNN path, and how to stay on it."""
+    key = (q.dtype, q.shape[-1])
+    if key in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"dilated_attention backend='auto': {q.dtype} with head_dim {q.shape[-1]} runs on the "
+        f"fused Triton kernel, several times slower than the cuDNN path, which takes "
+        f"float16/bfloat16 with head_dim a multiple of 8 up to "
+        f"{cudnn_max_head_dim(q.device.index or 0)}",
+        stacklevel=4,
+    )

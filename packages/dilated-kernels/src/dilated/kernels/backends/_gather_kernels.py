@@ -53,13 +53,30 @@ def _piece_pointers(
     RMAX: tl.constexpr,
     SCALAR: tl.constexpr,
     WITH_LSE: tl.constexpr,
+    KV_GROUP: tl.constexpr,
 ):
     """Pointers to branch ``i``'s value row (and LSE) for positions ``t`` of head ``j``."""
     # Constant w and r turn every division and modulo below into multiplies and shifts.
     w: tl.constexpr = WS[i]
     r: tl.constexpr = RS[i]
-    p = j % r
-    take = valid & ((t % r) == p)
+    if KV_GROUP == 0:
+        # Query head j is read by phase j % r only, at the rows of that phase.
+        p = j % r
+        take = valid & ((t % r) == p)
+        hl = j // r
+    else:
+        # Key/value head j: a row's phase is its position mod r, and that phase's piece holds
+        # head j either always (the group is a multiple of r) or when j falls in its strided
+        # set (r a multiple of the group); see cudnn._kv_heads.
+        p = t % r
+        if KV_GROUP % r == 0:
+            take = valid
+            hl = j
+        else:
+            step: tl.constexpr = r // KV_GROUP
+            take = valid & ((j % step) == (p // KV_GROUP))
+            hl = j // step
+        p = tl.where(take, p, 0)
     seg = t // w
     # SCALAR: the whole block is in the segment of its first row.
     where = t_first // w if SCALAR else seg
@@ -67,7 +84,6 @@ def _piece_pointers(
     row = ((((i * RMAX + p) * B + bi) * 2 + partial) * ROW_FIELDS).to(tl.int64)
     local_seg = where - _field(Table, row, 8, take, SCALAR)
     local_row = (t - seg * w - p) // r
-    hl = j // r
     o_off = (
         local_seg * _field(Table, row, 2, take, SCALAR)
         + local_row * _field(Table, row, 3, take, SCALAR)
@@ -113,9 +129,11 @@ def gather_pieces(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    KV_GROUP: tl.constexpr,
 ):
     """Rows ``[t_start, t_stop)`` of ``Out``: the LSE merge of the pieces (``MERGE``, also
-    writing ``Lse``) or their plain sum (``Lse`` unused)."""
+    writing ``Lse``) or their plain sum (``Lse`` unused). ``H`` heads of query heads
+    (``KV_GROUP`` 0) or of key/value heads shared by ``KV_GROUP`` query heads."""
     # Heads vary fastest over programs, so programs running together write whole output rows.
     pid_bh = tl.program_id(0)
     bi = pid_bh // H
@@ -131,7 +149,7 @@ def gather_pieces(
     for i in tl.static_range(len(WS)):
         o_ptr, l_ptr, take = _piece_pointers(
             Table, t, t_first, j, bi, n, B, valid, i,
-            Out.dtype.element_ty, WS, RS, RMAX, SCALAR, MERGE,
+            Out.dtype.element_ty, WS, RS, RMAX, SCALAR, MERGE, KV_GROUP,
         )  # fmt: skip
         o_i = tl.load(o_ptr[:, None] + dd[None, :], mask=take[:, None] & dmask[None, :], other=0.0)
         if MERGE:

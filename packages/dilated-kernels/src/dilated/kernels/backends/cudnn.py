@@ -24,7 +24,6 @@ Triton kernels.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -33,8 +32,10 @@ from typing import Any
 
 import torch
 
+from dilated.core.reference import draw_dropout_seed, dropout_seed_value
+from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
 from dilated.kernels.subproblem import (
-    has_cudnn_attention,
+    cudnn_max_head_dim,
     subproblem_attention,
     subproblem_attention_backward,
 )
@@ -66,14 +67,11 @@ def _interpreting() -> bool:
 
 def available(device: torch.device) -> bool:
     """CUDA with cuDNN attention (sm80+) and triton; or CPU under ``TRITON_INTERPRET=1``."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         return False
     if device.type == "cuda":
-        return (
-            has_cudnn_attention()
-            and torch.backends.cudnn.is_available()
-            and torch.cuda.get_device_capability(device)[0] >= 8
-        )
+        index = device.index if device.index is not None else 0
+        return has_cudnn_attention() and cuda_capability_major(index) >= 8
     return device.type == "cpu" and _interpreting()
 
 
@@ -81,19 +79,41 @@ def unsupported_reason(
     q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float
 ) -> str | None:
     """Why this backend cannot take the call, or None when it can."""
-    if dropout_p > 0.0:
-        return "it has no dropout; use backend='sdpa' or 'reference'"
-    if key_padding_mask is not None:
-        return "it has no key padding mask; use backend='triton'"
-    if k.shape[2] != q.shape[2]:
-        return "it has no grouped-query attention (kv_heads != heads); use backend='triton'"
+    del k, key_padding_mask, dropout_p  # grouped-query heads, masks and dropout all run here
     if not available(q.device):
         return f"it needs triton and a CUDA device with cuDNN attention (got {q.device.type})"
-    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+    # float32 runs only on CPU under the interpreter (the tests); the LSE is float32 there.
+    if q.dtype not in (torch.float16, torch.bfloat16, *(() if q.is_cuda else (torch.float32,))):
         return f"it takes float16/bfloat16 on CUDA, got {q.dtype}; use backend='triton'"
-    if q.shape[-1] > 128 or q.shape[-1] % 8:
-        return f"head_dim must be a multiple of 8 up to 128, got {q.shape[-1]}"
+    limit = cudnn_max_head_dim(q.device.index or 0) if q.is_cuda else 256
+    if q.shape[-1] > limit or q.shape[-1] % 8:
+        return f"head_dim must be a multiple of 8 up to {limit} on this device, got {q.shape[-1]}"
     return None
+
+
+def _kv_layout(h: int, hkv: int, rs: Sequence[int]) -> str:
+    """How the key/value heads of each phase are read: ``"mha"``; ``"grouped"`` (every rate
+    divides or is divided by the group ``h / hkv``: each phase reads a strided set of key/value
+    heads, cuDNN groups the query heads natively); ``"expand"`` (other groupings: key/value
+    heads are repeated once to ``h`` and the gradients summed back)."""
+    g = h // hkv
+    if g == 1:
+        return "mha"
+    if all(g % r == 0 or r % g == 0 for r in rs):
+        return "grouped"
+    return "expand"
+
+
+def _kv_heads(phase: int, r: int, h: int, g: int) -> tuple[int, int, int]:
+    """``(first, step, count)`` of the key/value heads phase ``phase`` of rate ``r`` reads.
+
+    The phase's query heads are ``phase + r m``; head ``j`` reads key/value head ``j // g``.
+    With ``g % r == 0`` those are all key/value heads, ``g / r`` query heads each; with
+    ``r % g == 0`` they are ``phase // g + (r / g) m``, one query head each.
+    """
+    if g % r == 0:
+        return 0, 1, h // g
+    return phase // g, r // g, len(range(phase, h, r))
 
 
 @dataclass(frozen=True)
@@ -148,17 +168,33 @@ def _plan(
     return pieces
 
 
-def _view(x: torch.Tensor, piece: _Piece) -> torch.Tensor:
-    """``(B, rows, heads of the phase, head_dim)`` strided view of contiguous ``x`` for ``piece``."""
+def _view(
+    x: torch.Tensor, piece: _Piece, heads: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """``(B, rows, heads of the phase, head_dim)`` strided view of contiguous ``x`` for ``piece``.
+
+    ``heads``: ``(first, step, count)`` of the heads read (default: the phase's query heads).
+    """
     sb, sn, sh, _ = x.stride()
-    heads = len(range(piece.phase, x.shape[2], piece.r))
+    if heads is None:
+        heads = (piece.phase, piece.r, len(range(piece.phase, x.shape[2], piece.r)))
+    first, step, count = heads
     return x.as_strided(
-        (piece.batches * piece.count, piece.rows, heads, x.shape[3]),
-        (piece.w * sn, piece.r * sn, piece.r * sh, 1),
-        x.storage_offset()
-        + piece.batch0 * sb
-        + (piece.start + piece.phase) * sn
-        + piece.phase * sh,
+        (piece.batches * piece.count, piece.rows, count, x.shape[3]),
+        (piece.w * sn, piece.r * sn, step * sh, 1),
+        x.storage_offset() + piece.batch0 * sb + (piece.start + piece.phase) * sn + first * sh,
+    )
+
+
+def _mask_view(mask: torch.Tensor | None, piece: _Piece) -> torch.Tensor | None:
+    """The key rows of contiguous ``mask`` ``(batch, seq)`` for ``piece``, ``(B, rows)``."""
+    if mask is None:
+        return None
+    sb, sn = mask.stride()
+    return mask.as_strided(
+        (piece.batches * piece.count, piece.rows),
+        (piece.w * sn, piece.r * sn),
+        mask.storage_offset() + piece.batch0 * sb + (piece.start + piece.phase) * sn,
     )
 
 
@@ -206,7 +242,16 @@ def _table(
     if device.type != "cuda":
         return table.to(device)
     # Pinned and asynchronous: a pageable copy would wait for every queued kernel.
-    return table.pin_memory().to(device, non_blocking=True)
+    pinned = table.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        # A captured copy reads this host buffer again at every replay: it must outlive the
+        # graph (the addresses in it are the graph's own, so they stay valid).
+        _GRAPH_TABLES.append(pinned)
+    return pinned.to(device, non_blocking=True)
+
+
+#: Host tables read by captured CUDA graphs (a few hundred bytes per call captured).
+_GRAPH_TABLES: list[torch.Tensor] = []
 
 
 def _chunks(b: int, n: int, h: int, d: int, ws: Sequence[int]) -> list[tuple[int, int]]:
@@ -219,9 +264,21 @@ _MAX_GRID_Y = 65535
 
 
 def _gather_launches(
-    ws: Sequence[int], rs: Sequence[int], rmax: int, t0: int, t1: int, b: int, h: int, d: int
+    ws: Sequence[int],
+    rs: Sequence[int],
+    rmax: int,
+    t0: int,
+    t1: int,
+    b: int,
+    h: int,
+    d: int,
+    kv_group: int = 0,
 ) -> list[dict[str, Any]]:
-    """Grid, row range and block options of each gather-kernel launch for ``[t0, t1)``."""
+    """Grid, row range and block options of each gather-kernel launch for ``[t0, t1)``.
+
+    ``h`` heads are written; ``kv_group`` > 0: they are key/value heads shared by that many
+    query heads (gradients of k and v), 0: query heads.
+    """
     block = math.gcd(*ws, _BLOCK_T_SCALAR)
     scalar = block >= 16
     block = block if scalar else _BLOCK_T
@@ -238,34 +295,73 @@ def _gather_launches(
             "RMAX": rmax,
             "WS": tuple(ws),
             "RS": tuple(rs),
+            "KV_GROUP": kv_group,
         }
         for s in range(t0, t1, span)
     ]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every piece of one call shares: the branches, options and head layout."""
+
+    ws: tuple[int, ...]
+    rs: tuple[int, ...]
+    scale: float
+    is_causal: bool
+    dropout_p: float
+
+
+def _expanded(x: torch.Tensor, h: int) -> torch.Tensor:
+    return x.repeat_interleave(h // x.shape[2], dim=2)
+
+
+def _folded(dx: torch.Tensor, hkv: int) -> torch.Tensor:
+    b, n, h, d = dx.shape
+    return dx.view(b, n, hkv, h // hkv, d).sum(3, dtype=torch.float32).to(dx.dtype)
+
+
+def _prepare(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: _Call
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``k``, ``v`` as the pieces read them, and their group (0: one per query head)."""
+    h, hkv = q.shape[2], k.shape[2]
+    layout = _kv_layout(h, hkv, call.rs)
+    if layout == "expand":
+        return _expanded(k, h), _expanded(v, h), 0
+    return k, v, (0 if layout == "mha" else h // hkv)
 
 
 def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ws: tuple[int, ...],
-    rs: tuple[int, ...],
-    scale: float,
-    is_causal: bool,
+    mask: torch.Tensor | None,
+    call: _Call,
+    seed: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from dilated.kernels.backends._gather_kernels import gather_pieces
 
     b, n, h, d = q.shape
+    ws, rs = call.ws, call.rs
+    k, v, group = _prepare(q, k, v, call)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     rmax = max(min(r, h) for r in rs)
+    index = 0
     for t0, t1 in _chunks(b, n, h, d, ws):
         pieces = _plan(b, n, h, ws, rs, t0, t1)
-        results = [
-            subproblem_attention(
-                _view(q, pc), _view(k, pc), _view(v, pc), scale=scale, is_causal=is_causal
-            )
-            for pc in pieces
-        ]
+        results = []
+        for pc in pieces:
+            kv = None if group == 0 else _kv_heads(pc.phase, pc.r, h, group)
+            results.append(
+                subproblem_attention(
+                    _view(q, pc), _view(k, pc, kv), _view(v, pc, kv),
+                    scale=call.scale, is_causal=call.is_causal, key_mask=_mask_view(mask, pc),
+                    dropout_p=call.dropout_p, dropout_seed=None if seed is None else seed + index,
+                )
+            )  # fmt: skip
+            index += 1
         table = _table(
             pieces, [o for o, _ in results], [m for _, m in results], b, len(ws), rmax, q.device
         )
@@ -282,44 +378,51 @@ def _backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
-    ws: tuple[int, ...],
-    rs: tuple[int, ...],
-    scale: float,
-    is_causal: bool,
+    call: _Call,
+    seed: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from dilated.kernels.backends._gather_kernels import gather_pieces
 
     b, n, h, d = q.shape
+    hkv = k.shape[2]
+    ws, rs = call.ws, call.rs
+    ke, ve, group = _prepare(q, k, v, call)
     do = grad_out.to(q.dtype).contiguous()
-    grads = [torch.empty_like(x) for x in (q, k, v)]
+    grads = [torch.empty_like(q), torch.empty_like(ke), torch.empty_like(ve)]
     rmax = max(min(r, h) for r in rs)
+    index = 0
     for t0, t1 in _chunks(b, n, h, d, ws):
         pieces = _plan(b, n, h, ws, rs, t0, t1)
-        results = [
-            subproblem_attention_backward(
-                _view(do, pc),
-                _view(q, pc),
-                _view(k, pc),
-                _view(v, pc),
-                _view(out, pc),
-                _lse_view(lse, pc),
-                scale=scale,
-                is_causal=is_causal,
-            )
-            for pc in pieces
-        ]
+        results = []
+        for pc in pieces:
+            kv = None if group == 0 else _kv_heads(pc.phase, pc.r, h, group)
+            results.append(
+                subproblem_attention_backward(
+                    _view(do, pc), _view(q, pc), _view(ke, pc, kv), _view(ve, pc, kv),
+                    _view(out, pc), _lse_view(lse, pc),
+                    scale=call.scale, is_causal=call.is_causal, key_mask=_mask_view(mask, pc),
+                    dropout_p=call.dropout_p, dropout_seed=None if seed is None else seed + index,
+                )
+            )  # fmt: skip
+            index += 1
         for which, grad in enumerate(grads):
             table = _table(pieces, [g[which] for g in results], None, b, len(ws), rmax, q.device)
-            for opts in _gather_launches(ws, rs, rmax, t0, t1, b, h, d):
+            heads = grad.shape[2]
+            for opts in _gather_launches(
+                ws, rs, rmax, t0, t1, b, heads, d, kv_group=group if which else 0
+            ):
                 gather_pieces[opts.pop("grid")](
-                    table, grad, grad, n=n, B=b, H=h,
+                    table, grad, grad, n=n, B=b, H=heads,
                     sob=grad.stride(0), son=grad.stride(1), soh=grad.stride(2),
                     slb=0, slh=0, MERGE=False, **opts,
                 )  # fmt: skip
     dq, dk, dv = grads
+    if dk.shape[2] != hkv:
+        dk, dv = _folded(dk, hkv), _folded(dv, hkv)
     return dq, dk, dv
 
 
@@ -331,18 +434,13 @@ def forward_no_grad(
     dilation_rates: Sequence[int],
     scale: float,
     is_causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of a call this backend supports, outside autograd (for callers that merge
-    it with other parts; see [`dilated.kernels.partial`][dilated.kernels.partial])."""
-    return _forward(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        tuple(segment_lengths),
-        tuple(dilation_rates),
-        scale,
-        is_causal,
-    )
+    """``(out, lse)`` of a call this backend supports (no dropout), outside autograd (for callers
+    that merge it with other parts; see [`dilated.kernels.partial`][dilated.kernels.partial])."""
+    call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0)
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), mask, call, None)
 
 
 def backward_from_merged(
@@ -356,59 +454,132 @@ def backward_from_merged(
     dilation_rates: Sequence[int],
     scale: float,
     is_causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of this call's branches given the FINAL merged ``out`` ``(b, n, h, d)``
     and float32 ``lse`` ``(b, h, n)``, which may include keys of other parts."""
+    call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0)
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     return _backward(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
+        mask,
         out.to(q.dtype).contiguous(),
         lse.float().contiguous(),
         grad_out,
-        tuple(segment_lengths),
-        tuple(dilation_rates),
-        scale,
-        is_causal,
+        call,
+        None,
     )
 
 
-class _CudnnDilatedAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        ws: tuple[int, ...],
-        rs: tuple[int, ...],
-        scale: float,
-        is_causal: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _forward(q, k, v, ws, rs, scale, is_causal)
-        # Unused outputs get None, not a zero tensor: most calls never use the LSE.
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (ws, rs, scale, is_causal)
-        return out, lse
+_OPTIONS = (
+    "int[] segment_lengths, int[] dilation_rates, float scale, bool is_causal, float dropout_p"
+)
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        ws, rs, scale, is_causal = ctx.config
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        if grad_lse is not None:
-            from dilated.kernels.backends import triton as triton_backend
 
-            grads = triton_backend.backward(
-                q, k, v, None, out, lse, grad_out, grad_lse, ws, rs, scale, is_causal
-            )
-        else:
-            grads = _backward(q, k, v, out, lse, grad_out, ws, rs, scale, is_causal)
-        return (*grads, None, None, None, None)
+def _call(ws: Sequence[int], rs: Sequence[int], *opts: Any) -> _Call:
+    return _Call(tuple(ws), tuple(rs), *opts)
+
+
+@torch.library.custom_op(
+    "dilated_kernels::cudnn_attention",
+    mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {_OPTIONS}) "
+    "-> (Tensor, Tensor)",
+)
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *opts: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    call = _call(segment_lengths, dilation_rates, *opts)
+    mask = None if key_mask is None else key_mask.contiguous()
+    return _forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), mask, call, dropout_seed_value(seed)
+    )
+
+
+@_attention.register_fake
+def _attention_fake(q: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n, h, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "dilated_kernels::cudnn_attention_backward",
+    mutates_args=(),
+    schema="(Tensor d_out, Tensor? d_lse, Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
+    f"Tensor out, Tensor lse, Tensor? seed, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
+)
+def _attention_backward(
+    d_out: torch.Tensor,
+    d_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    seed: torch.Tensor | None,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *opts: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    call = _call(segment_lengths, dilation_rates, *opts)
+    q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
+    key_mask = None if key_mask is None else key_mask.contiguous()
+    if d_lse is None:
+        return _backward(
+            q, k, v, key_mask, out, lse.contiguous(), d_out, call, dropout_seed_value(seed)
+        )
+    if call.dropout_p > 0.0:
+        raise ValueError(
+            "backend='cudnn' cannot take a gradient on the returned LSE with dropout; "
+            "use backend='reference'"
+        )
+    # The LSE's gradient changes dS = P (dP - D) into P (dP - D + dL), which cuDNN's backward
+    # cannot take; the fused Triton backward does.
+    from dilated.kernels.backends import triton as triton_backend
+
+    mask = None if key_mask is None else key_mask.to(torch.int8)
+    return triton_backend.backward(
+        q, k, v, mask, out, lse, d_out, d_lse, call.ws, call.rs, call.scale, call.is_causal
+    )
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(
+    d_out: torch.Tensor, d_lse: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    q, k, v, key_mask, seed, *opts = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_mask, out, lse, seed)
+    ctx.opts = opts
+    # An unused LSE gets None, not zeros: a zero tensor would send the backward to Triton.
+    ctx.set_materialize_grads(False)
+
+
+def _autograd_backward(
+    ctx: Any, d_out: torch.Tensor | None, d_lse: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, key_mask, out, lse, seed = ctx.saved_tensors
+    if d_out is None:
+        d_out = torch.zeros_like(out)
+    grads = _attention_backward(d_out, d_lse, q, k, v, key_mask, out, lse, seed, *ctx.opts)
+    return (*grads, None, None, *([None] * len(ctx.opts)))
+
+
+_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def forward(
@@ -433,13 +604,17 @@ def forward(
     reason = unsupported_reason(q, k, key_padding_mask, dropout_p)
     if reason is not None:
         raise ValueError(f"backend='cudnn' cannot run this call: {reason}")
-    out, lse = _CudnnDilatedAttentionFn.apply(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        tuple(segment_lengths),
-        tuple(dilation_rates),
+    seed = draw_dropout_seed(dropout_p)
+    out, lse = torch.ops.dilated_kernels.cudnn_attention(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        seed,
+        list(segment_lengths),
+        list(dilation_rates),
         scale,
         is_causal,
+        dropout_p,
     )
     return out, lse

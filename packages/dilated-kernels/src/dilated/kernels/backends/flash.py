@@ -7,13 +7,13 @@ mask; it raises ``ValueError`` otherwise (the ``"sdpa"`` and ``"reference"`` bac
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from dilated.core.branches import run_branches
+from dilated.kernels._capabilities import HAS_FLASH_ATTN
 
 __all__ = ["NAME", "available", "forward", "unsupported_reason"]
 
@@ -33,7 +33,7 @@ def _flash_attn_func() -> Any:
 
 def available(device: torch.device) -> bool:
     """Whether flash-attn is installed and ``device`` is CUDA."""
-    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    return device.type == "cuda" and HAS_FLASH_ATTN
 
 
 def unsupported_reason(

@@ -15,12 +15,13 @@ segment lengths cost nothing.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from dilated.kernels._capabilities import HAS_TRITON
 
 __all__ = ["NAME", "available", "backward", "forward", "unsupported_reason"]
 
@@ -41,7 +42,7 @@ def _interpreting() -> bool:
 
 def available(device: torch.device) -> bool:
     """Whether triton is installed and ``device`` is CUDA (or CPU under ``TRITON_INTERPRET=1``)."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         return False
     return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 

@@ -1,0 +1,39 @@
+"""What this process and its CUDA devices can run, read once and constant to ``torch.compile``.
+
+``torch.compile`` does not trace ``importlib.util.find_spec`` or device queries; the backends'
+availability checks read these values instead, so that a compiled call keeps its backend choice
+without a graph break.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+__all__ = ["HAS_FLASH_ATTN", "HAS_TRITON", "cuda_capability_major", "has_cudnn_attention"]
+
+HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+HAS_FLASH_ATTN: bool = importlib.util.find_spec("flash_attn") is not None
+
+_MAJOR: dict[int, int] = {}
+
+
+# Build properties of torch (no CUDA initialisation).
+_HAS_CUDNN_ATTENTION: bool = hasattr(
+    torch.ops.aten, "_scaled_dot_product_cudnn_attention"
+) and bool(torch.backends.cudnn.is_available())
+
+
+def has_cudnn_attention() -> bool:
+    """Whether this PyTorch build has cuDNN's fused attention op (and cuDNN is usable)."""
+    return _HAS_CUDNN_ATTENTION
+
+
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
+def cuda_capability_major(device_index: int) -> int:
+    """The compute capability's major version of CUDA device ``device_index`` (9: Hopper)."""
+    major = _MAJOR.get(device_index)
+    if major is None:
+        major = _MAJOR[device_index] = torch.cuda.get_device_capability(device_index)[0]
+    return int(major)
