@@ -76,3 +76,24 @@ def test_training_lowers_the_loss() -> None:
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert start > 5.0  # ~ln(256) for an untrained byte model
     assert end < 0.5 * start, (start, end)
+
+
+def test_models_compile_with_fullgraph() -> None:
+    """No graph break anywhere in LongNetLM or LongNet (embedding, rotary, layers, the
+    attention's dispatch): compiled equals eager, forward and backward."""
+    torch.manual_seed(0)
+    lm = LongNetLM(num_tokens=50, d_model=32, nhead=4, num_kv_heads=2, num_decoder_layers=2,
+                   segment_lengths=[8, 16], dilation_rates=[1, 2], dropout=0.0)  # fmt: skip
+    tokens = torch.randint(0, 50, (2, 24))
+    eager = lm(tokens)
+    compiled = torch.compile(lm, fullgraph=True, backend="aot_eager")(tokens)
+    torch.testing.assert_close(compiled, eager)
+    (g_eager,) = torch.autograd.grad(eager.square().mean(), lm.embedding.weight)
+    (g_compiled,) = torch.autograd.grad(compiled.square().mean(), lm.embedding.weight)
+    torch.testing.assert_close(g_compiled, g_eager)
+    net = LongNet(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                  segment_lengths=[8, 16], dilation_rates=[1, 2], dropout=0.0)  # fmt: skip
+    x = torch.randn(1, 16, 32)
+    torch.testing.assert_close(
+        torch.compile(net, fullgraph=True, backend="aot_eager")(x, x), net(x, x)
+    )

@@ -190,3 +190,28 @@ def test_layer_built_from_a_ring_distributed_config() -> None:
                 config.multihead_config, RingAttentionConfig(SEGMENTS, RATES, load_balance="zigzag")
             )
         )
+
+
+@pytest.mark.parametrize("bad", ["config", "shape"])
+def test_every_rank_raises_when_one_disagrees(bad: str) -> None:
+    """One rank with another layout or a wrong shape: every rank raises a ValueError naming it
+    (none is left waiting in a transfer)."""
+    x = make_inputs(1, SEQ, 4, 8, seed=3)
+    other = SparsePatternConfig("local_window", local_window_size=4, block_size=2)
+
+    def rank_fn(rank: int, group: LoopbackGroup) -> str:
+        q, k, v = (_shard(t, rank, 2) for t in (x.q, x.k, x.v))
+        cfg = other if bad == "config" and rank == 1 else CONFIGS["local_window"]
+        if bad == "shape" and rank == 1:
+            q = q[..., :4]
+        with pytest.raises(ValueError) as caught:
+            block_sparse_ring_dilated_attention(
+                q, k, v, SEGMENTS, RATES, sparse_config=cfg, group=group, timeout_s=30
+            )
+        return str(caught.value)
+
+    messages = run_ranks(rank_fn, 2)
+    if bad == "config":
+        assert all("sparse_config" in m for m in messages), messages
+    else:
+        assert "rank(s) [1]" in messages[0] and "head_dim" in messages[1], messages

@@ -97,3 +97,22 @@ def test_fused_merge_on_gpu() -> None:
     fused_merge_into(acc, acc_lse, out, lse)
     assert torch.allclose(acc, want_acc, atol=1e-5, rtol=1e-5)
     assert torch.allclose(acc_lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_module_compiles_with_fullgraph_on_gpu() -> None:
+    from dilated.sparse import BlockSparseRingDilatedAttention
+
+    x = make_inputs(1, 2048, 8, 64, kv_heads=4, dtype=torch.bfloat16, device="cuda",
+                    requires_grad=True, seed=11)  # fmt: skip
+    attn = BlockSparseRingDilatedAttention([512, 1024], [1, 2], sparse_config=LAYOUTS[1],
+                                           is_causal=True)  # fmt: skip
+    eager = attn(x.q, x.k, x.v)
+    compiled = torch.compile(attn, fullgraph=True)(x.q, x.k, x.v)
+    assert_close_to_reference(compiled, eager.double(), torch.bfloat16)
+    g = torch.randn_like(eager)
+    for name, a, e in zip(
+        ("dq", "dk", "dv"),
+        torch.autograd.grad(compiled, (x.q, x.k, x.v), g),
+        torch.autograd.grad(eager, (x.q, x.k, x.v), g),
+    ):
+        assert_close_to_reference(a, e.double(), torch.bfloat16, name)

@@ -95,3 +95,31 @@ def test_bad_module_arguments() -> None:
     wrong = SparsePatternConfig("custom", block_size=4, layout=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="layout must be at least"):
         BlockSparseRingDilatedAttention([32], [1], sparse_config=wrong)
+
+
+def test_op_passes_opcheck() -> None:
+    from dilated.sparse.functional import config_key
+
+    x = make_inputs(1, 24, 4, 8, kv_heads=2, padding=True, requires_grad=True, seed=7)
+    args = (x.q, x.k, x.v, x.key_padding_mask, None, config_key(CFG), [8, 16], [1, 2], 0.35,
+            True, 0.0)  # fmt: skip
+    torch.library.opcheck(torch.ops.dilated_sparse.attention.default, args)
+
+
+def test_modules_compile_with_fullgraph() -> None:
+    """The layout reaches the custom op as a string: no graph break, compiled equals eager."""
+    x = make_inputs(2, 40, 4, 8, kv_heads=2, requires_grad=True, seed=8)
+    attn = BlockSparseRingDilatedAttention([16, 32], [1, 2], sparse_config=CFG, is_causal=True)
+    eager = attn(x.q, x.k, x.v)
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")(x.q, x.k, x.v)
+    torch.testing.assert_close(compiled, eager)
+    g = torch.randn_like(eager)
+    for a, e in zip(
+        torch.autograd.grad(compiled, (x.q, x.k, x.v), g),
+        torch.autograd.grad(eager, (x.q, x.k, x.v), g),
+    ):
+        torch.testing.assert_close(a, e)
+    mha = BlockSparseRingMultiheadDilatedAttention(32, 4, [1, 2], [16, 32], sparse_config=CFG)
+    y = torch.randn(1, 32, 32)
+    out, _ = torch.compile(mha, fullgraph=True, backend="aot_eager")(y, y, y)
+    torch.testing.assert_close(out, mha(y, y, y)[0])

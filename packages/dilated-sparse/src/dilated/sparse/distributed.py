@@ -35,6 +35,7 @@ from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout
 from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
 from dilated.ring.functional import group_rank_and_size
+from dilated.ring.validation import agree_across_ranks
 from dilated.sparse.engine import RunTable, _run_tables, _runs, backward_into, forward_into
 from dilated.sparse.functional import block_sparse_dilated_attention, branch_layouts
 
@@ -377,6 +378,20 @@ class _ShardedBlockSparse(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+def _config_fields(config: object) -> tuple[object, ...]:
+    """What every rank's layout must agree on (a custom layout's table or function is not
+    compared: its blocks are checked against the branches on each rank)."""
+    if not isinstance(config, SparsePatternConfig):
+        return (type(config).__name__,)
+    return (
+        config.pattern_type,
+        config.sparsity_ratio,
+        config.block_size,
+        config.local_window_size,
+        config.global_tokens,
+    )
+
+
 def block_sparse_ring_dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -428,13 +443,32 @@ def block_sparse_ring_dilated_attention(
             return_lse=True,
         )  # fmt: skip
         return (out, lse) if return_lse else out
-    ws, rs, softmax_scale = prepare_call(
-        q, k, v, segment_lengths, dilation_rates, scale=scale, key_padding_mask=key_padding_mask,
-        dropout_p=dropout_p, check_finite_inputs=False,
-    )  # fmt: skip
-    layouts = branch_layouts(sparse_config, ws, rs)
+    checked: list[Any] = []
+
+    def local_checks() -> None:
+        ws, rs, softmax_scale = prepare_call(
+            q, k, v, segment_lengths, dilation_rates, scale=scale,
+            key_padding_mask=key_padding_mask, dropout_p=dropout_p, check_finite_inputs=False,
+        )  # fmt: skip
+        layouts = branch_layouts(sparse_config, ws, rs)
+        spanning = check_sharding(layouts, q.shape[1], world, sparse_config.block_size)
+        checked.append((ws, softmax_scale, layouts, spanning))
+
+    # Every rank raises if one rank's inputs are bad or the ranks disagree: a rank that failed
+    # alone would leave the others waiting in the transfers.
+    options = {
+        "segment_lengths": tuple(segment_lengths),
+        "dilation_rates": tuple(dilation_rates),
+        "sparse_config": _config_fields(sparse_config),
+        "scale": scale,
+        "is_causal": is_causal,
+        "key_padding_mask given": key_padding_mask is not None,
+        "dropout_p": dropout_p,
+        "return_lse": return_lse,
+    }
+    agree_across_ranks(q, k, options, local_checks, group, timeout_s=timeout_s)
+    _ws, softmax_scale, layouts, spanning = checked[0]
     _, shard, heads, _ = q.shape
-    spanning = check_sharding(layouts, shard, world, sparse_config.block_size)
     sh = _Shards(
         shard * world, shard, world, heads, k.shape[2], sparse_config.block_size, is_causal
     )

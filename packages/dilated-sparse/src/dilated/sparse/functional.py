@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
 import torch
 
+from dilated.core.branches import compute_dtype
 from dilated.core.config import SparsePatternConfig
 from dilated.core.functional import prepare_call
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout, resolve_layouts
 from dilated.sparse.engine import block_sparse_backward, block_sparse_forward
 
-__all__ = ["block_sparse_dilated_attention", "branch_layouts"]
+__all__ = ["attention_by_key", "block_sparse_dilated_attention", "branch_layouts", "config_key"]
 
 _LAYOUTS: OrderedDict[
     tuple[int, tuple[int, ...], tuple[int, ...]],
@@ -38,60 +40,139 @@ def branch_layouts(
     return hit[1]
 
 
-class _BlockSparseDilatedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layouts: tuple[BranchLayout, ...],
-        block_size: int,
-        scale: float,
-        is_causal: bool,
-        key_padding_mask: torch.Tensor | None,
-        dropout_p: float,
-        dropout_seed: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = block_sparse_forward(
-            q,
-            k,
-            v,
-            layouts,
-            block_size,
-            scale=scale,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=dropout_p,
-            dropout_seed=dropout_seed,
-        )
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-        ctx.options = (layouts, block_size, scale, is_causal, dropout_p, dropout_seed)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+#: Configs by the key the custom op carries (a config is not an op argument); weak, so that a
+#: dead config's id can never name a new one.
+_CONFIGS: weakref.WeakValueDictionary[str, SparsePatternConfig] = weakref.WeakValueDictionary()
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor | None, _grad_lse: Any) -> tuple[Any, ...]:
-        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-        layouts, block_size, scale, is_causal, dropout_p, dropout_seed = ctx.options
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = block_sparse_backward(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            layouts,
-            block_size,
-            scale=scale,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=dropout_p,
-            dropout_seed=dropout_seed,
-        )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 7)
+
+def config_key(config: SparsePatternConfig) -> str:
+    """The key under which the custom op finds ``config`` (registered on first use)."""
+    key = f"{type(config).__name__}@{id(config):x}"
+    _CONFIGS[key] = config
+    return key
+
+
+def _config(key: str) -> SparsePatternConfig:
+    config = _CONFIGS.get(key)
+    if config is None:
+        raise ValueError(f"no live SparsePatternConfig has the key {key!r}")
+    return config
+
+
+_OPTIONS = (
+    "str layout_key, int[] segment_lengths, int[] dilation_rates, float scale, bool is_causal, "
+    "float dropout_p"
+)
+
+
+@torch.library.custom_op(
+    "dilated_sparse::attention",
+    mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {_OPTIONS}) "
+    "-> (Tensor, Tensor)",
+)
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    layout_key: str,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    config = _config(layout_key)
+    out, lse = block_sparse_forward(
+        q,
+        k,
+        v,
+        branch_layouts(config, segment_lengths, dilation_rates),
+        config.block_size,
+        scale=scale,
+        is_causal=is_causal,
+        key_padding_mask=key_mask,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed_value(seed),
+    )
+    # Outputs may not alias inputs.
+    return out, lse
+
+
+@_attention.register_fake
+def _attention_fake(q: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n, h, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, n), dtype=compute_dtype(q.dtype))
+
+
+@torch.library.custom_op(
+    "dilated_sparse::attention_backward",
+    mutates_args=(),
+    schema="(Tensor d_out, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor out, "
+    f"Tensor lse, Tensor? seed, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
+)
+def _attention_backward(
+    d_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    seed: torch.Tensor | None,
+    layout_key: str,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = _config(layout_key)
+    dq, dk, dv = block_sparse_backward(
+        d_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        branch_layouts(config, segment_lengths, dilation_rates),
+        config.block_size,
+        scale=scale,
+        is_causal=is_causal,
+        key_padding_mask=key_mask,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed_value(seed),
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(
+    d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    q, k, v, key_mask, seed, *opts = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_mask, out, lse, seed)
+    ctx.opts = opts
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx: Any, d_out: torch.Tensor | None, _d_lse: Any) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, key_mask, out, lse, seed = ctx.saved_tensors
+    if d_out is None:
+        d_out = torch.zeros_like(out)
+    grads = _attention_backward(d_out, q, k, v, key_mask, out, lse, seed, *ctx.opts)
+    return (*grads, None, None, *([None] * len(ctx.opts)))
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 @overload
@@ -108,7 +189,7 @@ def block_sparse_dilated_attention(
     key_padding_mask: torch.Tensor | None = ...,
     dropout_p: float = ...,
     return_lse: Literal[False] = ...,
-    check_finite: bool = ...,
+    check_finite: bool | None = ...,
 ) -> torch.Tensor: ...
 
 
@@ -126,7 +207,7 @@ def block_sparse_dilated_attention(
     key_padding_mask: torch.Tensor | None = ...,
     dropout_p: float = ...,
     return_lse: Literal[True],
-    check_finite: bool = ...,
+    check_finite: bool | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -143,7 +224,7 @@ def block_sparse_dilated_attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention restricted by a block layout in every branch (exact, differentiable).
 
@@ -166,7 +247,9 @@ def block_sparse_dilated_attention(
         key_padding_mask: bool ``(batch, seq)``, True for real tokens.
         dropout_p: dropout on the attention probabilities (pass 0 in evaluation).
         return_lse: also return the merged log-sum-exp (not differentiable).
-        check_finite: raise ``ValueError`` on NaN/Inf inputs (a device sync).
+        check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync); None
+            (default) reads the environment variable ``DILATED_CHECK_FINITE`` (off when unset),
+            see [`resolve_check_finite`][dilated.core.checks.resolve_check_finite].
 
     Returns:
         ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q``; with ``return_lse``,
@@ -178,6 +261,40 @@ def block_sparse_dilated_attention(
         raise TypeError(
             f"sparse_config must be a SparsePatternConfig, got {type(sparse_config).__name__}"
         )
+    return attention_by_key(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        layout_key=config_key(sparse_config),
+        scale=scale,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
+        return_lse=return_lse,
+        check_finite=check_finite,
+    )
+
+
+def attention_by_key(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    layout_key: str,
+    scale: float | None = None,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    check_finite: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """[`block_sparse_dilated_attention`][dilated.sparse.block_sparse_dilated_attention] with
+    the layout given by its [`config_key`][dilated.sparse.functional.config_key]: what the
+    modules call, so that ``torch.compile`` sees a string, not a config object."""
     ws, rs, softmax_scale = prepare_call(
         q,
         k,
@@ -189,18 +306,17 @@ def block_sparse_dilated_attention(
         dropout_p=dropout_p,
         check_finite_inputs=check_finite,
     )
-    layouts = branch_layouts(sparse_config, ws, rs)
-    seed = dropout_seed_value(draw_dropout_seed(dropout_p))
-    out, lse = _BlockSparseDilatedAttention.apply(
+    out, lse = torch.ops.dilated_sparse.attention(
         q,
         k,
         v,
-        layouts,
-        sparse_config.block_size,
+        key_padding_mask,
+        draw_dropout_seed(dropout_p),
+        layout_key,
+        list(ws),
+        list(rs),
         softmax_scale,
         is_causal,
-        key_padding_mask,
         dropout_p,
-        seed,
     )
     return (out, lse) if return_lse else out

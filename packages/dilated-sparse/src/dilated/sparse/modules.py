@@ -24,7 +24,7 @@ from dilated.core.registry import Implementation
 from dilated.core.testing import dense_block_sparse_attention
 from dilated.ring.functional import group_rank_and_size
 from dilated.sparse.distributed import block_sparse_ring_dilated_attention
-from dilated.sparse.functional import block_sparse_dilated_attention, branch_layouts
+from dilated.sparse.functional import attention_by_key, branch_layouts, config_key
 
 __all__ = [
     "IMPLEMENTATION",
@@ -129,6 +129,8 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
         )
         # Resolve now: a custom layout that does not fit the branches fails at construction.
         branch_layouts(self.sparse_config, self.segment_lengths, self.dilation_rates)
+        # What the forward passes to the custom op: a string torch.compile takes as a constant.
+        self._layout_key = config_key(self.sparse_config)
 
     def _attention(
         self,
@@ -157,8 +159,8 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
 
     def _op(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The functional this module calls (the distributed subclass adds its group)."""
-        out: torch.Tensor = block_sparse_dilated_attention(*args, **kwargs)
-        return out
+        kwargs.pop("sparse_config")  # self.sparse_config, known to the op by its key
+        return attention_by_key(*args, layout_key=self._layout_key, **kwargs)
 
     def dense_reference(
         self,
