@@ -174,8 +174,13 @@ def test_auto_picks_cudnn_for_every_16_bit_call(monkeypatch: pytest.MonkeyPatch)
     with pytest.warns(UserWarning, match="Triton kernel"):
         assert choose_backend(q.float(), q.float(), None, 0.0) == "triton"
     odd = torch.zeros(1, 8, 2, 36, device="cuda", dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match="head_dim 36"):
+    with pytest.warns(UserWarning, match="got 36"):
         assert choose_backend(odd, odd, None, 0.0) == "triton"
+    # A key mask on cuDNN only at the head sizes verified there (others crashed cuDNN).
+    small = torch.zeros(1, 8, 2, 16, device="cuda", dtype=torch.bfloat16)
+    assert choose_backend(small, small, None, 0.0) == "cudnn"
+    with pytest.warns(UserWarning, match="a key mask run on cuDNN only with head_dim"):
+        assert choose_backend(small, small, mask, 0.0) == "triton"
 
 
 def test_triton_more_segments_than_cuda_grid_axis() -> None:

@@ -32,6 +32,8 @@ from dilated.core.reference import (
 from dilated.kernels._capabilities import cuda_capability_major, has_cudnn_attention
 
 __all__ = [
+    "CUDNN_MASK_DROPOUT_HEAD_DIMS",
+    "cudnn_extras_reason",
     "cudnn_supports",
     "has_cudnn_attention",
     "subproblem_attention",
@@ -43,6 +45,26 @@ def cudnn_max_head_dim(device_index: int) -> int:
     """The largest ``head_dim`` cuDNN attention takes on this CUDA device: 256 on Hopper and
     newer (forward and backward, checked on an H200 with cuDNN 9.19), 128 before."""
     return 256 if cuda_capability_major(device_index) >= 9 else 128
+
+
+#: head_dim values with which cuDNN's bias (key mask) and dropout were verified on an H200.
+#: cuDNN has crashed the host process with a bias at other sizes (a segfault seen with
+#: head_dim 16), so those calls take the fallback.
+CUDNN_MASK_DROPOUT_HEAD_DIMS = (64, 128, 256)
+
+
+def cudnn_extras_reason(
+    q: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float
+) -> str | None:
+    """Why cuDNN may not take this call's key mask or dropout (CUDA only), or None."""
+    extras = [name for name, on in (("a key mask", key_mask is not None),
+                                     ("dropout", dropout_p > 0.0)) if on]  # fmt: skip
+    if q.is_cuda and extras and q.shape[-1] not in CUDNN_MASK_DROPOUT_HEAD_DIMS:
+        return (
+            f"{' and '.join(extras)} run on cuDNN only with head_dim in "
+            f"{CUDNN_MASK_DROPOUT_HEAD_DIMS}, got {q.shape[-1]}"
+        )
+    return None
 
 
 def cudnn_supports(
@@ -57,9 +79,9 @@ def cudnn_supports(
     this call on cuDNN (else on the plain-PyTorch fallback).
 
     cuDNN takes grouped-query attention natively, a key mask as an additive bias and dropout
-    from its own Philox stream; ``key_mask`` and ``dropout_p`` do not change the answer.
+    from its own Philox stream (those two at the head sizes of
+    [`CUDNN_MASK_DROPOUT_HEAD_DIMS`][dilated.kernels.subproblem.CUDNN_MASK_DROPOUT_HEAD_DIMS]).
     """
-    del key_mask, dropout_p  # both run on cuDNN
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
@@ -71,6 +93,7 @@ def cudnn_supports(
         and (not is_causal or q.shape[1] == k.shape[1])
         and has_cudnn_attention()
         and q.shape[-1] <= cudnn_max_head_dim(q.device.index or 0)
+        and cudnn_extras_reason(q, key_mask, dropout_p) is None
     )
 
 

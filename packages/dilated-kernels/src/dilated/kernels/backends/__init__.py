@@ -15,7 +15,6 @@ import torch
 
 from dilated.kernels.backends import cudnn, flash, reference, sdpa
 from dilated.kernels.backends import triton as triton_backend
-from dilated.kernels.subproblem import cudnn_max_head_dim
 
 __all__ = ["BACKEND_NAMES", "available_backends", "choose_backend", "get_backend"]
 
@@ -49,17 +48,18 @@ def choose_backend(
 
     | device, call | backend |
     |---|---|
-    | CUDA, float16/bfloat16, ``head_dim % 8 == 0``, ``head_dim <= 256`` (Hopper; 128 before), any mask, GQA, dropout, causal | ``"cudnn"`` |
+    | CUDA, float16/bfloat16, ``head_dim % 8 == 0``, ``head_dim <= 256`` (Hopper; 128 before), GQA, causal; a key padding mask or dropout with ``head_dim`` 64, 128 or 256 | ``"cudnn"`` |
     | CUDA, other float16/bfloat16/float32 calls without dropout | ``"triton"``, with a one-time warning that this is a slower path |
     | CUDA, the rest (dropout in float32, float64) | ``"flash"`` when installed and it takes the call, else ``"sdpa"`` |
     | CPU and other devices | ``"reference"`` |
     """
     if q.is_cuda:
-        if cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p) is None:
+        why_not_cudnn = cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p)
+        if why_not_cudnn is None:
             name = cudnn.NAME
         elif triton_backend.unsupported_reason(q, dropout_p) is None:
             name = triton_backend.NAME
-            _warn_slow_path(q)
+            _warn_slow_path(why_not_cudnn)
         elif (
             flash.available(q.device)
             and flash.unsupported_reason(q, key_padding_mask, dropout_p) is None
@@ -75,19 +75,16 @@ def choose_backend(
     return name
 
 
-_warned: set[tuple[torch.dtype, int]] = set()
+_warned: set[str] = set()
 
 
-def _warn_slow_path(q: torch.Tensor) -> None:
-    """Say once per (dtype, head_dim) that the call left the cuDNN path, and how to stay on it."""
-    key = (q.dtype, q.shape[-1])
-    if key in _warned or torch.compiler.is_compiling():
+def _warn_slow_path(why_not_cudnn: str) -> None:
+    """Say once per reason that the call left the cuDNN path, and why."""
+    if why_not_cudnn in _warned or torch.compiler.is_compiling():
         return
-    _warned.add(key)
+    _warned.add(why_not_cudnn)
     warnings.warn(
-        f"dilated_attention backend='auto': {q.dtype} with head_dim {q.shape[-1]} runs on the "
-        f"fused Triton kernel, several times slower than the cuDNN path, which takes "
-        f"float16/bfloat16 with head_dim a multiple of 8 up to "
-        f"{cudnn_max_head_dim(q.device.index or 0)}",
+        "dilated_attention backend='auto' runs this call on the fused Triton kernel, several "
+        f"times slower than the cuDNN path, which cannot take it: {why_not_cudnn}",
         stacklevel=4,
     )

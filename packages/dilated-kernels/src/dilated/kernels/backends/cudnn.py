@@ -35,6 +35,7 @@ import torch
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
 from dilated.kernels.subproblem import (
+    cudnn_extras_reason,
     cudnn_max_head_dim,
     subproblem_attention,
     subproblem_attention_backward,
@@ -79,7 +80,7 @@ def unsupported_reason(
     q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float
 ) -> str | None:
     """Why this backend cannot take the call, or None when it can."""
-    del k, key_padding_mask, dropout_p  # grouped-query heads, masks and dropout all run here
+    del k  # grouped-query heads run here
     if not available(q.device):
         return f"it needs triton and a CUDA device with cuDNN attention (got {q.device.type})"
     # float32 runs only on CPU under the interpreter (the tests); the LSE is float32 there.
@@ -88,7 +89,7 @@ def unsupported_reason(
     limit = cudnn_max_head_dim(q.device.index or 0) if q.is_cuda else 256
     if q.shape[-1] > limit or q.shape[-1] % 8:
         return f"head_dim must be a multiple of 8 up to {limit} on this device, got {q.shape[-1]}"
-    return None
+    return cudnn_extras_reason(q, key_padding_mask, dropout_p)
 
 
 def _kv_layout(h: int, hkv: int, rs: Sequence[int]) -> str:
