@@ -79,8 +79,7 @@ def cudnn_supports(
     this call on cuDNN (else on the plain-PyTorch fallback).
 
     cuDNN takes grouped-query attention natively, a key mask as an additive bias and dropout
-    from its own Philox stream (those two at the head sizes of
-    [`CUDNN_MASK_DROPOUT_HEAD_DIMS`][dilated.kernels.subproblem.CUDNN_MASK_DROPOUT_HEAD_DIMS]).
+    from its own Philox stream (those two with ``head_dim`` in ``CUDNN_MASK_DROPOUT_HEAD_DIMS``).
     """
     return (
         q.is_cuda
