@@ -133,7 +133,9 @@ def test_dropout_gradient_is_the_derivative_of_the_forward(
     # Each rank draws its seed from torch's generator; threads would race for it, so every
     # evaluation here gives each rank a fixed seed instead.
     local = threading.local()
-    monkeypatch.setattr(op, "_draw_seed", lambda: torch.tensor([1000 + local.rank]))
+    monkeypatch.setattr(
+        op, "draw_dropout_seed", lambda p: torch.tensor([1000 + local.rank]) if p > 0 else None
+    )
     world, n = 2, 16
     x = make_inputs(1, n, 4, 8, kv_heads=2, dtype=torch.float64, seed=3)
     direction = [torch.randn_like(t) for t in (x.q, x.k, x.v)]
