@@ -93,7 +93,7 @@ IMPLEMENTATION = Implementation(
     attention=ImprovedDilatedAttention,
     multihead=ImprovedMultiheadDilatedAttention,
     package="dilated-kernels",
-    description="fused Triton kernel (or flash-attn / cuDNN SDPA per branch), LSE merge",
+    description="cuDNN attention per sub-problem + one Triton merge (16-bit); fused Triton kernel otherwise",
     priority=10,
     # On CPU every backend is the reference math, so "auto" keeps "standard" there.
     devices=("cuda",),
