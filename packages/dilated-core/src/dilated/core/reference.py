@@ -21,6 +21,7 @@ from dilated.core.branches import compute_dtype, phase_heads, run_branches
 __all__ = [
     "attention_backward_with_lse",
     "attention_with_lse",
+    "call_dropout_seed",
     "compute_dtype",
     "dense_segment_attention",
     "dense_segment_attention_backward",
@@ -43,6 +44,13 @@ def dropout_seed_value(seed: torch.Tensor | None) -> int | None:
     """The ``int`` of a seed from [`draw_dropout_seed`][dilated.core.reference.draw_dropout_seed]
     (a CPU tensor: no device sync), or None."""
     return None if seed is None else int(seed.item())
+
+
+def call_dropout_seed(seed: int | None, call: int) -> int | None:
+    """The seed of dense call number ``call`` of a pass whose seed is ``seed`` (None: no
+    dropout): both passes enumerate the calls in the same order, so the backward replays each
+    call's mask."""
+    return None if seed is None else seed + call
 
 
 def dropout_keep_mask(

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from dilated.core.branches import SubProblem, compute_dtype, head_index, run_branches, subproblems
+from dilated.core.reference import call_dropout_seed
 from dilated.kernels.backends import cudnn
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 
@@ -37,11 +38,6 @@ def _fused(
         and q.is_cuda
         and cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p) is None
     )
-
-
-def _seed(dropout_seed: int | None, call: int) -> int | None:
-    # One seed per dense call, in the order both passes enumerate them.
-    return None if dropout_seed is None else dropout_seed + call
 
 
 def dilated_attention_forward(
@@ -92,7 +88,7 @@ def dilated_attention_forward(
         p: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal calls
-        seed = _seed(dropout_seed, calls)
+        seed = call_dropout_seed(dropout_seed, calls)
         calls += 1
         return subproblem_attention(
             qs, ks, vs, scale=sc, is_causal=causal, key_mask=mask, dropout_p=p, dropout_seed=seed
@@ -186,7 +182,7 @@ def dilated_attention_backward(
                 is_causal=is_causal,
                 key_mask=sp.cut_mask(key_padding_mask),
                 dropout_p=dropout_p,
-                dropout_seed=_seed(dropout_seed, calls),
+                dropout_seed=call_dropout_seed(dropout_seed, calls),
             )
             calls += 1
             _add_rows(dq, sp, sp.heads, gq)

@@ -57,6 +57,8 @@ def cudnn_extras_reason(
     q: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float
 ) -> str | None:
     """Why cuDNN may not take this call's key mask or dropout (CUDA only), or None."""
+    if key_mask is None and dropout_p == 0.0:
+        return None  # the common call, asked once per sub-problem
     extras = [name for name, on in (("a key mask", key_mask is not None),
                                      ("dropout", dropout_p > 0.0)) if on]  # fmt: skip
     if q.is_cuda and extras and q.shape[-1] not in CUDNN_MASK_DROPOUT_HEAD_DIMS:

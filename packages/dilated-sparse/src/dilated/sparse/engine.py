@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dilated.core.branches import SubProblem, compute_dtype, subproblems
+from dilated.core.reference import call_dropout_seed
 from dilated.core.sparsity import BranchLayout
 from dilated.kernels.merge import merge_into
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
@@ -349,10 +350,6 @@ def _kv_sources(run: _Run, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
     return k.index_select(2, idx), v.index_select(2, idx)
 
 
-def _seed(dropout_seed: int | None, call: int) -> int | None:
-    return None if dropout_seed is None else dropout_seed + call
-
-
 @dataclass(frozen=True)
 class _Views:
     q: torch.Tensor
@@ -451,7 +448,7 @@ def forward_into(
                 is_causal=c.causal,
                 key_mask=x.key_mask,
                 dropout_p=dropout_p,
-                dropout_seed=_seed(dropout_seed, i),
+                dropout_seed=call_dropout_seed(dropout_seed, i),
             )
             lse_view = _view(acc_lse, step, "q")[..., 0].transpose(1, 2)
             if step.first and empty:
@@ -563,7 +560,7 @@ def backward_into(
             is_causal=c.causal,
             key_mask=x.key_mask,
             dropout_p=dropout_p,
-            dropout_seed=_seed(dropout_seed, i),
+            dropout_seed=call_dropout_seed(dropout_seed, i),
         )
         view_q(dq).add_(gq)
         _add_keys(_view(dks, step, "k"), gk, c, step.plan.keys_overlap)

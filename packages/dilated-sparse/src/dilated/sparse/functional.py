@@ -52,11 +52,14 @@ def config_key(config: SparsePatternConfig) -> str:
     return key
 
 
-def _config(key: str) -> SparsePatternConfig:
+def _layouts(
+    key: str, segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+) -> tuple[tuple[BranchLayout, ...], int]:
+    """The branch layouts and block size of the config registered under ``key``."""
     config = _CONFIGS.get(key)
     if config is None:
         raise ValueError(f"no live SparsePatternConfig has the key {key!r}")
-    return config
+    return branch_layouts(config, segment_lengths, dilation_rates), config.block_size
 
 
 _OPTIONS = (
@@ -84,13 +87,13 @@ def _attention(
     is_causal: bool,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    config = _config(layout_key)
+    layouts, block_size = _layouts(layout_key, segment_lengths, dilation_rates)
     out, lse = block_sparse_forward(
         q,
         k,
         v,
-        branch_layouts(config, segment_lengths, dilation_rates),
-        config.block_size,
+        layouts,
+        block_size,
         scale=scale,
         is_causal=is_causal,
         key_padding_mask=key_mask,
@@ -129,7 +132,7 @@ def _attention_backward(
     is_causal: bool,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = _config(layout_key)
+    layouts, block_size = _layouts(layout_key, segment_lengths, dilation_rates)
     dq, dk, dv = block_sparse_backward(
         d_out,
         q,
@@ -137,8 +140,8 @@ def _attention_backward(
         v,
         out,
         lse,
-        branch_layouts(config, segment_lengths, dilation_rates),
-        config.block_size,
+        layouts,
+        block_size,
         scale=scale,
         is_causal=is_causal,
         key_padding_mask=key_mask,

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dilated.core.reference import draw_dropout_seed, dropout_seed_value
+from dilated.core.reference import call_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
 from dilated.kernels.subproblem import (
     cudnn_extras_reason,
@@ -304,13 +304,35 @@ def _gather_launches(
 
 @dataclass(frozen=True)
 class _Call:
-    """What every piece of one call shares: the branches, options and head layout."""
+    """What every piece of one call shares: the branches and options."""
 
     ws: tuple[int, ...]
     rs: tuple[int, ...]
     scale: float
     is_causal: bool
     dropout_p: float
+
+
+def _kv_view_heads(piece: _Piece, h: int, group: int) -> tuple[int, int, int] | None:
+    """The key/value heads ``piece`` reads (None: those of its query heads, ``group`` 0)."""
+    return None if group == 0 else _kv_heads(piece.phase, piece.r, h, group)
+
+
+def _piece_options(
+    call: _Call, piece: _Piece, mask: torch.Tensor | None, seed: int | None
+) -> dict[str, Any]:
+    """The keywords of the primitive's call for ``piece``, forward and backward alike."""
+    return {
+        "scale": call.scale,
+        "is_causal": call.is_causal,
+        "key_mask": _mask_view(mask, piece),
+        "dropout_p": call.dropout_p,
+        "dropout_seed": seed,
+    }
+
+
+def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.contiguous()
 
 
 def _expanded(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -354,12 +376,11 @@ def _forward(
         pieces = _plan(b, n, h, ws, rs, t0, t1)
         results = []
         for pc in pieces:
-            kv = None if group == 0 else _kv_heads(pc.phase, pc.r, h, group)
+            kv = _kv_view_heads(pc, h, group)
             results.append(
                 subproblem_attention(
                     _view(q, pc), _view(k, pc, kv), _view(v, pc, kv),
-                    scale=call.scale, is_causal=call.is_causal, key_mask=_mask_view(mask, pc),
-                    dropout_p=call.dropout_p, dropout_seed=None if seed is None else seed + index,
+                    **_piece_options(call, pc, mask, call_dropout_seed(seed, index)),
                 )
             )  # fmt: skip
             index += 1
@@ -400,13 +421,12 @@ def _backward(
         pieces = _plan(b, n, h, ws, rs, t0, t1)
         results = []
         for pc in pieces:
-            kv = None if group == 0 else _kv_heads(pc.phase, pc.r, h, group)
+            kv = _kv_view_heads(pc, h, group)
             results.append(
                 subproblem_attention_backward(
                     _view(do, pc), _view(q, pc), _view(ke, pc, kv), _view(ve, pc, kv),
                     _view(out, pc), _lse_view(lse, pc),
-                    scale=call.scale, is_causal=call.is_causal, key_mask=_mask_view(mask, pc),
-                    dropout_p=call.dropout_p, dropout_seed=None if seed is None else seed + index,
+                    **_piece_options(call, pc, mask, call_dropout_seed(seed, index)),
                 )
             )  # fmt: skip
             index += 1
@@ -440,7 +460,7 @@ def forward_no_grad(
     """``(out, lse)`` of a call this backend supports (no dropout), outside autograd (for callers
     that merge it with other parts; see [`dilated.kernels.partial`][dilated.kernels.partial])."""
     call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0)
-    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    mask = _contiguous(key_padding_mask)
     return _forward(q.contiguous(), k.contiguous(), v.contiguous(), mask, call, None)
 
 
@@ -460,7 +480,7 @@ def backward_from_merged(
     """``(dq, dk, dv)`` of this call's branches given the FINAL merged ``out`` ``(b, n, h, d)``
     and float32 ``lse`` ``(b, h, n)``, which may include keys of other parts."""
     call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0)
-    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    mask = _contiguous(key_padding_mask)
     return _backward(
         q.contiguous(),
         k.contiguous(),
@@ -500,7 +520,7 @@ def _attention(
     *opts: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     call = _call(segment_lengths, dilation_rates, *opts)
-    mask = None if key_mask is None else key_mask.contiguous()
+    mask = _contiguous(key_mask)
     return _forward(
         q.contiguous(), k.contiguous(), v.contiguous(), mask, call, dropout_seed_value(seed)
     )
@@ -534,7 +554,7 @@ def _attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     call = _call(segment_lengths, dilation_rates, *opts)
     q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
-    key_mask = None if key_mask is None else key_mask.contiguous()
+    key_mask = _contiguous(key_mask)
     if d_lse is None:
         return _backward(
             q, k, v, key_mask, out, lse.contiguous(), d_out, call, dropout_seed_value(seed)
