@@ -76,6 +76,27 @@ def time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float,
     return statistics.median(times), peak
 
 
+def time_graphed(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
+    """``time_ms`` of ``fn`` captured once in a CUDA graph and replayed: the GPU's time without
+    the host's (Python and per-launch) costs, as a training step captured whole would run."""
+    if not torch.cuda.is_available():
+        return time_ms(fn, warmup, repeats)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(2, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        # The graph's private memory pool escapes the peak statistics: report no peak.
+        return time_ms(graph.replay, warmup, repeats)[0], math.nan
+    finally:
+        del graph
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke test)"
 
@@ -235,6 +256,7 @@ def bench_sequence(
         return run
 
     backend = "cudnn" if q.is_cuda else "reference"
+    timer = time_graphed if args.cuda_graph else time_ms
 
     def dense() -> torch.Tensor:
         return dilated_attention(
@@ -244,7 +266,7 @@ def bench_sequence(
     dense_ms: dict[str, float] = {}
     for mode in args.modes:
         try:
-            dense_ms[mode] = time_ms(step(dense, mode == "fwd+bwd"), args.warmup, args.repeats)[0]
+            dense_ms[mode] = timer(step(dense, mode == "fwd+bwd"), args.warmup, args.repeats)[0]
         except Exception as exc:  # reported; the sparse rows still run
             print(f"seq={seq} {mode} dense failed: {type(exc).__name__}: {exc}")
             dense_ms[mode] = math.nan
@@ -280,7 +302,7 @@ def bench_sequence(
             note = ""
             sparse_ms = flex_ms = peak = math.nan
             try:
-                sparse_ms, peak = time_ms(step(sparse, grad), args.warmup, args.repeats)
+                sparse_ms, peak = timer(step(sparse, grad), args.warmup, args.repeats)
             except Exception as exc:
                 note = f"sparse failed: {type(exc).__name__}: {str(exc)[:120]}"
                 traceback.print_exc(limit=3)
@@ -315,6 +337,7 @@ def bench_sequence(
                     "flex_ms": flex_ms,
                     "efficiency": dense_t * dens / sparse_ms,
                     "vs_flex": flex_ms / sparse_ms,
+                    "cuda_graph": args.cuda_graph,
                     "note": note.strip(),
                 }
             )
@@ -335,6 +358,11 @@ def main() -> None:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time the dense and sparse rows as replays of a captured CUDA graph (no host cost)",
+    )
     ap.add_argument("--quick", action="store_true", help="16K and 32K tokens, two densities")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument(
@@ -376,7 +404,7 @@ def main() -> None:
             print(f"seq={seq}: inputs do not fit; skipped")
         torch.cuda.empty_cache()
 
-    what = "causal" if causal else "non-causal"
+    what = ("causal" if causal else "non-causal") + (", CUDA graphs" if args.cuda_graph else "")
     print(
         f"\n{device_name()}, torch {torch.__version__}, "
         f"{'bf16' if torch.cuda.is_available() else 'float32'}, batch 1, {h} heads x {d}, preset {args.preset}, {what}, block {block} rows; "

@@ -35,3 +35,25 @@ def test_fused_merge_is_merge_into(
     finite = torch.isfinite(want_lse)
     assert torch.allclose(acc_lse[finite], want_lse[finite], atol=1e-5)
     assert torch.equal(acc[:, 2], torch.zeros_like(acc[:, 2]))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_first_merge_writes_the_part_whatever_the_accumulators_hold(
+    fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    b, n, h, d = 2, 9, 3, 16
+    # Garbage in the accumulators: a first merge must not read it.
+    acc = torch.full((b, 2 * n, h, d), float("nan"))[:, ::2]
+    acc_lse = torch.full((b, h, 2 * n), float("nan"))[:, :, ::2]
+    out = torch.randn(b, n, h, d, generator=gen).to(torch.bfloat16)
+    lse = torch.randn(b, h, n, generator=gen)
+    lse[:, :, 4] = float("-inf")
+    out[:, 4] = 0.0  # a part's rows without keys are 0
+    want_acc = torch.zeros(b, n, h, d)
+    want_lse = torch.full((b, h, n), float("-inf"))
+    merge_into_reference(want_acc, want_lse, out, lse)
+    monkeypatch.setattr(merge, "FUSED", fused)
+    merge.merge_into(acc, acc_lse, out, lse, first=True)
+    assert torch.allclose(acc, want_acc, atol=1e-6)
+    assert torch.equal(acc_lse, want_lse)

@@ -1,22 +1,32 @@
-"""The engine with the one-launch Triton merge (under the interpreter on CPU)."""
+"""The engine with its Triton kernels (merge and gradient adds) under the interpreter on CPU."""
 
 from __future__ import annotations
 
 import pytest
 
 
-def test_engine_with_the_fused_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("pattern", "is_causal"),
+    # A band's interior is a stack with overlapping key windows (add_windows); global rows and
+    # columns with causality give tall tiles and causal squares.
+    [("local_window", False), ("global_local", True)],
+)
+def test_engine_with_the_fused_kernels(
+    monkeypatch: pytest.MonkeyPatch, pattern: str, is_causal: bool
+) -> None:
     import functools
 
     from dilated.core import SparsePatternConfig
     from dilated.core.testing import check_on_random_inputs, dense_block_sparse_attention
-    from dilated.kernels import merge
+    from dilated.kernels import accumulate, merge
     from dilated.sparse import block_sparse_dilated_attention
 
     monkeypatch.setattr(merge, "FUSED", True)
-    cfg = SparsePatternConfig("global_local", local_window_size=2, global_tokens=2, block_size=2)
+    monkeypatch.setattr(accumulate, "FUSED", True)
+    extra = {"global_tokens": 2} if pattern == "global_local" else {}
+    cfg = SparsePatternConfig(pattern, local_window_size=2, block_size=2, **extra)
     check_on_random_inputs(
         functools.partial(block_sparse_dilated_attention, sparse_config=cfg, return_lse=True),
-        2, 37, 4, 8, [8, 16], [1, 2], kv_heads=2, is_causal=True,
+        2, 37, 4, 8, [8, 16], [1, 2], kv_heads=2, is_causal=is_causal,
         reference=functools.partial(dense_block_sparse_attention, sparse_config=cfg),
     )  # fmt: skip

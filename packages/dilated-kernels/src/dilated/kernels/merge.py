@@ -29,7 +29,12 @@ def _fused(acc_out: torch.Tensor) -> bool:
 
 
 def merge_into(
-    acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    acc_out: torch.Tensor,
+    acc_lse: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    first: bool = False,
 ) -> None:
     """Merge one partial result into running float32 accumulators, in place (no autograd).
 
@@ -40,10 +45,16 @@ def merge_into(
         out: the part's output, shaped like ``acc_out``, any float dtype.
         lse: the part's log-sum-exp, shaped like ``acc_lse``, ``-inf`` for rows it does not
             cover.
+        first: nothing was merged into these rows yet, whatever the accumulators hold: the
+            part is written into them (a part's output is 0 where its LSE is ``-inf``).
     """
     if not _fused(acc_out):
+        if first:
+            acc_out.copy_(out)
+            acc_lse.copy_(lse)
+            return
         merge_into_reference(acc_out, acc_lse, out, lse)
         return
     from dilated.kernels.backends._merge_kernel import fused_merge_into
 
-    fused_merge_into(acc_out, acc_lse, out, lse)
+    fused_merge_into(acc_out, acc_lse, out, lse, first)

@@ -9,10 +9,14 @@ adjacent ones with compatible strides merge into the primitive's batch dimension
 takes the head slot when a call has one head (or when looping over the real heads instead makes
 fewer calls), and any left over is looped. The results are merged into float32 accumulators with
 [`merge_into`][dilated.kernels.merge.merge_into] (on CUDA its one-launch Triton form; a call on rows
-nothing was merged into yet copies its result). The backward pass
-enumerates the same calls and gives each one the FINAL merged output and LSE
+nothing was merged into yet writes its result without reading them, and the accumulators are
+not even filled when the first branch writes every row before anything merges into it). The
+backward pass enumerates the same calls and gives each one the FINAL merged output and LSE
 ([`subproblem_attention_backward`][dilated.kernels.subproblem.subproblem_attention_backward]),
-so the parts' gradients add up to the gradient of the whole.
+so the parts' gradients add up to the gradient of the whole; they are added into float32
+accumulators with [`add_into`][dilated.kernels.accumulate.add_into], and the key gradients of a
+stack whose windows overlap with [`add_windows`][dilated.kernels.accumulate.add_windows].
+The calls of one geometry (layouts, shapes, strides) are planned once and cached.
 
 Phases are folded into one index dimension (head ``p`` at row offset ``p``: stride
 ``seq_stride + head_stride``) for full segments when every phase has as many heads and there is
@@ -23,14 +27,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dilated.core.branches import SubProblem, compute_dtype, subproblems
 from dilated.core.reference import call_dropout_seed
 from dilated.core.sparsity import BranchLayout
+from dilated.kernels.accumulate import add_into, add_windows
 from dilated.kernels.merge import merge_into
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 from dilated.sparse.tiles import Tile, plan_tiles
@@ -138,6 +144,7 @@ class _Call:
     key_blocks: int
     block_rows: int
     overlapping_keys: bool
+    step_rows: int
 
 
 def _call(run: _Run, tile: Tile, batch: int, block: int) -> _Call:
@@ -165,6 +172,7 @@ def _call(run: _Run, tile: Tile, batch: int, block: int) -> _Call:
         key_blocks=tile.kn,
         block_rows=block,
         overlapping_keys=tile.stack > 1 and tile.kn > tile.step,
+        step_rows=tile.step * block,
     )
 
 
@@ -177,14 +185,16 @@ class _Problems:
     """How a call's index dims map onto the primitive: looped, batch and (maybe) head slot.
 
     ``head_loop``: the call's real heads are looped one at a time (their count), so that an
-    index dim can take the head slot; 0 when the heads stay in it.
+    index dim can take the head slot; 0 when the heads stay in it. ``keys_stack``: the view
+    dimension (0: batch, 2: head slot) of a stack whose key windows overlap inside one call, or
+    None.
     """
 
     loops: tuple[tuple[int, tuple[_Coef, ...]], ...]
     batch: tuple[int, tuple[_Coef, ...]]
     head_slot: tuple[int, tuple[_Coef, ...]] | None
     head_loop: int
-    keys_overlap: bool
+    keys_stack: int | None
 
 
 def _problems(call: _Call, strides: Sequence[tuple[int, int, int]], heads_ok: bool) -> _Problems:
@@ -223,8 +233,10 @@ def _problems(call: _Call, strides: Sequence[tuple[int, int, int]], heads_ok: bo
             rest = rest[1:]
     loops = tuple(groups[i] for i in sorted(rest))
     # The stack dim is the last one; its overlapping key windows meet only inside one call.
-    overlap = call.overlapping_keys and len(groups) - 1 in in_call
-    return _Problems(loops, batch, head_slot, head_loop, overlap)
+    stack = None
+    if call.overlapping_keys and len(groups) - 1 in in_call:
+        stack = 0 if in_call[0] == len(groups) - 1 else 2
+    return _Problems(loops, batch, head_slot, head_loop, stack)
 
 
 def _strides(x: torch.Tensor, heads: bool = True) -> tuple[int, int, int]:
@@ -243,6 +255,11 @@ class _Step:
     loop: tuple[int, ...]
     head: int | None
     first: bool = False
+    # (role, strides, head_dim) -> as_strided (size, stride, offset) of ``_view``: the steps
+    # of a plan are cached, so each view's geometry is worked out once.
+    views: dict[
+        tuple[str, tuple[int, int, int], int], tuple[tuple[int, ...], tuple[int, ...], int]
+    ] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 def _tile_blocks(tile: Tile) -> set[int]:
@@ -255,8 +272,18 @@ def _view(x: torch.Tensor, step: _Step, role: str) -> torch.Tensor:
     ``role``: ``"q"`` (queries, and every tensor shaped like them: output, LSE, gradients),
     ``"k"`` (keys, values and their gradients) or ``"mask"`` (a ``(batch, seq, 1, 1)`` key mask).
     """
-    c, plan = step.call, step.plan
     s = _strides(x, role != "mask")
+    geometry = step.views.get((role, s, x.shape[3]))
+    if geometry is None:
+        geometry = step.views[(role, s, x.shape[3])] = _geometry(step, role, s, x.shape[3])
+    size, stride, base = geometry
+    return x.as_strided(size, (*stride[:3], x.stride(3)), x.storage_offset() + base)
+
+
+def _geometry(
+    step: _Step, role: str, s: tuple[int, int, int], d: int
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    c, plan = step.call, step.plan
     queries = role == "q"
     offset = c.q_offset if queries else c.k_offset
     hsize, hcoef = c.q_heads if queries else c.k_heads
@@ -271,10 +298,10 @@ def _view(x: torch.Tensor, step: _Step, role: str) -> torch.Tensor:
         hsize, hcoef = plan.head_slot[0], plan.head_slot[1][-1]
     if role == "mask":
         hsize, hcoef = 1, (0, 0, 0)
-    return x.as_strided(
-        (plan.batch[0], c.q_rows if queries else c.k_rows, hsize, x.shape[3]),
-        (_stride(plan.batch[1][-1], s), _stride(c.row, s), _stride(hcoef, s), x.stride(3)),
-        x.storage_offset() + base,
+    return (
+        (plan.batch[0], c.q_rows if queries else c.k_rows, hsize, d),
+        (_stride(plan.batch[1][-1], s), _stride(c.row, s), _stride(hcoef, s)),
+        base,
     )
 
 
@@ -296,7 +323,38 @@ def _run_tables(
     ]
 
 
+_STEPS: OrderedDict[tuple[object, ...], tuple[_Step, ...]] = OrderedDict()
+_STEPS_SIZE = 64
+
+
 def _steps(
+    runs: Sequence[RunTable],
+    block: int,
+    is_causal: bool,
+    tensors: Sequence[torch.Tensor],
+    mask: torch.Tensor | None,
+) -> tuple[_Step, ...]:
+    """Every primitive call of ``runs`` on these tensors' strides, planned once per geometry."""
+    key = (
+        tuple((run, table.numpy().tobytes(), table.shape[0]) for run, table in runs),
+        block,
+        is_causal,
+        tensors[0].shape[0],
+        tuple(t.stride() for t in tensors),
+        None if mask is None else mask.stride(),
+        HEAD_SLOT,
+    )
+    hit = _STEPS.get(key)
+    if hit is None:
+        hit = _STEPS[key] = tuple(_plan_steps(runs, block, is_causal, tensors, mask))
+        if len(_STEPS) > _STEPS_SIZE:
+            _STEPS.popitem(last=False)
+    else:
+        _STEPS.move_to_end(key)
+    return hit
+
+
+def _plan_steps(
     runs: Sequence[RunTable],
     block: int,
     is_causal: bool,
@@ -397,15 +455,46 @@ def block_sparse_forward(
     """
     b, n, h, d = q.shape
     work = compute_dtype(q.dtype)
-    acc = torch.zeros(b, n, h, d, dtype=work, device=q.device)
-    acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=work, device=q.device)
     runs = _run_tables(layouts, n, h, k.shape[2])
+    if _first_branch_covers_all(runs, block_size, is_causal):
+        # Every row is written before anything merges into it: no fill needed.
+        acc = _uninitialized((b, n, h, d), work, q.device)
+        acc_lse = _uninitialized((b, n, h, 1), work, q.device)
+    else:
+        acc = torch.zeros(b, n, h, d, dtype=work, device=q.device)
+        acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=work, device=q.device)
     forward_into(
         runs, block_size, q, k, v, acc, acc_lse, scale=scale, is_causal=is_causal,
         key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
         empty=True,
     )  # fmt: skip
     return acc.to(q.dtype), acc_lse[..., 0].transpose(1, 2).contiguous()
+
+
+def _uninitialized(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _first_branch_covers_all(runs: Sequence[RunTable], block: int, is_causal: bool) -> bool:
+    """Whether the first branch's tiles write every row of every head (rate 1, no block row
+    of its layout empty) and each tile that merges finds all its rows written before, so that
+    the accumulators need no initial fill."""
+    if not runs or runs[0][0].rate != 1:
+        return False
+    for run, table in runs:
+        if run.branch != runs[0][0].branch:
+            break
+        written: set[int] = set()
+        for tile in plan_tiles(table, run.length, block, is_causal):
+            blocks = _tile_blocks(tile)
+            if blocks & written and not blocks <= written:
+                return False
+            written |= blocks
+        if not written.issuperset(range(-(-run.length // block))):
+            return False
+    return True
 
 
 def forward_into(
@@ -451,23 +540,18 @@ def forward_into(
                 dropout_seed=call_dropout_seed(dropout_seed, i),
             )
             lse_view = _view(acc_lse, step, "q")[..., 0].transpose(1, 2)
-            if step.first and empty:
-                # Nothing merged into these rows yet: the merge would be a copy.
-                _view(acc, step, "q").copy_(out)
-                lse_view.copy_(lse)
-            else:
-                merge_into(_view(acc, step, "q"), lse_view, out, lse.to(work))
+            # Nothing merged into these rows yet: the merge writes without reading.
+            merge_into(
+                _view(acc, step, "q"), lse_view, out, lse.to(work), first=step.first and empty
+            )
 
 
-def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call, overlap: bool) -> None:
-    """Add a call's key gradient into the accumulator view; overlapping windows block by block."""
-    if not overlap:
-        acc += grad
-        return
-    # Stacked windows overlap (a band): each key block of the window is disjoint across the stack.
-    for j in range(call.key_blocks):
-        rows = slice(j * call.block_rows, (j + 1) * call.block_rows)
-        acc[:, rows] += grad[:, rows]
+def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call, stack: int | None) -> None:
+    """Add a call's key gradient into the accumulator view (overlapping windows summed)."""
+    if stack is None:
+        add_into(acc, grad)
+    else:
+        add_windows(acc, grad, stack, call.step_rows)
 
 
 def block_sparse_backward(
@@ -562,9 +646,9 @@ def backward_into(
             dropout_p=dropout_p,
             dropout_seed=call_dropout_seed(dropout_seed, i),
         )
-        view_q(dq).add_(gq)
-        _add_keys(_view(dks, step, "k"), gk, c, step.plan.keys_overlap)
-        _add_keys(_view(dvs, step, "k"), gv, c, step.plan.keys_overlap)
+        add_into(view_q(dq), gq)
+        _add_keys(_view(dks, step, "k"), gk, c, step.plan.keys_stack)
+        _add_keys(_view(dvs, step, "k"), gv, c, step.plan.keys_stack)
     _flush(current, dk, dv, dks, dvs)
 
 

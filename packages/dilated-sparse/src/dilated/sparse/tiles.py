@@ -14,7 +14,13 @@ call over strided views:
   the plain dilated call);
 - the remaining runs are grouped by their offset from the diagonal (a band's interior is one
   stack of ``B x (2W + 1) B`` rectangles, the power-of-two diagonals of ``"dilated_sparse"`` one
-  stack each), and what is left (a band's edges) stays one rectangle per row.
+  stack each), and what is left (a band's edges) stays one rectangle per row, except that
+  consecutive such rows whose runs share a common part (every top edge row starts at block 0,
+  every bottom one ends at the last block) compute that part as one tall rectangle and only
+  their remainders row by row.
+
+Tiles that span several rows come before one-row tiles on the same rows, so a row's later tiles
+merge onto rows already written.
 
 Planning reads the table on the CPU and is cached per table, so it costs nothing per step.
 """
@@ -96,7 +102,7 @@ def _stack(rects: list[Tile], full_blocks: int) -> list[Tile]:
             else:
                 out.append(Tile(first.q0, qn, first.q0 + offset, kn, j - i, step, causal))
             i = j
-    return sorted(out, key=lambda t: (t.q0, t.k0))
+    return out
 
 
 def _plan(table: torch.Tensor, length: int, block: int, causal: bool) -> tuple[Tile, ...]:
@@ -125,7 +131,48 @@ def _plan(table: torch.Tensor, length: int, block: int, causal: bool) -> tuple[T
             q0, qn = (a, 0) if prev is None else (prev.q0, prev.qn)
             open_rects[(b0, b1)] = Tile(q0, qn + 1, b0, b1 - b0)
     done.extend(open_rects.values())
-    return tuple(_stack(tiles + done, length // block))
+    stacked = _stack(tiles + done, length // block)
+    # Multi-row tiles first, so that a row's remainders merge onto rows already written.
+    return tuple(sorted(_split_nested(stacked), key=lambda t: (t.q0, -t.qn, t.k0)))
+
+
+def _split_nested(tiles: list[Tile]) -> list[Tile]:
+    """Consecutive one-row tiles whose runs all contain a common part (a band's edge rows: every
+    top row starts at block 0, every bottom row ends at the last block) become one tall
+    rectangle over that part plus each row's remainder. Same calls, but the shared key blocks
+    are read by one call instead of one per row, which the backward pass's key gradients pay
+    for once instead of once per row."""
+    singles = sorted(
+        (t for t in tiles if t.stack == 1 and t.qn == 1 and not t.causal), key=lambda t: t.q0
+    )
+    out = [t for t in tiles if not (t.stack == 1 and t.qn == 1 and not t.causal)]
+    i = 0
+    while i < len(singles):
+        j = i + 1
+        for same in (lambda t: t.k0, lambda t: t.k0 + t.kn):
+            j = i + 1
+            while (
+                j < len(singles)
+                and singles[j].q0 == singles[j - 1].q0 + 1
+                and same(singles[j]) == same(singles[i])
+            ):
+                j += 1
+            if j - i > 1:
+                break
+        group = singles[i:j]
+        lo = max(t.k0 for t in group)
+        hi = min(t.k0 + t.kn for t in group)
+        if len(group) == 1 or hi <= lo:
+            out.extend(group)
+        else:
+            out.append(Tile(group[0].q0, len(group), lo, hi - lo))
+            for t in group:
+                if t.k0 < lo:
+                    out.append(Tile(t.q0, 1, t.k0, lo - t.k0))
+                if t.k0 + t.kn > hi:
+                    out.append(Tile(t.q0, 1, hi, t.k0 + t.kn - hi))
+        i = j
+    return out
 
 
 _CACHE: OrderedDict[tuple[bytes, int, int, int, bool], tuple[Tile, ...]] = OrderedDict()

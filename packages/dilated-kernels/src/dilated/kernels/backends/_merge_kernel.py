@@ -42,13 +42,18 @@ def _merge_rows(
     sx_h,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FIRST: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     valid = i < rows
     h = i % H
     r = (i // H) % R
     b = i // (H * R)
-    lse_acc = tl.load(AccLse + b * sl_b + r * sl_r + h * sl_h, mask=valid, other=float("-inf"))
+    if FIRST:
+        # Nothing merged into these rows yet: the accumulators are neither read nor needed.
+        lse_acc = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    else:
+        lse_acc = tl.load(AccLse + b * sl_b + r * sl_r + h * sl_h, mask=valid, other=float("-inf"))
     lse_new = tl.load(Lse + b * sx_b + r * sx_r + h * sx_h, mask=valid, other=float("-inf"))
     top = tl.maximum(lse_acc, lse_new)
     shift = tl.where(top == float("-inf"), 0.0, top)
@@ -63,20 +68,28 @@ def _merge_rows(
     both = valid[:, None] & cols
     acc_at = Acc + (b * sa_b + r * sa_r + h * sa_h)[:, None] + d[None, :]
     out_at = Out + (b * so_b + r * so_r + h * so_h)[:, None] + d[None, :]
-    acc = tl.load(acc_at, mask=both, other=0.0)
     out = tl.load(out_at, mask=both, other=0.0).to(tl.float32)
-    new = acc * (keep / safe)[:, None] + out * (take / safe)[:, None]
+    if FIRST:
+        new = out * (take / safe)[:, None]
+    else:
+        acc = tl.load(acc_at, mask=both, other=0.0)
+        new = acc * (keep / safe)[:, None] + out * (take / safe)[:, None]
     tl.store(acc_at, new, mask=both)
     tl.store(AccLse + b * sl_b + r * sl_r + h * sl_h, merged, mask=valid)
 
 
 def fused_merge_into(
-    acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    acc_out: torch.Tensor,
+    acc_lse: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    first: bool = False,
 ) -> None:
     """[`merge_into`][dilated.core.merge.merge_into] in one launch (same arguments: ``acc_out``
     ``(batch, rows, heads, head_dim)`` float32, ``acc_lse`` ``(batch, heads, rows)`` float32,
     any strides with a unit ``head_dim`` stride; ``out`` like ``acc_out`` in any float dtype,
-    ``lse`` like ``acc_lse``)."""
+    ``lse`` like ``acc_lse``). ``first``: the accumulators hold nothing yet (their contents
+    are ignored and overwritten)."""
     b, n, h, d = acc_out.shape
     rows = b * n * h
     if rows == 0:
@@ -88,5 +101,5 @@ def fused_merge_into(
         acc_lse.stride(0), acc_lse.stride(2), acc_lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(2), lse.stride(1),
-        BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(d), FIRST=first,
     )  # fmt: skip
