@@ -19,6 +19,12 @@ and under each the token mask it gives one branch (seq 64, w 32, r 2, head 1, 2 
 from ``dilated.core.sparsity.resolve_layouts`` and ``dilated.core.testing.sparse_branch_mask``,
 the judge's own masks.
 
+``sparse_h200.png``: the sparse efficiency of dilated-sparse's layouts (dense-layout time x
+density / sparse time) against density at 256K tokens on an H200, eager and replayed from a CUDA
+graph, forward and forward+backward, with the 1M-token forward and the issue's targets, from
+``sparse_h200_256k.json``, ``sparse_h200_256k_cuda_graph.json`` and
+``sparse_h200_1m_cuda_graph.json`` (written by ``benchmarks/sparse.py --out``).
+
 ``sparsity_ratio.png``: the density of ``"local_window"`` against ``W`` for a few ``nb``, and
 the ``W`` that ``sparsity_ratio`` picks (the first density at or above the ratio).
 """
@@ -275,6 +281,47 @@ def sparsity_ratio(path: Path) -> None:
     plt.close(fig)
 
 
+def sparse_h200(path: Path) -> None:
+    def rows(name: str) -> list[dict[str, object]]:
+        return json.loads((OUT / name).read_text())["rows"]  # type: ignore[no-any-return]
+
+    runs = {
+        "eager": rows("sparse_h200_256k.json"),
+        "CUDA graph": rows("sparse_h200_256k_cuda_graph.json"),
+    }
+    million = rows("sparse_h200_1m_cuda_graph.json")
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained", sharey=True)
+    for ax, layout in zip(axes, ("local_window", "global_local")):
+        for (label, data), color in zip(runs.items(), ("#d62728", "#1f77b4")):
+            for mode, style in (("fwd", "-"), ("fwd+bwd", ":")):
+                pts = sorted(
+                    (float(r["density"]), float(r["efficiency"]))  # type: ignore[arg-type]
+                    for r in data
+                    if r["layout"] == layout and r["mode"] == mode
+                )
+                ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{mode}, {label}")
+        if layout == "local_window":
+            pts = sorted(
+                (float(r["density"]), float(r["efficiency"]))  # type: ignore[arg-type]
+                for r in million
+                if r["mode"] == "fwd"
+            )
+            ax.plot(*zip(*pts), "--", marker="s", color="#2ca02c", label="fwd, CUDA graph, 1M")
+        ax.step([0.1, 0.25, 0.55], [0.6, 0.8, 0.8], where="post", color="#555555", lw=1.0)
+        ax.text(0.26, 0.82, "target", fontsize=7, color="#555555")
+        ax.axhline(1.0, color="#bbbbbb", lw=0.8)
+        ax.set_xlim(0.1, 0.55)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("density (kept fraction of the dense layout's work)")
+        ax.set_title(f"{layout}, 256K tokens", fontsize=9)
+    axes[0].set_ylabel("sparse efficiency")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=5)
+    fig.suptitle("dilated-sparse on one H200, bf16, 16 heads x 128, blocks of 128", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     for name, draw in (
         ("dilation_pattern.png", dilation_pattern),
@@ -282,6 +329,7 @@ if __name__ == "__main__":
         ("ring_traffic.png", ring_traffic),
         ("sparse_layouts.png", sparse_layouts),
         ("sparsity_ratio.png", sparsity_ratio),
+        ("sparse_h200.png", sparse_h200),
     ):
         draw(OUT / name)
         print(f"wrote {OUT / name}")
