@@ -76,6 +76,26 @@ def test_multihead_module_factory_and_registry() -> None:
     assert get_implementation("auto", "cpu").name != "block_sparse"
 
 
+def test_assigning_a_layout_takes_effect() -> None:
+    x = make_inputs(1, 40, 4, 8, seed=7)
+    other = SparsePatternConfig("local_window", local_window_size=8, block_size=4)
+    m = BlockSparseRingDilatedAttention([16, 32], [1, 2], sparse_config=CFG)
+    before = m(x.q, x.k, x.v)
+    m.sparse_config = other
+    want = block_sparse_dilated_attention(x.q, x.k, x.v, [16, 32], [1, 2], sparse_config=other)
+    after = m(x.q, x.k, x.v)
+    assert torch.equal(after, want) and not torch.equal(after, before)
+    mh = BlockSparseRingMultiheadDilatedAttention(32, 4, [1, 2], [16, 32], sparse_config=CFG)
+    mh.sparse_config = other
+    assert mh.attention.sparse_config is other and "W=2" in mh.describe()
+    with pytest.raises(TypeError, match="sparse_config"):
+        m.sparse_config = None  # type: ignore[assignment]
+    wrong = SparsePatternConfig("custom", block_size=4, layout=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="layout must be at least"):
+        mh.sparse_config = wrong
+    assert mh.sparse_config is other  # a rejected layout leaves the last one in place
+
+
 def test_dense_module_matches_the_standard_module() -> None:
     x = make_inputs(1, 33, 4, 8, seed=4)
     sparse = BlockSparseRingDilatedAttention([8, 16], [1, 2], pattern_type="dense")

@@ -127,10 +127,24 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
             global_tokens=global_tokens,
             layout=layout,
         )
-        # Resolve now: a custom layout that does not fit the branches fails at construction.
-        branch_layouts(self.sparse_config, self.segment_lengths, self.dilation_rates)
+
+    @property
+    def sparse_config(self) -> SparsePatternConfig:
+        """The layout; assigning a new [`SparsePatternConfig`][dilated.core.config.SparsePatternConfig]
+        validates it against the branches and takes effect at the next call."""
+        return self._sparse_config
+
+    @sparse_config.setter
+    def sparse_config(self, config: SparsePatternConfig) -> None:
+        if not isinstance(config, SparsePatternConfig):
+            raise TypeError(
+                f"sparse_config must be a SparsePatternConfig, got {type(config).__name__}"
+            )
+        # Resolve now: a custom layout that does not fit the branches fails here, not mid-forward.
+        branch_layouts(config, self.segment_lengths, self.dilation_rates)
+        self._sparse_config = config
         # What the forward passes to the custom op: a string torch.compile takes as a constant.
-        self._layout_key = config_key(self.sparse_config)
+        self._layout_key = config_key(config)
 
     def _attention(
         self,
@@ -207,11 +221,27 @@ class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         names = ("pattern_type", "sparsity_ratio", "block_size", "local_window_size")
         fields = {n: kwargs.pop(n) for n in (*names, "global_tokens", "layout") if n in kwargs}
-        self.sparse_config = sparse_pattern_config(kwargs.pop("sparse_config", None), **fields)
+        # Read by _make_attention during the base constructor; the inner module holds it after.
+        self._initial_sparse_config = sparse_pattern_config(
+            kwargs.pop("sparse_config", None), **fields
+        )
         super().__init__(*args, **kwargs)
 
+    @property
+    def sparse_config(self) -> SparsePatternConfig:
+        """The inner attention's layout (assigning one sets the inner module's)."""
+        inner = self.attention
+        assert isinstance(inner, BlockSparseRingDilatedAttention)
+        return inner.sparse_config
+
+    @sparse_config.setter
+    def sparse_config(self, config: SparsePatternConfig) -> None:
+        inner = self.attention
+        assert isinstance(inner, BlockSparseRingDilatedAttention)
+        inner.sparse_config = config
+
     def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        return BlockSparseRingDilatedAttention(config, sparse_config=self.sparse_config)
+        return BlockSparseRingDilatedAttention(config, sparse_config=self._initial_sparse_config)
 
     def describe(self) -> str:
         """The inner attention's layout per branch (see
@@ -258,7 +288,10 @@ class DistributedBlockSparseMultiheadDilatedAttention(BlockSparseRingMultiheadDi
 
     def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
         return DistributedBlockSparseDilatedAttention(
-            config, sparse_config=self.sparse_config, group=self.group, timeout_s=self.timeout_s
+            config,
+            sparse_config=self._initial_sparse_config,
+            group=self.group,
+            timeout_s=self.timeout_s,
         )
 
 
