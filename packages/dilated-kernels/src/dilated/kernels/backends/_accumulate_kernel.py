@@ -76,6 +76,7 @@ def _add_windows(
     window_rows,
     step_rows,
     D,
+    row_blocks,
     sa_x,
     sa_r,
     sg_x,
@@ -84,8 +85,10 @@ def _add_windows(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    x = tl.program_id(0).to(tl.int64)
-    r0 = tl.program_id(1).to(tl.int64) * BLOCK_R
+    # One flat grid: a second grid dimension would cap the rows at 65535 blocks.
+    pid = tl.program_id(0).to(tl.int64)
+    x = pid // row_blocks
+    r0 = (pid % row_blocks) * BLOCK_R
     rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     cols = d[None, :] < D
@@ -115,9 +118,9 @@ def fused_add_windows(
         return
     total_rows = (windows - 1) * step_rows + window_rows
     block_r = 32
-    grid = (grad.shape[other], triton.cdiv(total_rows, block_r))
-    _add_windows[grid](
-        acc, grad, total_rows, windows, window_rows, step_rows, d,
+    row_blocks = triton.cdiv(total_rows, block_r)
+    _add_windows[(grad.shape[other] * row_blocks,)](
+        acc, grad, total_rows, windows, window_rows, step_rows, d, row_blocks,
         acc.stride(other), acc.stride(1),
         grad.stride(other), grad.stride(stack_dim), grad.stride(1),
         BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d),
