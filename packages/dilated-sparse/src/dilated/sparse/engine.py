@@ -25,6 +25,7 @@ no grouped-query attention; otherwise each phase is its own run.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import OrderedDict
@@ -94,7 +95,8 @@ def _strided_kv(kv: tuple[int, ...]) -> tuple[int, int, int] | None:
     return kv[0], step, count
 
 
-def _runs(seq: int, heads: int, kv_heads: int, branch: int, w: int, r: int) -> list[_Run]:
+@functools.lru_cache(maxsize=256)
+def _runs(seq: int, heads: int, kv_heads: int, branch: int, w: int, r: int) -> tuple[_Run, ...]:
     sps = subproblems(seq, heads, kv_heads, w, r)
     full = [sp for sp in sps if sp.start == 0 and sp.length == w // r]
     fold = (
@@ -112,7 +114,7 @@ def _runs(seq: int, heads: int, kv_heads: int, branch: int, w: int, r: int) -> l
         if fold and sp in full:
             continue
         runs.append(_single_run(branch, sp))
-    return runs
+    return tuple(runs)
 
 
 def _single_run(branch: int, sp: SubProblem) -> _Run:
