@@ -51,4 +51,7 @@ def test_which_calls_skip_the_fill(
 ) -> None:
     layouts = resolve_layouts(cfg, [8, 16], rates)
     runs = engine._run_tables(layouts, 37, 4, 4)
-    assert engine._first_branch_covers_all(runs, cfg.block_size, is_causal) is expected
+    q = torch.empty(1, 37, 4, 8, device="meta")
+    lse = torch.empty(1, 37, 4, 1, device="meta")
+    plan = engine._steps(runs, cfg.block_size, is_causal, [q, q, q, q, lse], None)
+    assert plan.writes_every_row is expected

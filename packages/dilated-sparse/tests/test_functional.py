@@ -244,11 +244,12 @@ def test_every_way_of_batching_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     steps = engine._steps
 
     def spy(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        for step in steps(*args, **kwargs):  # type: ignore[arg-type]
+        plan = steps(*args, **kwargs)  # type: ignore[arg-type]
+        for step in plan.steps:
             seen["head_loop"] += step.head is not None
             seen["head_slot"] += step.plan.head_slot is not None and step.head is None
             seen["loop"] += bool(step.loop)
-            yield step
+        return plan
 
     monkeypatch.setattr(engine, "_steps", spy)
     for cfg in (LAYOUTS["local_window"], SparsePatternConfig("dilated_sparse", block_size=1)):

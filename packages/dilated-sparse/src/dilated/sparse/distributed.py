@@ -36,7 +36,14 @@ from dilated.core.sparsity import BranchLayout
 from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
 from dilated.ring.functional import group_rank_and_size
 from dilated.ring.validation import agree_across_ranks
-from dilated.sparse.engine import RunTable, _run_tables, _runs, backward_into, forward_into
+from dilated.sparse.engine import (
+    RunTable,
+    _run_tables,
+    _runs,
+    backward_into,
+    forward_into,
+    uninitialized_accumulators,
+)
 from dilated.sparse.functional import block_sparse_dilated_attention, branch_layouts
 
 __all__ = ["block_sparse_ring_dilated_attention", "check_sharding", "comm_bytes"]
@@ -320,15 +327,13 @@ class _ShardedBlockSparse(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sh = call.sh
         comm = make_comm(call.group, call.timeout_s)
-        b, n, h, d = q.shape
-        work = compute_dtype(q.dtype)
-        acc = torch.zeros(b, n, h, d, dtype=work, device=q.device)
-        acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=work, device=q.device)
+        _, n, h, _ = q.shape
+        # forward_into(empty=True) fills only what the local branches do not write first.
+        acc, acc_lse = uninitialized_accumulators(q)
         local = [lay for lay, spans in zip(call.layouts, call.spanning) if not spans]
-        if local:
-            runs = _run_tables(local, n, h, k.shape[2])
-            options = call.options(None, mask)
-            forward_into(runs, sh.block, q, k, v, acc, acc_lse, empty=True, **options)
+        runs = _run_tables(local, n, h, k.shape[2])
+        options = call.options(None, mask)
+        forward_into(runs, sh.block, q, k, v, acc, acc_lse, empty=True, **options)
         gathered = []
         for i, (lay, spans) in enumerate(zip(call.layouts, call.spanning)):
             if spans:

@@ -29,7 +29,7 @@ import functools
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -325,8 +325,19 @@ def _run_tables(
     ]
 
 
-_STEPS: OrderedDict[tuple[object, ...], tuple[_Step, ...]] = OrderedDict()
-_STEPS_SIZE = 64
+@dataclass(frozen=True)
+class _Plan:
+    """Every primitive call of some runs, in the order both passes use (dropout seeds follow
+    it). ``writes_every_row``: the first branch has rate 1, writes every row of every head, and
+    each of its calls either writes rows nothing wrote yet or merges onto rows all written
+    before, so accumulators that hold nothing yet need no fill."""
+
+    steps: tuple[_Step, ...]
+    writes_every_row: bool
+
+
+_PLANS: OrderedDict[tuple[object, ...], _Plan] = OrderedDict()
+_PLANS_SIZE = 64
 
 
 def _steps(
@@ -335,8 +346,8 @@ def _steps(
     is_causal: bool,
     tensors: Sequence[torch.Tensor],
     mask: torch.Tensor | None,
-) -> tuple[_Step, ...]:
-    """Every primitive call of ``runs`` on these tensors' strides, planned once per geometry."""
+) -> _Plan:
+    """The calls of ``runs`` on these tensors' strides, planned once per geometry."""
     key = (
         tuple((run, table.numpy().tobytes(), table.shape[0]) for run, table in runs),
         block,
@@ -346,13 +357,13 @@ def _steps(
         None if mask is None else mask.stride(),
         HEAD_SLOT,
     )
-    hit = _STEPS.get(key)
+    hit = _PLANS.get(key)
     if hit is None:
-        hit = _STEPS[key] = tuple(_plan_steps(runs, block, is_causal, tensors, mask))
-        if len(_STEPS) > _STEPS_SIZE:
-            _STEPS.popitem(last=False)
+        hit = _PLANS[key] = _plan_steps(runs, block, is_causal, tensors, mask)
+        if len(_PLANS) > _PLANS_SIZE:
+            _PLANS.popitem(last=False)
     else:
-        _STEPS.move_to_end(key)
+        _PLANS.move_to_end(key)
     return hit
 
 
@@ -362,13 +373,14 @@ def _plan_steps(
     is_causal: bool,
     tensors: Sequence[torch.Tensor],
     mask: torch.Tensor | None,
-) -> Iterator[_Step]:
-    """Every primitive call, in the order both passes use (dropout seeds follow it)."""
+) -> _Plan:
     b = tensors[0].shape[0]
     strides = [_strides(t) for t in tensors]
     if mask is not None:
         strides.append((mask.stride(0), mask.stride(1), 0))
     first_branch = runs[0][0].branch if runs else None
+    every_row = bool(runs) and runs[0][0].rate == 1
+    steps = []
     for run, table in runs:
         # Runs of one branch hold disjoint rows; a later branch covers them again.
         written: set[int] | None = set() if run.branch == first_branch else None
@@ -379,11 +391,16 @@ def _plan_steps(
             if written is not None:
                 blocks = _tile_blocks(tile)
                 first = not (blocks & written)
+                # A merge onto rows only partly written would read unfilled ones.
+                every_row &= first or blocks <= written
                 written |= blocks
             heads: Sequence[int | None] = range(plan.head_loop) if plan.head_loop else [None]
             for loop in itertools.product(*(range(size) for size, _ in plan.loops)):
                 for head in heads:
-                    yield _Step(run, call, plan, loop, head, first)
+                    steps.append(_Step(run, call, plan, loop, head, first))
+        if written is not None:
+            every_row &= written.issuperset(range(-(-run.length // block)))
+    return _Plan(tuple(steps), every_row)
 
 
 def count_calls(
@@ -399,7 +416,7 @@ def count_calls(
     k = torch.empty(b, n, kv_heads, d, device="meta")
     lse = torch.empty(b, n, h, 1, device="meta")
     runs = _run_tables(layouts, n, h, kv_heads)
-    return sum(1 for _ in _steps(runs, block_size, is_causal, [q, k, k, q, lse], None))
+    return len(_steps(runs, block_size, is_causal, [q, k, k, q, lse], None).steps)
 
 
 def _kv_sources(run: _Run, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,16 +472,8 @@ def block_sparse_forward(
         ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q`` (0 for uncovered rows)
         and ``lse`` ``(batch, heads, seq)`` float32 (float64 for float64 inputs; ``-inf`` there).
     """
-    b, n, h, d = q.shape
-    work = compute_dtype(q.dtype)
-    runs = _run_tables(layouts, n, h, k.shape[2])
-    if _first_branch_covers_all(runs, block_size, is_causal):
-        # Every row is written before anything merges into it: no fill needed.
-        acc = _uninitialized((b, n, h, d), work, q.device)
-        acc_lse = _uninitialized((b, n, h, 1), work, q.device)
-    else:
-        acc = torch.zeros(b, n, h, d, dtype=work, device=q.device)
-        acc_lse = torch.full((b, n, h, 1), float("-inf"), dtype=work, device=q.device)
+    runs = _run_tables(layouts, q.shape[1], q.shape[2], k.shape[2])
+    acc, acc_lse = uninitialized_accumulators(q)
     forward_into(
         runs, block_size, q, k, v, acc, acc_lse, scale=scale, is_causal=is_causal,
         key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
@@ -479,24 +488,16 @@ def _uninitialized(
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _first_branch_covers_all(runs: Sequence[RunTable], block: int, is_causal: bool) -> bool:
-    """Whether the first branch's tiles write every row of every head (rate 1, no block row
-    of its layout empty) and each tile that merges finds all its rows written before, so that
-    the accumulators need no initial fill."""
-    if not runs or runs[0][0].rate != 1:
-        return False
-    for run, table in runs:
-        if run.branch != runs[0][0].branch:
-            break
-        written: set[int] = set()
-        for tile in plan_tiles(table, run.length, block, is_causal):
-            blocks = _tile_blocks(tile)
-            if blocks & written and not blocks <= written:
-                return False
-            written |= blocks
-        if not written.issuperset(range(-(-run.length // block))):
-            return False
-    return True
+def uninitialized_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfilled ``(acc, acc_lse)`` for ``q`` ``(batch, n, heads, head_dim)``: float32 (float64
+    for float64 inputs) ``(batch, n, heads, head_dim)`` and ``(batch, n, heads, 1)``, for a
+    [`forward_into`][dilated.sparse.engine.forward_into] with ``empty=True``, which fills them
+    only where its calls do not write every row first."""
+    b, n, h, d = q.shape
+    work = compute_dtype(q.dtype)
+    return _uninitialized((b, n, h, d), work, q.device), _uninitialized(
+        (b, n, h, 1), work, q.device
+    )
 
 
 def forward_into(
@@ -518,14 +519,19 @@ def forward_into(
     """Merge the tiles of ``runs`` into ``acc`` ``(batch, n, heads, head_dim)`` and ``acc_lse``
     ``(batch, n, heads, 1)`` (float32, in place). ``q`` is shaped like ``acc``; ``k``/``v``
     hold the keys the runs address (another length when a run has a ``q_shift``). ``empty``:
-    the accumulators hold nothing yet (zeros and ``-inf``), so a call on rows no earlier call
-    wrote copies its result instead of merging it."""
+    the accumulators hold nothing yet, whatever their contents (see
+    [`uninitialized_accumulators`][dilated.sparse.engine.uninitialized_accumulators]): they are
+    filled with zeros and ``-inf`` unless every row is written before anything merges into it,
+    and a call on rows no earlier call wrote writes its result instead of merging it."""
     work = acc.dtype
     mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
     sources: dict[_Run, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        steps = _steps(runs, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask)
-        for i, step in enumerate(steps):
+        plan = _steps(runs, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask)
+        if empty and not plan.writes_every_row:
+            acc.zero_()
+            acc_lse.fill_(float("-inf"))
+        for i, step in enumerate(plan.steps):
             c = step.call
             if step.run not in sources:
                 sources = {step.run: _kv_sources(step.run, k, v)}
@@ -616,7 +622,7 @@ def backward_into(
     current: _Run | None = None
     ks, vs, dks, dvs = k, v, dk, dv
     tensors = [q, k, v, grad_out, out, lse4, dq, dk, dv]
-    for i, step in enumerate(_steps(runs, block_size, is_causal, tensors, key_padding_mask)):
+    for i, step in enumerate(_steps(runs, block_size, is_causal, tensors, key_padding_mask).steps):
         c, run = step.call, step.run
         if run is not current:
             _flush(current, dk, dv, dks, dvs)
