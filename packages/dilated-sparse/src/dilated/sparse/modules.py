@@ -226,6 +226,7 @@ class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
             kwargs.pop("sparse_config", None), **fields
         )
         super().__init__(*args, **kwargs)
+        del self._initial_sparse_config
 
     @property
     def sparse_config(self) -> SparsePatternConfig:
