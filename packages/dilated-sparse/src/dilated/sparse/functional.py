@@ -14,6 +14,7 @@ from dilated.core.config import SparsePatternConfig
 from dilated.core.functional import prepare_call
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout, resolve_layouts
+from dilated.kernels.custom_op import register_attention_autograd
 from dilated.sparse.engine import block_sparse_backward, block_sparse_forward
 
 __all__ = ["attention_by_key", "block_sparse_dilated_attention", "branch_layouts", "config_key"]
@@ -158,24 +159,7 @@ def _attention_backward_fake(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    q, k, v, key_mask, seed, *opts = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, key_mask, out, lse, seed)
-    ctx.opts = opts
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx: Any, d_out: torch.Tensor | None, _d_lse: Any) -> tuple[torch.Tensor | None, ...]:
-    q, k, v, key_mask, out, lse, seed = ctx.saved_tensors
-    if d_out is None:
-        d_out = torch.zeros_like(out)
-    grads = _attention_backward(d_out, q, k, v, key_mask, out, lse, seed, *ctx.opts)
-    return (*grads, None, None, *([None] * len(ctx.opts)))
-
-
-_attention.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(_attention, _attention_backward, lse_grad=False)
 
 
 @overload

@@ -34,6 +34,7 @@ import torch
 
 from dilated.core.reference import call_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
+from dilated.kernels.custom_op import register_attention_autograd
 from dilated.kernels.subproblem import (
     cudnn_extras_reason,
     cudnn_max_head_dim,
@@ -581,26 +582,7 @@ def _attention_backward_fake(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    q, k, v, key_mask, seed, *opts = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, key_mask, out, lse, seed)
-    ctx.opts = opts
-    # An unused LSE gets None, not zeros: a zero tensor would send the backward to Triton.
-    ctx.set_materialize_grads(False)
-
-
-def _autograd_backward(
-    ctx: Any, d_out: torch.Tensor | None, d_lse: torch.Tensor | None
-) -> tuple[torch.Tensor | None, ...]:
-    q, k, v, key_mask, out, lse, seed = ctx.saved_tensors
-    if d_out is None:
-        d_out = torch.zeros_like(out)
-    grads = _attention_backward(d_out, d_lse, q, k, v, key_mask, out, lse, seed, *ctx.opts)
-    return (*grads, None, None, *([None] * len(ctx.opts)))
-
-
-_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_attention_autograd(_attention, _attention_backward, lse_grad=True)
 
 
 def forward(
