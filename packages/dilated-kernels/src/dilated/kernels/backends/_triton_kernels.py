@@ -129,24 +129,39 @@ def branch_forward(
             K, V, Mask, b64, hk, base, offs_j, offs_d, dmask, rows, n, r, skb, skn, skh,
             HAS_MASK,
         )  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
         allowed = k_ok[None, :]
         if IS_CAUSAL:
             allowed = allowed & (offs_j[None, :] <= offs_i[:, None])
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        pr = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(q, k, v, allowed, m_i, l_i, acc, scale, DOT_PREC)
+    o_off = b64 * sab + t64[:, None] * san + h * sah + offs_d[None, :]
+    merge_block(AccO, Lse, o_off, b64 * slb + h * slh + t64, acc, m_i, l_i, q_ok, qm, q_ok, qm)
+
+
+@triton.jit
+def softmax_step(q, k, v, allowed, m_i, l_i, acc, scale, DOT_PREC: tl.constexpr):
+    """One key block of the online softmax: the new row max, row sum and unnormalised output."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    pr = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def merge_block(AccO, Lse, o_off, lse_off, acc, m_i, l_i, valid, valid2d, read, read2d):
+    """Merge a block's online-softmax state (``acc`` unnormalised, row max ``m_i``, row sum
+    ``l_i``) into the float32 running output and LSE at ``AccO + o_off`` / ``Lse + lse_off``
+    by log-sum-exp, storing the ``valid`` rows. Rows outside ``read`` are not read: nothing was
+    merged into them yet, whatever the accumulators hold."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse_b = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
     o_b = acc / l_safe[:, None]
-    lse_ptr = Lse + b64 * slb + h * slh + t64
-    old_lse = tl.load(lse_ptr, mask=q_ok, other=float("-inf"))
+    old_lse = tl.load(Lse + lse_off, mask=read, other=float("-inf"))
     new_max = tl.maximum(old_lse, lse_b)
     max_safe = tl.where(new_max == float("-inf"), 0.0, new_max)
     w_old = tl.exp(old_lse - max_safe)
@@ -154,11 +169,10 @@ def branch_forward(
     total = w_old + w_new
     tot_safe = tl.where(total == 0.0, 1.0, total)
     new_lse = tl.where(total == 0.0, float("-inf"), max_safe + tl.log(tot_safe))
-    o_ptr = AccO + b64 * sab + t64[:, None] * san + h * sah + offs_d[None, :]
-    old_o = tl.load(o_ptr, mask=qm, other=0.0)
+    old_o = tl.load(AccO + o_off, mask=read2d, other=0.0)
     out = (old_o * w_old[:, None] + o_b * w_new[:, None]) / tot_safe[:, None]
-    tl.store(o_ptr, out, mask=qm)
-    tl.store(lse_ptr, new_lse, mask=q_ok)
+    tl.store(AccO + o_off, out, mask=valid2d)
+    tl.store(Lse + lse_off, new_lse, mask=valid)
 
 
 @triton.jit

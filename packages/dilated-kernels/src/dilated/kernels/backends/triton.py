@@ -23,7 +23,17 @@ import torch
 
 from dilated.kernels._capabilities import HAS_TRITON
 
-__all__ = ["NAME", "available", "backward", "forward", "unsupported_reason"]
+__all__ = [
+    "NAME",
+    "available",
+    "backward",
+    "dot_precision",
+    "forward",
+    "forward_blocks",
+    "interpreting",
+    "launch_grids",
+    "unsupported_reason",
+]
 
 NAME = "triton"
 
@@ -36,7 +46,8 @@ _GRID_X_LIMIT = 2**31 - 1
 _MAX_SEQ = 2**31 - 1
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -44,7 +55,7 @@ def available(device: torch.device) -> bool:
     """Whether triton is installed and ``device`` is CUDA (or CPU under ``TRITON_INTERPRET=1``)."""
     if not HAS_TRITON:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
@@ -55,7 +66,7 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
         return f"it needs triton and a CUDA device (got {q.device.type})"
     if q.dtype not in _DTYPES:
         return f"it takes float16/bfloat16/float32, got {q.dtype}"
-    if q.dtype == torch.bfloat16 and _interpreting():
+    if q.dtype == torch.bfloat16 and interpreting():
         return (
             "the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 tl.dot wrongly; "
             "use float16 or float32 there, or backend='reference'"
@@ -67,14 +78,16 @@ def unsupported_reason(q: torch.Tensor, dropout_p: float) -> str | None:
     return None
 
 
-def _precision(q: torch.Tensor) -> str:
+def dot_precision(q: torch.Tensor) -> str:
+    """``tl.dot`` precision for inputs like ``q``."""
     # float32 inputs keep float32 products (the 1e-4 bound of the docs' Concepts page rules out tf32).
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
+def forward_blocks(d: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_D)`` of the forward kernels for ``head_dim`` ``d``."""
     block_d = max(16, 1 << (d - 1).bit_length())
-    if _interpreting():
+    if interpreting():
         return 16, 16, block_d
     return (128, 64, block_d) if d <= 64 else (64, 64, block_d)
 
@@ -82,7 +95,7 @@ def _blocks(d: int) -> tuple[int, int, int]:
 def _launch_options(d: int) -> dict[str, int]:
     # Backward kernels only: on an H100 these settings sped the backward up, but slowed the
     # forward (43.7 vs 25.9 ms at 256K tokens), which keeps Triton's defaults.
-    if _interpreting():
+    if interpreting():
         return {}
     return {"num_warps": 8 if d > 64 else 4, "num_stages": 3}
 
@@ -146,7 +159,7 @@ class _DilatedAttentionFn(torch.autograd.Function):
         b, n, h, d = q.shape
         acc = torch.zeros(b, n, h, d, dtype=torch.float32, device=q.device)
         lse = torch.full((b, h, n), float("-inf"), dtype=torch.float32, device=q.device)
-        bm, bn, bd = _blocks(d)
+        bm, bn, bd = forward_blocks(d)
         mask_arg = q if mask is None else mask
         for w_given, r in zip(ws, rs):
             w = effective_segment(n, w_given, r)
@@ -181,7 +194,7 @@ class _DilatedAttentionFn(torch.autograd.Function):
                     bh0,
                     IS_CAUSAL=is_causal,
                     HAS_MASK=mask is not None,
-                    DOT_PREC=_precision(q),
+                    DOT_PREC=dot_precision(q),
                     D=d,
                     BLOCK_D=bd,
                     BLOCK_M=bm,
@@ -241,7 +254,7 @@ def backward(
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-    bm, bn, bd = _blocks(d)
+    bm, bn, bd = forward_blocks(d)
     mask_arg = q if mask is None else mask
     for w_given, r in zip(ws, rs):
         w = effective_segment(n, w_given, r)
@@ -252,7 +265,7 @@ def backward(
             lse.stride(0), lse.stride(1), n, h, h // k.shape[2], w, r, rows, scale,
         )  # fmt: skip
         options = {
-            "IS_CAUSAL": is_causal, "HAS_MASK": mask is not None, "DOT_PREC": _precision(q),
+            "IS_CAUSAL": is_causal, "HAS_MASK": mask is not None, "DOT_PREC": dot_precision(q),
             "D": d, "BLOCK_D": bd, "BLOCK_M": bm, "BLOCK_N": bn, **_launch_options(d),
         }  # fmt: skip
         for grid, seg0, bh0 in launch_grids(nbm, nseg, b * h):
