@@ -37,10 +37,12 @@ import torch
 from dilated.core.branches import SubProblem, compute_dtype, subproblems
 from dilated.core.reference import call_dropout_seed
 from dilated.core.sparsity import BranchLayout
+from dilated.kernels import block_rows
 from dilated.kernels.accumulate import add_into, add_windows
+from dilated.kernels.block_rows import RowsGeometry, RowsTable, rows_forward_into
 from dilated.kernels.merge import merge_into
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
-from dilated.sparse.tiles import Tile, plan_tiles
+from dilated.sparse.tiles import Tile, is_row_tile, plan_tiles
 
 __all__ = [
     "RunTable",
@@ -326,13 +328,25 @@ def _run_tables(
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Every primitive call of some runs, in the order both passes use (dropout seeds follow
-    it). ``writes_every_row``: the first branch has rate 1, writes every row of every head, and
-    each of its calls either writes rows nothing wrote yet or merges onto rows all written
-    before, so accumulators that hold nothing yet need no fill."""
+class _RowsStep:
+    """The one-row tiles of a run as one [`rows_forward_into`][dilated.kernels.block_rows.rows_forward_into]
+    launch (forward only), after the run's other calls. ``first``: its table with each entry's
+    flag set where no earlier call wrote the rows; ``merging``: every flag clear."""
 
-    steps: tuple[_Step, ...]
+    run: _Run
+    geometry: RowsGeometry
+    first: RowsTable
+    merging: RowsTable
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Every call of some runs, in the order both passes use (dropout seeds follow the
+    primitive calls). ``writes_every_row``: the first branch has rate 1, writes every row of
+    every head, and each of its calls either writes rows nothing wrote yet or merges onto rows
+    all written before, so accumulators that hold nothing yet need no fill."""
+
+    steps: tuple[_Step | _RowsStep, ...]
     writes_every_row: bool
 
 
@@ -346,9 +360,13 @@ def _steps(
     is_causal: bool,
     tensors: Sequence[torch.Tensor],
     mask: torch.Tensor | None,
+    rows_block_m: int = 0,
 ) -> _Plan:
-    """The calls of ``runs`` on these tensors' strides, planned once per geometry."""
+    """The calls of ``runs`` on these tensors' strides, planned once per geometry.
+    ``rows_block_m``: compute one-row tiles with the rows kernel, in entries of that many
+    rows (0: every tile is a primitive call)."""
     key = (
+        rows_block_m,
         tuple((run, table.numpy().tobytes(), table.shape[0]) for run, table in runs),
         block,
         is_causal,
@@ -359,7 +377,7 @@ def _steps(
     )
     hit = _PLANS.get(key)
     if hit is None:
-        hit = _PLANS[key] = _plan_steps(runs, block, is_causal, tensors, mask)
+        hit = _PLANS[key] = _plan_steps(runs, block, is_causal, tensors, mask, rows_block_m)
         if len(_PLANS) > _PLANS_SIZE:
             _PLANS.popitem(last=False)
     else:
@@ -373,6 +391,7 @@ def _plan_steps(
     is_causal: bool,
     tensors: Sequence[torch.Tensor],
     mask: torch.Tensor | None,
+    rows_block_m: int,
 ) -> _Plan:
     b = tensors[0].shape[0]
     strides = [_strides(t) for t in tensors]
@@ -380,11 +399,16 @@ def _plan_steps(
         strides.append((mask.stride(0), mask.stride(1), 0))
     first_branch = runs[0][0].branch if runs else None
     every_row = bool(runs) and runs[0][0].rate == 1
-    steps = []
+    steps: list[_Step | _RowsStep] = []
     for run, table in runs:
         # Runs of one branch hold disjoint rows; a later branch covers them again.
         written: set[int] | None = set() if run.branch == first_branch else None
-        for tile in plan_tiles(table, run.length, block, is_causal):
+        rows_kernel = rows_block_m > 0 and _rows_run(run)
+        tiles = plan_tiles(table, run.length, block, is_causal, split_edges=not rows_kernel)
+        row_tiles = [t for t in tiles if rows_kernel and is_row_tile(t)]
+        for tile in tiles:
+            if row_tiles and is_row_tile(tile):
+                continue
             call = _call(run, tile, b, block)
             plan = _problems(call, strides, heads_ok=HEAD_SLOT and mask is None)
             first = False
@@ -398,9 +422,72 @@ def _plan_steps(
             for loop in itertools.product(*(range(size) for size, _ in plan.loops)):
                 for head in heads:
                     steps.append(_Step(run, call, plan, loop, head, first))
+        if row_tiles:
+            blocks = {t.q0 for t in row_tiles}
+            fresh: set[int] = set()
+            if written is not None:
+                # Each entry writes rows nothing wrote yet or merges onto written ones.
+                fresh = blocks - written
+                written |= blocks
+            steps.append(_rows_step(run, row_tiles, block, rows_block_m, fresh))
         if written is not None:
             every_row &= written.issuperset(range(-(-run.length // block)))
     return _Plan(tuple(steps), every_row)
+
+
+def _rows_run(run: _Run) -> bool:
+    """Whether the rows kernel can take a run (its keys are strided heads of the same rows)."""
+    return run.kv_index is None and run.q_shift == 0
+
+
+def _rows_step(
+    run: _Run, tiles: Sequence[Tile], block: int, block_m: int, fresh: set[int]
+) -> _RowsStep:
+    """One rows launch for one-row ``tiles``: an entry per ``block_m`` rows of each query block,
+    over the block's key runs (adjacent ones joined); ``fresh``: blocks nothing wrote yet."""
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for t in sorted(tiles, key=lambda t: (t.q0, t.k0)):
+        lo, hi = t.k0 * block, min((t.k0 + t.kn) * block, run.length)
+        keys = by_block.setdefault(t.q0, [])
+        if keys and keys[-1][1] == lo:
+            keys[-1] = (keys[-1][0], hi)
+        else:
+            keys.append((lo, hi))
+    entries: list[tuple[int, int, int, int, int]] = []
+    key_runs: list[tuple[int, int]] = []
+    for a, keys in by_block.items():
+        stop = min((a + 1) * block, run.length)
+        first = len(key_runs)
+        key_runs.extend(keys)
+        for q_lo in range(a * block, stop, block_m):
+            entries.append((q_lo, min(q_lo + block_m, stop), first, len(key_runs), a in fresh))
+    geometry = RowsGeometry(
+        rate=run.rate, phase0=run.phase0, phases=run.phases, heads=run.heads, kv0=run.kv0,
+        kv_step=run.kv_step, kv_group=run.heads // run.kv_heads, start=run.start,
+        count=run.count, length=run.length,
+    )  # fmt: skip
+    merging = tuple((*e[:4], 0) for e in entries)
+    return _RowsStep(
+        run,
+        geometry,
+        RowsTable(tuple(entries), tuple(key_runs), block_m),
+        RowsTable(merging, tuple(key_runs), block_m),
+    )
+
+
+#: Compute one-row tiles (a band's edge rows) with the rows kernel in one launch per run: None
+#: (default) where Triton runs on CUDA for the inputs, True forces it wherever it runs (the
+#: tests use it under ``TRITON_INTERPRET=1``), False never (one primitive call per tile).
+ROWS_KERNEL: bool | None = None
+
+
+def _rows_block_m(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> int:
+    """Rows per entry of the rows kernel for these inputs, 0 when it is off."""
+    if ROWS_KERNEL is False or (ROWS_KERNEL is None and not q.is_cuda):
+        return 0
+    if q.shape[1] != k.shape[1] or not block_rows.rows_supported(q, k, v, dropout_p):
+        return 0
+    return block_rows.block_m(q.shape[3])
 
 
 def count_calls(
@@ -409,14 +496,17 @@ def count_calls(
     shape: tuple[int, int, int, int],
     kv_heads: int,
     is_causal: bool,
+    rows_kernel: bool = False,
 ) -> int:
-    """Primitive calls one forward pass makes on contiguous inputs of ``shape`` (for benchmarks)."""
+    """Launches of attention one forward pass makes on contiguous inputs of ``shape`` (for
+    benchmarks): primitive calls, and rows kernel launches with ``rows_kernel``."""
     b, n, h, d = shape
     q = torch.empty(shape, device="meta")
     k = torch.empty(b, n, kv_heads, d, device="meta")
     lse = torch.empty(b, n, h, 1, device="meta")
     runs = _run_tables(layouts, n, h, kv_heads)
-    return len(_steps(runs, block_size, is_causal, [q, k, k, q, lse], None).steps)
+    block_m = block_rows.block_m(d) if rows_kernel else 0
+    return len(_steps(runs, block_size, is_causal, [q, k, k, q, lse], None, block_m).steps)
 
 
 def _kv_sources(run: _Run, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -527,11 +617,23 @@ def forward_into(
     mask4 = None if key_padding_mask is None else key_padding_mask[:, :, None, None]
     sources: dict[_Run, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        plan = _steps(runs, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask)
+        plan = _steps(
+            runs, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask,
+            _rows_block_m(q, k, v, dropout_p) if acc.dtype == torch.float32 else 0,
+        )  # fmt: skip
         if empty and not plan.writes_every_row:
             acc.zero_()
             acc_lse.fill_(float("-inf"))
+        mask8: torch.Tensor | None = None
         for i, step in enumerate(plan.steps):
+            if isinstance(step, _RowsStep):
+                if key_padding_mask is not None and mask8 is None:
+                    mask8 = key_padding_mask.to(torch.int8).contiguous()
+                rows_forward_into(
+                    q, k, v, mask8, acc, acc_lse, step.geometry,
+                    step.first if empty else step.merging, scale=scale,
+                )  # fmt: skip
+                continue
             c = step.call
             if step.run not in sources:
                 sources = {step.run: _kv_sources(step.run, k, v)}
@@ -623,6 +725,7 @@ def backward_into(
     ks, vs, dks, dvs = k, v, dk, dv
     tensors = [q, k, v, grad_out, out, lse4, dq, dk, dv]
     for i, step in enumerate(_steps(runs, block_size, is_causal, tensors, key_padding_mask).steps):
+        assert isinstance(step, _Step)  # planned without the rows kernel
         c, run = step.call, step.run
         if run is not current:
             _flush(current, dk, dv, dks, dvs)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Tile", "plan_tiles", "tile_mask"]
+__all__ = ["Tile", "is_row_tile", "plan_tiles", "tile_mask"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,9 @@ def _stack(rects: list[Tile], full_blocks: int) -> list[Tile]:
     return out
 
 
-def _plan(table: torch.Tensor, length: int, block: int, causal: bool) -> tuple[Tile, ...]:
+def _plan(
+    table: torch.Tensor, length: int, block: int, causal: bool, split_edges: bool
+) -> tuple[Tile, ...]:
     nb = table.shape[0]
     allowed = table.clone()
     if causal:
@@ -132,8 +134,10 @@ def _plan(table: torch.Tensor, length: int, block: int, causal: bool) -> tuple[T
             open_rects[(b0, b1)] = Tile(q0, qn + 1, b0, b1 - b0)
     done.extend(open_rects.values())
     stacked = _stack(tiles + done, length // block)
+    if split_edges:
+        stacked = _split_nested(stacked)
     # Multi-row tiles first, so that a row's remainders merge onto rows already written.
-    return tuple(sorted(_split_nested(stacked), key=lambda t: (t.q0, -t.qn, t.k0)))
+    return tuple(sorted(stacked, key=lambda t: (t.q0, -t.qn, t.k0)))
 
 
 def _split_nested(tiles: list[Tile]) -> list[Tile]:
@@ -142,10 +146,8 @@ def _split_nested(tiles: list[Tile]) -> list[Tile]:
     rectangle over that part plus each row's remainder. Same calls, but the shared key blocks
     are read by one call instead of one per row, which the backward pass's key gradients pay
     for once instead of once per row."""
-    singles = sorted(
-        (t for t in tiles if t.stack == 1 and t.qn == 1 and not t.causal), key=lambda t: t.q0
-    )
-    out = [t for t in tiles if not (t.stack == 1 and t.qn == 1 and not t.causal)]
+    singles = sorted((t for t in tiles if is_row_tile(t)), key=lambda t: t.q0)
+    out = [t for t in tiles if not is_row_tile(t)]
     i = 0
     while i < len(singles):
         j = i + 1
@@ -175,11 +177,13 @@ def _split_nested(tiles: list[Tile]) -> list[Tile]:
     return out
 
 
-_CACHE: OrderedDict[tuple[bytes, int, int, int, bool], tuple[Tile, ...]] = OrderedDict()
+_CACHE: OrderedDict[tuple[bytes, int, int, int, bool, bool], tuple[Tile, ...]] = OrderedDict()
 _CACHE_SIZE = 512
 
 
-def plan_tiles(table: torch.Tensor, length: int, block: int, causal: bool) -> tuple[Tile, ...]:
+def plan_tiles(
+    table: torch.Tensor, length: int, block: int, causal: bool, split_edges: bool = True
+) -> tuple[Tile, ...]:
     """The tiles of one sub-problem.
 
     Args:
@@ -188,22 +192,31 @@ def plan_tiles(table: torch.Tensor, length: int, block: int, causal: bool) -> tu
         length: rows of the sub-problem (a short last segment has fewer than ``w / r``).
         block: rows per block.
         causal: drop key blocks after the query block and mask the diagonal ones.
+        split_edges: give consecutive one-row tiles with a common part one tall rectangle
+            over it (for callers that compute one-row tiles one call each; see
+            [`is_row_tile`][dilated.sparse.tiles.is_row_tile]).
 
     Returns:
         Tiles that cover every allowed (query row, key row) pair of the sub-problem exactly once.
     """
     nb = -(-length // block)
     part = table[:nb, :nb].contiguous()
-    key = (part.numpy().tobytes(), nb, length, block, causal)
+    key = (part.numpy().tobytes(), nb, length, block, causal, split_edges)
     hit = _CACHE.get(key)
     if hit is None:
-        hit = _plan(part, length, block, causal)
+        hit = _plan(part, length, block, causal, split_edges)
         _CACHE[key] = hit
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
     return hit
+
+
+def is_row_tile(tile: Tile) -> bool:
+    """A tile of one query block, not stacked and not causal: a band's edge rows (their key
+    windows all differ in length) and whatever else no dense rectangle of several rows took."""
+    return tile.stack == 1 and tile.qn == 1 and not tile.causal
 
 
 def tile_mask(tiles: tuple[Tile, ...], length: int, block: int) -> torch.Tensor:
