@@ -8,11 +8,15 @@ Per sequence length (branches of a preset whose segment fits), per layout and ta
   timed once per sequence length and mode in the same run;
 - ``flex``: FlexAttention given the same pattern as one block mask over the whole sequence (what
   a user would write instead); a mask cannot count a key twice, so it computes the union of the
-  branches' keys (the timing is comparable, the values slightly differ). Skipped above
-  ``--flex-max-seq`` (building the block mask evaluates the mask on every token pair) and where
-  it cannot be built. Every row compiles afresh with ``fail_on_recompile_limit_hit``, so that
-  FlexAttention can never fall back silently to its eager path (which materialises the whole
-  score matrix).
+  branches' keys (the timing is comparable, the values slightly differ). The block mask is built
+  blockwise from the layout tables (``flex_block_table``, then ``BlockMask.from_kv_blocks``),
+  never by evaluating the mask on every token pair, which at 256K tokens asks for a TiB; every
+  kept 128 x 128 tile is a partial block, so the ``mask_mod`` still applies the exact element
+  rule. Skipped above ``--flex-max-seq`` (its index tensor grows as ``(seq / 128)^2 x heads``)
+  and where it cannot be built. Every row compiles afresh with ``fail_on_recompile_limit_hit``,
+  so that FlexAttention can never fall back silently to its eager path (which materialises the
+  whole score matrix). ``--cpu-smoke-test`` first checks every block table against the dense
+  ``mask_mod``.
 
 ``density`` is the fraction of the dense layout's work that the layout keeps (each branch's
 kept blocks, weighted by the branch's work, causal halves counted), and **sparse efficiency** is
@@ -42,7 +46,7 @@ import torch
 from dilated.core import PRESETS, SparsePatternConfig
 from dilated.core.sparsity import BranchLayout, resolve_layouts
 from dilated.kernels import dilated_attention
-from dilated.sparse import block_sparse_dilated_attention
+from dilated.sparse import block_sparse_dilated_attention, engine
 from dilated.sparse.engine import count_calls
 
 LAYOUTS = ("local_window", "global_local", "dilated_sparse", "dense")
@@ -161,14 +165,165 @@ def configs(
     return out
 
 
+FLEX_BLOCK = 128  # FlexAttention's tile in tokens, both for queries and keys
+
+
+def flex_block_table(
+    layouts: Sequence[BranchLayout],
+    seq: int,
+    heads: int,
+    causal: bool,
+    token_block: int = 128,
+    device: torch.device | str = "cpu",
+    *,
+    block: int,
+) -> torch.Tensor:
+    """Bool ``(heads, nt, nt)``, ``nt = ceil(seq / token_block)``: True where some query token of
+    token block ``i`` may attend some key token of token block ``j`` under ``FlexPattern``'s
+    ``mask_mod`` for that head (exactly: no block without an allowed pair, none missed).
+
+    ``block`` is the layouts' block size in rows. Per branch ``(w, r)`` and phase ``p`` (only the
+    phases some head has, ``h % r``), every token of phase ``p`` lies in one global layout block
+    ``(segment, row // block)``; ``E`` (``nt x`` global blocks) marks which token blocks hold
+    which global blocks, and ``E @ L @ E^T > 0`` with ``L`` block-diagonal (the layout table once
+    per segment) are the reachable token-block pairs. ``E`` is scattered token by token rather
+    than as ranges, so a stride ``r`` above ``token_block`` (token blocks without the phase) and
+    a short last segment (its missing blocks get no tokens) come out right. Sizes stay at
+    ``nt x nt`` per phase (float32 counts of 0/1 products: ``> 0`` is exact), never ``seq x seq``.
+
+    Causal: below the diagonal every key precedes every query, so the non-causal answer holds;
+    above it nothing is allowed; on the diagonal a pair with key <= query exists iff the block
+    holds global blocks ``a >= b`` of one segment with ``blocks[a, b]`` (``a == b``: take the key
+    equal to the query), i.e. the diagonal of ``E @ tril(L) @ E^T``, which matters for layouts
+    whose diagonal is not all True.
+    """
+    nt = -(-seq // token_block)
+    table = torch.zeros(heads, nt, nt, dtype=torch.bool, device=device)
+    diag = torch.zeros(heads, nt, dtype=torch.bool, device=device)
+    for lay in layouts:
+        w, r, nb = lay.segment_length, lay.dilation_rate, lay.nb
+        nseg = -(-seq // w)
+        blocks = lay.blocks.to(device=device, dtype=torch.float32)
+        lower = blocks.tril()
+        for p in sorted({h % r for h in range(heads)}):
+            tok = torch.arange(p, seq, r, device=device)
+            glob = (tok // w) * nb + ((tok % w) // r) // block
+            e = torch.zeros(nt, nseg * nb, device=device)
+            e[tok // token_block, glob] = 1.0
+            e3 = e.view(nt, nseg, nb)
+            # E @ L without building the block-diagonal L: one table product per segment.
+            reach = torch.einsum("tsa,ab->tsb", e3, blocks).reshape(nt, nseg * nb)
+            table[p::r] |= (reach @ e.T) > 0
+            if causal:
+                reach_low = torch.einsum("tsa,ab->tsb", e3, lower)
+                diag[p::r] |= (reach_low * e3).sum((1, 2)) > 0
+            del e, e3, reach
+    if causal:
+        table &= torch.ones(nt, nt, dtype=torch.bool, device=device).tril(-1)
+        ar = torch.arange(nt, device=device)
+        table[:, ar, ar] = diag
+    return table
+
+
+def block_mask_from_table(table: torch.Tensor, seq: int, mask_mod: Any, token_block: int) -> Any:
+    """A FlexAttention ``BlockMask`` whose partial blocks are the True entries of ``table``
+    (``(heads, nt, nt)``) and which has no full blocks: every kept tile still runs
+    ``mask_mod``, so the element rule stays exact however a tile is cut by the pattern."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    heads, nt, _ = table.shape
+    kv_num_blocks = table.sum(-1, dtype=torch.int32)[None]
+    kv_indices = torch.empty(1, heads, nt, nt, dtype=torch.int32, device=table.device)
+    for h in range(heads):  # one head at a time: the sort's int64 output stays nt x nt
+        # A stable sort of "not kept" puts the kept columns first, in increasing order.
+        kv_indices[0, h] = torch.argsort((~table[h]).to(torch.int8), dim=-1, stable=True)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        BLOCK_SIZE=token_block,
+        mask_mod=mask_mod,
+        seq_lengths=(seq, seq),
+    )
+
+
+def check_flex_table(
+    mask_mod: Any, table: torch.Tensor, seq: int, token_block: int, what: str
+) -> None:
+    """Assert that ``table`` is exactly the token-block support of ``mask_mod``: every allowed
+    pair lies in a True block and every True block holds an allowed pair. Evaluates the mask
+    densely (a few query blocks at a time), so only for the small sizes of the smoke test."""
+    heads, nt, _ = table.shape
+    dev = table.device
+    dense = torch.zeros_like(table)
+    keys = torch.arange(seq, device=dev)
+    step = max(1, 2**22 // (token_block * seq))  # query blocks per mask evaluation
+    b = torch.zeros((), dtype=torch.int64, device=dev)
+    for h in range(heads):
+        hi = torch.tensor(h, device=dev)
+        for i0 in range(0, nt, step):
+            i1 = min(nt, i0 + step)
+            qs = torch.arange(i0 * token_block, min(i1 * token_block, seq), device=dev)
+            # Padded to whole token blocks with False (pairs beyond seq do not exist).
+            ok = torch.zeros(i1 - i0, token_block, nt, token_block, dtype=torch.bool, device=dev)
+            ok.view(-1, nt * token_block)[: len(qs), :seq] = mask_mod(
+                b, hi, qs[:, None], keys[None, :]
+            )
+            dense[h, i0:i1] = ok.any(3).any(1)
+    for name, bad in (
+        ("allowed pairs outside every True block", dense & ~table),
+        ("True blocks without an allowed pair", table & ~dense),
+    ):
+        if bad.any():
+            h, i, j = (int(x) for x in bad.nonzero()[0])
+            raise AssertionError(
+                f"flex block table of {what} is wrong: {int(bad.sum())} {name} "
+                f"(first: head {h}, query block {i}, key block {j})"
+            )
+
+
+def self_check_flex_table() -> None:
+    """``check_flex_table`` on branches the smoke test's preset does not reach: several rates
+    (one above the token block, so token blocks skip phases), more rates than heads, short last
+    segments, and a custom layout without its diagonal (the causal diagonal case)."""
+    seq, heads, block, token_block = 2500, 3, 8, 8
+    ws, rs = [256, 1024, 2048], [1, 4, 16]
+    gen = torch.Generator().manual_seed(0)
+    cfgs = [
+        SparsePatternConfig("local_window", sparsity_ratio=0.3, block_size=block),
+        SparsePatternConfig("global_local", sparsity_ratio=0.3, block_size=block),
+        SparsePatternConfig("dilated_sparse", block_size=block),
+        SparsePatternConfig(
+            "custom",
+            block_size=block,
+            layout=[
+                (torch.rand(n, n, generator=gen) < 0.2).fill_diagonal_(False)
+                for n in ((w // r + block - 1) // block for w, r in zip(ws, rs))
+            ],
+        ),
+    ]
+    q = torch.zeros(1, seq, heads, 1)
+    for causal in (False, True):
+        layouts = [resolve_layouts(cfg, ws, rs) for cfg in cfgs]
+        flex = FlexPattern(q, ws, rs, causal, max(lay.nb for ls in layouts for lay in ls))
+        for cfg, lays in zip(cfgs, layouts):
+            flex.load(lays, block)
+            table = flex_block_table(lays, seq, heads, causal, token_block, block=block)
+            check_flex_table(
+                flex.mask_mod, table, seq, token_block, f"{cfg.pattern_type} causal={causal}"
+            )
+    print("flex block tables: exact on the extra branch set (w=256/1024/2048, r=1/4/16)")
+
+
 class FlexPattern:
     """FlexAttention over the whole sequence with the pattern as one mask_mod and block mask.
 
-    One ``mask_mod`` and one compiled ``flex_attention`` serve every layout of a sequence
-    length: the layout tables and the block size are tensors that :meth:`set` overwrites in
-    place, so a new layout rebuilds the block mask but recompiles nothing (and the recompile
-    limit, past which FlexAttention would fall back silently to an eager path that materialises
-    the whole score matrix, is never approached; it raises if it is).
+    One compiled ``flex_attention`` serves every layout of a sequence length: the layout tables
+    are a tensor that :meth:`load` overwrites in place, so a new layout rebuilds the block mask
+    but recompiles nothing. The block size is a Python constant of the ``mask_mod`` (a division
+    by a tensor made one forward at 256K tokens 7x slower on an H200: 62.8 s against 8.9 s), so
+    each block size compiles once (at most three here). The recompile limit, past which
+    FlexAttention would fall back silently to an eager path that materialises the whole score
+    matrix, is never approached; it raises if it is.
     """
 
     def __init__(
@@ -178,10 +333,18 @@ class FlexPattern:
 
         self.seq, self.heads = q.shape[1], q.shape[2]
         self.device = q.device
+        self.causal = causal
+        self.params = list(zip(ws, rs))
         self.tables = torch.zeros(len(ws), nb_max, nb_max, dtype=torch.bool, device=q.device)
-        self.block = torch.ones((), dtype=torch.int64, device=q.device)
-        params = list(zip(ws, rs))
-        tables, block = self.tables, self.block
+        self.mask_mod = self._mask_mod(1)
+        self.block = 1
+        torch._dynamo.reset()
+        self.fn = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+        self.block_mask: Any = None
+        self.table = torch.zeros(0, 0, 0, dtype=torch.bool)  # set() fills it
+
+    def _mask_mod(self, block: int) -> Callable[..., torch.Tensor]:
+        params, tables, causal = self.params, self.tables, self.causal
 
         def mask_mod(b, hi, qi, ki):  # type: ignore[no-untyped-def]
             ok = torch.zeros_like(qi, dtype=torch.bool)
@@ -195,24 +358,26 @@ class FlexPattern:
                 ok = ok & (ki <= qi)
             return ok
 
-        self.mask_mod = mask_mod
-        torch._dynamo.reset()
-        self.fn = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-        self.block_mask: Any = None
+        return mask_mod
 
-    def set(self, layouts: Sequence[BranchLayout], block: int) -> None:
-        """Load a layout and build its block mask (blockwise, never a dense seq x seq mask)."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
+    def load(self, layouts: Sequence[BranchLayout], block: int) -> None:
+        """Load a layout's tables into the tensor ``mask_mod`` reads (a new ``mask_mod`` when
+        the block size changes)."""
         self.tables.zero_()
         for i, lay in enumerate(layouts):
             self.tables[i, : lay.nb, : lay.nb] = lay.blocks.to(self.device)
-        self.block.fill_(block)
-        shape = (self.mask_mod, 1, self.heads, self.seq, self.seq)
-        try:
-            self.block_mask = create_block_mask(*shape, device=self.device, _compile=True)
-        except TypeError:  # a PyTorch without the (deprecated) _compile flag
-            self.block_mask = torch.compile(create_block_mask)(*shape, device=self.device)
+        if block != self.block:
+            self.block, self.mask_mod = block, self._mask_mod(block)
+
+    def set(self, layouts: Sequence[BranchLayout], block: int) -> None:
+        """Load a layout and build its block mask blockwise from the layout tables (never a
+        dense seq x seq mask); every kept tile is a partial block (no full blocks), so
+        ``mask_mod`` decides each element. ``self.table`` keeps the block table."""
+        self.load(layouts, block)
+        self.table = flex_block_table(
+            layouts, self.seq, self.heads, self.causal, FLEX_BLOCK, self.device, block=block
+        )
+        self.block_mask = block_mask_from_table(self.table, self.seq, self.mask_mod, FLEX_BLOCK)
 
     def runner(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: bool, dout: torch.Tensor
@@ -287,10 +452,19 @@ def bench_sequence(
             flex = FlexPattern(q, ws, rs, causal, nb_max)
         except Exception as exc:
             flex_note = f"FlexAttention unavailable: {type(exc).__name__}: {str(exc)[:80]}"
+    if flex is not None and args.cpu_smoke_test:
+        # Before any timing, and outside the rows' error handling: a wrong table must fail.
+        for layout, target, cfg in rows_configs:
+            flex.set(resolve_layouts(cfg, ws, rs), cfg.block_size)
+            check_flex_table(flex.mask_mod, flex.table, seq, FLEX_BLOCK, f"{layout} {target}")
+        print(f"seq={seq}: flex block tables exact for {len(rows_configs)} layouts", flush=True)
     for layout, target, cfg in rows_configs:
         layouts = resolve_layouts(cfg, ws, rs)
         dens = density(layouts, seq, causal)
-        calls = count_calls(layouts, cfg.block_size, (1, seq, h, d), h, causal)
+        calls = count_calls(
+            layouts, cfg.block_size, (1, seq, h, d), h, causal,
+            rows_kernel=q.is_cuda and args.rows_kernel == "auto",
+        )  # fmt: skip
 
         def sparse(cfg: SparsePatternConfig = cfg) -> torch.Tensor:
             return block_sparse_dilated_attention(
@@ -314,7 +488,7 @@ def bench_sequence(
                             flex.set(layouts, cfg.block_size)
                             flex_layout = (layout, target)
                         run = flex.runner(q, k, v, grad, dout)
-                        flex_ms = time_ms(run, args.warmup, args.repeats)[0]
+                        flex_ms = time_ms(run, 1, args.flex_repeats)[0]
                 except Exception as exc:
                     note += f" flex failed: {type(exc).__name__}: {str(exc)[:120]}"
                 torch.cuda.empty_cache()
@@ -338,6 +512,7 @@ def bench_sequence(
                     "efficiency": dense_t * dens / sparse_ms,
                     "vs_flex": flex_ms / sparse_ms,
                     "cuda_graph": args.cuda_graph,
+                    "rows_kernel": args.rows_kernel,
                     "note": note.strip(),
                 }
             )
@@ -356,6 +531,15 @@ def main() -> None:
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--flex-max-seq", type=int, default=262144)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument(
+        "--flex-repeats", type=int, default=3, help="timed FlexAttention calls (after one warm-up)"
+    )
+    ap.add_argument(
+        "--rows-kernel",
+        choices=["auto", "off"],
+        default="auto",
+        help="off: every one-row tile as its own primitive call (dilated.sparse.engine.ROWS_KERNEL)",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument(
@@ -376,6 +560,9 @@ def main() -> None:
     if args.cpu_smoke_test:
         args.seqs, args.heads, args.head_dim, args.block_size = [4096, 8192], 2, 16, 32
         args.densities, args.warmup, args.repeats, args.preset = [0.25], 1, 1, "longnet_1m"
+    if args.cpu_smoke_test and not args.no_flex:
+        self_check_flex_table()
+    engine.ROWS_KERNEL = None if args.rows_kernel == "auto" else False
     preset = PRESETS[args.preset]
     h, d, block, causal = args.heads, args.head_dim, args.block_size, args.causal
     rows: list[dict[str, object]] = []
