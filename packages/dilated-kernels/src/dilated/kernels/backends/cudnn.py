@@ -25,7 +25,6 @@ Triton kernels.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 
 from dilated.core.reference import call_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
+from dilated.kernels.backends.triton import interpreting
 from dilated.kernels.custom_op import register_attention_autograd
 from dilated.kernels.subproblem import (
     cudnn_extras_reason,
@@ -63,10 +63,6 @@ _BLOCK_T = 32
 _BLOCK_T_SCALAR = 64
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def available(device: torch.device) -> bool:
     """CUDA with cuDNN attention (sm80+) and triton; or CPU under ``TRITON_INTERPRET=1``."""
     if not HAS_TRITON:
@@ -74,7 +70,7 @@ def available(device: torch.device) -> bool:
     if device.type == "cuda":
         index = device.index if device.index is not None else 0
         return has_cudnn_attention() and cuda_capability_major(index) >= 8
-    return device.type == "cpu" and _interpreting()
+    return device.type == "cpu" and interpreting()
 
 
 def unsupported_reason(
