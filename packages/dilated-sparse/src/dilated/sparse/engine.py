@@ -10,8 +10,12 @@ takes the head slot when a call has one head (or when looping over the real head
 fewer calls), and any left over is looped. The results are merged into float32 accumulators with
 [`merge_into`][dilated.kernels.merge.merge_into] (on CUDA its one-launch Triton form; a call on rows
 nothing was merged into yet writes its result without reading them, and the accumulators are
-not even filled when the first branch writes every row before anything merges into it). The
-backward pass enumerates the same calls and gives each one the FINAL merged output and LSE
+not even filled when the first branch writes every row before anything merges into it). In
+the forward pass, where [`ROWS_KERNEL`][dilated.sparse.engine.ROWS_KERNEL] allows, a run's
+one-row tiles (a band's edge rows, whose windows all differ in length) are instead one launch of
+[`rows_forward_into`][dilated.kernels.block_rows.rows_forward_into] after the run's other calls,
+merging in its epilogue: one launch where there were ``2W`` calls, each paying cuDNN's host
+cost. The backward pass enumerates the same calls and gives each one the FINAL merged output and LSE
 ([`subproblem_attention_backward`][dilated.kernels.subproblem.subproblem_attention_backward]),
 so the parts' gradients add up to the gradient of the whole; they are added into float32
 accumulators with [`add_into`][dilated.kernels.accumulate.add_into], and the key gradients of a

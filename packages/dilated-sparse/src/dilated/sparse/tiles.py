@@ -14,10 +14,11 @@ call over strided views:
   the plain dilated call);
 - the remaining runs are grouped by their offset from the diagonal (a band's interior is one
   stack of ``B x (2W + 1) B`` rectangles, the power-of-two diagonals of ``"dilated_sparse"`` one
-  stack each), and what is left (a band's edges) stays one rectangle per row, except that
-  consecutive such rows whose runs share a common part (every top edge row starts at block 0,
-  every bottom one ends at the last block) compute that part as one tall rectangle and only
-  their remainders row by row.
+  stack each), and what is left (a band's edges) stays one rectangle per row
+  ([`is_row_tile`][dilated.sparse.tiles.is_row_tile]); with ``split_edges``, for callers that
+  make one call per such tile, consecutive such rows whose runs share a common part (every top
+  edge row starts at block 0, every bottom one ends at the last block) compute that part as one
+  tall rectangle and only their remainders row by row.
 
 Tiles that span several rows come before one-row tiles on the same rows, so a row's later tiles
 merge onto rows already written.
