@@ -265,9 +265,9 @@ class _Step:
     first: bool = False
     # (role, strides, head_dim) -> as_strided (size, stride, offset) of ``_view``: the steps
     # of a plan are cached, so each view's geometry is worked out once.
-    views: dict[
-        tuple[str, tuple[int, int, int], int], tuple[tuple[int, ...], tuple[int, ...], int]
-    ] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    views: dict[tuple[str, tuple[int, ...], int], tuple[tuple[int, ...], tuple[int, ...], int]] = (
+        field(default_factory=dict, compare=False, hash=False, repr=False)
+    )
 
 
 def _tile_blocks(tile: Tile) -> set[int]:
@@ -280,12 +280,14 @@ def _view(x: torch.Tensor, step: _Step, role: str) -> torch.Tensor:
     ``role``: ``"q"`` (queries, and every tensor shaped like them: output, LSE, gradients),
     ``"k"`` (keys, values and their gradients) or ``"mask"`` (a ``(batch, seq, 1, 1)`` key mask).
     """
-    s = _strides(x, role != "mask")
-    geometry = step.views.get((role, s, x.shape[3]))
+    key = (role, x.stride(), x.shape[3])
+    geometry = step.views.get(key)
     if geometry is None:
-        geometry = step.views[(role, s, x.shape[3])] = _geometry(step, role, s, x.shape[3])
+        s = _strides(x, role != "mask")
+        size, stride, base = _geometry(step, role, s, x.shape[3])
+        geometry = step.views[key] = (size, (*stride[:3], x.stride(3)), base)
     size, stride, base = geometry
-    return x.as_strided(size, (*stride[:3], x.stride(3)), x.storage_offset() + base)
+    return x.as_strided(size, stride, x.storage_offset() + base)
 
 
 def _geometry(
