@@ -15,11 +15,11 @@ the interpreter's bfloat16 ``tl.dot`` is wrong), ``head_dim`` at most 128, witho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from dilated.kernels._tables import upload
 from dilated.kernels.backends import triton as triton_backend
 
 __all__ = [
@@ -69,21 +69,18 @@ class RowsTable:
     )
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(entries, runs)`` as int32 tensors on ``device`` (uploaded once, asynchronously)."""
+        """``(entries, runs)`` as int32 tensors on ``device``, uploaded asynchronously and kept
+        (except when uploaded during CUDA-graph capture: those copies are the graph's)."""
         hit = self._device.get(device)
-        if hit is None:
-            hit = self._device[device] = tuple(  # type: ignore[assignment]
-                _upload(rows, device) for rows in (self.entries, self.runs)
-            )
-        return hit  # type: ignore[return-value]
-
-
-def _upload(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    host = torch.tensor(rows, dtype=torch.int32).flatten()
-    if device.type != "cuda":
-        return host.to(device)
-    # Pinned and asynchronous: a pageable copy would wait for every queued kernel.
-    return host.pin_memory().to(device, non_blocking=True)
+        if hit is not None:
+            return hit
+        entries, runs = (
+            upload(torch.tensor(rows, dtype=torch.int32).flatten(), device)
+            for rows in (self.entries, self.runs)
+        )
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self._device[device] = (entries, runs)
+        return entries, runs
 
 
 #: ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` on CUDA for ``head_dim <= 64`` and above.

@@ -33,6 +33,7 @@ import torch
 
 from dilated.core.reference import call_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
+from dilated.kernels._tables import upload
 from dilated.kernels.backends.triton import interpreting
 from dilated.kernels.custom_op import register_attention_autograd
 from dilated.kernels.subproblem import (
@@ -237,19 +238,8 @@ def _table(
                 piece.start // piece.w,
             ]
             table[piece.branch, piece.phase, bi, int(piece.partial)] = torch.tensor(row)
-    if device.type != "cuda":
-        return table.to(device)
-    # Pinned and asynchronous: a pageable copy would wait for every queued kernel.
-    pinned = table.pin_memory()
-    if torch.cuda.is_current_stream_capturing():
-        # A captured copy reads this host buffer again at every replay: it must outlive the
-        # graph (the addresses in it are the graph's own, so they stay valid).
-        _GRAPH_TABLES.append(pinned)
-    return pinned.to(device, non_blocking=True)
-
-
-#: Host tables read by captured CUDA graphs (a few hundred bytes per call captured).
-_GRAPH_TABLES: list[torch.Tensor] = []
+    # Under capture the addresses in it are the graph's own, so they stay valid at replays.
+    return upload(table, device)
 
 
 def _chunks(b: int, n: int, h: int, d: int, ws: Sequence[int]) -> list[tuple[int, int]]:
