@@ -15,8 +15,8 @@ the forward pass, where [`ROWS_KERNEL`][dilated.sparse.engine.ROWS_KERNEL] allow
 one-row tiles (a band's edge rows, whose windows all differ in length) are instead one launch of
 [`rows_forward_into`][dilated.kernels.block_rows.rows_forward_into] after the run's other calls,
 merging in its epilogue: one launch where there were ``2W`` calls, each paying cuDNN's host
-cost. The backward pass enumerates the same calls and gives each one the FINAL merged output and LSE
-([`subproblem_attention_backward`][dilated.kernels.subproblem.subproblem_attention_backward]),
+cost. The backward pass enumerates the primitive's calls (edge rows included) and gives each
+one the FINAL merged output and LSE ([`subproblem_attention_backward`][dilated.kernels.subproblem.subproblem_attention_backward]),
 so the parts' gradients add up to the gradient of the whole; they are added into float32
 accumulators with [`add_into`][dilated.kernels.accumulate.add_into], and the key gradients of a
 stack whose windows overlap with [`add_windows`][dilated.kernels.accumulate.add_windows].
