@@ -286,10 +286,11 @@ def sparse_h200(path: Path) -> None:
         return json.loads((OUT / name).read_text())["rows"]  # type: ignore[no-any-return]
 
     runs = {
-        "eager": rows("sparse_h200_256k.json"),
-        "CUDA graph": rows("sparse_h200_256k_cuda_graph.json"),
+        "eager, no rows kernel": rows("sparse_h200_256k.json"),
+        "CUDA graph, no rows kernel": rows("sparse_h200_256k_cuda_graph.json"),
     }
     million = rows("sparse_h200_1m_cuda_graph.json")
+    rows_kernel = rows("sparse_h200_256k_rows_kernel.json")
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained", sharey=True)
     for ax, layout in zip(axes, ("local_window", "global_local")):
         for (label, data), color in zip(runs.items(), ("#d62728", "#1f77b4")):
@@ -306,7 +307,25 @@ def sparse_h200(path: Path) -> None:
                 for r in million
                 if r["mode"] == "fwd"
             )
-            ax.plot(*zip(*pts), "--", marker="s", color="#2ca02c", label="fwd, CUDA graph, 1M")
+            ax.plot(
+                *zip(*pts),
+                "--",
+                marker="s",
+                color="#2ca02c",
+                label="fwd, CUDA graph, 1M, no rows kernel",
+            )
+        for mode, style, key in (
+            ("fwd", "-", "fwd_eager_eff"),
+            ("fwd+bwd", ":", "fwdbwd_eager_eff"),
+        ):
+            pts = sorted(
+                (float(r["density"]), float(r[key]))  # type: ignore[arg-type]
+                for r in rows_kernel
+                if r["layout"] == layout and r["rows_kernel"] == "on"
+            )
+            ax.plot(
+                *zip(*pts), style, marker="D", color="#9467bd", label=f"{mode}, eager, rows kernel"
+            )
         ax.step([0.1, 0.25, 0.55], [0.6, 0.8, 0.8], where="post", color="#555555", lw=1.0)
         ax.text(0.26, 0.82, "target", fontsize=7, color="#555555")
         ax.axhline(1.0, color="#bbbbbb", lw=0.8)
@@ -316,7 +335,7 @@ def sparse_h200(path: Path) -> None:
         ax.set_title(f"{layout}, 256K tokens", fontsize=9)
     axes[0].set_ylabel("sparse efficiency")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=5)
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=3)
     fig.suptitle("dilated-sparse on one H200, bf16, 16 heads x 128, blocks of 128", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
