@@ -15,7 +15,22 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fused_merge_into"]
+__all__ = ["fused_merge_into", "lse_weights"]
+
+
+@triton.jit
+def lse_weights(lse_acc, lse_new):
+    """The weights of the running part and of the new one, and the merged LSE: ``L =
+    logaddexp(L_acc, L_new)``, weights ``exp(L_acc - L)`` and ``exp(L_new - L)`` (0, 0 and
+    ``-inf`` for rows empty on both sides)."""
+    top = tl.maximum(lse_acc, lse_new)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    keep = tl.exp(lse_acc - shift)
+    take = tl.exp(lse_new - shift)
+    total = keep + take
+    empty = total == 0.0
+    safe = tl.where(empty, 1.0, total)
+    return keep / safe, take / safe, tl.where(empty, float("-inf"), shift + tl.log(safe))
 
 
 @triton.jit
@@ -55,14 +70,7 @@ def _merge_rows(
     else:
         lse_acc = tl.load(AccLse + b * sl_b + r * sl_r + h * sl_h, mask=valid, other=float("-inf"))
     lse_new = tl.load(Lse + b * sx_b + r * sx_r + h * sx_h, mask=valid, other=float("-inf"))
-    top = tl.maximum(lse_acc, lse_new)
-    shift = tl.where(top == float("-inf"), 0.0, top)
-    keep = tl.exp(lse_acc - shift)
-    take = tl.exp(lse_new - shift)
-    total = keep + take
-    empty = total == 0.0
-    safe = tl.where(empty, 1.0, total)
-    merged = tl.where(empty, float("-inf"), shift + tl.log(safe))
+    keep, take, merged = lse_weights(lse_acc, lse_new)
     d = tl.arange(0, BLOCK_D)
     cols = d[None, :] < D
     both = valid[:, None] & cols
@@ -70,10 +78,10 @@ def _merge_rows(
     out_at = Out + (b * so_b + r * so_r + h * so_h)[:, None] + d[None, :]
     out = tl.load(out_at, mask=both, other=0.0).to(tl.float32)
     if FIRST:
-        new = out * (take / safe)[:, None]
+        new = out * take[:, None]
     else:
         acc = tl.load(acc_at, mask=both, other=0.0)
-        new = acc * (keep / safe)[:, None] + out * (take / safe)[:, None]
+        new = acc * keep[:, None] + out * take[:, None]
     tl.store(acc_at, new, mask=both)
     tl.store(AccLse + b * sl_b + r * sl_r + h * sl_h, merged, mask=valid)
 

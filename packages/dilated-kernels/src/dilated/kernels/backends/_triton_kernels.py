@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from dilated.kernels.backends._merge_kernel import lse_weights
+
 
 @triton.jit
 def _program_head(H, group, w, r, seg0, bh0):
@@ -162,15 +164,9 @@ def merge_block(AccO, Lse, o_off, lse_off, acc, m_i, l_i, valid, valid2d, read, 
     lse_b = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
     o_b = acc / l_safe[:, None]
     old_lse = tl.load(Lse + lse_off, mask=read, other=float("-inf"))
-    new_max = tl.maximum(old_lse, lse_b)
-    max_safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-    w_old = tl.exp(old_lse - max_safe)
-    w_new = tl.exp(lse_b - max_safe)
-    total = w_old + w_new
-    tot_safe = tl.where(total == 0.0, 1.0, total)
-    new_lse = tl.where(total == 0.0, float("-inf"), max_safe + tl.log(tot_safe))
+    keep, take, new_lse = lse_weights(old_lse, lse_b)
     old_o = tl.load(AccO + o_off, mask=read2d, other=0.0)
-    out = (old_o * w_old[:, None] + o_b * w_new[:, None]) / tot_safe[:, None]
+    out = old_o * keep[:, None] + o_b * take[:, None]
     tl.store(AccO + o_off, out, mask=valid2d)
     tl.store(Lse + lse_off, new_lse, mask=valid)
 
