@@ -463,10 +463,10 @@ def _rows_step(
     key_runs: list[tuple[int, int]] = []
     for a, keys in by_block.items():
         stop = min((a + 1) * block, run.length)
-        first = len(key_runs)
+        run0 = len(key_runs)
         key_runs.extend(keys)
         for q_lo in range(a * block, stop, block_m):
-            entries.append((q_lo, min(q_lo + block_m, stop), first, len(key_runs), a in fresh))
+            entries.append((q_lo, min(q_lo + block_m, stop), run0, len(key_runs), a in fresh))
     geometry = RowsGeometry(
         rate=run.rate, phase0=run.phase0, phases=run.phases, heads=run.heads, kv0=run.kv0,
         kv_step=run.kv_step, kv_group=run.heads // run.kv_heads, start=run.start,
@@ -487,9 +487,13 @@ def _rows_step(
 ROWS_KERNEL: bool | None = None
 
 
-def _rows_block_m(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> int:
-    """Rows per entry of the rows kernel for these inputs, 0 when it is off."""
+def _rows_block_m(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: torch.Tensor, dropout_p: float
+) -> int:
+    """Rows per entry of the rows kernel for these inputs and accumulators, 0 when it is off."""
     if ROWS_KERNEL is False or (ROWS_KERNEL is None and not q.is_cuda):
+        return 0
+    if acc.dtype != torch.float32:
         return 0
     if q.shape[1] != k.shape[1] or not block_rows.rows_supported(q, k, v, dropout_p):
         return 0
@@ -625,7 +629,7 @@ def forward_into(
     with torch.no_grad():
         plan = _steps(
             runs, block_size, is_causal, [q, k, v, acc, acc_lse], key_padding_mask,
-            _rows_block_m(q, k, v, dropout_p) if acc.dtype == torch.float32 else 0,
+            _rows_block_m(q, k, v, acc, dropout_p),
         )  # fmt: skip
         if empty and not plan.writes_every_row:
             acc.zero_()
