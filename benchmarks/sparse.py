@@ -173,7 +173,7 @@ def flex_block_table(
     seq: int,
     heads: int,
     causal: bool,
-    token_block: int = 128,
+    token_block: int = FLEX_BLOCK,
     device: torch.device | str = "cpu",
     *,
     block: int,
