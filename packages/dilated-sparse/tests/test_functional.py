@@ -279,7 +279,9 @@ def test_non_contiguous_inputs() -> None:
         q.contiguous(), k.contiguous(), v.contiguous(), SEGMENTS, RATES, sparse_config=cfg,
         is_causal=True,
     )  # fmt: skip
-    assert torch.equal(got, want)
+    # A strided view and its contiguous copy reach BLAS with different layouts, whose float32
+    # sums may round differently (2.4e-7 seen on one x86 machine): equal to float32 rounding.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_without_the_head_slot(monkeypatch: pytest.MonkeyPatch) -> None:
