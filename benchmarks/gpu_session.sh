@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session: every package's CUDA tests, then the benchmarks, logs and JSON under $OUT
-# (default ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests] [ring] [sparse] [cli]
-# (default: all four; PACKAGES="ring sparse" limits the tests). Each step has its own time limit,
-# so one slow step never takes the rest.
+# (default ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests] [newlen] [dense] [ring]
+# [sparse] [cli] (default: all; PACKAGES="ring sparse" limits the tests). Each step has its own
+# time limit, so one slow step never takes the rest.
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests ring sparse cli)
+[ ${#steps[@]} -eq 0 ] && steps=(tests newlen dense ring sparse cli)
 root="$(cd "$(dirname "$0")/.." && pwd)"
 has() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 summary=()
@@ -17,10 +17,26 @@ if has tests; then
     for pkg in ${PACKAGES:-core kernels ring sparse longnet}; do
         dir="$root/packages/dilated-$pkg/tests"
         [ -d "$dir" ] || continue
-        (cd "$dir" && timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider . \
+        (cd "$dir" && timeout "${TEST_LIMIT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider . \
             >"$OUT/gpu-tests-$pkg.log" 2>&1)
         summary+=("tests $pkg: $(tail -1 "$OUT/gpu-tests-$pkg.log")")
     done
+fi
+if has newlen; then
+    # The first call at a length not seen before, against the steady call (engines' target).
+    for causal in off on; do
+        timeout 200 python3 "$root/benchmarks/kernels.py" --new-lengths --causal-modes $causal \
+            --seqs ${NEWLEN_SEQS:-8192 16384 32768 65536} --json "$OUT/new-lengths-$causal.json" \
+            >"$OUT/new-lengths-$causal.log" 2>&1
+        summary+=("new lengths (causal $causal): $(grep -c '| no |' "$OUT/new-lengths-$causal.log") rows over target")
+    done
+fi
+if has dense; then
+    # The dense op on each engine against the cuDNN and flash-attn-4 ideals.
+    timeout 420 python3 "$root/benchmarks/kernels.py" --seqs ${DENSE_SEQS:-65536 262144 1048576} \
+        --causal-modes off on --methods ideal auto cudnn flash --ideal-backends cudnn fa4 \
+        --json "$OUT/dense.json" >"$OUT/dense.log" 2>&1
+    summary+=("dense: $(grep -c '^| ' "$OUT/dense.log") table lines")
 fi
 if has ring; then
     timeout 100 python3 "$root/benchmarks/ring.py" --iters 5 --out "$OUT/ring-world1.json" \

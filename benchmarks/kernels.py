@@ -90,8 +90,9 @@ FEATURES: dict[str, Feature] = {
     )
 }
 CAUSAL_MODES = {"off": False, "on": True}
-#: The SDPA backends the ideal is timed under, each alone (names of torch.nn.attention.SDPBackend).
-IDEAL_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+#: The kernels the ideal is timed under, each alone: names of torch.nn.attention.SDPBackend, and
+#: "FA4" (flash-attn-4's ``flash_attn_func``, for the features it has: no padding or dropout).
+IDEAL_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "FA4")
 
 
 def kv_heads_for(feature: Feature, heads: int) -> int:
@@ -285,13 +286,18 @@ def measure_ideal(case: Case) -> Measured:
     leaves = [x for p in parts for x in p]
     best = Measured(note="no SDPA backend ran")
     for name in case.ideal_backends:
-        backend = getattr(SDPBackend, name)
+        if name == "FA4":
+            run = fa4_ideal_runner(case, parts)
+            if run is None:
+                continue
+        else:
+            backend = getattr(SDPBackend, name)
 
-        def run(backend: SDPBackend = backend) -> None:
-            with sdpa_kernel(backend):
-                outs = [F.scaled_dot_product_attention(*qkv, **kw) for qkv, kw in calls]
-                if case.grad:
-                    torch.autograd.grad(outs, leaves, [o.detach() for o in outs])
+            def run(backend: SDPBackend = backend) -> None:
+                with sdpa_kernel(backend):
+                    outs = [F.scaled_dot_product_attention(*qkv, **kw) for qkv, kw in calls]
+                    if case.grad:
+                        torch.autograd.grad(outs, leaves, [o.detach() for o in outs])
 
         with warnings.catch_warnings(record=True) as why:  # a backend that cannot run warns why
             warnings.simplefilter("always")
@@ -307,6 +313,32 @@ def measure_ideal(case: Case) -> Measured:
         if not best.ms <= got.ms:  # NaN (none yet) or slower
             best = Measured(got.ms, got.peak_gib, backend=name, note=got.note)
     return best
+
+
+def fa4_ideal_runner(
+    case: Case, parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> Callable[[], None] | None:
+    """flash-attn-4 over the gathered sub-problems (read as ``(n, rows, heads, d)`` views), or
+    None (printed why) where it is not installed or the feature is one it lacks."""
+    from dilated.kernels.engines import flash4
+
+    if not flash4.available(torch.device(case.device)):
+        print("    ideal under FA4 skipped: flash-attn-4 is not installed", flush=True)
+        return None
+    if case.feature.pad_fraction or case.feature.dropout_p:
+        print(f"    ideal under FA4 skipped: no {case.feature.name} in flash-attn-4", flush=True)
+        return None
+    from flash_attn.cute import flash_attn_func
+
+    views = [tuple(x.transpose(1, 2) for x in qkv) for qkv in parts]
+    leaves = [x for p in parts for x in p]
+
+    def run() -> None:
+        outs = [flash_attn_func(*qkv, causal=case.causal)[0] for qkv in views]
+        if case.grad:
+            torch.autograd.grad(outs, leaves, [o.detach() for o in outs])
+
+    return run
 
 
 def ours_runner(method: str, case: Case) -> Callable[[], None]:
@@ -641,6 +673,127 @@ def lm_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Lengths added to ``seq`` for the first calls of --new-lengths: multiples of 8 (the engines'
+#: alignment), none of them seen in the warm-up, which runs ``seq`` and ``seq + 8`` (so that a
+#: Triton kernel specialised on a length's divisibility by 16 is compiled for both kinds).
+NEW_LENGTH_STEPS = (136, 272, 408, 544, 680)
+
+
+def new_length_runner(
+    method: str, engine: str, seq: int, args: argparse.Namespace, grad: bool
+) -> Callable[[], None]:
+    """One call of the op (``method="op"``, sub-problems on ``engine``) or of the ring at a world
+    of one (``method="ring"``, engine "auto") on fresh bf16 inputs of ``seq`` tokens."""
+    from dilated.kernels.backends import cudnn as subproblem_backend
+
+    h, d = args.heads, args.head_dim
+    q, k, v = (
+        torch.randn(1, seq, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+        for _ in range(3)
+    )
+    ws, rs = list(args.segments), list(args.rates)
+    scale = d**-0.5
+    causal = CAUSAL_MODES[args.causal_modes[0]]
+
+    def run() -> None:
+        if method == "ring":
+            from dilated.ring import ring_dilated_attention
+
+            out = ring_dilated_attention(q, k, v, ws, rs, is_causal=causal)
+            assert isinstance(out, torch.Tensor)
+        else:
+            out, _ = subproblem_backend.forward(
+                q, k, v, ws, rs, scale=scale, is_causal=causal, key_padding_mask=None,
+                dropout_p=0.0, engine=engine,
+            )  # fmt: skip
+        if grad:
+            torch.autograd.grad(out, (q, k, v), out.detach())
+
+    return run
+
+
+def first_call_ms(run: Callable[[], None]) -> float:
+    """Wall-clock ms of one call, host and device (synchronised before and after)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def new_length_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per (seq, method, engine, mode): the steady median and the first calls at new lengths."""
+    import triton.testing
+
+    from dilated.kernels.engines import available_engines
+
+    here = available_engines("cuda")
+    rows = []
+    combos = [("op", e) for e in args.engines] + [("ring", "auto")]
+    for seq in args.seqs:
+        for method, engine in combos:
+            if engine != "auto" and engine not in here:
+                print(f"{method} on {engine}: skipped, not available on this GPU", flush=True)
+                continue
+            for mode in args.modes:
+                grad = mode == "fwd+bwd"
+                try:
+                    for warm in (seq, seq + 8):
+                        first_call_ms(new_length_runner(method, engine, warm, args, grad))
+                    steady = triton.testing.do_bench(
+                        new_length_runner(method, engine, seq, args, grad),
+                        warmup=5, rep=40, return_mode="median",
+                    )  # fmt: skip
+                    firsts = [
+                        first_call_ms(new_length_runner(method, engine, seq + step, args, grad))
+                        for step in NEW_LENGTH_STEPS
+                    ]
+                except Exception as exc:  # a failing combination is reported, not fatal
+                    print(f"{method} on {engine} {mode} at {seq}: {short(exc)}", flush=True)
+                    continue
+                first = statistics.median(firsts)
+                target = max(2 * steady, steady + 2.0)
+                row = {
+                    "seq": seq,
+                    "method": method,
+                    "engine": engine,
+                    "mode": mode,
+                    "causal": args.causal_modes[0],
+                    "steady_ms": steady,
+                    "first_ms_median": first,
+                    "first_ms_max": max(firsts),
+                    "first_over_steady": first / steady,
+                    "target_met": first <= target,
+                }
+                print(new_length_line(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def new_length_line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['seq']:>8} {r['method']:>4} {r['engine']:>10} {r['mode']:>7}: steady "
+        f"{r['steady_ms']:8.2f} ms, first at a new length {r['first_ms_median']:8.2f} ms "
+        f"(max {r['first_ms_max']:.2f}, x{r['first_over_steady']:.2f}) "
+        f"{'ok' if r['target_met'] else 'OVER'}"
+    )
+
+
+def new_length_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| seq | call | engine | mode | steady ms | first call at a new length ms (median, max) "
+        "| first / steady | <= max(2x, +2 ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['seq']} | {r['method']} | {r['engine']} | {r['mode']} | {r['steady_ms']:.2f} | "
+            f"{r['first_ms_median']:.2f}, {r['first_ms_max']:.2f} | "
+            f"{r['first_over_steady']:.2f} | {'yes' if r['target_met'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -674,6 +827,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument(
+        "--new-lengths",
+        action="store_true",
+        help="time the first call at lengths not seen before against the steady call, for each "
+        "of --engines (the op) and the ring at a world of one, instead of the kernel rows",
+    )
+    ap.add_argument(
+        "--engines",
+        nargs="+",
+        default=["auto", "flash4", "cudnn", "sdpa_flash"],
+        help="dense engines of the sub-problems for --new-lengths",
+    )
+    ap.add_argument(
         "--lm-step",
         action="store_true",
         help="time a LongNetLM training step instead of the kernel rows",
@@ -698,7 +863,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.causal_modes = ["on"] if args.causal else ["off"]
     elif args.causal and "on" not in args.causal_modes:
         ap.error("--causal contradicts --causal-modes without 'on'")
-    args.ideal_backends = [f"{name.upper()}_ATTENTION" for name in args.ideal_backends]
+    full_names = {short_backend(name): name for name in IDEAL_BACKENDS}
+    args.ideal_backends = [full_names[name] for name in args.ideal_backends]
     if len(args.segments) != len(args.rates):
         ap.error("--segments and --rates need as many values each")
     for name in args.features:
@@ -719,6 +885,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.lm_step:
         rows = lm_rows(args)
         print("\n" + lm_table(rows))
+    elif args.new_lengths:
+        rows = new_length_rows(args)
+        print("\n" + new_length_table(rows))
     else:
         rows = kernel_rows(args)
         print("\n" + kernel_table(rows))
@@ -738,7 +907,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "rates": args.rates,
                         "dtype": "bfloat16",
                     },
-                    "kind": "lm-step" if args.lm_step else "kernels",
+                    "kind": "lm-step"
+                    if args.lm_step
+                    else "new-lengths"
+                    if args.new_lengths
+                    else "kernels",
                     "rows": rows,
                 },
                 f,

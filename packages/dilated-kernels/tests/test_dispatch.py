@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import pytest
@@ -19,6 +18,7 @@ from dilated.kernels import (
     dilated_attention,
 )
 from dilated.kernels.backends import choose_backend
+from dilated.kernels.engines import flash4
 
 
 def test_unknown_backend_lists_valid_names() -> None:
@@ -48,10 +48,12 @@ def test_invalid_inputs_rejected_like_core() -> None:
         dilated_attention(bad, inp.k, inp.v, [4], [1], backend="sdpa", check_finite=True)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn present")
+@pytest.mark.skipif(flash4.installed(), reason="flash-attn-4 is installed here")
 def test_flash_missing_says_how_to_install_it() -> None:
     inp = make_inputs(1, 8, 2, 4, seed=0)
-    with pytest.raises(ValueError, match=r"pip install flash-attn --no-build-isolation"):
+    with pytest.raises(
+        ValueError, match=r"backend='flash'.*pip install 'dilated-kernels\[flash\]'"
+    ):
         dilated_attention(inp.q, inp.k, inp.v, [4], [1], backend="flash")
 
 

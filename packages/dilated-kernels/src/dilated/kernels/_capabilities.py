@@ -8,13 +8,28 @@ without a graph break.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
-__all__ = ["HAS_FLASH_ATTN", "HAS_TRITON", "cuda_capability_major", "has_cudnn_attention"]
+__all__ = ["HAS_FLASH_ATTN_4", "HAS_TRITON", "cuda_capability_major", "has_cudnn_attention"]
 
 HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
-HAS_FLASH_ATTN: bool = importlib.util.find_spec("flash_attn") is not None
+
+
+def _has_flash_attn_4() -> bool:
+    """Whether ``flash_attn.cute`` (flash-attn-4) is installed, found without importing it: the
+    CuTe DSL takes seconds to import, and a flash-attn 2 package would load its CUDA extension."""
+    spec = importlib.util.find_spec("flash_attn")
+    if spec is None or spec.submodule_search_locations is None:
+        return False
+    return any(
+        os.path.isfile(os.path.join(location, "cute", "interface.py"))
+        for location in spec.submodule_search_locations
+    )
+
+
+HAS_FLASH_ATTN_4: bool = _has_flash_attn_4()
 
 _MAJOR: dict[int, int] = {}
 

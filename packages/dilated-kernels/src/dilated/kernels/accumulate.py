@@ -42,7 +42,7 @@ def add_into(acc: torch.Tensor, grad: torch.Tensor) -> None:
             f"grad must be shaped like acc {tuple(acc.shape)}, got {tuple(grad.shape)}"
         )
     if _fused(acc) and acc.stride(3) == 1 and grad.stride(3) == 1:
-        from dilated.kernels.backends._accumulate_kernel import fused_add_into
+        from dilated.kernels.triton_kernels.accumulate_kernel import fused_add_into
 
         fused_add_into(acc, grad)
         return
@@ -75,7 +75,7 @@ def add_windows(acc: torch.Tensor, grad: torch.Tensor, stack_dim: int, step_rows
             f"grad must be shaped like acc {tuple(acc.shape)}, got {tuple(grad.shape)}"
         )
     if _fused(acc):
-        from dilated.kernels.backends._accumulate_kernel import fused_add_windows
+        from dilated.kernels.triton_kernels.accumulate_kernel import fused_add_windows
 
         fused_add_windows(acc, grad, stack_dim, step_rows)
         return

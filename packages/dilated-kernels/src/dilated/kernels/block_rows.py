@@ -137,7 +137,7 @@ def rows_forward_into(
             rows for this ``head_dim``).
         scale: softmax scale.
     """
-    from dilated.kernels.backends._block_rows_kernel import rows_forward
+    from dilated.kernels.triton_kernels.block_rows_kernel import rows_forward
 
     if not table.entries:
         return

@@ -8,7 +8,7 @@ from typing import Literal, overload
 import torch
 
 from dilated.core.functional import prepare_call
-from dilated.kernels.backends import choose_backend, get_backend
+from dilated.kernels.backends import backend_forward
 
 __all__ = ["dilated_attention"]
 
@@ -79,9 +79,11 @@ def dilated_attention(
         key_padding_mask: bool ``(batch, seq)``, True for real tokens.
         dropout_p: dropout on the attention probabilities.
         return_lse: also return the merged log-sum-exp.
-        backend: ``"auto"``, ``"cudnn"``, ``"triton"``, ``"flash"``, ``"sdpa"`` or ``"reference"``; ``"auto"`` picks the
-            fastest one that supports the call (see
-            [`choose_backend`][dilated.kernels.backends.choose_backend]).
+        backend: ``"auto"``, ``"cudnn"``, ``"triton"``, ``"flash"`` (flash-attn-4), ``"sdpa"`` or
+            ``"reference"``; ``"auto"`` picks the fastest one that supports the call, and for the
+            strided sub-problem backend the dense engine of each sub-problem (see
+            [`choose_backend`][dilated.kernels.backends.choose_backend] and
+            [`choose_engine`][dilated.kernels.engines.choose_engine]).
         check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync); None
             (default) reads the environment variable ``DILATED_CHECK_FINITE`` (off when unset),
             see [`resolve_check_finite`][dilated.core.checks.resolve_check_finite].
@@ -109,10 +111,8 @@ def dilated_attention(
         is_causal=is_causal,
         return_lse=return_lse,
     )
-    impl = get_backend(
-        choose_backend(q, k, key_padding_mask, dropout_p) if backend == "auto" else backend
-    )
-    out, lse = impl.forward(
+    forward = backend_forward(backend, q, k, key_padding_mask, dropout_p)
+    out, lse = forward(
         q,
         k,
         v,

@@ -55,6 +55,6 @@ def merge_into(
             return
         merge_into_reference(acc_out, acc_lse, out, lse)
         return
-    from dilated.kernels.backends._merge_kernel import fused_merge_into
+    from dilated.kernels.triton_kernels.merge_kernel import fused_merge_into
 
     fused_merge_into(acc_out, acc_lse, out, lse, first)

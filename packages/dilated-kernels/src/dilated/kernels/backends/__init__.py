@@ -8,15 +8,23 @@ dropout_p) -> (out, lse)`` on inputs already validated by
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from dilated.kernels.backends import cudnn, flash, reference, sdpa
 from dilated.kernels.backends import triton as triton_backend
 
-__all__ = ["BACKEND_NAMES", "available_backends", "choose_backend", "get_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "available_backends",
+    "backend_forward",
+    "choose_backend",
+    "get_backend",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +56,18 @@ def choose_backend(
 
     | device, call | backend |
     |---|---|
-    | CUDA, float16/bfloat16, ``head_dim % 8 == 0``, ``head_dim <= 256`` (Hopper; 128 before), GQA, causal; a key padding mask or dropout with ``head_dim`` 64, 128 or 256 | ``"cudnn"`` |
+    | CUDA, float16/bfloat16, ``head_dim % 8 == 0``, ``head_dim <= 256`` (Hopper; 128 before), GQA, causal; a key padding mask or dropout with ``head_dim`` 64, 128 or 256 | ``"cudnn"``: the strided sub-problem backend, each sub-problem on the engine [`choose_engine`][dilated.kernels.engines.choose_engine] picks (flash-attn-4 when installed, else cuDNN, or PyTorch's flash kernels for a shape cuDNN has not planned) |
     | CUDA, other float16/bfloat16/float32 calls without dropout | ``"triton"``, with a one-time warning that this is a slower path |
-    | CUDA, the rest (dropout in float32, float64) | ``"flash"`` when installed and it takes the call, else ``"sdpa"`` |
+    | CUDA, the rest (dropout in float32, float64) | ``"sdpa"`` |
     | CPU and other devices | ``"reference"`` |
     """
     if q.is_cuda:
-        why_not_cudnn = cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p)
+        why_not_cudnn = cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p, "auto")
         if why_not_cudnn is None:
             name = cudnn.NAME
         elif triton_backend.unsupported_reason(q, dropout_p) is None:
             name = triton_backend.NAME
             _warn_slow_path(why_not_cudnn)
-        elif (
-            flash.available(q.device)
-            and flash.unsupported_reason(q, key_padding_mask, dropout_p) is None
-        ):
-            name = flash.NAME
         else:
             name = sdpa.NAME
     else:
@@ -73,6 +76,26 @@ def choose_backend(
     if not torch.compiler.is_compiling():
         logger.debug("dilated_attention backend='auto' chose %r on %s", name, q.device)
     return name
+
+
+_AUTO_ENGINE_FORWARD = functools.partial(cudnn.forward, engine="auto")
+
+
+def backend_forward(
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The ``forward`` function that runs this call on ``backend`` (``"auto"``: the backend
+    [`choose_backend`][dilated.kernels.backends.choose_backend] picks, its sub-problems on the
+    engine chosen per call)."""
+    if backend != "auto":
+        forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = get_backend(backend).forward
+        return forward
+    name = choose_backend(q, k, key_padding_mask, dropout_p)
+    return _AUTO_ENGINE_FORWARD if name == cudnn.NAME else _MODULES[name].forward
 
 
 _warned: set[str] = set()

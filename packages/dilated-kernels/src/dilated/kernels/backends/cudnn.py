@@ -1,25 +1,29 @@
-"""The ``"cudnn"`` backend: cuDNN attention on strided sub-problems, one fused Triton merge.
+"""The strided sub-problem backend (``"cudnn"``, ``"flash"``, and ``"auto"`` on CUDA): dense
+engines on strided sub-problems, one fused Triton merge.
 
 Every (branch, phase) of a run of segments is a batch of dense problems over a strided view of
-the ``(batch, seq, heads, head_dim)`` input (rows ``s * w + p + r * i`` of heads ``p, p + r, ...``);
-cuDNN's fused attention reads such a view in place at full speed and returns the float32 LSE.
-One Triton kernel (``_gather_kernels``) then reads every piece of a block of rows and writes
-the LSE-merged output and LSE once.
+the ``(batch, seq, heads, head_dim)`` input (rows ``s * w + p + r * i`` of heads ``p, p + r, ...``),
+run by the shared primitive [`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention]
+on a dense engine (cuDNN, flash-attn-4, PyTorch's flash kernels; see
+[`dilated.kernels.engines`][dilated.kernels.engines]), which reads such a view in place at full
+speed and returns the float32 LSE. One Triton kernel (``dilated.kernels.triton_kernels.gather_kernels``) then reads every piece
+of a block of rows and writes the LSE-merged output and LSE once. ``backend="cudnn"`` names the
+cuDNN engine, ``backend="flash"`` flash-attn-4, and ``"auto"`` lets each call choose.
 
 Backward: with the merged output ``O`` and LSE ``L`` the branches form one softmax, so each
 piece's gradient is the ordinary attention backward evaluated with ``O`` and ``L`` in place of
-its own (``dS = P (dP - rowsum(dO * O))``, ``P = exp(S - L)``): cuDNN's backward kernel takes
+its own (``dS = P (dP - rowsum(dO * O))``, ``P = exp(S - L)``): the engines' backward kernels take
 exactly those inputs. A second Triton kernel sums the pieces' dq, dk and dv. A gradient on the
 returned LSE (ring merges) goes through the ``"triton"`` backward, which takes it.
 
 Long sequences are processed in chunks of whole segments of every branch, so the pieces'
 buffers stay bounded (4M-token forward and 2M-token training fit on one 80 GB GPU).
 
-Supports float16/bfloat16 on CUDA (sm80+), head_dim a multiple of 8 up to 128, causal, any sequence length.
-No key padding mask, grouped-query attention or dropout: ``"auto"`` sends those calls to
-``"triton"`` (mask, GQA) or ``"sdpa"`` (dropout). Under ``TRITON_INTERPRET=1`` on CPU the cuDNN
-calls are replaced by the same math in PyTorch, which is how CI tests the planning and the
-Triton kernels.
+Supports float16/bfloat16 on CUDA (sm80+), ``head_dim`` a multiple of 8 up to 256 on Hopper (128
+before), causal, grouped-query heads, any sequence length; a key padding mask and dropout on the
+cuDNN engine with ``head_dim`` 64, 128 or 256 (``"auto"`` sends other such calls to
+``"triton"``). Under ``TRITON_INTERPRET=1`` on CPU the engine calls run on the ``"reference"``
+engine, which is how CI tests the planning and the Triton kernels.
 """
 
 from __future__ import annotations
@@ -36,12 +40,10 @@ from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has
 from dilated.kernels._tables import upload
 from dilated.kernels.backends.triton import interpreting
 from dilated.kernels.custom_op import register_attention_autograd
-from dilated.kernels.subproblem import (
-    cudnn_extras_reason,
-    cudnn_max_head_dim,
-    subproblem_attention,
-    subproblem_attention_backward,
-)
+from dilated.kernels.engines import SubproblemSpec, get_engine
+from dilated.kernels.engines import cudnn as cudnn_engine
+from dilated.kernels.engines import flash4 as flash4_engine
+from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 
 __all__ = [
     "NAME",
@@ -75,19 +77,32 @@ def available(device: torch.device) -> bool:
 
 
 def unsupported_reason(
-    q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    engine: str = cudnn_engine.NAME,
 ) -> str | None:
-    """Why this backend cannot take the call, or None when it can."""
-    del k  # grouped-query heads run here
+    """Why this backend cannot take the call on ``engine`` (``"cudnn"``, ``"flash4"`` or
+    ``"auto"``: either of them), or None when it can."""
+    if engine != cudnn_engine.NAME:
+        spec = SubproblemSpec.of(
+            q, k, is_causal=False, key_mask=key_padding_mask, dropout_p=dropout_p
+        )
+        flash_reason = flash4_engine.unsupported_reason(spec)
+        if engine == flash4_engine.NAME or flash_reason is None:
+            return flash_reason
     if not available(q.device):
         return f"it needs triton and a CUDA device with cuDNN attention (got {q.device.type})"
     # float32 runs only on CPU under the interpreter (the tests); the LSE is float32 there.
     if q.dtype not in (torch.float16, torch.bfloat16, *(() if q.is_cuda else (torch.float32,))):
         return f"it takes float16/bfloat16 on CUDA, got {q.dtype}; use backend='triton'"
-    limit = cudnn_max_head_dim(q.device.index or 0) if q.is_cuda else 256
+    limit = cudnn_engine.max_head_dim(q.device.index or 0) if q.is_cuda else 256
     if q.shape[-1] > limit or q.shape[-1] % 8:
         return f"head_dim must be a multiple of 8 up to {limit} on this device, got {q.shape[-1]}"
-    return cudnn_extras_reason(q, key_padding_mask, dropout_p)
+    if not q.is_cuda:
+        return None
+    return cudnn_engine.extras_reason(q.shape[-1], key_padding_mask is not None, dropout_p > 0.0)
 
 
 def _kv_layout(h: int, hkv: int, rs: Sequence[int]) -> str:
@@ -218,8 +233,8 @@ def _table(
     rmax: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Rows of ``_gather_kernels``: where each (branch, phase, batch, partial) piece lives."""
-    from dilated.kernels.backends._gather_kernels import ROW_FIELDS
+    """Rows of the gather kernels: where each (branch, phase, batch, partial) piece lives."""
+    from dilated.kernels.triton_kernels.gather_kernels import ROW_FIELDS
 
     table = torch.zeros(n_branches, rmax, b, 2, int(ROW_FIELDS), dtype=torch.int64)
     for k, (piece, val) in enumerate(zip(pieces, values)):
@@ -298,6 +313,7 @@ class _Call:
     scale: float
     is_causal: bool
     dropout_p: float
+    engine: str = "auto"
 
 
 def _kv_view_heads(piece: _Piece, h: int, group: int) -> tuple[int, int, int] | None:
@@ -315,6 +331,7 @@ def _piece_options(
         "key_mask": _mask_view(mask, piece),
         "dropout_p": call.dropout_p,
         "dropout_seed": seed,
+        "engine": call.engine,
     }
 
 
@@ -350,7 +367,7 @@ def _forward(
     call: _Call,
     seed: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from dilated.kernels.backends._gather_kernels import gather_pieces
+    from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
 
     b, n, h, d = q.shape
     ws, rs = call.ws, call.rs
@@ -394,7 +411,7 @@ def _backward(
     call: _Call,
     seed: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from dilated.kernels.backends._gather_kernels import gather_pieces
+    from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
 
     b, n, h, d = q.shape
     hkv = k.shape[2]
@@ -443,10 +460,11 @@ def forward_no_grad(
     scale: float,
     is_causal: bool,
     key_padding_mask: torch.Tensor | None = None,
+    engine: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of a call this backend supports (no dropout), outside autograd (for callers
     that merge it with other parts; see [`dilated.kernels.partial`][dilated.kernels.partial])."""
-    call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0)
+    call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine)
     mask = _contiguous(key_padding_mask)
     return _forward(q.contiguous(), k.contiguous(), v.contiguous(), mask, call, None)
 
@@ -463,10 +481,11 @@ def backward_from_merged(
     scale: float,
     is_causal: bool,
     key_padding_mask: torch.Tensor | None = None,
+    engine: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of this call's branches given the FINAL merged ``out`` ``(b, n, h, d)``
     and float32 ``lse`` ``(b, h, n)``, which may include keys of other parts."""
-    call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0)
+    call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine)
     mask = _contiguous(key_padding_mask)
     return _backward(
         q.contiguous(),
@@ -482,7 +501,8 @@ def backward_from_merged(
 
 
 _OPTIONS = (
-    "int[] segment_lengths, int[] dilation_rates, float scale, bool is_causal, float dropout_p"
+    "int[] segment_lengths, int[] dilation_rates, float scale, bool is_causal, float dropout_p, "
+    'str engine="auto"'
 )
 
 
@@ -582,17 +602,22 @@ def forward(
     is_causal: bool,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
+    engine: str = cudnn_engine.NAME,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` on validated inputs ``(batch, seq, heads, head_dim)``.
+    """``(out, lse)`` on validated inputs ``(batch, seq, heads, head_dim)``, the sub-problems
+    on ``engine`` (``"cudnn"``, ``"flash4"`` or ``"auto"``).
 
     Returns ``out`` in the dtype of ``q`` and ``lse`` float32 ``(batch, heads, seq)``.
 
     Raises:
         ValueError: a call this backend cannot run (the message names the backend that can).
     """
-    reason = unsupported_reason(q, k, key_padding_mask, dropout_p)
+    if engine != "auto":
+        get_engine(engine)  # an unknown name fails here, naming the valid ones
+    reason = unsupported_reason(q, k, key_padding_mask, dropout_p, engine)
     if reason is not None:
-        raise ValueError(f"backend='cudnn' cannot run this call: {reason}")
+        name = "flash" if engine == flash4_engine.NAME else NAME
+        raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     seed = draw_dropout_seed(dropout_p)
     out, lse = torch.ops.dilated_kernels.cudnn_attention(
         q,
@@ -605,5 +630,6 @@ def forward(
         scale,
         is_causal,
         dropout_p,
+        engine,
     )
     return out, lse

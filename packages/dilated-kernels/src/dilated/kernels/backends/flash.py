@@ -1,77 +1,36 @@
-"""The ``"flash"`` backend: flash-attn per branch and phase (flash-attn installed separately).
+"""The ``"flash"`` backend: the strided sub-problem backend on the flash-attn-4 engine.
 
-flash-attn returns each branch's float32 LSE but its backward pass ignores a gradient on it, so
-this backend runs only without autograd, on CUDA, for float16/bfloat16 inputs without key padding
-mask; it raises ``ValueError`` otherwise (the ``"sdpa"`` and ``"reference"`` backends cover those).
+The same computation as ``"cudnn"`` (see [`dilated.kernels.backends.cudnn`][dilated.kernels.backends.cudnn])
+with every sub-problem run by flash-attn-4 (``pip install "dilated-kernels[flash]"``): no
+per-shape plan, forward on SM80 and newer, backward on SM90 and newer, float16/bfloat16, causal
+and grouped-query heads. A key padding mask or dropout raises ``ValueError`` naming the reason
+(``"cudnn"`` and ``"auto"`` take them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from dilated.core.branches import run_branches
-from dilated.kernels._capabilities import HAS_FLASH_ATTN
+from dilated.kernels.backends import cudnn
+from dilated.kernels.engines import flash4
 
 __all__ = ["NAME", "available", "forward", "unsupported_reason"]
 
 NAME = "flash"
 
 
-def _flash_attn_func() -> Any:
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError as exc:
-        raise ValueError(
-            "backend='flash' needs flash-attn, built against your torch: "
-            "pip install flash-attn --no-build-isolation (needs the CUDA toolkit)"
-        ) from exc
-    return flash_attn_func
-
-
 def available(device: torch.device) -> bool:
-    """Whether flash-attn is installed and ``device`` is CUDA."""
-    return device.type == "cuda" and HAS_FLASH_ATTN
+    """Whether flash-attn-4 is installed and ``device`` is a CUDA GPU it runs on."""
+    return flash4.available(device) and cudnn.available(device)
 
 
 def unsupported_reason(
-    q: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float
+    q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, dropout_p: float
 ) -> str | None:
     """Why this backend cannot take the call, or None when it can."""
-    if not q.is_cuda:
-        return "it runs on CUDA only"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"flash-attn takes float16/bfloat16, got {q.dtype}"
-    if key_padding_mask is not None:
-        return "it has no key_padding_mask"
-    if dropout_p > 0.0:
-        return "its per-branch dropout is not wired up"
-    if torch.is_grad_enabled() and q.requires_grad:
-        return "flash-attn's backward ignores the LSE gradient the branch merge needs"
-    return None
-
-
-def _dense(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    scale: float,
-    is_causal: bool,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = _flash_attn_func()
-    out, lse, _ = fn(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        softmax_scale=scale,
-        causal=is_causal,
-        return_attn_probs=True,
-    )
-    return out, lse.float()
+    return cudnn.unsupported_reason(q, k, key_padding_mask, dropout_p, flash4.NAME)
 
 
 def forward(
@@ -86,22 +45,9 @@ def forward(
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` on validated inputs; raises ``ValueError`` when flash-attn cannot run it."""
-    _flash_attn_func()
-    reason = unsupported_reason(q, key_padding_mask, dropout_p)
-    if reason is not None:
-        raise ValueError(
-            f"backend='flash' cannot run this call: {reason}; use 'sdpa' or 'reference'"
-        )
-    return run_branches(
-        q,
-        k,
-        v,
-        segment_lengths,
-        dilation_rates,
-        scale=scale,
-        is_causal=is_causal,
-        key_padding_mask=key_padding_mask,
-        dropout_p=dropout_p,
-        dense=_dense,
-    )
+    """``(out, lse)`` on validated inputs; ``ValueError`` when flash-attn-4 cannot run the call
+    (not installed: the message says how to install it)."""
+    return cudnn.forward(
+        q, k, v, segment_lengths, dilation_rates, scale=scale, is_causal=is_causal,
+        key_padding_mask=key_padding_mask, dropout_p=dropout_p, engine=flash4.NAME,
+    )  # fmt: skip

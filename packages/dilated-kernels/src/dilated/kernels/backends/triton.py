@@ -1,4 +1,4 @@
-"""The ``"triton"`` backend: fused dilated attention, forward and backward (see ``_triton_kernels``).
+"""The ``"triton"`` backend: fused dilated attention, forward and backward (see ``dilated.kernels.triton_kernels.fused_attention``).
 
 Supports causal, key padding mask, grouped-query attention, head_dim up to 128 and sequence
 lengths that are not multiples of the segments. float16/bfloat16 inputs run their matmuls in
@@ -154,7 +154,7 @@ class _DilatedAttentionFn(torch.autograd.Function):
         scale: float,
         is_causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from dilated.kernels.backends._triton_kernels import branch_forward
+        from dilated.kernels.triton_kernels.fused_attention import branch_forward
 
         b, n, h, d = q.shape
         acc = torch.zeros(b, n, h, d, dtype=torch.float32, device=q.device)
@@ -242,7 +242,7 @@ def backward(
     Returns:
         Gradients in the dtypes of ``q``, ``k`` and ``v``.
     """
-    from dilated.kernels.backends._triton_kernels import branch_backward, branch_backward_dq
+    from dilated.kernels.triton_kernels.fused_attention import branch_backward, branch_backward_dq
 
     b, n, h, d = q.shape
     do = grad_out.to(q.dtype).contiguous()

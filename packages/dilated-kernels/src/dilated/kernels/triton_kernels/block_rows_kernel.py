@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dilated.kernels.backends._triton_kernels import (
+from dilated.kernels.triton_kernels.fused_attention import (
     _key_block,
     _query_rows,
     merge_block,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dilated.kernels.backends._merge_kernel import lse_weights
+from dilated.kernels.triton_kernels.merge_kernel import lse_weights
 
 
 @triton.jit

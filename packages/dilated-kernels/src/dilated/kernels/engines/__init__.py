@@ -1,0 +1,156 @@
+"""The dense engines: every dense attention kernel of the project, reached through one registry.
+
+Every dilated computation is a set of dense attention problems over strided views (one per
+branch, phase and run of segments) merged by their log-sum-exp; the shared sub-problem primitive
+([`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention]) runs each of them on
+one of these engines, for every backend of dilated-kernels, the ring and all-gather strategies,
+dilated-sparse and the KV cache alike.
+
+| engine | kernel | per-shape cost | runs |
+|---|---|---|---|
+| ``"flash4"`` | flash-attn-4 (CuTe DSL), extra ``dilated-kernels[flash]`` | none (one compile per configuration) | CUDA SM80+ forward, SM90+ backward; float16/bfloat16; GQA, causal |
+| ``"cudnn"`` | cuDNN fused attention (PyTorch) | a plan per new shape (tens of ms) | CUDA float16/bfloat16; GQA, causal, key mask, dropout |
+| ``"sdpa_flash"`` | PyTorch's FlashAttention-2 | none | CUDA SM80+ float16/bfloat16; GQA, causal |
+| ``"reference"`` | plain PyTorch (dilated-core) | none | everything, everywhere (materialises the scores) |
+
+Adding an engine is one module with the [`Engine`][dilated.kernels.engines.spec.Engine]
+attributes and one entry in ``_MODULES``; every package and test reads the list from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from dilated.kernels.engines import cudnn, flash4, reference, sdpa_flash
+from dilated.kernels.engines.spec import Engine, SubproblemSpec
+
+__all__ = [
+    "CUDNN_PLAN_AFTER",
+    "ENGINES",
+    "ENGINE_NAMES",
+    "Engine",
+    "SubproblemSpec",
+    "available_engines",
+    "choose_engine",
+    "get_engine",
+    "supporting_engines",
+]
+
+logger = logging.getLogger(__name__)
+
+_MODULES: tuple[Engine, ...] = (flash4, cudnn, sdpa_flash, reference)
+
+#: Every engine by name, in the order ``"auto"`` prefers them.
+ENGINES: dict[str, Engine] = {m.NAME: m for m in _MODULES}
+
+#: Every name ``engine=`` accepts, ``"auto"`` included.
+ENGINE_NAMES: tuple[str, ...] = ("auto", *ENGINES)
+
+#: ``"auto"`` sends a call cuDNN would have to plan for (a shape it has not run) to an engine
+#: without per-shape plans until that shape has been seen this many times: a shape that repeats
+#: (training, a fixed-size benchmark) pays one plan and then runs on cuDNN; one that does not
+#: (decoding, evaluation at many lengths) never waits for a plan.
+CUDNN_PLAN_AFTER = 2
+
+#: Bound on each of the choice caches below (cleared whole when full).
+_CACHE_LIMIT = 4096
+
+_supporting: dict[SubproblemSpec, tuple[Engine, ...]] = {}
+_seen_shapes: dict[tuple[object, ...], int] = {}
+_warned: set[str] = set()
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called ``name``; ``ValueError`` naming the valid ones otherwise."""
+    if not isinstance(name, str) or name not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {name!r}")
+    return ENGINES[name]
+
+
+def available_engines(device: torch.device | str | None = None) -> list[str]:
+    """Names of the engines usable on ``device`` (default: CUDA when available, else CPU), in
+    the order ``"auto"`` prefers them."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    return [name for name, m in ENGINES.items() if m.available(dev)]
+
+
+def supporting_engines(spec: SubproblemSpec) -> tuple[Engine, ...]:
+    """The engines that can run a call of ``spec``, in order of preference (cached per spec;
+    ``"reference"`` is always last)."""
+    found = _supporting.get(spec)
+    if found is None:
+        found = tuple(m for m in _MODULES if m.unsupported_reason(spec) is None)
+        if len(_supporting) >= _CACHE_LIMIT:
+            _supporting.clear()
+        _supporting[spec] = found
+        _explain_skips(spec, found[0])
+    return found
+
+
+def _explain_skips(spec: SubproblemSpec, chosen: Engine) -> None:
+    """Warn once per reason when the engine ``"auto"`` prefers on this device cannot take a call
+    (flash-attn-4 and dropout, say), so that a slower path is never silent."""
+    if torch.compiler.is_compiling():
+        return
+    device = torch.device(spec.device_type, spec.device_index)
+    preferred = next((m for m in _MODULES if not m.FALLBACK and m.available(device)), None)
+    if preferred is None or preferred is chosen:
+        return
+    reason = preferred.unsupported_reason(spec)
+    if reason is None or reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(
+        f"dilated sub-problems run on the {chosen.NAME!r} engine instead of {preferred.NAME!r} "
+        f"for this call: {reason}",
+        stacklevel=5,
+    )
+
+
+def _plan_key(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: SubproblemSpec
+) -> tuple[object, ...]:
+    return (spec, q.shape, q.stride(), k.shape, k.stride(), v.stride())
+
+
+def choose_engine(
+    spec: SubproblemSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    engine: str = "auto",
+) -> Engine:
+    """The engine that runs this call.
+
+    ``engine="auto"``: the first engine in ``ENGINES`` order that takes the call, except that a
+    shape cuDNN has not yet run ``CUDNN_PLAN_AFTER`` times goes to the next engine without
+    per-shape plans when one takes it (never to ``"reference"``), and a CUDA-graph capture
+    never triggers a new cuDNN plan. A named engine runs every call it supports; the others
+    (an empty or odd-shaped piece) take the ``"auto"`` choice, which computes the same function.
+    """
+    candidates = supporting_engines(spec)
+    if engine != "auto":
+        named = get_engine(engine)
+        if named in candidates:
+            return named
+    best = candidates[0]
+    if not best.PLANS_PER_SHAPE:
+        return best
+    alternative = next(
+        (m for m in candidates[1:] if not m.PLANS_PER_SHAPE and not m.FALLBACK), None
+    )
+    if alternative is None:
+        return best
+    key = _plan_key(q, k, v, spec)
+    seen = _seen_shapes.get(key, 0)
+    if seen + 1 == CUDNN_PLAN_AFTER and torch.cuda.is_current_stream_capturing():
+        return alternative  # the plan is built at the next call outside a capture
+    if len(_seen_shapes) >= _CACHE_LIMIT:
+        _seen_shapes.clear()
+    _seen_shapes[key] = seen + 1
+    return best if seen + 1 >= CUDNN_PLAN_AFTER else alternative
