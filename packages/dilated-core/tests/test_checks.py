@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dilated.core import dilated_attention
+from dilated.core.checks import check_positive_number, first_derivative_only
 
 
 def _qkv(
@@ -101,3 +102,61 @@ def test_non_finite_propagates_when_unchecked(
     out = dilated_attention(q, k, v, [4], [1], check_finite=check_finite)
     assert torch.isnan(out[0, 4:]).all()
     assert torch.isfinite(out[0, :4]).all()
+
+
+@pytest.mark.parametrize(
+    ("ws", "rs", "match"),
+    [
+        (
+            [8, 2**62],
+            [1, 2**62],
+            r"segment_lengths\[1\]=4611686018427387904 must be at most 2\*\*40",
+        ),
+        ([8, 8], [1, 2**62], r"dilation_rates\[1\]=4611686018427387904 must be at most 2\*\*40"),
+        ([2**63], [2**62], r"segment_lengths\[0\]=9223372036854775808 must be at most 2\*\*40"),
+    ],
+)
+def test_branch_entries_are_bounded(ws: list[int], rs: list[int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dilated_attention(*_qkv(), ws, rs)
+
+
+def test_largest_branch_entry_is_one_segment() -> None:
+    # At the bound a segment is as good as the whole sequence: the same result as w = seq.
+    q, k, v = _qkv(n=8, h=1)
+    got = dilated_attention(q, k, v, [2**40], [2**40], is_causal=True)
+    want = dilated_attention(q, k, v, [8], [8], is_causal=True)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_sparse_inputs_name_the_layout_rule(which: str) -> None:
+    tensors = dict(zip("qkv", _qkv()))
+    tensors[which] = tensors[which].to_sparse()
+    with pytest.raises(
+        ValueError, match=rf"{which} must be a dense tensor \(layout torch\.strided\)"
+    ):
+        dilated_attention(tensors["q"], tensors["k"], tensors["v"], *GOOD)
+    mask = torch.ones(1, 8, dtype=torch.bool).to_sparse()
+    with pytest.raises(ValueError, match=r"key_padding_mask must be a dense tensor"):
+        dilated_attention(*_qkv(), *GOOD, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, 0, -1.0, "1", True, None, [1.0]])
+def test_positive_number_rule(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"base must be a finite positive number, got"):
+        check_positive_number("base", bad)
+    assert check_positive_number("base", 10000) == 10000.0
+
+
+def test_first_derivative_only_refuses_a_second_derivative() -> None:
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fixed = torch.full((3,), 2.0, dtype=torch.float64)  # a gradient computed without history
+    with torch.no_grad():  # a plain backward(): unchanged
+        assert first_derivative_only("op", "other", (fixed, None))[0] is fixed
+    with torch.enable_grad():  # create_graph=True: an alias whose backward refuses
+        alias, none = first_derivative_only("the op", "the other op", (fixed, None))
+    assert none is None and alias is not None and alias.grad_fn is not None
+    torch.testing.assert_close(alias, fixed)
+    with pytest.raises(RuntimeError, match=r"the op computes first derivatives only.*the other op"):
+        ((alias * x).sum() + x.sum()).backward()

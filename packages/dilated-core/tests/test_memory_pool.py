@@ -265,3 +265,12 @@ def test_cuda_eviction_keeps_memory_until_the_last_stream_is_done() -> None:
     torch.cuda.synchronize()
     assert fresh.data_ptr() != ptr or bool((fresh == 2.0).all())
     assert pool.stats().evictions == 1
+
+
+@pytest.mark.parametrize("config", [{"max_bytes": 1024}, 1024, "default", MemoryPoolConfig])
+def test_config_of_the_wrong_type_is_refused_at_construction(config: object) -> None:
+    with pytest.raises(TypeError, match=r"config must be a MemoryPoolConfig or None"):
+        MemoryPool(config=config)  # type: ignore[arg-type]
+    pool = MemoryPool(config=MemoryPoolConfig(**{"max_bytes": 1024}))
+    pool.release(pool.acquire((2,), F32))
+    assert pool.stats().bytes_held == 8

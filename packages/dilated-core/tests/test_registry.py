@@ -103,3 +103,71 @@ def test_presets_are_valid_and_fill_the_factory(name: str) -> None:
     assert mha.embed_dim == 64  # the caller's keywords win over the preset's
     full = create_multihead_dilated_attention(name, device="cpu")
     assert full.embed_dim == p.embed_dim and full.num_heads == p.num_heads
+
+
+class _Attention(DilatedAttention):
+    pass
+
+
+def _impl(**overrides: object) -> Implementation:
+    fields: dict[str, object] = {
+        "name": "mine",
+        "attention": _Attention,
+        "multihead": MultiheadDilatedAttention,
+        "package": "tests",
+        **overrides,
+    }
+    return Implementation(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"priority": "high"}, TypeError, r"priority must be an int .*, got str 'high'"),
+        ({"priority": 1.5}, TypeError, r"priority must be an int"),
+        ({"priority": True}, TypeError, r"priority must be an int .*, got bool True"),
+        ({"name": "auto"}, ValueError, r"name 'auto' is reserved.*could never be reached"),
+        ({"name": sorted(PRESETS)[0]}, ValueError, r"is reserved: .*a preset"),
+        ({"name": ""}, ValueError, r"name must be a non-empty str, .*got ''"),
+        ({"name": ["mine"]}, TypeError, r"name must be a non-empty str"),
+        ({"attention": int}, TypeError, r"attention must be a subclass of BaseDilatedAttention"),
+        ({"attention": _Attention([8], [1])}, TypeError, r"attention must be a subclass"),
+        (
+            {"multihead": DilatedAttention},
+            TypeError,
+            r"multihead must be a subclass of BaseMultiheadDilatedAttention",
+        ),
+        ({"package": None}, TypeError, r"package must be a distribution name"),
+        ({"devices": "cuda"}, TypeError, r"devices must be a tuple of device types"),
+        ({"devices": ("cuda", 0)}, TypeError, r"devices\[1\] must be a device type"),
+        ({"distributed": "no"}, TypeError, r"distributed must be a bool"),
+        ({"backends": ["cudnn"]}, TypeError, r"backends must be a callable or None"),
+    ],
+)
+def test_bad_implementation_fields_are_refused_when_built(
+    overrides: dict[str, object], error: type[Exception], match: str, clean_registry: None
+) -> None:
+    with pytest.raises(error, match=match):
+        _impl(**overrides)
+    # Nothing reached the registry: "auto" still resolves.
+    assert get_implementation("auto", "cpu").name in available_implementations()
+
+
+def test_devices_given_as_a_list_are_stored_as_a_tuple(clean_registry: None) -> None:
+    impl = _impl(devices=["cpu"], priority=10**6)
+    assert impl.devices == ("cpu",) and hash(impl)
+    register_implementation(impl)
+    assert get_implementation("auto", "cpu") is impl
+    with pytest.raises(TypeError, match="impl must be an Implementation"):
+        register_implementation("mine")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", [["standard"], None, ("standard",), 3])
+def test_kind_must_be_one_name(kind: object) -> None:
+    for call in (
+        lambda: get_implementation(kind),  # type: ignore[arg-type]
+        lambda: create_dilated_attention(kind, segment_lengths=[8], dilation_rates=[1]),  # type: ignore[arg-type]
+        lambda: create_multihead_dilated_attention(kind, embed_dim=8, num_heads=2),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=r"kind must be one name, a str"):
+            call()

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from dilated.core.testing import assert_close_to_reference, dense_dilated_attention
 from dilated.longnet import (
     DilatedTransformerDecoderLayer,
     DilatedTransformerEncoderLayer,
@@ -15,9 +16,12 @@ from dilated.longnet import (
     LongNet,
     LongNetConfig,
     LongNetLM,
+    RotaryEmbedding,
     TransformerLayerConfig,
+    cached_dilated_attention,
     generate,
 )
+from dilated.longnet.kv_cache import dilated_attention_at
 
 LAYER: dict[str, Any] = {
     "d_model": 16,
@@ -44,8 +48,8 @@ BAD_LAYER_FIELDS: dict[str, list[Any]] = {
     "dropout": [1.0, -0.1, "0.1", True],
     "bias": ["no", 0, 1, None],
     "check_finite": ["no", 1],
-    "layer_norm_eps": [0.0, "1e-5"],
-    "gamma_init": [0.0, "1"],
+    "layer_norm_eps": [0.0, "1e-5", float("inf"), float("nan")],
+    "gamma_init": [0.0, "1", float("inf")],
     "activation": ["tanhh", 3],
     "num_kv_heads": [3, 0, "2"],
 }
@@ -55,6 +59,8 @@ BAD_MODEL_FIELDS: dict[str, list[Any]] = {
     "gradient_checkpointing": ["yes", 0],
     "num_tokens": [-1, 2.0, True],
     "rotary": ["alibi", 1],
+    "rotary_base": [float("inf"), float("nan"), 0, -1.0, "10000", True],
+    "xpos_scale_base": [float("inf"), 0.0, "512", None],
 }
 
 
@@ -199,3 +205,111 @@ def test_meta_device_model_gives_logits_shape() -> None:
     ids = torch.zeros(2, 12, dtype=torch.long, device="meta")
     logits = model(ids)
     assert logits.shape == (2, 12, 10) and logits.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"base": float("inf")}, r"base must be a finite positive number, got inf"),
+        ({"base": float("nan")}, r"base must be a finite positive number"),
+        ({"base": 0}, r"base must be a finite positive number"),
+        ({"base": "10000"}, r"base must be a finite positive number, got str '10000'"),
+        ({"base": True}, r"base must be a finite positive number"),
+        ({"xpos_scale_base": float("inf")}, r"xpos_scale_base must be a finite positive number"),
+        ({"xpos_scale_base": -512.0}, r"xpos_scale_base must be a finite positive number"),
+        ({"xpos_scale_base": "512"}, r"xpos_scale_base must be a finite positive number"),
+    ],
+)
+def test_rotary_numbers_must_be_finite_and_positive(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RotaryEmbedding(8, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("rotary_base", float("inf")), ("xpos_scale_base", float("inf"))]
+)
+def test_models_refuse_a_degenerate_rotary(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=rf"{field} must be a finite positive number, got inf"):
+        LongNetLM(**MODEL, rotary="xpos", **{field: value})
+
+
+def _cache_case() -> tuple[torch.Tensor, LayerKVCache]:
+    g = torch.Generator().manual_seed(0)
+    cache = LayerKVCache(1, 16, 4, 8, dtype=torch.float64, device="cpu")
+    kv = torch.randn(2, 1, 16, 4, 8, generator=g, dtype=torch.float64)
+    cache.write(0, kv[0], kv[1])
+    return torch.randn(1, 1, 4, 8, generator=g, dtype=torch.float64), cache
+
+
+@pytest.mark.parametrize(
+    ("position", "ws", "rs", "heads", "error", "match"),
+    [
+        (16, (8,), (1,), 4, ValueError, r"position must be an integer in \[0, 16\) \(the KV cache holds 16 positions; create it with a larger max_length\), got 16"),
+        (99, (8,), (1,), 4, ValueError, r"position must be an integer in \[0, 16\)"),
+        (-1, (8,), (1,), 4, ValueError, r"position must be an integer in \[0, 16\)"),
+        (3.0, (8,), (1,), 4, ValueError, r"position must be an integer"),
+        (5, (8,), (3,), 4, ValueError, r"segment_lengths\[0\]=8 must be a multiple of dilation_rates\[0\]=3"),
+        (5, {4, 8}, (1, 2), 4, TypeError, r"segment_lengths must be a sequence"),
+        (5, (4, 8), {1, 2}, 4, TypeError, r"dilation_rates must be a sequence"),
+        (5, (8,), (1,), 3, ValueError, r"query heads \(3\) must be a multiple of key/value heads \(4\)"),
+        (5, (8,), (2**62,), 4, ValueError, r"dilation_rates\[0\]=\d+ must be at most 2\*\*40"),
+    ],
+)  # fmt: skip
+def test_cached_attention_refuses_what_the_op_refuses(
+    position: Any, ws: Any, rs: Any, heads: int, error: type[Exception], match: str
+) -> None:
+    q, cache = _cache_case()
+    q = q[:, :, :heads]
+    with pytest.raises(error, match=match):
+        cached_dilated_attention(q, cache, position, ws, rs)
+    if not (isinstance(position, int) and position >= 16):
+        with pytest.raises(error, match=match.replace("the KV cache", "k")):
+            dilated_attention_at(q, cache.k, cache.v, position, ws, rs)
+
+
+def test_cached_attention_checks_its_tensors_and_scale() -> None:
+    q, cache = _cache_case()
+    with pytest.raises(ValueError, match=r"a decoding step takes q of shape \(batch, 1, heads"):
+        cached_dilated_attention(q.expand(1, 2, 4, 8), cache, 3, (8,), (1,))
+    with pytest.raises(ValueError, match="q, k and v must share one dtype"):
+        cached_dilated_attention(q.float(), cache, 3, (8,), (1,))
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        cached_dilated_attention(q, cache, 3, (8,), (1,), scale=float("inf"))
+    with pytest.raises(TypeError, match="cache must be a LayerKVCache"):
+        cached_dilated_attention(q, {"k": cache.k}, 3, (8,), (1,))  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"key_padding_mask must have shape \(batch, seq\) = \(1, 16\)"
+    ):
+        dilated_attention_at(q, cache.k, cache.v, 3, (8,), (1,), key_padding_mask=torch.ones(1, 1, dtype=torch.bool))  # fmt: skip
+    # The last position of the cache is valid, and equals the dense judge's row.
+    ref, _ = dense_dilated_attention(q.expand(1, 16, 4, 8), cache.k, cache.v, (4, 8), (1, 2), is_causal=True)  # fmt: skip
+    got = cached_dilated_attention(q, cache, 15, (4, 8), (1, 2))
+    assert_close_to_reference(got.float(), ref[:, 15:], torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("batch", "max_length", "match"),
+    [
+        (-1, 8, r"batch must be a positive integer, got -1"),
+        (0, 8, r"batch must be a positive integer, got 0"),
+        (1.0, 8, r"batch must be a positive integer, got 1.0"),
+        (1, 2.5, r"max_length must be a positive integer, got 2.5"),
+        (1, 0, r"max_length must be a positive integer, got 0"),
+        (1, True, r"max_length must be a positive integer, got True"),
+    ],
+)
+def test_new_cache_sizes_are_positive_ints(batch: Any, max_length: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LongNetLM(**MODEL).new_cache(batch, max_length)
+    layer = LayerKVCache(1, 4, 2, 4, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"offset must be an integer in \[0, 4\)"):
+        layer.write(-1, torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_greedy(temperature: float) -> None:
+    torch.manual_seed(0)
+    model = LongNetLM(**MODEL)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    sampled = generate(model, ids, 6, temperature=temperature, generator=torch.Generator())
+    assert torch.equal(sampled, generate(model, ids, 6))  # temperature 0: argmax

@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "CHECK_FINITE_ENV",
+    "MAX_BRANCH_SIZE",
     "ArgumentTypeError",
     "check_attention_inputs",
     "check_bool",
@@ -28,10 +29,14 @@ __all__ = [
     "check_branches",
     "check_dropout",
     "check_finite",
+    "check_index",
+    "check_instance",
     "check_key_padding_mask",
     "check_optional_bool",
     "check_positive_int",
+    "check_positive_number",
     "check_scale",
+    "first_derivative_only",
     "resolve_check_finite",
 ]
 
@@ -40,6 +45,12 @@ __all__ = [
 CHECK_FINITE_ENV = "DILATED_CHECK_FINITE"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
+
+#: The largest segment length or dilation rate, ``2**40``. No sequence comes near it, and a
+#: segment at least as long as the sequence is one segment, so a larger value could change no
+#: result; bounding it keeps every index computed from it (a size times a stride) inside int64,
+#: where ``2**62`` or ``2**63`` overflowed into errors that named neither the argument nor a rule.
+MAX_BRANCH_SIZE = 2**40
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -73,6 +84,16 @@ def check_bool(name: str, value: Any) -> bool:
     elif isinstance(value, str):
         hint = " (strings are not read as booleans)"
     raise ArgumentTypeError(f"{name} must be a bool (True or False), got {_kind(value)}{hint}")
+
+
+def check_instance(name: str, value: Any, types: type | tuple[type, ...], what: str) -> None:
+    """Raise unless ``value`` is an instance of ``types``; ``what`` says what ``name`` must be.
+
+    Raises:
+        ArgumentTypeError: ``"{name} must be {what}, got {its type and value}"``.
+    """
+    if not isinstance(value, types):
+        raise ArgumentTypeError(f"{name} must be {what}, got {_kind(value)}")
 
 
 def check_optional_bool(name: str, value: Any) -> bool | None:
@@ -116,15 +137,53 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_positive_number(name: str, value: Any, *, unit: str = "", or_none: bool = False) -> float:
+    """Return ``value`` as a ``float`` if it is a finite positive real number.
+
+    Rule: an ``int`` or ``float`` (not a bool, not a string such as ``"10000"``), neither NaN
+    nor infinite, above 0. Infinity is refused because every use of these numbers (a softmax
+    scale, a RoPE base, an epsilon, a timeout) would silently degenerate with it.
+
+    Args:
+        name: the argument, named in the message.
+        value: what was given.
+        unit: appended to the rule in the message (``" of seconds"``).
+        or_none: the caller also accepts None (said in the message; None itself is the
+            caller's to handle).
+
+    Raises:
+        ArgumentTypeError: not an int or float; ValueError: NaN, infinite, or not above 0.
+    """
+    rule = f"{name} must be a finite positive number{unit}{' or None' if or_none else ''}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{rule}, got {_kind(value)}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{rule}, got {value!r}")
+    return float(value)
+
+
+def check_index(name: str, value: Any, size: int, what: str) -> int:
+    """Return ``value`` if it is an ``int`` in ``[0, size)``; ``what`` says what bounds it.
+
+    Raises:
+        ValueError: not an int (a bool or a float included), or outside ``[0, size)``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+        raise ValueError(f"{name} must be an integer in [0, {size}) ({what}), got {value!r}")
+    return value
+
+
 def check_branch_list(name: str, value: Any) -> tuple[int, ...]:
     """Return one branch list (``segment_lengths`` or ``dilation_rates``) as a tuple of ints.
 
-    Rule: an ordered sequence (list, tuple, range) of positive integers, one per branch, and not
-    empty. Sets and dicts are refused (their order pairs segment lengths with the wrong rates),
-    so are strings, generators, single ints and None.
+    Rule: an ordered sequence (list, tuple, range) of positive integers at most
+    [`MAX_BRANCH_SIZE`][dilated.core.checks.MAX_BRANCH_SIZE], one per branch, and not empty.
+    Sets and dicts are refused (their order pairs segment lengths with the wrong rates), so are
+    strings, generators, single ints and None.
 
     Raises:
-        ArgumentTypeError: not a sequence; ValueError: empty or holding a non-positive entry.
+        ArgumentTypeError: not a sequence; ValueError: empty, or holding an entry that is not a
+        positive integer or is above ``MAX_BRANCH_SIZE``.
     """
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ArgumentTypeError(
@@ -133,7 +192,15 @@ def check_branch_list(name: str, value: Any) -> tuple[int, ...]:
         )
     if len(value) == 0:
         raise ValueError(f"{name} must not be empty: dilated attention needs at least one branch")
-    return tuple(check_positive_int(f"{name}[{i}]", x) for i, x in enumerate(value))
+    entries = tuple(check_positive_int(f"{name}[{i}]", x) for i, x in enumerate(value))
+    for i, x in enumerate(entries):
+        if x > MAX_BRANCH_SIZE:
+            raise ValueError(
+                f"{name}[{i}]={x} must be at most 2**40 = {MAX_BRANCH_SIZE}, the largest segment "
+                "length or dilation rate (no sequence is that long, and a segment at least as "
+                "long as the sequence is one segment: the sequence length gives the same result)"
+            )
+    return entries
 
 
 def check_branches(
@@ -167,11 +234,7 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     """Return the softmax scale: ``scale`` if given (finite and positive), else ``head_dim**-0.5``."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite positive number or None, got {scale}")
-    return float(scale)
+    return check_positive_number("scale", scale, or_none=True)
 
 
 def check_dropout(name: str, p: float) -> float:
@@ -181,15 +244,30 @@ def check_dropout(name: str, p: float) -> float:
     return float(p)
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decoding: bool = False
+) -> None:
     """Check the ``(batch, seq, heads, head_dim)`` inputs of one dilated-attention call.
 
-    Rules: tensors of rank 4; equal batch, seq and head_dim; ``k`` and ``v`` of one shape; query
-    heads a multiple of key/value heads (grouped-query attention); one floating dtype and one device.
+    Rules: dense (strided) tensors of rank 4, not sparse or nested; equal batch, seq and
+    head_dim; ``k`` and ``v`` of one shape; query heads a multiple of key/value heads
+    (grouped-query attention); one floating dtype and one device.
+
+    Args:
+        q, k, v: the call's tensors.
+        decoding: ``q`` is one query row ``(batch, 1, heads, head_dim)`` over all of ``k``'s
+            positions (a decoding step over a KV cache), so its seq is 1 instead of ``k``'s.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_nested:
+            # Every implementation indexes q, k and v through strided views.
+            layout = "nested" if t.is_nested else t.layout
+            raise ValueError(
+                f"{name} must be a dense tensor (layout torch.strided), got layout {layout}: "
+                "call .to_dense() first"
+            )
         if t.dim() != 4:
             raise ValueError(
                 f"{name} must have rank 4, (batch, seq, heads, head_dim), got shape {tuple(t.shape)}"
@@ -201,13 +279,22 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
             f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
         )
     b, n, hq, d = q.shape
-    if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
+    if decoding:
+        if n != 1 or k.shape[0] != b or k.shape[3] != d:
+            raise ValueError(
+                "a decoding step takes q of shape (batch, 1, heads, head_dim) with the batch and "
+                f"head_dim of k, got q {tuple(q.shape)} and k {tuple(k.shape)}"
+            )
+    elif k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
         raise ValueError(
             "q and k must agree in batch, seq and head_dim (dims 0, 1, 3), got "
             f"q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
-    if n == 0 or b == 0 or d == 0 or hq == 0 or k.shape[2] == 0:
-        raise ValueError(f"q, k and v must not have an empty dimension, got q {tuple(q.shape)}")
+    if any(s == 0 for s in (*q.shape, *k.shape)):
+        raise ValueError(
+            f"q, k and v must not have an empty dimension, got q {tuple(q.shape)} and k "
+            f"{tuple(k.shape)}"
+        )
     hkv = k.shape[2]
     if hq % hkv != 0:
         raise ValueError(
@@ -223,12 +310,21 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 
 def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
-    """Check a ``(batch, seq)`` boolean ``key_padding_mask`` (True = real token) against ``q``."""
+    """Check a ``(batch, seq)`` boolean ``key_padding_mask`` (True = real token) against ``q``.
+
+    ``q`` is the tensor whose ``(batch, seq)`` the mask covers: the queries of a self-attention
+    call (whose keys have the same two sizes), the keys of a decoding step.
+    """
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
         raise ArgumentTypeError(
             f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}"
+        )
+    if mask.layout != torch.strided or mask.is_nested:
+        raise ValueError(
+            "key_padding_mask must be a dense tensor (layout torch.strided), got layout "
+            f"{'nested' if mask.is_nested else mask.layout}"
         )
     if mask.dtype != torch.bool:
         raise ValueError(
@@ -262,3 +358,58 @@ def check_finite(**tensors: torch.Tensor) -> None:
                 "(check_finite=False, or DILATED_CHECK_FINITE unset, lets them propagate as "
                 "in dense attention)"
             )
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on gradients whose backward raises: what a second derivative reaches."""
+
+    @staticmethod
+    def forward(message: str, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        raise RuntimeError(ctx.message)
+
+
+def first_derivative_only(
+    op: str, instead: str, grads: tuple[torch.Tensor | None, ...]
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients that a backward pass computed without autograd, made to refuse a second
+    derivative.
+
+    A backward built from fused kernels returns tensors without history: under
+    ``create_graph=True`` (a gradient penalty, a Hessian-vector product) they would be taken
+    as constants, and the second derivative would silently leave their term out. Called at the
+    end of such a backward, this returns the gradients unchanged when the graph of the backward
+    is not recorded (the usual ``backward()``), and otherwise aliases of them whose own backward
+    raises ``RuntimeError`` naming ``op`` and ``instead``, as the project's custom ops do.
+
+    Args:
+        op: what computed them, e.g. ``"backend='triton'"``.
+        instead: what to use for second derivatives, e.g. ``"backend='reference' or 'sdpa'"``.
+        grads: the backward's results (None for inputs without a gradient).
+
+    Returns:
+        ``grads``, or their refusing aliases under ``create_graph=True``.
+    """
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not torch.is_grad_enabled() or not present:
+        return grads
+    message = (
+        f"{op} computes first derivatives only: its gradients cannot be differentiated again "
+        f"(create_graph=True, e.g. a gradient penalty or a Hessian-vector product); use "
+        f"{instead} for second derivatives"
+    )
+    # Detached leaves that require grad: the aliases then get the refusing backward as their
+    # grad_fn (the gradients themselves have no history to attach it to).
+    leaves = [grads[i].detach().requires_grad_() for i in present]  # type: ignore[union-attr]
+    aliases = _NoSecondDerivative.apply(message, *leaves)
+    out = list(grads)
+    for i, alias in zip(present, aliases):
+        out[i] = alias
+    return tuple(out)

@@ -8,7 +8,6 @@ so that configs stay hashable and immutable.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from dilated.core.checks import (
     check_branches,
     check_dropout,
     check_positive_int,
+    check_positive_number,
     check_scale,
 )
 
@@ -124,11 +124,7 @@ class MultiheadConfig:
                     f"({self.num_kv_heads}) for grouped-query attention"
                 )
         for name in ("layer_norm_eps", "gamma_init"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite positive number, got {value}")
+            check_positive_number(name, getattr(self, name))
         if self.dtype is not None and not (
             isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point
         ):
@@ -237,16 +233,8 @@ class DistributedConfig:
             raise ValueError(
                 f"strategy must be 'ring', 'allgather' or 'ulysses', got {self.strategy!r}"
             )
-        if (
-            isinstance(self.timeout_s, bool)
-            or not isinstance(self.timeout_s, (int, float))
-            or not math.isfinite(self.timeout_s)
-            or not self.timeout_s > 0
-        ):
-            # Infinity too: it would overflow the process group's timedelta at the first wait.
-            raise ValueError(
-                f"timeout_s must be a finite positive number of seconds, got {self.timeout_s!r}"
-            )
+        # Infinity too: it would overflow the process group's timedelta at the first wait.
+        check_positive_number("timeout_s", self.timeout_s, unit=" of seconds")
         if self.backend is not None:
             warnings.warn(
                 "DistributedConfig.backend is deprecated and ignored: no process group is created "

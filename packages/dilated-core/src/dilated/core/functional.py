@@ -35,16 +35,21 @@ def prepare_call(
     check_finite_inputs: bool | None,
     is_causal: bool = False,
     return_lse: bool = False,
+    decoding: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], float]:
     """Run every check of one dilated-attention call; return the branches and the scale.
 
-    Shared by every backend's public op so that they accept and reject exactly the same inputs.
-    ``check_finite_inputs`` is resolved by
-    [`resolve_check_finite`][dilated.core.checks.resolve_check_finite] (None: the environment).
+    Shared by every backend's public op, and by the one-query decoding step of dilated-longnet,
+    so that they accept and reject exactly the same inputs. ``check_finite_inputs`` is resolved
+    by [`resolve_check_finite`][dilated.core.checks.resolve_check_finite] (None: the
+    environment). ``decoding``: ``q`` is one query row ``(batch, 1, heads, head_dim)`` over all
+    of ``k``'s positions, and ``key_padding_mask`` covers ``k``'s ``(batch, seq)`` (see
+    [`check_attention_inputs`][dilated.core.checks.check_attention_inputs]).
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, decoding=decoding)
     ws, rs = check_branches(segment_lengths, dilation_rates)
-    check_key_padding_mask(key_padding_mask, q)
+    # The keys' (batch, seq): q's too, except in a decoding step.
+    check_key_padding_mask(key_padding_mask, k)
     check_dropout("dropout_p", dropout_p)
     check_bool("is_causal", is_causal)
     check_bool("return_lse", return_lse)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dilated.core.checks import check_instance
 from dilated.core.config import MemoryPoolConfig
 
 __all__ = ["MemoryPool", "PoolStats", "get_default_pool"]
@@ -103,6 +104,10 @@ class MemoryPool:
     Args:
         config: bounds; default [`MemoryPoolConfig`][dilated.core.config.MemoryPoolConfig] (1 GiB idle).
 
+    Raises:
+        ArgumentTypeError: ``config`` is not a ``MemoryPoolConfig`` or None (a dict of its
+            fields included: build ``MemoryPoolConfig(**fields)``, which checks them).
+
     Example:
         >>> pool = MemoryPool()
         >>> with pool.borrow((4, 8), torch.float32, "cpu") as buf:
@@ -111,6 +116,10 @@ class MemoryPool:
     """
 
     def __init__(self, config: MemoryPoolConfig | None = None) -> None:
+        if config is not None:
+            # Read at every acquire and release: anything else would fail there, not here.
+            what = "a MemoryPoolConfig or None (for a dict of fields: MemoryPoolConfig(**fields))"
+            check_instance("config", config, MemoryPoolConfig, what)
         self.config = config if config is not None else MemoryPoolConfig()
         self._lock = threading.Lock()
         # key -> idle buffers, and one LRU order over every idle buffer (by id).

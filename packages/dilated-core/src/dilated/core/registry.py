@@ -13,14 +13,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, entry_points, version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention
+from dilated.core.checks import ArgumentTypeError, check_bool, check_instance
 from dilated.core.presets import PRESETS, Preset
-
-if TYPE_CHECKING:
-    from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -53,17 +52,26 @@ KNOWN_KINDS: dict[str, str] = {
 class Implementation:
     """One named dilated-attention implementation.
 
+    Every field is checked when it is built, so that a bad one fails here, naming the field,
+    and not in every later ``kind="auto"`` call.
+
     Attributes:
-        name: the ``kind`` users ask for.
-        attention: module class over ``(batch, seq, heads, head_dim)``.
-        multihead: module class over ``(batch, seq, embed_dim)``.
+        name: the ``kind`` users ask for: a non-empty string, neither ``"auto"`` nor a preset
+            name (those are resolved first, so the implementation could never be reached).
+        attention: module class over ``(batch, seq, heads, head_dim)``, a subclass of
+            [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention].
+        multihead: module class over ``(batch, seq, embed_dim)``, a subclass of
+            [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention].
         package: distribution that ships it (named in errors and ``dilated info``).
         description: one line for ``dilated info``.
-        priority: ``kind="auto"`` takes the highest priority that supports the device.
-        devices: device types it runs on.
+        priority: an int; ``kind="auto"`` takes the highest priority that supports the device.
+        devices: device types it runs on (a list or tuple of strings, stored as a tuple).
         distributed: works on shards of a process group; never chosen by ``"auto"``;
             ``dilated bench``/``check`` run it as a world of one.
         backends: optional callable listing the backends usable here, for ``dilated info``.
+
+    Raises:
+        ValueError / ArgumentTypeError: a field that breaks its rule, named.
     """
 
     name: str
@@ -76,6 +84,47 @@ class Implementation:
     distributed: bool = False
     backends: Callable[[], list[str]] | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ArgumentTypeError(
+                f"name must be a non-empty str, the kind users ask for, got {self.name!r}"
+            )
+        if self.name == "auto" or self.name in PRESETS:
+            raise ValueError(
+                f"name {self.name!r} is reserved: kind={self.name!r} resolves to "
+                f"{'the best implementation' if self.name == 'auto' else 'a preset'} before any "
+                "implementation, so this one could never be reached"
+            )
+        for field_name, base in (
+            ("attention", BaseDilatedAttention),
+            ("multihead", BaseMultiheadDilatedAttention),
+        ):
+            cls = getattr(self, field_name)
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise ArgumentTypeError(
+                    f"{field_name} must be a subclass of {base.__name__}, got {cls!r}"
+                )
+        check_instance("package", self.package, str, "a distribution name (a str)")
+        check_instance("description", self.description, str, "a str")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            # Compared with the others' at every kind="auto": a str would fail there, every time.
+            raise ArgumentTypeError(
+                "priority must be an int (kind='auto' takes the highest), got "
+                f"{type(self.priority).__name__} {self.priority!r}"
+            )
+        devices = self.devices
+        if isinstance(devices, str) or not isinstance(devices, (list, tuple)):
+            raise ArgumentTypeError(
+                f"devices must be a tuple of device types such as ('cpu', 'cuda'), got {devices!r}"
+            )
+        for i, dev in enumerate(devices):
+            check_instance(f"devices[{i}]", dev, str, "a device type such as 'cuda'")
+        # Frozen: a list would make the implementation unhashable.
+        object.__setattr__(self, "devices", tuple(devices))
+        check_bool("distributed", self.distributed)
+        if self.backends is not None and not callable(self.backends):
+            raise ArgumentTypeError(f"backends must be a callable or None, got {self.backends!r}")
+
     def supports(self, device: torch.device | str) -> bool:
         """Whether this implementation runs on ``device``."""
         return torch.device(device).type in self.devices
@@ -86,10 +135,24 @@ _registered: dict[str, Implementation] = {}
 _loaded = False
 
 
+def _check_kind(kind: Any) -> str:
+    """Return ``kind`` if it is a string; anything else (a list of names, None) raises
+    ``ArgumentTypeError`` (it would otherwise fail as an unhashable dict key)."""
+    what = "one name, a str (an implementation, a preset or 'auto')"
+    check_instance("kind", kind, str, what)
+    return str(kind)
+
+
 def register_implementation(impl: Implementation, *, replace: bool = False) -> None:
-    """Add ``impl`` to the registry (what the entry points do at discovery)."""
-    if not isinstance(impl, Implementation):
-        raise TypeError(f"impl must be an Implementation, got {type(impl).__name__}")
+    """Add ``impl`` to the registry (what the entry points do at discovery).
+
+    Raises:
+        ArgumentTypeError: ``impl`` is not an ``Implementation`` (whose fields were checked
+            when it was built).
+        ValueError: another implementation already has its name (unless ``replace``).
+    """
+    check_instance("impl", impl, Implementation, "an Implementation")
+    check_bool("replace", replace)
     with _lock:
         if impl.name in _registered and not replace and _registered[impl.name] != impl:
             raise ValueError(f"an implementation named {impl.name!r} is already registered")
@@ -136,6 +199,7 @@ def get_implementation(
     (default: CUDA when available, else CPU). An unknown or uninstalled kind raises ``ValueError``
     naming the package to install.
     """
+    _check_kind(kind)
     impls = available_implementations()
     if kind == "auto":
         dev = _default_device(device)
@@ -169,7 +233,7 @@ def get_implementation(
 
 def _resolve(kind: str, kwargs: dict[str, Any], multihead: bool) -> Implementation:
     """Apply a preset named by ``kind`` (filling only what the caller left out) and resolve it."""
-    preset: Preset | None = PRESETS.get(kind)
+    preset: Preset | None = PRESETS.get(_check_kind(kind))
     if preset is not None:
         kwargs.setdefault("segment_lengths", list(preset.segment_lengths))
         kwargs.setdefault("dilation_rates", list(preset.dilation_rates))

@@ -153,13 +153,14 @@ def rows_forward_into(
     for grid, seg0, bh0 in triton_backend.launch_grids(
         len(table.entries), g.count, b * g.phases * g.heads
     ):
-        rows_forward[grid](
-            q, k, v, mask_arg, acc, acc_lse, entries, runs,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            acc.stride(0), acc.stride(1), acc.stride(2),
-            acc_lse.stride(0), acc_lse.stride(1), acc_lse.stride(2),
-            q.shape[1], g.rate, g.phase0, g.phases, g.heads, g.kv0, g.kv_step, g.kv_group,
-            g.start, g.length, scale, seg0, bh0,
-            HAS_MASK=key_mask is not None, DOT_PREC=triton_backend.dot_precision(q), D=d,
-            BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, **options,
-        )  # fmt: skip
+        with triton_backend.interpreter_lock():
+            rows_forward[grid](
+                q, k, v, mask_arg, acc, acc_lse, entries, runs,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                acc.stride(0), acc.stride(1), acc.stride(2),
+                acc_lse.stride(0), acc_lse.stride(1), acc_lse.stride(2),
+                q.shape[1], g.rate, g.phase0, g.phases, g.heads, g.kv0, g.kv_step, g.kv_group,
+                g.start, g.length, scale, seg0, bh0,
+                HAS_MASK=key_mask is not None, DOT_PREC=triton_backend.dot_precision(q), D=d,
+                BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, **options,
+            )  # fmt: skip

@@ -11,6 +11,7 @@ from dilated.core.checks import (
     check_dropout,
     check_optional_bool,
     check_positive_int,
+    check_positive_number,
 )
 
 __all__ = ["ACTIVATIONS", "LONGNET_PRESETS", "LongNetConfig", "TransformerLayerConfig"]
@@ -21,11 +22,6 @@ ACTIVATIONS = ("relu", "gelu", "silu", "swish")
 
 def _set(obj: object, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
-
-
-def _check_eps(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"layer_norm_eps must be a positive number, got {value!r}")
 
 
 def _check_activation(value: Any) -> None:
@@ -92,10 +88,8 @@ class TransformerLayerConfig:
         check_positive_int("dim_feedforward", self.dim_feedforward)
         check_dropout("dropout", self.dropout)
         _check_activation(self.activation)
-        _check_eps(self.layer_norm_eps)
-        g = self.gamma_init
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0:
-            raise ValueError(f"gamma_init must be a positive number, got {g!r}")
+        check_positive_number("layer_norm_eps", self.layer_norm_eps)
+        check_positive_number("gamma_init", self.gamma_init)
         if not isinstance(self.attention_type, str) or not self.attention_type:
             raise ValueError(f"attention_type must be a kind name, got {self.attention_type!r}")
 
@@ -173,9 +167,7 @@ class LongNetConfig:
                 f"{layer.head_dim}"
             )
         for name in ("rotary_base", "xpos_scale_base"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            check_positive_number(name, getattr(self, name))
 
     def layer_config(self, gamma_init: float = 1.0) -> TransformerLayerConfig:
         """The [`TransformerLayerConfig`][dilated.longnet.config.TransformerLayerConfig] of every layer, with the given MAGNETO gain."""

@@ -17,7 +17,12 @@ def _pick(
 ) -> torch.Tensor:
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / temperature
+    # Shifted by the row maximum before dividing: every scaled logit is then <= 0 and the
+    # maxima exactly 0 (kept 0 where a temperature below float32's range would make 0 / 0), so
+    # a tiny temperature (1e-45) sends the others to -inf instead of overflowing into
+    # inf - inf = NaN: the draw tends to greedy (the argmax, or one of exactly tied maxima).
+    shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)
+    scaled = torch.where(shifted == 0, 0.0, shifted / temperature)
     if top_k is not None:
         kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -48,7 +53,10 @@ def generate(
         model: the language model (put in eval mode for the duration).
         input_ids: int64 ``(batch, prompt)``, ``prompt >= 1``.
         max_new_tokens: tokens to add (>= 0).
-        temperature: 0 for greedy; otherwise sample from ``softmax(logits / temperature)``.
+        temperature: 0 for greedy; otherwise sample from ``softmax(logits / temperature)``,
+            computed stably for any finite positive value: as the temperature tends to 0 the
+            draw tends to greedy, and a tiny one (``1e-45``) picks the most likely token (a
+            uniform choice among exactly tied ones).
         top_k: sample only among the ``top_k`` most likely tokens.
         use_cache: incremental decoding with a KV cache.
         generator: random generator for sampling.

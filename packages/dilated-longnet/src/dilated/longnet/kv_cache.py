@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from dilated.core.branches import head_index, phase_heads
+from dilated.core.checks import check_index, check_instance, check_positive_int
+from dilated.core.functional import prepare_call
 from dilated.core.merge import merge_attention
 from dilated.core.reference import compute_dtype, dense_segment_attention
 
@@ -21,7 +23,11 @@ __all__ = ["KVCache", "LayerKVCache", "cached_dilated_attention", "dilated_atten
 
 
 class LayerKVCache:
-    """Preallocated keys and values of one layer, ``(batch, capacity, kv_heads, head_dim)``."""
+    """Preallocated keys and values of one layer, ``(batch, capacity, kv_heads, head_dim)``.
+
+    Raises:
+        ValueError: ``batch``, ``capacity``, ``kv_heads`` or ``head_dim`` is not a positive int.
+    """
 
     def __init__(
         self,
@@ -33,6 +39,9 @@ class LayerKVCache:
         dtype: torch.dtype,
         device: torch.device | str | None,
     ) -> None:
+        sizes = {"batch": batch, "capacity": capacity, "kv_heads": kv_heads, "head_dim": head_dim}
+        for name, size in sizes.items():
+            check_positive_int(name, size)
         self.k = torch.zeros(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
@@ -46,8 +55,9 @@ class LayerKVCache:
 
         Raises:
             ValueError: shapes other than the cache's ``(batch, ·, kv_heads, head_dim)`` (a
-                smaller batch would otherwise be broadcast into every cached sequence), or
-                positions beyond the capacity.
+                smaller batch would otherwise be broadcast into every cached sequence), an
+                ``offset`` that is not an int in ``[0, capacity)``, or positions beyond the
+                capacity.
         """
         b, _, hkv, d = self.k.shape
         for name, t in (("k", k), ("v", v)):
@@ -59,6 +69,7 @@ class LayerKVCache:
                 )
         if k.shape != v.shape:
             raise ValueError(f"k and v must have one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+        check_index("offset", offset, self.capacity, f"a KV cache of capacity {self.capacity}")
         end = offset + k.shape[1]
         if end > self.capacity:
             raise ValueError(
@@ -98,7 +109,20 @@ def cached_dilated_attention(
     Returns:
         ``(batch, 1, heads, head_dim)`` in the dtype of ``q``: the output for row
         ``position`` of a causal call over the first ``position + 1`` tokens.
+
+    Raises:
+        ValueError / TypeError: what the single-process op refuses (see
+            [`dilated_attention_at`][dilated.longnet.kv_cache.dilated_attention_at]), and a
+            ``position`` at or beyond the cache's capacity.
     """
+    check_instance("cache", cache, LayerKVCache, "a LayerKVCache")
+    # Named as the cache's bound: the keys past it were never stored, not merely unwritten.
+    check_index(
+        "position",
+        position,
+        cache.capacity,
+        f"the KV cache holds {cache.capacity} positions; create it with a larger max_length",
+    )
     return dilated_attention_at(
         q, cache.k, cache.v, position, segment_lengths, dilation_rates, scale=scale
     )
@@ -134,12 +158,32 @@ def dilated_attention_at(
     Returns:
         ``(batch, 1, heads, head_dim)`` in the dtype of ``q``: row ``position`` of a causal call
         over the first ``position + 1`` keys (0 for a query that sees no key).
+
+    Raises:
+        ValueError / TypeError: naming the argument, what the single-process op refuses (the
+            same checks: branch lists, grouped heads, dtypes, devices, scale, mask), a ``q``
+            of more than one row, and a ``position`` that is not an int in ``[0, n)``.
     """
+    ws, rs, sc = prepare_call(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        dropout_p=0.0,
+        # A decoding step reads at most w / r keys per branch; scanning the whole cache for
+        # NaN/Inf every token would cost what the cache saves.
+        check_finite_inputs=False,
+        is_causal=True,
+        decoding=True,
+    )
+    check_index("position", position, k.shape[1], f"k holds {k.shape[1]} positions")
     b, _, h, d = q.shape
     work = compute_dtype(q.dtype)
-    sc = d**-0.5 if scale is None else scale
     outs, lses = [], []
-    for w, r in zip(segment_lengths, dilation_rates):
+    for w, r in zip(ws, rs):
         start = (position // w) * w
         first = start + (position - start) % r
         phase = position % r

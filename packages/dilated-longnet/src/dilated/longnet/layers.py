@@ -162,13 +162,16 @@ def _dilated_self_attention(
         cache.write(offset, k, v)
     if cache is not None and offset > 0:
         ac = mha.attention_config
+        # Under autocast q comes in the autocast dtype and the cache keeps the parameters'
+        # (the write converted k and v): the step computes in the cache's, like its keys.
+        qc = q.to(cache.k.dtype)
         rows = [
             cached_dilated_attention(
-                q[:, i : i + 1], cache, offset + i, ac.segment_lengths, ac.dilation_rates, ac.scale
+                qc[:, i : i + 1], cache, offset + i, ac.segment_lengths, ac.dilation_rates, ac.scale
             )
             for i in range(n)
         ]
-        out = torch.cat(rows, dim=1)
+        out = torch.cat(rows, dim=1).to(q.dtype)
     else:
         out = mha.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
     out = out.reshape(b, n, mc.embed_dim)

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dilated.core.checks import ArgumentTypeError, check_bool, resolve_check_finite
+from dilated.core.checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_positive_int,
+    resolve_check_finite,
+)
 from dilated.core.presets import DEFAULT_PRESET, PRESETS
 from dilated.longnet.config import LongNetConfig
 from dilated.longnet.kv_cache import KVCache, LayerKVCache
@@ -313,7 +318,14 @@ class LongNetLM(nn.Module):
         return cls(LongNetConfig.from_preset(name, **overrides), device=device, dtype=dtype)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
-        """An empty [`KVCache`][dilated.longnet.kv_cache.KVCache] for ``batch`` sequences of up to ``max_length`` tokens."""
+        """An empty [`KVCache`][dilated.longnet.kv_cache.KVCache] for ``batch`` sequences of up to ``max_length`` tokens.
+
+        Raises:
+            ValueError: ``batch`` or ``max_length`` is not a positive int (``2.5``, ``-1``,
+                ``True``).
+        """
+        check_positive_int("batch", batch)
+        check_positive_int("max_length", max_length)
         p, c = self.embedding.weight, self.config
         return KVCache(
             [

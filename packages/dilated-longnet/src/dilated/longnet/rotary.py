@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dilated.core.checks import check_positive_number
+
 __all__ = ["RotaryEmbedding"]
 
 
@@ -18,8 +20,14 @@ class RotaryEmbedding(nn.Module):
 
     Args:
         head_dim: width of one head (even).
-        base: RoPE frequency base.
-        xpos_scale_base: None for plain RoPE.
+        base: RoPE frequency base, a finite positive number.
+        xpos_scale_base: None for plain RoPE, else a finite positive number.
+
+    Raises:
+        ValueError: a ``head_dim`` that is not a positive even int; a ``base`` or
+            ``xpos_scale_base`` that is not a finite positive number (``inf`` would make every
+            frequency but the first 0, or every xPos scale 1: a silently degenerate rotation;
+            a string such as ``"10000"`` is not read as a number).
     """
 
     inv_freq: torch.Tensor
@@ -31,10 +39,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
             raise ValueError(f"rotary needs a positive even head_dim, got {head_dim!r}")
-        if not base > 0:
-            raise ValueError(f"base must be positive, got {base!r}")
-        if xpos_scale_base is not None and not xpos_scale_base > 0:
-            raise ValueError(f"xpos_scale_base must be positive or None, got {xpos_scale_base!r}")
+        base = check_positive_number("base", base)
+        if xpos_scale_base is not None:
+            xpos_scale_base = check_positive_number(
+                "xpos_scale_base", xpos_scale_base, or_none=True
+            )
         self.head_dim = head_dim
         self.xpos_scale_base = xpos_scale_base
         idx = torch.arange(0, head_dim, 2, dtype=torch.float64)

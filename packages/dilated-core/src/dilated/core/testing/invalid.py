@@ -78,6 +78,9 @@ def invalid_calls(
     add("dilation_rates", "a float rate", q, k, v, ws, [float(rs[0]), *rs[1:]])
     add("dilation_rates", "one rate short", q, k, v, [*ws, ws[-1]], rs)
     add("dilation_rates", "w % r != 0", q, k, v, [ws[0] * 2 + 1, *ws[1:]], [2, *rs[1:]])
+    # Beyond MAX_BRANCH_SIZE: 2**62 and 2**63 overflowed int64 index arithmetic.
+    add("dilation_rates", "2**62", q, k, v, ws, [*rs[:-1], 2**62])
+    add("segment_lengths", "2**63", q, k, v, [*ws[:-1], 2**63], [*rs[:-1], 2**62])
     for name in ("is_causal", "return_lse", "check_finite"):
         for bad in NOT_BOOLS:
             if not (name == "check_finite" and bad is None):  # None: read the environment
@@ -93,6 +96,7 @@ def invalid_calls(
         ("one position too many", torch.ones(b, n + 1, dtype=torch.bool)),
         ("one batch too many", torch.ones(b + 1, n, dtype=torch.bool)),
         ("on another device", torch.ones(b, n, dtype=torch.bool, device="meta")),
+        ("a sparse COO tensor", torch.ones(b, n, dtype=torch.bool).to_sparse()),
     ):
         add("key_padding_mask", description, q, k, v, ws, rs, key_padding_mask=bad)
     for name, index in (("q", 0), ("k", 1), ("v", 2)):
@@ -109,6 +113,7 @@ def invalid_calls(
             ),
             ("another device", original.to("meta")),
             ("a shorter head_dim", original[..., :1]),
+            ("a sparse COO tensor", original.to_sparse()),
         ):
             args = list(tensors)
             args[index] = bad

@@ -11,16 +11,25 @@ Launches respect CUDA's grid limits (axes y and z at most 65535): a branch with 
 or a call with more ``batch * heads``, is split into several launches over chunks of them. A
 segment longer than the sequence is run as the one segment it is (the same result), so huge
 segment lengths cost nothing.
+
+Its gradients are first derivatives only: under ``create_graph=True`` (a gradient penalty) they
+carry a backward that raises ``RuntimeError``, and ``torch.func.vmap`` / ``torch.func.grad``
+raise ``ValueError``; each message names ``backend='reference'`` and ``'sdpa'``, which support
+them. Under the interpreter every launch holds one process-wide lock, so calls from several
+threads are safe there (and run one launch at a time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from dilated.core.checks import first_derivative_only
 from dilated.kernels._capabilities import HAS_TRITON
 
 __all__ = [
@@ -30,12 +39,18 @@ __all__ = [
     "dot_precision",
     "forward",
     "forward_blocks",
+    "interpreter_lock",
     "interpreting",
     "launch_grids",
     "unsupported_reason",
 ]
 
 NAME = "triton"
+#: How errors name this backend.
+NAME_ARG = f"backend={NAME!r}"
+#: The backends named when this one refuses a second derivative or a ``torch.func``
+#: transform: they are built from PyTorch ops, which autograd and the transforms go through.
+ALTERNATIVES = "backend='reference' or 'sdpa'"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -49,6 +64,22 @@ _MAX_SEQ = 2**31 - 1
 def interpreting() -> bool:
     """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+#: Held around every launch while the interpreter runs them (see ``interpreter_lock``).
+#: Reentrant: a locked region may call a helper that takes it again.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def interpreter_lock() -> contextlib.AbstractContextManager[object]:
+    """A context that serialises Triton launches under ``TRITON_INTERPRET=1``, else does nothing.
+
+    The interpreter keeps the running launch's grid and state in module globals, so launches
+    from several threads at once fail (``y >= grid_dim[1]``) or read each other's state;
+    compiled launches on CUDA are thread-safe and take no lock. Every launch of this package
+    runs inside it.
+    """
+    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
 
 
 def available(device: torch.device) -> bool:
@@ -128,7 +159,7 @@ def launch_grids(
         ValueError: more row blocks than CUDA's axis x allows (not reachable below 2**31 rows).
     """
     if blocks > _GRID_X_LIMIT:
-        raise ValueError(f"backend='triton': {blocks} row blocks exceed CUDA's grid limit")
+        raise ValueError(f"{NAME_ARG}: {blocks} row blocks exceed CUDA's grid limit")
     lim = GRID_YZ_LIMIT
     return [
         ((blocks, min(lim, segments - s0), min(lim, batch_heads - h0)), s0, h0)
@@ -141,10 +172,30 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _check_storage(*tensors: torch.Tensor) -> None:
+    """Raise unless every tensor has memory that a kernel can read.
+
+    Under ``torch.func.grad`` (and ``jacrev``, ``hessian``...) the backward receives the
+    transform's wrapper tensors, which have no storage: the launch would fail deep inside Triton.
+    """
+    if torch.compiler.is_compiling():
+        return  # traced tensors are fake tensors, which have storage
+    for t in tensors:
+        try:
+            t.untyped_storage()
+        except (NotImplementedError, RuntimeError):
+            raise ValueError(
+                f"{NAME_ARG} is not supported under torch.func.grad or the other torch.func "
+                f"transforms (its fused kernels read the tensors' memory, which the transforms' "
+                f"wrapper tensors do not have); use {ALTERNATIVES}, which support them"
+            ) from None
+
+
 class _DilatedAttentionFn(torch.autograd.Function):
+    # forward without ctx plus setup_context: the form that torch.func transforms require
+    # before they reach vmap() or backward(), whose refusals name the backend.
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -165,45 +216,50 @@ class _DilatedAttentionFn(torch.autograd.Function):
             w = effective_segment(n, w_given, r)
             rows, nbm, nseg = _launch_geometry(n, w, r, bm)
             for grid, seg0, bh0 in launch_grids(nbm, nseg, b * h):
-                branch_forward[grid](
-                    q,
-                    k,
-                    v,
-                    mask_arg,
-                    acc,
-                    lse,
-                    q.stride(0),
-                    q.stride(1),
-                    q.stride(2),
-                    k.stride(0),
-                    k.stride(1),
-                    k.stride(2),
-                    acc.stride(0),
-                    acc.stride(1),
-                    acc.stride(2),
-                    lse.stride(0),
-                    lse.stride(1),
-                    n,
-                    h,
-                    h // k.shape[2],
-                    w,
-                    r,
-                    rows,
-                    scale,
-                    seg0,
-                    bh0,
-                    IS_CAUSAL=is_causal,
-                    HAS_MASK=mask is not None,
-                    DOT_PREC=dot_precision(q),
-                    D=d,
-                    BLOCK_D=bd,
-                    BLOCK_M=bm,
-                    BLOCK_N=bn,
-                )
-        out = acc.to(q.dtype)
+                with interpreter_lock():
+                    branch_forward[grid](
+                        q,
+                        k,
+                        v,
+                        mask_arg,
+                        acc,
+                        lse,
+                        q.stride(0),
+                        q.stride(1),
+                        q.stride(2),
+                        k.stride(0),
+                        k.stride(1),
+                        k.stride(2),
+                        acc.stride(0),
+                        acc.stride(1),
+                        acc.stride(2),
+                        lse.stride(0),
+                        lse.stride(1),
+                        n,
+                        h,
+                        h // k.shape[2],
+                        w,
+                        r,
+                        rows,
+                        scale,
+                        seg0,
+                        bh0,
+                        IS_CAUSAL=is_causal,
+                        HAS_MASK=mask is not None,
+                        DOT_PREC=dot_precision(q),
+                        D=d,
+                        BLOCK_D=bd,
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                    )
+        return acc.to(q.dtype), lse
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        q, k, v, mask, ws, rs, scale, is_causal = inputs
+        out, lse = output
         ctx.save_for_backward(q, k, v, mask, out, lse)
         ctx.config = (ws, rs, scale, is_causal)
-        return out, lse
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -211,8 +267,22 @@ class _DilatedAttentionFn(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, mask, out, lse = ctx.saved_tensors
         ws, rs, scale, is_causal = ctx.config
-        dq, dk, dv = backward(q, k, v, mask, out, lse, grad_out, grad_lse, ws, rs, scale, is_causal)
+        _check_storage(q, grad_out)
+        with torch.no_grad():
+            grads = backward(q, k, v, mask, out, lse, grad_out, grad_lse, ws, rs, scale, is_causal)
+        # The kernels' gradients have no history: refuse a second derivative instead of
+        # letting create_graph=True treat them as constants.
+        dq, dk, dv = first_derivative_only(
+            NAME_ARG, f"{ALTERNATIVES} (differentiable twice)", grads
+        )
         return dq, dk, dv, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
+        raise ValueError(
+            f"{NAME_ARG} is not supported under torch.func.vmap (its fused kernels take one "
+            f"batch dimension); use {ALTERNATIVES}, which run under vmap"
+        )
 
 
 def backward(
@@ -269,13 +339,15 @@ def backward(
             "D": d, "BLOCK_D": bd, "BLOCK_M": bm, "BLOCK_N": bn, **_launch_options(d),
         }  # fmt: skip
         for grid, seg0, bh0 in launch_grids(nbm, nseg, b * h):
-            branch_backward_dq[grid](
-                q, k, v, mask_arg, do, lse, delta, dq, *shape, seg0, bh0, **options
-            )
+            with interpreter_lock():
+                branch_backward_dq[grid](
+                    q, k, v, mask_arg, do, lse, delta, dq, *shape, seg0, bh0, **options
+                )
         for grid, seg0, bh0 in launch_grids(nbn, nseg, b * h):
-            branch_backward[grid](
-                q, k, v, mask_arg, do, lse, delta, dk, dv, *shape, seg0, bh0, **options
-            )
+            with interpreter_lock():
+                branch_backward[grid](
+                    q, k, v, mask_arg, do, lse, delta, dk, dv, *shape, seg0, bh0, **options
+                )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -294,11 +366,13 @@ def forward(
     """``(out, lse)`` on validated inputs ``(batch, seq, heads, head_dim)``.
 
     Raises:
-        ValueError: dropout (naming the backends that have it), no GPU, or unsupported dtype.
+        ValueError: dropout (naming the backends that have it), no GPU, or unsupported dtype;
+            a call under ``torch.func.vmap`` or ``torch.func.grad`` (naming the backends that
+            run there).
     """
     reason = unsupported_reason(q, dropout_p)
     if reason is not None:
-        raise ValueError(f"backend='triton' cannot run this call: {reason}")
+        raise ValueError(f"{NAME_ARG} cannot run this call: {reason}")
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     out, lse = _DilatedAttentionFn.apply(
         q.contiguous(),

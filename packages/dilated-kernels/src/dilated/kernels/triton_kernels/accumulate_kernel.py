@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dilated.kernels.backends.triton import interpreter_lock
+
 __all__ = ["fused_add_into", "fused_add_windows"]
 
 
@@ -59,12 +61,13 @@ def fused_add_into(acc: torch.Tensor, grad: torch.Tensor) -> None:
         return
     block_r = 32
     row_blocks = triton.cdiv(r, block_r)
-    _add_rows[(b * h * row_blocks,)](
-        acc, grad, r, h, d, row_blocks,
-        acc.stride(0), acc.stride(1), acc.stride(2),
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d),
-    )  # fmt: skip
+    with interpreter_lock():
+        _add_rows[(b * h * row_blocks,)](
+            acc, grad, r, h, d, row_blocks,
+            acc.stride(0), acc.stride(1), acc.stride(2),
+            grad.stride(0), grad.stride(1), grad.stride(2),
+            BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d),
+        )  # fmt: skip
 
 
 @triton.jit
@@ -119,9 +122,10 @@ def fused_add_windows(
     total_rows = (windows - 1) * step_rows + window_rows
     block_r = 32
     row_blocks = triton.cdiv(total_rows, block_r)
-    _add_windows[(grad.shape[other] * row_blocks,)](
-        acc, grad, total_rows, windows, window_rows, step_rows, d, row_blocks,
-        acc.stride(other), acc.stride(1),
-        grad.stride(other), grad.stride(stack_dim), grad.stride(1),
-        BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d),
-    )  # fmt: skip
+    with interpreter_lock():
+        _add_windows[(grad.shape[other] * row_blocks,)](
+            acc, grad, total_rows, windows, window_rows, step_rows, d, row_blocks,
+            acc.stride(other), acc.stride(1),
+            grad.stride(other), grad.stride(stack_dim), grad.stride(1),
+            BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d),
+        )  # fmt: skip

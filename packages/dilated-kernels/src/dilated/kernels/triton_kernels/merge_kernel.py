@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dilated.kernels.backends.triton import interpreter_lock
+
 __all__ = ["fused_merge_into", "lse_weights"]
 
 
@@ -103,11 +105,12 @@ def fused_merge_into(
     if rows == 0:
         return
     block_m = 16
-    _merge_rows[(triton.cdiv(rows, block_m),)](
-        acc_out, acc_lse, out, lse, rows, n, h, d,
-        acc_out.stride(0), acc_out.stride(1), acc_out.stride(2),
-        acc_lse.stride(0), acc_lse.stride(2), acc_lse.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(2), lse.stride(1),
-        BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(d), FIRST=first,
-    )  # fmt: skip
+    with interpreter_lock():
+        _merge_rows[(triton.cdiv(rows, block_m),)](
+            acc_out, acc_lse, out, lse, rows, n, h, d,
+            acc_out.stride(0), acc_out.stride(1), acc_out.stride(2),
+            acc_lse.stride(0), acc_lse.stride(2), acc_lse.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(2), lse.stride(1),
+            BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(d), FIRST=first,
+        )  # fmt: skip
