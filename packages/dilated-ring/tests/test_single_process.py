@@ -315,11 +315,10 @@ def test_world_of_one_takes_any_length(
     )  # fmt: skip
 
 
-def test_every_module_takes_check_finite(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``check_finite`` (documented on every module) reaches the functional's NaN/Inf check:
-    True refuses a NaN query, False lets it through even under ``DILATED_CHECK_FINITE=1``, None
-    reads the variable; a non-bool is refused naming the flag."""
+def test_every_module_takes_check_finite() -> None:
+    """``check_finite`` (documented on every module) reaches the functional's NaN/Inf check."""
     from dilated.core.config import DistributedConfig, MultiheadConfig, RingDistributedConfig
+    from dilated.core.testing.invalid import assert_honours_check_finite
     from dilated.ring import (
         DistributedImprovedDilatedAttention,
         RingDistributedDilatedAttention,
@@ -337,39 +336,13 @@ def test_every_module_takes_check_finite(monkeypatch: pytest.MonkeyPatch) -> Non
     x = torch.randn(1, 8, 8)
     x_bad = x.clone()
     x_bad[0, 2, 5] = float("nan")  # the projections carry it into q, k and v
-
-    def attention(flag: bool | None) -> list[torch.nn.Module]:
-        return [
-            RingDilatedAttention([4], [1], check_finite=flag),
-            DistributedImprovedDilatedAttention([4], [1], check_finite=flag),
-        ]
-
-    def layers(flag: bool | None) -> list[torch.nn.Module]:
-        return [
-            RingMultiheadDilatedAttention(8, 2, [1], [4], check_finite=flag),
-            RingDistributedDilatedAttention(config, check_finite=flag),
-            create_ring_distributed_attention(8, 2, [4], [1], check_finite=flag),
-        ]
-
-    for module in attention(True):
-        assert torch.isfinite(module(q, q, q)).all()
-        with pytest.raises(ValueError, match=r"\bq holds NaN"):
-            module(bad, q, q)
-    for module in layers(True):
-        assert torch.isfinite(module(x, x, x)[0]).all()
-        with pytest.raises(ValueError, match="holds NaN"):
-            module(x_bad, x, x)
-    monkeypatch.setenv("DILATED_CHECK_FINITE", "1")
-    for module in attention(None):
-        with pytest.raises(ValueError, match=r"\bq holds NaN"):
-            module(bad, q, q)
-    for module in attention(False):
-        assert torch.isnan(module(bad, q, q)).any()
-    for module in layers(False):
-        assert torch.isnan(module(x_bad, x, x)[0]).any()
-    with pytest.raises(TypeError, match="check_finite must be a bool"):
-        RingDilatedAttention([4], [1], check_finite="yes")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="check_finite must be a bool"):
-        RingDistributedDilatedAttention(config, check_finite=1)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="check_finite must be a bool"):
-        create_ring_distributed_attention(8, 2, [4], [1], check_finite="no")  # type: ignore[arg-type]
+    for attention in (RingDilatedAttention, DistributedImprovedDilatedAttention):
+        assert_honours_check_finite(
+            lambda flag, cls=attention: cls([4], [1], check_finite=flag), (q, q, q), (bad, q, q)
+        )
+    for build in (
+        lambda flag: RingMultiheadDilatedAttention(8, 2, [1], [4], check_finite=flag),
+        lambda flag: RingDistributedDilatedAttention(config, check_finite=flag),
+        lambda flag: create_ring_distributed_attention(8, 2, [4], [1], check_finite=flag),
+    ):
+        assert_honours_check_finite(build, (x, x, x), (x_bad, x, x))

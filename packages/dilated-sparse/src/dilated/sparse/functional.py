@@ -364,25 +364,22 @@ def block_sparse_dilated_attention(
         every block is outside the layout in every branch gets ``out = 0`` and ``lse = -inf``,
         with finite gradients.
     """
-    check_sparse_config(sparse_config)
-    ws, rs, softmax_scale = prepare_call(
+    # The branches are checked here first, by the function prepare_call uses.
+    key = resolve(sparse_config, segment_lengths, dilation_rates).key
+    return attention_by_key(
         q,
         k,
         v,
         segment_lengths,
         dilation_rates,
+        layout_key=key,
         scale=scale,
+        is_causal=is_causal,
         key_padding_mask=key_padding_mask,
         dropout_p=dropout_p,
-        check_finite_inputs=check_finite,
-        is_causal=is_causal,
         return_lse=return_lse,
+        check_finite=check_finite,
     )
-    key = resolve(sparse_config, ws, rs).key
-    out, lse = sparse_op(
-        q, k, v, ws, rs, key, softmax_scale, is_causal, key_padding_mask, dropout_p
-    )
-    return (out, lse) if return_lse else out
 
 
 def attention_by_key(
