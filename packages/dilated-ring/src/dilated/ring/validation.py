@@ -226,12 +226,11 @@ def check_call(
     [`agree_across_ranks`][dilated.ring.validation.agree_across_ranks] with the call's options
     (branches, ``is_causal``, ``scale``, mask presence, ``dropout_p``, ``return_lse``) and the op's
     ``options``, so a bad argument or a disagreement on any rank makes every rank raise at once.
-    A world of one, or a ``torch.compile`` trace, runs the local checks only.
+    A world of one, or a ``torch.compile`` trace, runs the local checks only. The arguments
+    not listed below are the call's (``segment_lengths`` ... ``check_finite``), as given.
 
     Args:
         q, k, v: this rank's shards ``(batch, seq / P, heads | kv_heads, head_dim)``.
-        segment_lengths, dilation_rates, scale, is_causal, key_padding_mask, dropout_p,
-            return_lse, check_finite: the call's arguments, as given.
         group: the process group (None: default) or a loopback group.
         world_size: its size.
         timeout_s: the call's bound of every wait (None, or finite and positive).
