@@ -125,6 +125,16 @@ def test_layout_key_holds_the_content() -> None:
     sparse_functional._resolved.cache_clear()
     got = attention_by_key(x.q, x.k, x.v, SEGMENTS, RATES, layout_key=first.key)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # A layout callable that cannot be hashed (it defines == only) is resolved at every call.
+
+    class Band:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a - b).abs() <= 1
+
+    banded = SparsePatternConfig("custom", block_size=2, layout=Band())
+    assert resolve(banded, SEGMENTS, RATES).key == first.key
     with pytest.raises(ValueError, match=r"layout_key holds the layouts of the branches"):
         attention_by_key(x.q, x.k, x.v, [16, 16], RATES, layout_key=first.key)
     for bad in ("SparsePatternConfig@7f00", first.key[:-4], first.key.replace(":2:", ":4:", 1)):

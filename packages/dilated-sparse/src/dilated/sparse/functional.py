@@ -1,4 +1,10 @@
-"""The public op of dilated-sparse: validation, the block layouts, and a custom autograd function."""
+"""The public op of dilated-sparse: validation, the block layouts, and a custom autograd function.
+
+A custom op takes no Python objects, so the layout reaches ``dilated_sparse::attention`` as a
+string that holds the layout itself ([`layout_key`][dilated.sparse.functional.layout_key]), not
+a reference to its config: the op's arguments, which autograd saves for the backward pass, are
+all that pass needs, and equal layouts give equal strings in any process.
+"""
 
 from __future__ import annotations
 
@@ -159,7 +165,12 @@ def resolve(
         ValueError: bad branches, or a custom layout that does not fit them.
     """
     ws, rs = check_branches(segment_lengths, dilation_rates)
-    return _resolved(_content(check_sparse_config(config)), ws, rs)
+    content = _content(check_sparse_config(config))
+    try:
+        hash(content)
+    except TypeError:  # a layout callable that defines == but no hash: resolved every call
+        return _resolved.__wrapped__(content, ws, rs)
+    return _resolved(content, ws, rs)
 
 
 def branch_layouts(
