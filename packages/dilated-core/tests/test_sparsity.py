@@ -69,6 +69,33 @@ def test_custom_layout_of_the_wrong_size_is_named_at_resolve() -> None:
         resolve_layouts(per_branch, [16], [1])
 
 
+@pytest.mark.parametrize(
+    ("function", "got"),
+    [
+        (lambda a, b: None, "NoneType None"),  # a forgotten return: no block at all before
+        (lambda a, b: 1.0 * (a == b), "torch.float32 tensor"),  # floats were truth-tested
+        (lambda a, b: a - b, "torch.int64 tensor"),
+        (lambda a, b: torch.ones(2, 2, dtype=torch.bool), r"shape \(2, 2\)"),
+        (lambda a, b: 1 if a == b or b == 0 else 0, r"int 1 for blocks \(a, b\) = \(0, 0\)"),
+        (lambda a, b: a == b or None, r"NoneType None for blocks \(a, b\) = \(0, 1\)"),
+    ],
+)
+def test_custom_layout_function_must_return_bools(function: object, got: str) -> None:
+    """A custom layout function's answers are bools, checked before any attention runs."""
+    cfg = SparsePatternConfig("custom", block_size=2, layout=function)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"^layout function \(a, b\) -> bool.*{got}"):
+        resolve_layouts(cfg, [8], [1])
+
+
+def test_custom_layout_function_broadcasts_bool_answers() -> None:
+    """Bool answers of any broadcastable shape, or one bool, fill the (nb, nb) table."""
+    rows = layout_blocks("custom", 3, custom=lambda a, b: a < 1)
+    assert rows.tolist() == [[True] * 3, [False] * 3, [False] * 3]
+    assert layout_blocks("custom", 2, custom=lambda a, b: True).all()
+    one = layout_blocks("custom", 2, custom=lambda a, b: torch.tensor(a == b) if a < 2 else 0)
+    assert one.tolist() == [[True, False], [False, True]]
+
+
 def test_config_is_frozen_and_copies_its_layout() -> None:
     table = torch.eye(3, dtype=torch.bool)
     cfg = SparsePatternConfig("custom", layout=table)

@@ -182,7 +182,9 @@ def test_a_failing_rank_makes_every_rank_raise() -> None:
 
     messages = run_ranks(rank_fn, 3, timeout_s=30)
     assert "segment_lengths" in messages[0]
-    assert all("rank(s) [0]" in m for m in messages[1:]), messages
+    # The other ranks name the failing rank and its argument (its message travels with the
+    # agreement), not only the rank.
+    assert all("rank(s) [0]; rank 0: segment_lengths must be" in m for m in messages[1:]), messages
 
 
 def test_option_mismatch_names_the_option() -> None:

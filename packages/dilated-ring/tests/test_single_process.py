@@ -313,3 +313,36 @@ def test_world_of_one_takes_any_length(
         functools.partial(ring_dilated_attention, strategy=strategy, return_lse=True),
         2, seq, 4, 8, ws, rs, kv_heads=2, is_causal=True, padding=True, dtype=torch.float64,
     )  # fmt: skip
+
+
+def test_every_module_takes_check_finite() -> None:
+    """``check_finite`` (documented on every module) reaches the functional's NaN/Inf check."""
+    from dilated.core.config import DistributedConfig, MultiheadConfig, RingDistributedConfig
+    from dilated.core.testing.invalid import assert_honours_check_finite
+    from dilated.ring import (
+        DistributedImprovedDilatedAttention,
+        RingDistributedDilatedAttention,
+        RingMultiheadDilatedAttention,
+    )
+
+    q = torch.randn(1, 8, 2, 4)
+    bad = q.clone()
+    bad[0, 3, 1, 2] = float("nan")
+    config = RingDistributedConfig(
+        MultiheadConfig(embed_dim=8, num_heads=2),
+        RingAttentionConfig(segment_lengths=(4,)),
+        DistributedConfig(),
+    )
+    x = torch.randn(1, 8, 8)
+    x_bad = x.clone()
+    x_bad[0, 2, 5] = float("nan")  # the projections carry it into q, k and v
+    for attention in (RingDilatedAttention, DistributedImprovedDilatedAttention):
+        assert_honours_check_finite(
+            lambda flag, cls=attention: cls([4], [1], check_finite=flag), (q, q, q), (bad, q, q)
+        )
+    for build in (
+        lambda flag: RingMultiheadDilatedAttention(8, 2, [1], [4], check_finite=flag),
+        lambda flag: RingDistributedDilatedAttention(config, check_finite=flag),
+        lambda flag: create_ring_distributed_attention(8, 2, [4], [1], check_finite=flag),
+    ):
+        assert_honours_check_finite(build, (x, x, x), (x_bad, x, x))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,6 +21,7 @@ from dilated.ring.comm import RingComm
 from dilated.sparse import (
     DistributedBlockSparseDilatedAttention,
     block_sparse_dilated_attention,
+    block_sparse_ring_dilated_attention,
 )
 from dilated.sparse.distributed import comm_bytes
 
@@ -61,7 +64,68 @@ def equivalence(rank: int, world: int, pattern: str, is_causal: bool) -> None:
     assert RingComm.bytes_sent == model["forward"] + model["backward"], (RingComm.bytes_sent, model)
 
 
-def _entry(rank: int, world: int, port: int, args: tuple[Any, ...]) -> None:
+#: Seconds within which every rank must raise for a bad or disagreeing call: far below the
+#: call's timeout_s, so a rank that waited for its peer instead would fail the test.
+PROMPT_S = 10.0
+
+
+def disagreements(rank: int, world: int) -> None:
+    """One rank's argument differs or is bad: every rank raises at once, naming it, through the
+    agreement of dilated-ring; the ranks stay in step (a good call works afterwards)."""
+    cfg = SparsePatternConfig("local_window", local_window_size=2, block_size=2)
+    x = make_inputs(1, SEQ, 4, 8, seed=11)
+    size = SEQ // world
+    q, k, v = (t[:, rank * size : (rank + 1) * size] for t in (x.q, x.k, x.v))
+
+    def expect(match: str, **kw: Any) -> None:
+        args = {"segment_lengths": SEGMENTS, "sparse_config": cfg, "timeout_s": 60.0, **kw}
+        query = args.pop("q", q)
+        segments = args.pop("segment_lengths")
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=match):
+            block_sparse_ring_dilated_attention(query, k, v, segments, RATES, **args)
+        waited = time.monotonic() - start
+        assert waited < PROMPT_S, f"rank {rank} waited {waited:.1f} s for {match!r}"
+
+    # Different custom layouts (tables or functions) that agree on every other field.
+    mine = SparsePatternConfig(
+        "custom", block_size=2, layout=lambda a, b: (a - b).abs() <= (1 if rank == 0 else 2)
+    )
+    expect(r"option 'sparse_config \(resolved layout\)' differs", sparse_config=mine)
+    table = torch.eye(16, dtype=torch.bool)
+    table[rank, rank + 1] = True
+    tables = SparsePatternConfig("custom", block_size=2, layout=table)
+    expect(r"option 'sparse_config \(resolved layout\)' differs", sparse_config=tables)
+    # An int where the branch list goes, on the last rank: every rank names the argument.
+    last = world - 1
+    expect(
+        rf"(rank\(s\) \[{last}\]; )?rank {last}: segment_lengths must be a sequence",
+        segment_lengths=8 if rank == last else SEGMENTS,
+    )
+    # A bad timeout_s on rank 0 only: refused before any wait, on every rank.
+    expect(
+        r"rank 0: timeout_s must be None or a finite positive", timeout_s=-1 if rank == 0 else 60.0
+    )
+    # DILATED_CHECK_FINITE=1 is read (check_finite left None): a NaN on the last rank only.
+    nan_q = q.clone()
+    if rank == last:
+        nan_q[0, 0, 0, 0] = float("nan")
+    os.environ["DILATED_CHECK_FINITE"] = "1"
+    try:
+        expect(rf"rank {last}: q holds NaN", q=nan_q)
+    finally:
+        del os.environ["DILATED_CHECK_FINITE"]
+    # Strict booleans, as in the single-process op.
+    expect(r"is_causal must be a bool", is_causal=1)
+    expect(r"return_lse must be a bool", return_lse="no")
+    dist.barrier()
+    out = block_sparse_ring_dilated_attention(q, k, v, SEGMENTS, RATES, sparse_config=cfg)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+
+
+def _entry(
+    rank: int, world: int, port: int, body: Callable[..., None], args: tuple[Any, ...]
+) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -69,18 +133,21 @@ def _entry(rank: int, world: int, port: int, args: tuple[Any, ...]) -> None:
         timeout=timedelta(seconds=60),
     )  # fmt: skip
     try:
-        equivalence(rank, world, *args)
+        body(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_gloo(world: int, *args: Any, timeout: float = 180.0) -> None:
-    """Run :func:`equivalence` on ``world`` spawned gloo ranks; re-raise the first failure."""
+def run_gloo(
+    world: int, *args: Any, body: Callable[..., None] = equivalence, timeout: float = 180.0
+) -> None:
+    """Run ``body(rank, world, *args)`` (default :func:`equivalence`) on ``world`` spawned gloo
+    ranks; re-raise the first failure."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     ctx = mp.start_processes(
-        _entry, args=(world, port, args), nprocs=world, join=False, start_method="spawn"
+        _entry, args=(world, port, body, args), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
     try:

@@ -7,12 +7,19 @@ those of the cost model, fewer than the dense layout needs.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from dilated.core import DilatedAttentionConfig, SparsePatternConfig
 from dilated.core.sparsity import resolve_layouts
-from dilated.core.testing import assert_close_to_reference, make_inputs
+from dilated.core.testing import (
+    assert_close_to_reference,
+    check_on_random_inputs,
+    dense_block_sparse_attention,
+    make_inputs,
+)
 from dilated.ring.loopback import LoopbackGroup, run_ranks
 from dilated.sparse import (
     DistributedBlockSparseDilatedAttention,
@@ -215,3 +222,18 @@ def test_every_rank_raises_when_one_disagrees(bad: str) -> None:
         assert all("sparse_config" in m for m in messages), messages
     else:
         assert "rank(s) [1]" in messages[0] and "head_dim" in messages[1], messages
+
+
+def test_world_of_one_takes_any_length() -> None:
+    """Without a process group the distributed op is the single-process op, checked the same
+    way: short last segments and segments longer than the sequence are fine."""
+    cfg = CONFIGS["custom"]
+    op = functools.partial(block_sparse_ring_dilated_attention, sparse_config=cfg, return_lse=True)
+    judge = functools.partial(dense_block_sparse_attention, sparse_config=cfg)
+    check_on_random_inputs(
+        op, 2, 37, 4, 8, [8, 16, 64], [1, 2, 4], kv_heads=2, is_causal=True, padding=True,
+        dtype=torch.float64, reference=judge,
+    )  # fmt: skip
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="timeout_s must be None or a finite positive"):
+        block_sparse_ring_dilated_attention(q, q, q, [8], [1], sparse_config=cfg, timeout_s=-1)

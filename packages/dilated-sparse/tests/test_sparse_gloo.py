@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sparse_gloo_workers import run_gloo
+from sparse_gloo_workers import disagreements, run_gloo
 
 pytestmark = pytest.mark.distributed
 
@@ -14,3 +14,10 @@ pytestmark = pytest.mark.distributed
 )
 def test_gloo_ranks_equal_the_single_process_op(world: int, pattern: str, is_causal: bool) -> None:
     run_gloo(world, pattern, is_causal)
+
+
+def test_gloo_ranks_raise_at_once_on_a_bad_or_disagreeing_rank() -> None:
+    """Different custom layouts, an int segment_lengths or a bad timeout_s on one rank, a NaN
+    under DILATED_CHECK_FINITE=1, non-bool flags: every rank raises within seconds, naming the
+    argument or option (the ring's guarantees, through its agreement code)."""
+    run_gloo(2, body=disagreements, timeout=120.0)

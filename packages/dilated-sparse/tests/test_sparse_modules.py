@@ -118,11 +118,11 @@ def test_bad_module_arguments() -> None:
 
 
 def test_op_passes_opcheck() -> None:
-    from dilated.sparse.functional import config_key
+    from dilated.sparse.functional import resolve
 
     x = make_inputs(1, 24, 4, 8, kv_heads=2, padding=True, requires_grad=True, seed=7)
-    args = (x.q, x.k, x.v, x.key_padding_mask, None, config_key(CFG), [8, 16], [1, 2], 0.35,
-            True, 0.0)  # fmt: skip
+    key = resolve(CFG, [8, 16], [1, 2]).key
+    args = (x.q, x.k, x.v, x.key_padding_mask, None, key, [8, 16], [1, 2], 0.35, True, 0.0)
     torch.library.opcheck(torch.ops.dilated_sparse.attention.default, args)
 
 

@@ -68,18 +68,56 @@ def _power_of_two(x: torch.Tensor) -> torch.Tensor:
     return (x > 0) & ((x & (x - 1)) == 0)
 
 
+def _layout_value_kind(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
 def _call_layout(fn: object, nb: int) -> torch.Tensor:
-    """Evaluate a custom ``(a, b) -> bool`` on every block pair of ``nb x nb``."""
+    """Evaluate a custom ``(a, b) -> bool`` on every block pair of ``nb x nb``.
+
+    Rule: called on broadcast long tensors ``a`` ``(nb, 1)`` and ``b`` ``(1, nb)`` the function
+    returns a bool tensor broadcastable to ``(nb, nb)`` or a bool; when that call raises (a
+    function written for ints, with ``and``/``or``), it is called on every pair of ints and
+    returns a bool (or a one-element bool tensor) each time. Anything else (None, numbers, a
+    float tensor) raises ``ValueError`` naming ``layout``: truth-testing it would silently turn
+    a mistake into a layout (None into no block at all).
+    """
     assert callable(fn)
     a = torch.arange(nb)[:, None]
     b = torch.arange(nb)[None, :]
     try:
         got = fn(a, b)
-        if isinstance(got, torch.Tensor) and got.shape == (nb, nb):
-            return got.to(torch.bool)
     except Exception:  # a scalar-only function (uses `and`/`or`): evaluate pair by pair
-        pass
-    return torch.tensor([[bool(fn(i, j)) for j in range(nb)] for i in range(nb)], dtype=torch.bool)
+        return torch.tensor(
+            [[_scalar_layout_value(fn(i, j), i, j) for j in range(nb)] for i in range(nb)],
+            dtype=torch.bool,
+        ).reshape(nb, nb)
+    if isinstance(got, bool):
+        return torch.full((nb, nb), got)
+    if isinstance(got, torch.Tensor) and got.dtype == torch.bool:
+        try:
+            return got.detach().to("cpu").broadcast_to(nb, nb).clone()
+        except RuntimeError:
+            pass
+    raise ValueError(
+        "layout function (a, b) -> bool, called on block numbers a (nb, 1) and b (1, nb) with "
+        f"nb={nb}, must return a bool tensor broadcastable to ({nb}, {nb}) or a bool, got "
+        f"{_layout_value_kind(got)}"
+    )
+
+
+def _scalar_layout_value(value: object, a: int, b: int) -> bool:
+    """One block pair's answer of a scalar-only layout function: a bool, nothing else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1:
+        return bool(value)
+    raise ValueError(
+        f"layout function (a, b) -> bool must return a bool, got {_layout_value_kind(value)} "
+        f"for blocks (a, b) = ({a}, {b})"
+    )
 
 
 def layout_blocks(

@@ -7,13 +7,12 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from dilated.core.functional import prepare_call
 from dilated.ring.comm import group_key, make_comm
 from dilated.ring.loopback import LoopbackGroup
 from dilated.ring.op import ring_attention
 from dilated.ring.sharding import chunk_length
 from dilated.ring.ulysses import check_ulysses_heads, ulysses_attention
-from dilated.ring.validation import agree_across_ranks, check_branch_layout, check_timeout
+from dilated.ring.validation import CheckedCall, check_branch_layout, check_call
 
 __all__ = ["group_rank_and_size", "ring_dilated_attention"]
 
@@ -95,63 +94,43 @@ def ring_dilated_attention(
             message names the argument or option).
         TimeoutError: when a peer rank does not join a transfer within ``timeout_s``.
     """
-    timeout_error: ValueError | None = None
-    try:
-        timeout = check_timeout(timeout_s)
-    except ValueError as exc:
-        # Join the agreement anyway (with no bound of its own), so no peer waits for this rank.
-        timeout, timeout_error = None, exc
     rank, world = group_rank_and_size(group)
-    checked: list[tuple[tuple[int, ...], tuple[int, ...], float]] = []
 
-    def local_checks() -> None:
-        if timeout_error is not None:
-            raise timeout_error
+    def strategy_checks(call: CheckedCall) -> None:
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
-        checked.append(
-            prepare_call(
-                q,
-                k,
-                v,
-                segment_lengths,
-                dilation_rates,
-                scale=scale,
-                key_padding_mask=key_padding_mask,
-                dropout_p=dropout_p,
-                check_finite_inputs=check_finite,
-                is_causal=is_causal,
-                return_lse=return_lse,
-            )
-        )
         seq = q.shape[1] * world
         if strategy == "ulysses":
             check_ulysses_heads(q.shape[2], world)
             chunk_length(seq, world, load_balance)  # validates the sharding
         else:
-            ws = checked[0][0]
             check_branch_layout(
-                ws, q.shape[1], world, chunk_length(seq, world, load_balance), load_balance
+                call.segment_lengths,
+                q.shape[1],
+                world,
+                chunk_length(seq, world, load_balance),
+                load_balance,
             )
 
-    options = {
-        "segment_lengths": _as_tuple(segment_lengths),
-        "dilation_rates": _as_tuple(dilation_rates),
-        "is_causal": is_causal,
-        "load_balance": load_balance,
-        "scale": scale,
-        "strategy": strategy,
-        "key_padding_mask given": key_padding_mask is not None,
-        "dropout_p": dropout_p,
-        "return_lse": return_lse,
-    }
-    if world == 1 or torch.compiler.is_compiling():
-        # A compiled call keeps its local checks; the cross-rank exchange (a collective and a
-        # host read) stays in eager mode, where shapes are not already fixed by the graph.
-        local_checks()
-    else:
-        agree_across_ranks(q, k, options, local_checks, group, timeout_s=timeout)
-    ws, rs, sc = checked[0]
+    call = check_call(
+        q,
+        k,
+        v,
+        segment_lengths,
+        dilation_rates,
+        scale=scale,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
+        return_lse=return_lse,
+        check_finite=check_finite,
+        group=group,
+        world_size=world,
+        timeout_s=timeout_s,
+        options={"load_balance": load_balance, "strategy": strategy},
+        checks=strategy_checks,
+    )
+    ws, rs, sc, timeout = call.segment_lengths, call.dilation_rates, call.scale, call.timeout_s
     if strategy == "ulysses":
         out, maybe_lse = ulysses_attention(
             q,
@@ -191,7 +170,3 @@ def ring_dilated_attention(
         timeout_s=timeout,
     )
     return (out, lse) if return_lse else out
-
-
-def _as_tuple(values: object) -> object:
-    return tuple(values) if isinstance(values, (list, tuple)) else values

@@ -49,7 +49,8 @@ class RingDilatedAttention(BaseDilatedAttention):
     group, or a world of one when torch.distributed is not initialised) and ``load_balance``
     (taken from a ``RingAttentionConfig`` when one is given). Call as
     ``attn(q_shard, k_shard, v_shard, is_causal=False)``. ``strategy`` is ``"ring"`` (default),
-    ``"allgather"`` or ``"ulysses"``; ``timeout_s`` bounds every wait of a call (see
+    ``"allgather"`` or ``"ulysses"``; ``timeout_s`` bounds every wait of a call and
+    ``check_finite`` is the NaN/Inf input check of every rank (see
     [`ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention]).
     """
 
@@ -68,6 +69,7 @@ class RingDilatedAttention(BaseDilatedAttention):
         load_balance: str | None = None,
         strategy: str | None = None,
         timeout_s: float | None = None,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -76,6 +78,7 @@ class RingDilatedAttention(BaseDilatedAttention):
             attention_dropout,
             op,
             is_causal=is_causal,
+            check_finite=check_finite,
         )
         self.group = group
         from_config = getattr(self.config, "load_balance", "contiguous")
@@ -239,6 +242,9 @@ class RingDistributedDilatedAttention(nn.Module):
             every wait of a call; ``distributed_config.world_size``, when set, must equal the
             size of the group at call time. None with ``embed_dim``/``num_heads`` keywords.
         group: process group (None: default).
+        check_finite: NaN/Inf check of the attention inputs on every rank (None: the environment
+            variable ``DILATED_CHECK_FINITE``, see
+            [`resolve_check_finite`][dilated.core.checks.resolve_check_finite]).
         embed_dim, num_heads, segment_lengths, dilation_rates, **legacy: the keyword form.
     """
 
@@ -251,6 +257,7 @@ class RingDistributedDilatedAttention(nn.Module):
         num_heads: int | None = None,
         segment_lengths: Sequence[int] | None = None,
         dilation_rates: Sequence[int] | None = None,
+        check_finite: bool | None = None,
         **legacy: Any,
     ) -> None:
         super().__init__()
@@ -277,7 +284,9 @@ class RingDistributedDilatedAttention(nn.Module):
             scale=rc.scale,
             is_causal=rc.is_causal,
         )
-        self.layer = RingMultiheadDilatedAttention(config.multihead_config, attention)
+        self.layer = RingMultiheadDilatedAttention(
+            config.multihead_config, attention, check_finite=check_finite
+        )
         inner = self.layer.attention
         assert isinstance(inner, RingDilatedAttention)
         inner.group = group
@@ -327,6 +336,7 @@ def create_ring_distributed_attention(
     is_causal: bool = False,
     num_kv_heads: int | None = None,
     group: dist.ProcessGroup | None = None,
+    check_finite: bool | None = None,
     **multihead: Any,
 ) -> RingDistributedDilatedAttention:
     """Build a [`RingDistributedDilatedAttention`][dilated.ring.modules.RingDistributedDilatedAttention] from keywords (configs are validated)."""
@@ -343,7 +353,7 @@ def create_ring_distributed_attention(
         ),
         distributed_config=DistributedConfig(strategy=strategy, timeout_s=timeout_s),  # type: ignore[arg-type]
     )
-    return RingDistributedDilatedAttention(config, group=group)
+    return RingDistributedDilatedAttention(config, group=group, check_finite=check_finite)
 
 
 IMPLEMENTATION = Implementation(

@@ -22,6 +22,7 @@ all-gather holds them; only the needed rows are filled.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +31,11 @@ import torch
 
 from dilated.core.branches import compute_dtype
 from dilated.core.config import SparsePatternConfig
-from dilated.core.functional import prepare_call
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout
 from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
 from dilated.ring.functional import group_rank_and_size
-from dilated.ring.validation import agree_across_ranks
+from dilated.ring.validation import CheckedCall, check_call
 from dilated.sparse.engine import (
     RunTable,
     _run_tables,
@@ -44,7 +44,7 @@ from dilated.sparse.engine import (
     forward_into,
     uninitialized_accumulators,
 )
-from dilated.sparse.functional import block_sparse_dilated_attention, branch_layouts
+from dilated.sparse.functional import ResolvedLayouts, resolve, sparse_op
 
 __all__ = ["block_sparse_ring_dilated_attention", "check_sharding", "comm_bytes"]
 
@@ -384,8 +384,8 @@ class _ShardedBlockSparse(torch.autograd.Function):
 
 
 def _config_fields(config: object) -> tuple[object, ...]:
-    """What every rank's layout must agree on (a custom layout's table or function is not
-    compared: its blocks are checked against the branches on each rank)."""
+    """The config's fields every rank must agree on, shown by name when they differ (its
+    custom table or function is compared through the resolved layouts' digest)."""
     if not isinstance(config, SparsePatternConfig):
         return (type(config).__name__,)
     return (
@@ -412,12 +412,18 @@ def block_sparse_ring_dilated_attention(
     group: Any = None,
     timeout_s: float | None = None,
     return_lse: bool = False,
+    check_finite: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """[`block_sparse_dilated_attention`][dilated.sparse.block_sparse_dilated_attention] of a
     sequence split into contiguous shards over the ranks of ``group``.
 
     Every rank calls it with its shard; the result is this rank's rows of the single-process
-    result on the whole sequence, and so are the gradients.
+    result on the whole sequence, and so are the gradients. Before any transfer every rank
+    checks its arguments and the ranks agree on them (dilated-ring's
+    [`check_call`][dilated.ring.validation.check_call], as
+    [`ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention] does), the
+    resolved layouts included: a bad argument or a disagreement on any rank makes every rank
+    raise at once, naming the argument or option.
 
     Args:
         q: this rank's queries ``(batch, seq / P, heads, head_dim)`` (rank ``i`` holds positions
@@ -426,7 +432,7 @@ def block_sparse_ring_dilated_attention(
         segment_lengths, dilation_rates, sparse_config, scale, is_causal: as in the
             single-process op, identical on every rank (see
             `check_sharding` for the segments that
-            can be split).
+            can be split); a custom layout must resolve to the same tables on every rank.
         key_padding_mask: this rank's ``(batch, seq / P)`` bool shard (True = real token) or
             None; gathered once (``batch * seq / P`` bytes per rank) when a branch spans ranks.
         dropout_p: dropout on the probabilities; each rank draws its seed from torch's default
@@ -434,54 +440,65 @@ def block_sparse_ring_dilated_attention(
         group: a ``torch.distributed`` process group (None: the default one, or a world of one
             when torch.distributed is not initialised) or a
             [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup].
-        timeout_s: bound of every wait.
+        timeout_s: bound of every wait, None or a finite positive number of seconds.
         return_lse: also return this rank's ``(batch, heads, seq / P)`` log-sum-exp.
+        check_finite: raise ``ValueError`` (on every rank) when a rank's q, k or v holds NaN or
+            Inf; None (default) reads the environment variable ``DILATED_CHECK_FINITE``, see
+            [`resolve_check_finite`][dilated.core.checks.resolve_check_finite].
 
     Returns:
         ``out`` ``(batch, seq / P, heads, head_dim)`` in the dtype of ``q`` (and the LSE).
+
+    Raises:
+        ValueError: on every rank, when any rank's input is invalid or the ranks disagree.
+        TimeoutError: when a peer rank does not join a transfer within ``timeout_s``.
     """
     _, world = group_rank_and_size(group)
+    # Resolved before the agreement, so that the ranks compare the layouts themselves (a custom
+    # table or function has no other comparable form); a failure is reported inside it.
+    resolved: ResolvedLayouts | None = None
+    layout_error: Exception | None = None
+    try:
+        resolved = resolve(sparse_config, segment_lengths, dilation_rates)
+    except Exception as exc:  # re-raised by the local checks, once every rank has joined
+        layout_error = exc
+    spanning: list[bool] = []
+
+    def sharding_checks(call: CheckedCall) -> None:
+        if layout_error is not None:
+            raise layout_error
+        assert resolved is not None
+        if world > 1:  # a world of one holds the whole sequence: any length, as the op takes
+            spanning.extend(
+                check_sharding(resolved.layouts, q.shape[1], world, resolved.block_size)
+            )
+
+    digest = None if resolved is None else hashlib.sha256(resolved.key.encode()).hexdigest()[:16]
+    options = {
+        "sparse_config": _config_fields(sparse_config),
+        "sparse_config (resolved layout)": digest,
+    }
+    call = check_call(
+        q, k, v, segment_lengths, dilation_rates, scale=scale, is_causal=is_causal,
+        key_padding_mask=key_padding_mask, dropout_p=dropout_p, return_lse=return_lse,
+        check_finite=check_finite, group=group, world_size=world, timeout_s=timeout_s,
+        options=options, checks=sharding_checks,
+    )  # fmt: skip
+    assert resolved is not None
     if world == 1:
-        out, lse = block_sparse_dilated_attention(
-            q, k, v, segment_lengths, dilation_rates, sparse_config=sparse_config, scale=scale,
-            is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-            return_lse=True,
+        out, lse = sparse_op(
+            q, k, v, call.segment_lengths, call.dilation_rates, resolved.key, call.scale,
+            is_causal, key_padding_mask, dropout_p,
         )  # fmt: skip
         return (out, lse) if return_lse else out
-    checked: list[Any] = []
-
-    def local_checks() -> None:
-        ws, rs, softmax_scale = prepare_call(
-            q, k, v, segment_lengths, dilation_rates, scale=scale,
-            key_padding_mask=key_padding_mask, dropout_p=dropout_p, check_finite_inputs=False,
-        )  # fmt: skip
-        layouts = branch_layouts(sparse_config, ws, rs)
-        spanning = check_sharding(layouts, q.shape[1], world, sparse_config.block_size)
-        checked.append((ws, softmax_scale, layouts, spanning))
-
-    # Every rank raises if one rank's inputs are bad or the ranks disagree: a rank that failed
-    # alone would leave the others waiting in the transfers.
-    options = {
-        "segment_lengths": tuple(segment_lengths),
-        "dilation_rates": tuple(dilation_rates),
-        "sparse_config": _config_fields(sparse_config),
-        "scale": scale,
-        "is_causal": is_causal,
-        "key_padding_mask given": key_padding_mask is not None,
-        "dropout_p": dropout_p,
-        "return_lse": return_lse,
-    }
-    agree_across_ranks(q, k, options, local_checks, group, timeout_s=timeout_s)
-    _ws, softmax_scale, layouts, spanning = checked[0]
     _, shard, heads, _ = q.shape
-    sh = _Shards(
-        shard * world, shard, world, heads, k.shape[2], sparse_config.block_size, is_causal
-    )
+    sh = _Shards(shard * world, shard, world, heads, k.shape[2], resolved.block_size, is_causal)
     seed = dropout_seed_value(draw_dropout_seed(dropout_p))
-    call = _Call(sh, layouts, tuple(spanning), softmax_scale, group, timeout_s, dropout_p, seed)
+    timeout = call.timeout_s
+    run = _Call(sh, resolved.layouts, tuple(spanning), call.scale, group, timeout, dropout_p, seed)
     whole_mask = None
     if key_padding_mask is not None and any(spanning):
-        comm = make_comm(group, timeout_s)
+        comm = make_comm(group, timeout)
         whole_mask = gather_key_padding_mask(key_padding_mask, "contiguous", world, comm)
-    out, lse = _ShardedBlockSparse.apply(q, k, v, call, key_padding_mask, whole_mask)
+    out, lse = _ShardedBlockSparse.apply(q, k, v, run, key_padding_mask, whole_mask)
     return (out, lse) if return_lse else out

@@ -24,7 +24,7 @@ from dilated.core.registry import Implementation
 from dilated.core.testing import dense_block_sparse_attention
 from dilated.ring.functional import group_rank_and_size
 from dilated.sparse.distributed import block_sparse_ring_dilated_attention
-from dilated.sparse.functional import attention_by_key, branch_layouts, config_key
+from dilated.sparse.functional import attention_by_key, check_sparse_config, resolve
 
 __all__ = [
     "IMPLEMENTATION",
@@ -64,10 +64,7 @@ def sparse_pattern_config(
         if value is not None
     }
     if sparse_config is not None:
-        if not isinstance(sparse_config, SparsePatternConfig):
-            raise TypeError(
-                f"sparse_config must be a SparsePatternConfig, got {type(sparse_config).__name__}"
-            )
+        check_sparse_config(sparse_config)
         if given:
             raise ValueError(
                 f"pass either sparse_config or its fields ({', '.join(given)}), not both"
@@ -85,6 +82,8 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
     ``sparse_config=SparsePatternConfig(...)`` or its fields as keywords (``pattern_type``,
     ``sparsity_ratio``, ``block_size``, ``local_window_size``, ``global_tokens``, ``layout``).
     Computes [`block_sparse_dilated_attention`][dilated.sparse.block_sparse_dilated_attention].
+    ``check_finite`` (keyword) is handed to every call (see
+    [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention]).
 
     Attributes:
         sparse_config: the layout.
@@ -102,6 +101,7 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
         op: Any = None,
         *,
         is_causal: bool = False,
+        check_finite: bool | None = None,
         sparse_config: SparsePatternConfig | None = None,
         pattern_type: str | None = None,
         sparsity_ratio: float | None = None,
@@ -117,6 +117,7 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
             attention_dropout,
             op,
             is_causal=is_causal,
+            check_finite=check_finite,
         )
         self.sparse_config = sparse_pattern_config(
             sparse_config,
@@ -136,15 +137,12 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
 
     @sparse_config.setter
     def sparse_config(self, config: SparsePatternConfig) -> None:
-        if not isinstance(config, SparsePatternConfig):
-            raise TypeError(
-                f"sparse_config must be a SparsePatternConfig, got {type(config).__name__}"
-            )
         # Resolve now: a custom layout that does not fit the branches fails here, not mid-forward.
-        branch_layouts(config, self.segment_lengths, self.dilation_rates)
+        resolved = resolve(config, self.segment_lengths, self.dilation_rates)
         self._sparse_config = config
-        # What the forward passes to the custom op: a string torch.compile takes as a constant.
-        self._layout_key = config_key(config)
+        # What the forward passes to the custom op: a string torch.compile takes as a constant,
+        # holding the layout itself (see layout_key).
+        self._layout_key = resolved.key
 
     def _attention(
         self,
@@ -167,6 +165,7 @@ class BlockSparseRingDilatedAttention(BaseDilatedAttention):
             is_causal=is_causal,
             key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
+            check_finite=self.check_finite,
         )
         assert isinstance(out, torch.Tensor)
         return out
@@ -314,6 +313,9 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
         group: process group (None: default) or a loopback group.
         sparse_config: the layout (or its fields as keywords, see
             [`BlockSparseRingDilatedAttention`][dilated.sparse.BlockSparseRingDilatedAttention]).
+        check_finite: NaN/Inf check of the attention inputs on every rank (None: the environment
+            variable ``DILATED_CHECK_FINITE``, see
+            [`resolve_check_finite`][dilated.core.checks.resolve_check_finite]).
     """
 
     def __init__(
@@ -322,6 +324,7 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
         group: Any = None,
         *,
         sparse_config: SparsePatternConfig | None = None,
+        check_finite: bool | None = None,
         **sparse_fields: Any,
     ) -> None:
         super().__init__()
@@ -348,6 +351,7 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
             sparse_config=sparse_pattern_config(sparse_config, **sparse_fields),
             group=group,
             timeout_s=config.distributed_config.timeout_s,
+            check_finite=check_finite,
         )
 
     def forward(

@@ -10,6 +10,7 @@ the same rules.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["NOT_BOOLS", "NOT_BRANCH_LISTS", "InvalidCall", "assert_refuses", "invalid_calls"]
+__all__ = [
+    "NOT_BOOLS",
+    "NOT_BRANCH_LISTS",
+    "InvalidCall",
+    "assert_honours_check_finite",
+    "assert_refuses",
+    "invalid_calls",
+]
 
 #: Values that must never be accepted where a bool is expected.
 NOT_BOOLS: tuple[Any, ...] = ("false", "no", "True", "", 0, 1, None, 1.0, [True])
@@ -144,3 +152,59 @@ def assert_refuses(attention: Callable[..., Any], call: InvalidCall) -> None:
             f"{call!r}: raised {type(err).__name__} instead of ValueError/TypeError: {err}"
         ) from err
     raise AssertionError(f"{call!r}: accepted")
+
+
+def assert_honours_check_finite(
+    build: Callable[[bool | None], Callable[..., Any]],
+    inputs: Sequence[torch.Tensor],
+    nan_inputs: Sequence[torch.Tensor],
+) -> None:
+    """Assert that a module (or any callable) built by ``build(check_finite)`` honours the flag.
+
+    ``check_finite=True`` computes ``inputs`` and refuses ``nan_inputs`` (which hold a NaN) with
+    a ``ValueError`` saying what holds it; ``False`` lets the NaN through even when the
+    environment variable ``DILATED_CHECK_FINITE`` is ``1``; None follows that variable; a
+    non-bool flag is refused naming ``check_finite``. A module's output may be a tensor or a
+    tuple whose first element is one (multi-head layers).
+
+    Raises:
+        AssertionError: the flag is not accepted, ignored, or a non-bool flag is not refused.
+    """
+    from dilated.core.checks import CHECK_FINITE_ENV
+
+    def output(module: Callable[..., Any], args: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = module(*args)
+        first = out[0] if isinstance(out, tuple) else out
+        assert isinstance(first, torch.Tensor), type(first)
+        return first
+
+    def refuses(module: Callable[..., Any]) -> bool:
+        try:
+            output(module, nan_inputs)
+        except ValueError as err:
+            return "holds NaN or Inf" in str(err)
+        return False
+
+    saved = os.environ.pop(CHECK_FINITE_ENV, None)
+    try:
+        on = build(True)
+        assert torch.isfinite(output(on, inputs)).all(), "check_finite=True: finite inputs"
+        assert refuses(on), "check_finite=True did not refuse a NaN input"
+        assert not refuses(build(None)), "check_finite=None refused with the variable unset"
+        os.environ[CHECK_FINITE_ENV] = "1"
+        assert refuses(build(None)), f"check_finite=None ignored {CHECK_FINITE_ENV}=1"
+        assert torch.isnan(output(build(False), nan_inputs)).any(), (
+            f"check_finite=False did not let the NaN through under {CHECK_FINITE_ENV}=1"
+        )
+    finally:
+        os.environ.pop(CHECK_FINITE_ENV, None)
+        if saved is not None:
+            os.environ[CHECK_FINITE_ENV] = saved
+    for bad in ("yes", 1):
+        try:
+            build(bad)  # type: ignore[arg-type]
+        except TypeError as err:
+            if "check_finite" not in str(err):
+                raise AssertionError(f"check_finite={bad!r}: the error does not name it") from err
+        else:
+            raise AssertionError(f"check_finite={bad!r} was accepted")
