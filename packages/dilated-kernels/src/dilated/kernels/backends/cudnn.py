@@ -38,12 +38,12 @@ import torch
 from dilated.core.reference import call_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
 from dilated.kernels._tables import upload
-from dilated.kernels.backends.triton import interpreting
 from dilated.kernels.custom_op import register_attention_autograd
 from dilated.kernels.engines import SubproblemSpec, get_engine
 from dilated.kernels.engines import cudnn as cudnn_engine
 from dilated.kernels.engines import flash4 as flash4_engine
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
+from dilated.kernels.triton_kernels import interpreter_lock, interpreting
 
 __all__ = [
     "NAME",
@@ -392,11 +392,12 @@ def _forward(
             pieces, [o for o, _ in results], [m for _, m in results], b, len(ws), rmax, q.device
         )
         for opts in _gather_launches(ws, rs, rmax, t0, t1, b, h, d):
-            gather_pieces[opts.pop("grid")](
-                table, out, lse, n=n, B=b, H=h,
-                sob=out.stride(0), son=out.stride(1), soh=out.stride(2),
-                slb=lse.stride(0), slh=lse.stride(1), MERGE=True, **opts,
-            )  # fmt: skip
+            with interpreter_lock():
+                gather_pieces[opts.pop("grid")](
+                    table, out, lse, n=n, B=b, H=h,
+                    sob=out.stride(0), son=out.stride(1), soh=out.stride(2),
+                    slb=lse.stride(0), slh=lse.stride(1), MERGE=True, **opts,
+                )  # fmt: skip
     return out, lse
 
 
@@ -440,11 +441,12 @@ def _backward(
             for opts in _gather_launches(
                 ws, rs, rmax, t0, t1, b, heads, d, kv_group=group if which else 0
             ):
-                gather_pieces[opts.pop("grid")](
-                    table, grad, grad, n=n, B=b, H=heads,
-                    sob=grad.stride(0), son=grad.stride(1), soh=grad.stride(2),
-                    slb=0, slh=0, MERGE=False, **opts,
-                )  # fmt: skip
+                with interpreter_lock():
+                    gather_pieces[opts.pop("grid")](
+                        table, grad, grad, n=n, B=b, H=heads,
+                        sob=grad.stride(0), son=grad.stride(1), soh=grad.stride(2),
+                        slb=0, slh=0, MERGE=False, **opts,
+                    )  # fmt: skip
     dq, dk, dv = grads
     if dk.shape[2] != hkv:
         dk, dv = _folded(dk, hkv), _folded(dv, hkv)

@@ -21,9 +21,6 @@ threads are safe there (and run one launch at a time).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +28,7 @@ import torch
 
 from dilated.core.checks import first_derivative_only
 from dilated.kernels._capabilities import HAS_TRITON
+from dilated.kernels.triton_kernels import interpreter_lock, interpreting
 
 __all__ = [
     "NAME",
@@ -59,27 +57,6 @@ GRID_YZ_LIMIT = 65535
 _GRID_X_LIMIT = 2**31 - 1
 #: Positions are int32 in the kernels (element offsets are int64).
 _MAX_SEQ = 2**31 - 1
-
-
-def interpreting() -> bool:
-    """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-#: Held around every launch while the interpreter runs them (see ``interpreter_lock``).
-#: Reentrant: a locked region may call a helper that takes it again.
-_INTERPRETER_LOCK = threading.RLock()
-
-
-def interpreter_lock() -> contextlib.AbstractContextManager[object]:
-    """A context that serialises Triton launches under ``TRITON_INTERPRET=1``, else does nothing.
-
-    The interpreter keeps the running launch's grid and state in module globals, so launches
-    from several threads at once fail (``y >= grid_dim[1]``) or read each other's state;
-    compiled launches on CUDA are thread-safe and take no lock. Every launch of this package
-    runs inside it.
-    """
-    return _INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
 
 
 def available(device: torch.device) -> bool:

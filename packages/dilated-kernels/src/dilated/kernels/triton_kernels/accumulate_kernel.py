@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dilated.kernels.backends.triton import interpreter_lock
+from dilated.kernels.triton_kernels import interpreter_lock
 
 __all__ = ["fused_add_into", "fused_add_windows"]
 

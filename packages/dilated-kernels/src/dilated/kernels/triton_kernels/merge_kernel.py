@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dilated.kernels.backends.triton import interpreter_lock
+from dilated.kernels.triton_kernels import interpreter_lock
 
 __all__ = ["fused_merge_into", "lse_weights"]
 
