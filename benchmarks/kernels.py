@@ -673,10 +673,23 @@ def lm_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-#: Lengths added to ``seq`` for the first calls of --new-lengths: multiples of 8 (the engines'
-#: alignment), none of them seen in the warm-up, which runs ``seq`` and ``seq + 8`` (so that a
-#: Triton kernel specialised on a length's divisibility by 16 is compiled for both kinds).
-NEW_LENGTH_STEPS = (136, 272, 408, 544, 680)
+#: First calls per row of --new-lengths, at lengths never run before in the process.
+NEW_LENGTH_CALLS = 5
+
+
+def fresh_lengths(seq: int, step: int, used: set[int], count: int = NEW_LENGTH_CALLS) -> list[int]:
+    """``count`` lengths above ``seq + 8`` (the warm-up's), multiples of 8 (the engines'
+    alignment), whose remainders modulo ``step`` (the segments' lcm) are in ``used`` by no
+    earlier row: a partial last segment of a size already run would reuse a planned shape."""
+    lengths: list[int] = []
+    extra = 136
+    while len(lengths) < count:
+        length = seq + extra
+        if length % step not in used:
+            used.add(length % step)
+            lengths.append(length)
+        extra += 8
+    return lengths
 
 
 def new_length_runner(
@@ -729,6 +742,8 @@ def new_length_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     here = available_engines("cuda")
     rows = []
+    used_tails: set[int] = {0, 8}
+    step = math.lcm(*args.segments)
     combos = [("op", e) for e in args.engines] + [("ring", "auto")]
     for seq in args.seqs:
         for method, engine in combos:
@@ -739,14 +754,15 @@ def new_length_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 grad = mode == "fwd+bwd"
                 try:
                     for warm in (seq, seq + 8):
+                        used_tails.add(warm % step)
                         first_call_ms(new_length_runner(method, engine, warm, args, grad))
                     steady = triton.testing.do_bench(
                         new_length_runner(method, engine, seq, args, grad),
                         warmup=5, rep=40, return_mode="median",
                     )  # fmt: skip
                     firsts = [
-                        first_call_ms(new_length_runner(method, engine, seq + step, args, grad))
-                        for step in NEW_LENGTH_STEPS
+                        first_call_ms(new_length_runner(method, engine, length, args, grad))
+                        for length in fresh_lengths(seq, step, used_tails)
                     ]
                 except Exception as exc:  # a failing combination is reported, not fatal
                     print(f"{method} on {engine} {mode} at {seq}: {short(exc)}", flush=True)

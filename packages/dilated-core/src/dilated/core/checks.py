@@ -177,13 +177,14 @@ def check_branch_list(name: str, value: Any) -> tuple[int, ...]:
     """Return one branch list (``segment_lengths`` or ``dilation_rates``) as a tuple of ints.
 
     Rule: an ordered sequence (list, tuple, range) of positive integers at most
-    [`MAX_BRANCH_SIZE`][dilated.core.checks.MAX_BRANCH_SIZE], one per branch, and not empty.
+    ``MAX_BRANCH_SIZE`` (``2**40``), one per branch, and not empty.
     Sets and dicts are refused (their order pairs segment lengths with the wrong rates), so are
     strings, generators, single ints and None.
 
     Raises:
-        ArgumentTypeError: not a sequence; ValueError: empty, or holding an entry that is not a
-        positive integer or is above ``MAX_BRANCH_SIZE``.
+        ArgumentTypeError: not a sequence.
+        ValueError: empty, or holding an entry that is not a positive integer or is above
+            ``MAX_BRANCH_SIZE``.
     """
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ArgumentTypeError(

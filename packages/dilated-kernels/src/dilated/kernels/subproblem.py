@@ -82,7 +82,8 @@ def subproblem_attention(
         dropout_p: dropout on the attention probabilities.
         dropout_seed: with ``dropout_p > 0``, the seed the dropout mask is drawn from (required:
             the backward pass draws the same mask from it).
-        engine: ``"auto"`` or a name of [`ENGINES`][dilated.kernels.engines.ENGINES]; see
+        engine: ``"auto"`` or an engine's name (``ENGINE_NAMES`` of
+            [`dilated.kernels.engines`][dilated.kernels.engines]); see
             [`choose_engine`][dilated.kernels.engines.choose_engine].
 
     Returns:
