@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dilated.core.testing import assert_close_to_reference, dense_dilated_attention
+from dilated.core.testing import assert_close_to_reference, dense_dilated_attention, make_inputs
 from dilated.longnet import LayerKVCache, LongNetLM, cached_dilated_attention, generate
+from dilated.longnet.kv_cache import decode_slots, decode_step, dilated_attention_at
 
 
 def _lm(ws: tuple[int, ...], rs: tuple[int, ...], **kw: object) -> LongNetLM:
@@ -126,3 +127,41 @@ def test_new_token_reads_only_its_segment() -> None:
     cache.v[:, 22:] = torch.nan  # the future
     after = cached_dilated_attention(q, cache, 21, ws, rs)
     torch.testing.assert_close(before, after)
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+def test_one_decode_step_with_padding_rates_above_heads_and_bf16(kv: int) -> None:
+    # Rate 8 over 4 heads: some positions' phase has no head in a branch; key padding masks
+    # slots of every branch; duplicates (a key in two branches) count twice, as in the merge.
+    ws, rs, seq = (8, 16, 32), (1, 8, 4), 45
+    x = make_inputs(2, seq, 4, 8, kv_heads=kv, padding=True, dtype=torch.float64, seed=kv)
+    ref, _ = dense_dilated_attention(
+        x.q, x.k, x.v, ws, rs, is_causal=True, key_padding_mask=x.key_padding_mask
+    )
+    for t in (0, 7, 8, 21, 31, 44):
+        got = dilated_attention_at(
+            x.q[:, t : t + 1], x.k, x.v, t, ws, rs, key_padding_mask=x.key_padding_mask
+        )
+        assert_close_to_reference(got.float(), ref[:, t : t + 1], torch.float32)
+    half = [t.to(torch.bfloat16) for t in (x.q, x.k, x.v)]
+    got = dilated_attention_at(half[0][:, 30:31], half[1], half[2], 30, ws, rs)
+    want, _ = dense_dilated_attention(x.q, x.k, x.v, ws, rs, is_causal=True)
+    assert got.dtype == torch.bfloat16
+    assert_close_to_reference(got, want[:, 30:31], torch.bfloat16)
+
+
+def test_decode_step_compiles_whole_with_a_device_position() -> None:
+    """No host synchronisation and static shapes: one graph serves every position (the step a
+    CUDA graph or ``torch.compile(mode="reduce-overhead")`` captures)."""
+    ws, rs, seq = (4, 8), (1, 2), 20
+    x = make_inputs(1, seq, 4, 8, kv_heads=2, seed=3)
+    slots = decode_slots(ws, rs, 4, torch.device("cpu"))
+    position = torch.tensor(0)
+    step = torch.compile(
+        lambda q, k, v, t: decode_step(q, k, v, t, slots, scale=0.3), fullgraph=True, dynamic=False
+    )
+    ref, _ = dense_dilated_attention(x.q, x.k, x.v, ws, rs, is_causal=True, scale=0.3)
+    for t in (5, 6, 17):
+        position.fill_(t)
+        got = step(x.q[:, t : t + 1], x.k, x.v, position)
+        assert_close_to_reference(got, ref[:, t : t + 1], torch.float32)

@@ -3,23 +3,36 @@
 Causal dilated attention is prefix-consistent: query ``t`` reads, per branch ``(w, r)``, only the
 keys ``u`` of its own segment (``u // w == t // w``) with ``u <= t`` and, for the heads whose phase
 is ``t mod r``, ``u = t (mod r)``. So a new token needs at most ``w / r`` cached keys per branch,
-whatever number of tokens came before, and the branches are merged with
-[`dilated.core.merge.merge_attention`][dilated.core.merge.merge_attention] exactly as in the full computation.
+whatever number of tokens came before.
+
+Merging the branches by their log-sum-exp equals one softmax over the concatenation of their key
+sets (a key two branches share counts twice, as in the merge). So a decoding step is one
+attention of the query over ``sum_i w_i / r_i`` gathered keys, with a mask saying which head
+reads which slot: the slots' positions are arithmetic in ``t`` (computed on the device, so the
+step has static shapes and no host synchronisation, and can be captured in a CUDA graph), and
+there is no per-branch call and no merge.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from dilated.core.branches import head_index, phase_heads
+from dilated.core.branches import compute_dtype
 from dilated.core.checks import check_index, check_instance, check_positive_int
 from dilated.core.functional import prepare_call
-from dilated.core.merge import merge_attention
-from dilated.core.reference import compute_dtype, dense_segment_attention
 
-__all__ = ["KVCache", "LayerKVCache", "cached_dilated_attention", "dilated_attention_at"]
+__all__ = [
+    "DecodeSlots",
+    "KVCache",
+    "LayerKVCache",
+    "cached_dilated_attention",
+    "decode_slots",
+    "decode_step",
+    "dilated_attention_at",
+]
 
 
 class LayerKVCache:
@@ -180,52 +193,108 @@ def dilated_attention_at(
         decoding=True,
     )
     check_index("position", position, k.shape[1], f"k holds {k.shape[1]} positions")
-    b, _, h, d = q.shape
-    work = compute_dtype(q.dtype)
-    outs, lses = [], []
-    for w, r in zip(ws, rs):
-        start = (position // w) * w
-        first = start + (position - start) % r
-        phase = position % r
-        out = q.new_zeros(b, 1, h, d, dtype=work)
-        lse = torch.full((b, h, 1), float("-inf"), dtype=work, device=q.device)
-        if phase < h:
-            # Only keys u = position (mod r) of the segment, read by the heads of that phase:
-            # one dense sub-problem of one query row.
-            heads, kv_of = phase_heads(h, k.shape[2], r, phase)
-            keys = head_index(tuple(kv_of.tolist()), k.device)
-            kb = k[:, first : position + 1 : r]
-            vb = v[:, first : position + 1 : r]
-            kb, vb = (
-                x[:, :, keys] if isinstance(keys, slice) else x.index_select(2, keys)
-                for x in (kb, vb)
-            )
-            mask = (
-                None if key_padding_mask is None else key_padding_mask[:, first : position + 1 : r]
-            )
-            o, l_part = _attend(q[:, :, heads], kb, vb, sc, mask)
-            out[:, :, heads] = o.to(work)
-            lse[:, heads] = l_part.to(work)
-        outs.append(out)
-        lses.append(lse)
-    merged, _ = merge_attention(outs, lses)
-    return merged.to(q.dtype)
+    slots = decode_slots(ws, rs, q.shape[2], q.device)
+    t = torch.tensor(position, dtype=torch.int64).to(q.device, non_blocking=True)
+    return decode_step(q, k, v, t, slots, scale=sc, key_padding_mask=key_padding_mask)
 
 
-def _attend(
+class DecodeSlots:
+    """The key slots of one decoding step, constant per (branches, heads, device).
+
+    Slot ``j`` of branch ``i`` (``0 <= j < w_i / r_i``) holds key ``(t // w_i) w_i + t % r_i +
+    r_i j`` of the query at position ``t``: the ``j``-th key of its segment in its phase. Branch
+    ``i`` occupies slots ``offsets[i] .. offsets[i] + w_i / r_i``.
+
+    Attributes:
+        w: ``(slots,)`` int64, the slot's segment length.
+        r: ``(slots,)`` int64, the slot's dilation rate.
+        j: ``(slots,)`` int64, the slot's index within its branch.
+        head_phase: ``(heads, slots)`` int64, ``head % r`` of each head for each slot (the head
+            reads the slot when this equals ``t % r``).
+    """
+
+    def __init__(
+        self, ws: Sequence[int], rs: Sequence[int], heads: int, device: torch.device
+    ) -> None:
+        counts = [w // r for w, r in zip(ws, rs)]
+        self.w = torch.repeat_interleave(torch.tensor(ws), torch.tensor(counts)).to(device)
+        self.r = torch.repeat_interleave(torch.tensor(rs), torch.tensor(counts)).to(device)
+        self.j = torch.cat([torch.arange(c) for c in counts]).to(device)
+        self.head_phase = torch.arange(heads, device=device)[:, None] % self.r[None, :]
+
+    @property
+    def count(self) -> int:
+        """Slots of one step: ``sum_i w_i / r_i``."""
+        return int(self.w.numel())
+
+
+@functools.lru_cache(maxsize=64)
+def _slots(
+    ws: tuple[int, ...], rs: tuple[int, ...], heads: int, device: torch.device
+) -> DecodeSlots:
+    return DecodeSlots(ws, rs, heads, device)
+
+
+def decode_slots(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int], heads: int, device: torch.device
+) -> DecodeSlots:
+    """The [`DecodeSlots`][dilated.longnet.kv_cache.DecodeSlots] of these branches (cached)."""
+    return _slots(tuple(segment_lengths), tuple(dilation_rates), heads, torch.device(device))
+
+
+def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    position: torch.Tensor,
+    slots: DecodeSlots,
+    *,
     scale: float,
-    key_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared sub-problem primitive of dilated-kernels when it is installed (cuDNN on CUDA),
-    else the portable one of dilated-core: ``(out, lse)`` of ``(b, 1, heads, d)`` queries."""
-    try:
-        from dilated.kernels.subproblem import subproblem_attention
-    except ImportError:
-        work = compute_dtype(q.dtype)
-        return dense_segment_attention(
-            q.to(work), k.to(work), v.to(work), key_mask, scale, False, 0.0
-        )
-    return subproblem_attention(q, k, v, scale=scale, key_mask=key_mask)
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decoding step on validated inputs: ONE attention over the gathered keys.
+
+    Static shapes whatever ``position``, no host synchronisation: capturable in a CUDA graph
+    and by ``torch.compile(mode="reduce-overhead")`` with ``position`` a device tensor that the
+    caller updates in place.
+
+    Args:
+        q: ``(batch, 1, heads, head_dim)``.
+        k: ``(batch, n, kv_heads, head_dim)``, ``n > position``; v shaped like it.
+        position: 0-d int64 tensor on the device of ``q``, in ``[0, n)`` (not checked here: an
+            index outside is clamped, so nothing outside ``k`` is read).
+        slots: [`decode_slots`][dilated.longnet.kv_cache.decode_slots] of the branches and the
+            query heads.
+        scale: softmax scale.
+        key_padding_mask: bool ``(batch, n)``, True for real tokens.
+
+    Returns:
+        ``(batch, 1, heads, head_dim)`` in the dtype of ``q`` (0 for a head that sees no key).
+    """
+    b, _, h, d = q.shape
+    hkv = k.shape[2]
+    t = position
+    index = (t // slots.w) * slots.w + t % slots.r + slots.r * slots.j  # (slots,)
+    index_c = index.clamp(0, k.shape[1] - 1)
+    # A slot holds a key when it is at or before t (and not padding); a head reads it when the
+    # head is in the slot's phase.
+    present = (index <= t)[None, :]  # (1 or batch, slots)
+    if key_padding_mask is not None:
+        present = present & key_padding_mask.index_select(1, index_c)
+    in_phase = slots.head_phase == (t % slots.r)[None, :]  # (h, slots)
+    work = compute_dtype(q.dtype)  # float32 for 16-bit inputs, else their own
+    keys = k.index_select(1, index_c).to(work)  # (b, slots, hkv, d)
+    # Values of absent slots (the future, padding) are zeroed, not only weighted by 0: they may
+    # hold anything, NaN included.
+    values = torch.where(present[:, :, None, None], v.index_select(1, index_c).to(work), 0.0)
+    query = q.reshape(b, hkv, h // hkv, d).to(work)
+    scores = torch.einsum("bkgd,bskd->bkgs", query, keys) * scale  # (b, hkv, group, slots)
+    allowed = in_phase.view(1, hkv, h // hkv, -1) & present[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # A head that sees no key gets 0 (its max is -inf: shift by 0 keeps exp() NaN-free).
+    top = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    total = weights.sum(-1, keepdim=True)
+    weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    out = torch.einsum("bkgs,bskd->bkgd", weights, values)
+    return out.reshape(b, 1, h, d).to(q.dtype)
