@@ -424,3 +424,27 @@ def test_pinned_backend_equals_auto(backend: str) -> None:
 def test_kernel_backend_without_kernels_says_what_to_install() -> None:
     with pytest.raises(ValueError, match="install dilated-kernels"):
         dhf.configure(_config(), [8], [1], backend="sdpa")
+
+
+def test_packed_batch_equals_each_sequence_alone() -> None:
+    # Padding-free training: sequences packed along seq with restarting positions and the
+    # cu_seq_lens_* keywords transformers passes to flash-attn; segments count from each start.
+    config = dhf.configure(_config(), [4, 8], [1, 2])
+    model = _model(config)
+    a, b = _ids(1, 11, seed=1), _ids(1, 6, seed=2)
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(11), torch.arange(6)])[None]
+    cu = torch.tensor([0, 11, 17], dtype=torch.int32)
+    with torch.no_grad():
+        got = model(
+            packed, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+            max_length_q=11, max_length_k=11,
+        ).logits  # fmt: skip
+        want = torch.cat([model(a).logits, model(b).logits], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k"):
+        dhf.dilated_attention_forward(
+            SimpleNamespace(config=config, is_causal=True),
+            *(torch.randn(1, 4, 17, 16, dtype=torch.float64) for _ in range(3)),
+            None, cu_seq_lens_q=cu,
+        )  # fmt: skip

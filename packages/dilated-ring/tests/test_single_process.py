@@ -346,3 +346,11 @@ def test_every_module_takes_check_finite() -> None:
         lambda flag: create_ring_distributed_attention(8, 2, [4], [1], check_finite=flag),
     ):
         assert_honours_check_finite(build, (x, x, x), (x_bad, x, x))
+
+
+def test_ring_modules_refuse_a_packed_batch() -> None:
+    from dilated.ring import RingDilatedAttention
+
+    x = make_inputs(1, 16, 2, 8, seed=0)
+    with pytest.raises(ValueError, match="shards the sequence across ranks, so cu_seqlens"):
+        RingDilatedAttention([8], [1])(x.q, x.k, x.v, cu_seqlens=[0, 8, 16])

@@ -17,8 +17,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dilated.core.checks import ArgumentTypeError, check_bool, check_optional_bool
+from dilated.core.checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_cu_seqlens,
+    check_optional_bool,
+)
 from dilated.core.config import DilatedAttentionConfig, MultiheadConfig
+from dilated.core.packed import sequence_slices
 
 __all__ = ["BaseDilatedAttention", "BaseMultiheadDilatedAttention"]
 
@@ -96,6 +102,10 @@ class BaseDilatedAttention(nn.Module, ABC):
         """Dilation rate of each branch."""
         return self.config.dilation_rates
 
+    #: Whether ``cu_seqlens`` (a packed batch) is taken; False where the sequence is sharded
+    #: across ranks, so that a packed sequence's rows are not all on one rank.
+    packs_sequences: ClassVar[bool] = True
+
     def forward(
         self,
         query: torch.Tensor,
@@ -103,6 +113,7 @@ class BaseDilatedAttention(nn.Module, ABC):
         value: torch.Tensor,
         is_causal: bool | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Attend.
 
@@ -112,20 +123,45 @@ class BaseDilatedAttention(nn.Module, ABC):
             value: shaped like ``key``.
             is_causal: None uses ``config.is_causal``.
             key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+            cu_seqlens: a packed batch: ``(1, total, ...)`` inputs whose sequence ``i`` is rows
+                ``cu_seqlens[i]:cu_seqlens[i + 1]``, each attended alone (see
+                [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
 
         Returns:
             ``(batch, seq, heads, head_dim)`` in the dtype of ``query``.
+
+        Raises:
+            ValueError: ``cu_seqlens`` on an implementation that shards the sequence across
+                ranks, and what the functional op refuses.
         """
         # is_causal is checked by the functional op (a mask in this slot is named there), inside
         # the cross-rank agreement of distributed implementations.
-        return self._attention(
-            query,
-            key,
-            value,
-            is_causal=self.config.is_causal if is_causal is None else is_causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=self.config.dropout if self.training else 0.0,
-        )
+        causal = self.config.is_causal if is_causal is None else is_causal
+        dropout_p = self.config.dropout if self.training else 0.0
+        if cu_seqlens is None:
+            return self._attention(
+                query, key, value, is_causal=causal, key_padding_mask=key_padding_mask,
+                dropout_p=dropout_p,
+            )  # fmt: skip
+        if not self.packs_sequences:
+            raise ValueError(
+                f"{type(self).__name__} shards the sequence across ranks, so cu_seqlens (a packed "
+                "batch) is not supported: pad the sequences to a batch and pass key_padding_mask"
+            )
+        bounds = check_cu_seqlens(cu_seqlens, query)
+        parts = [
+            self._attention(
+                query[:, rows], key[:, rows], value[:, rows], is_causal=causal, dropout_p=dropout_p,
+                key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, rows],
+            )
+            for rows in sequence_slices(bounds)
+        ]  # fmt: skip
+        if not parts:
+            return self._attention(
+                query, key, value, is_causal=causal, key_padding_mask=key_padding_mask,
+                dropout_p=dropout_p,
+            )  # fmt: skip
+        return torch.cat(parts, dim=1)
 
     @abstractmethod
     def _attention(
@@ -307,6 +343,7 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
         attn_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, None]:
         """Project, attend, normalise and project back.
 
@@ -318,6 +355,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
             key_padding_mask: bool ``(batch, seq)``, True for real tokens.
             need_weights: must be False: the sparse weights are never materialised.
             attn_mask: must be None: express masks with ``is_causal``/``key_padding_mask``.
+            cu_seqlens: a packed batch of sequences along ``seq`` of a batch of one, each
+                attended alone (see [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
 
         Returns:
             ``(out, None)`` with ``out`` ``(batch, seq, embed_dim)``.
@@ -345,7 +384,9 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         # functional op's checks, which a distributed implementation runs on every rank at once.
         k = self.k_proj(key).view(key.shape[0], key.shape[1], mc.kv_heads, mc.head_dim)
         v = self.v_proj(value).view(value.shape[0], value.shape[1], mc.kv_heads, mc.head_dim)
-        x = self.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        x = self.attention(
+            q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
+        )
         x = x.reshape(b, n, mc.embed_dim)
         if self.norm is not None:
             x = self.norm(x)

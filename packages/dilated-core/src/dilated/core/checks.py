@@ -12,6 +12,7 @@ NaN/Inf in the inputs, is opt-in: see [`resolve_check_finite`][dilated.core.chec
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ __all__ = [
     "check_bool",
     "check_branch_list",
     "check_branches",
+    "check_cu_seqlens",
     "check_dropout",
     "check_finite",
     "check_index",
@@ -338,6 +340,52 @@ def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
         )
     if mask.device != q.device:
         raise ValueError(f"key_padding_mask must be on {q.device}, got {mask.device}")
+
+
+def check_cu_seqlens(cu_seqlens: object, q: torch.Tensor) -> tuple[int, ...]:
+    """Return the boundaries of a packed batch as ints (flash-attn's ``cu_seqlens``).
+
+    Rule: a 1-D integer tensor (any device; a CUDA tensor costs one device synchronisation to
+    read, so pass a CPU tensor or a list where it matters) or a sequence of ints, of shape
+    ``(num_sequences + 1,)``: ``0``, then non-decreasing, ending at ``seq``; sequence ``i`` is
+    rows ``cu_seqlens[i]:cu_seqlens[i + 1]``. ``q`` ``(1, seq, heads, head_dim)``: the sequences
+    are packed along ``seq`` of a batch of one.
+
+    Raises:
+        ArgumentTypeError: not an integer tensor or a sequence of ints.
+        ValueError: another shape, a batch of ``q`` other than 1, or boundaries that do not
+            start at 0, decrease, or do not end at ``seq``.
+    """
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.is_complex():
+            raise ValueError(
+                "cu_seqlens must be a 1-D integer tensor (num_sequences + 1,), got "
+                f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+            )
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+    elif isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
+            raise ArgumentTypeError("cu_seqlens must hold ints (the sequences' start rows)")
+        bounds = list(cu_seqlens)
+    else:
+        raise ArgumentTypeError(
+            "cu_seqlens must be a 1-D integer tensor or a sequence of ints, got "
+            f"{type(cu_seqlens).__name__}"
+        )
+    seq = q.shape[1]
+    if q.shape[0] != 1:
+        raise ValueError(
+            f"with cu_seqlens the sequences are packed along seq of a batch of one: q must be "
+            f"(1, total, heads, head_dim), got batch {q.shape[0]}"
+        )
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at seq={seq} (num_sequences + 1 entries), "
+            f"got {bounds[:4]}{'...' if len(bounds) > 4 else ''} ending at {bounds[-1] if bounds else None}"
+        )
+    if any(b < a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    return tuple(bounds)
 
 
 def check_finite(**tensors: torch.Tensor) -> None:

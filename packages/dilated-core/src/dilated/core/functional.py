@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal, overload
 
@@ -17,6 +18,7 @@ from dilated.core.checks import (
     check_scale,
     resolve_check_finite,
 )
+from dilated.core.packed import attend_packed
 from dilated.core.reference import dilated_attention_reference
 
 __all__ = ["dilated_attention", "prepare_call"]
@@ -72,6 +74,7 @@ def dilated_attention(
     dropout_p: float = ...,
     return_lse: Literal[False] = ...,
     check_finite: bool | None = ...,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = ...,
 ) -> torch.Tensor: ...
 
 
@@ -89,6 +92,7 @@ def dilated_attention(
     dropout_p: float = ...,
     return_lse: Literal[True],
     check_finite: bool | None = ...,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -105,6 +109,7 @@ def dilated_attention(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     check_finite: bool | None = None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LongNet dilated attention, exactly as defined in the docs' Concepts page (the reference implementation).
 
@@ -126,6 +131,10 @@ def dilated_attention(
             inputs and a device sync). None (default) reads the environment variable
             ``DILATED_CHECK_FINITE`` (off unless ``1``/``true``/``yes``/``on``); when off,
             non-finite inputs propagate as in dense attention.
+        cu_seqlens: a packed batch (flash-attn's convention): ``q``, ``k``, ``v`` are
+            ``(1, total, ·, head_dim)`` and sequence ``i`` is rows
+            ``cu_seqlens[i]:cu_seqlens[i + 1]``, attended alone, its segments counted from its
+            own first row (see [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
 
     Returns:
         ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q``; with ``return_lse``, also
@@ -147,12 +156,12 @@ def dilated_attention(
         is_causal=is_causal,
         return_lse=return_lse,
     )
-    out, lse = dilated_attention_reference(
+    out, lse = attend_packed(
+        functools.partial(dilated_attention_reference, segment_lengths=ws, dilation_rates=rs),
         q,
         k,
         v,
-        ws,
-        rs,
+        cu_seqlens,
         scale=softmax_scale,
         is_causal=is_causal,
         key_padding_mask=key_padding_mask,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal, overload
 
 import torch
 
 from dilated.core.functional import prepare_call
+from dilated.core.packed import attend_packed
 from dilated.kernels.backends import backend_forward
 
 __all__ = ["dilated_attention"]
@@ -28,6 +30,7 @@ def dilated_attention(
     return_lse: Literal[False] = ...,
     backend: str = ...,
     check_finite: bool | None = ...,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = ...,
 ) -> torch.Tensor: ...
 
 
@@ -46,6 +49,7 @@ def dilated_attention(
     return_lse: Literal[True],
     backend: str = ...,
     check_finite: bool | None = ...,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -63,6 +67,7 @@ def dilated_attention(
     return_lse: bool = False,
     backend: str = "auto",
     check_finite: bool | None = None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LongNet dilated attention (as defined in the docs' Concepts page) on a chosen backend.
 
@@ -87,6 +92,9 @@ def dilated_attention(
         check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync); None
             (default) reads the environment variable ``DILATED_CHECK_FINITE`` (off when unset),
             see [`resolve_check_finite`][dilated.core.checks.resolve_check_finite].
+        cu_seqlens: a packed batch of sequences along ``seq`` of a batch of one, each attended
+            alone with its segments counted from its own start (flash-attn's convention; see
+            [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
 
     Returns:
         ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q``; with ``return_lse`` also
@@ -112,12 +120,12 @@ def dilated_attention(
         return_lse=return_lse,
     )
     forward = backend_forward(backend, q, k, key_padding_mask, dropout_p)
-    out, lse = forward(
+    out, lse = attend_packed(
+        functools.partial(forward, segment_lengths=ws, dilation_rates=rs),
         q,
         k,
         v,
-        ws,
-        rs,
+        cu_seqlens,
         scale=softmax_scale,
         is_causal=is_causal,
         key_padding_mask=key_padding_mask,

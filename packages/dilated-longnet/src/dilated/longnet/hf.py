@@ -158,6 +158,7 @@ def _attend(
     is_causal: bool,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # transformers' own attention functions do not scan for NaN either (it costs a sync).
     op = _kernels_op()
@@ -173,6 +174,7 @@ def _attend(
             key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
             check_finite=False,
+            cu_seqlens=cu_seqlens,
         )
     return op(
         q,
@@ -186,7 +188,24 @@ def _attend(
         key_padding_mask=key_padding_mask,
         dropout_p=dropout_p,
         check_finite=False,
+        cu_seqlens=cu_seqlens,
     )
+
+
+def _packed_bounds(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The ``cu_seqlens`` of a packed batch from transformers' padding-free keywords
+    (``cu_seq_lens_q``/``cu_seq_lens_k``, e.g. from ``DataCollatorWithFlattening``), or None."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None or (cu_q is not cu_k and not torch.equal(cu_q, cu_k)):
+        raise ValueError(
+            f"attn_implementation={ATTENTION_NAME!r} packs sequences for self-attention only: "
+            "cu_seq_lens_q and cu_seq_lens_k must be given together and be equal"
+        )
+    if not isinstance(cu_q, torch.Tensor):
+        raise ValueError(f"cu_seq_lens_q must be a tensor, got {type(cu_q).__name__}")
+    return cu_q
 
 
 def dilated_attention_forward(
@@ -215,7 +234,9 @@ def dilated_attention_forward(
         dropout: dropout on the attention probabilities.
         scaling: softmax scale, default ``head_dim ** -0.5``.
         **kwargs: the other keywords of transformers (``position_ids``, ...); ``softcap``,
-            ``sliding_window`` and ``s_aux`` must be None.
+            ``sliding_window`` and ``s_aux`` must be None. ``cu_seq_lens_q`` /
+            ``cu_seq_lens_k`` (padding-free packed batches, as transformers passes them to
+            flash-attn) make each packed sequence its own call, segments counted from its start.
 
     Returns:
         ``(out, None)``: ``out`` ``(batch, q_len, heads, head_dim)`` in the dtype of ``query``
@@ -258,6 +279,7 @@ def dilated_attention_forward(
                 is_causal=causal,
                 key_padding_mask=attention_mask,
                 dropout_p=dropout,
+                cu_seqlens=_packed_bounds(kwargs),
             ),
             None,
         )

@@ -54,6 +54,8 @@ class RingDilatedAttention(BaseDilatedAttention):
     [`ring_dilated_attention`][dilated.ring.functional.ring_dilated_attention]).
     """
 
+    packs_sequences = False  # shards of one sequence: a packed batch is not split by rank
+
     default_strategy = "ring"
 
     def __init__(

@@ -261,6 +261,8 @@ class DistributedBlockSparseDilatedAttention(BlockSparseRingDilatedAttention):
     [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]) and ``timeout_s``.
     """
 
+    packs_sequences = False  # shards of one sequence: a packed batch is not split by rank
+
     def __init__(
         self, *args: Any, group: Any = None, timeout_s: float | None = None, **kwargs: Any
     ) -> None:
