@@ -43,6 +43,9 @@ def head_index(heads: Sequence[int], device: torch.device) -> slice | torch.Tens
     step = heads[1] - heads[0] if len(heads) > 1 else 1
     if step > 0 and all(b - a == step for a, b in itertools.pairwise(heads)):
         return slice(heads[0], heads[-1] + 1, step)
+    if torch.compiler.is_compiling():
+        # A graph holds its constants itself; Dynamo would trace through the cache (and warn).
+        return torch.tensor(heads, device=device)
     return _index_tensor(heads, device)
 
 

@@ -45,10 +45,15 @@ def has_cudnn_attention() -> bool:
     return _HAS_CUDNN_ATTENTION
 
 
-@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def cuda_capability_major(device_index: int) -> int:
     """The compute capability's major version of CUDA device ``device_index`` (9: Hopper)."""
     major = _MAJOR.get(device_index)
     if major is None:
         major = _MAJOR[device_index] = torch.cuda.get_device_capability(device_index)[0]
     return int(major)
+
+
+# What torch.compiler.assume_constant_result does (the compiled graph keeps the value, with no
+# graph break), without calling it: it imports torch._dynamo, 3 s at import time.
+# test_capabilities.py checks that the decorator still sets exactly this attribute.
+cuda_capability_major._dynamo_marked_constant = True  # type: ignore[attr-defined]
