@@ -28,9 +28,11 @@ TINY = [
     "--dilation-rates",
     "1,2",
     "--repeats",
-    "1",
+    "3",
     "--warmup",
     "0",
+    "--min-time",
+    "0.02",
 ]
 
 
@@ -115,9 +117,14 @@ def test_bench_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     lines = [ln for ln in out.splitlines() if ln.startswith(("dense", "standard"))]
     assert len(lines) == 4
     for ln in lines:
+        # "<impl> <seq> <median> (<q1>-<q3>) <tokens/s> <peak> <err>": a median inside its spread.
+        median = float(ln.split()[2])
+        q1, q3 = (float(x) for x in ln.split()[3].strip("()").split("-"))
+        assert 0 < q1 <= median <= q3
         if ln.startswith("standard"):
             assert float(ln.split()[-1]) < 1e-4  # max err against the float64 reference
-            assert "MiB" in ln
+            assert ln.split()[-2] == "-"  # no CPU peak memory: it is not measured, not made up
+    assert "not measured on CPU" in out
 
 
 class _Raises(DilatedAttention):
@@ -149,23 +156,26 @@ def test_bench_reports_a_failing_cell_and_goes_on(
 def test_bench_skips_dense_beyond_the_limit(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", *TINY, "--max-dense-seq", "64"]) == 0
     dense = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("dense")]
-    assert [row[:3] for row in dense][1] == ["dense", "96", "skipped"]
-    assert dense[0][2] != "skipped"
+    assert [row[:3] for row in dense][1] == ["dense", "96", "skipped:"]
+    assert "above --max-dense-seq 64" in " ".join(dense[1])
+    assert dense[0][2] != "skipped:"
 
 
-def test_cpu_peak_memory_counts_live_storages_created_by_the_call() -> None:
-    x = torch.randn(256, 256)  # 256 KiB, exists before: never counted
-    one = 256 * 256 * 4
+def test_kinds_filter_runs_only_those_and_names_the_others(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--device", "cpu", "--kinds", "standard"]) == 0
+    out = capsys.readouterr().out
+    assert "ran: standard" in out or "checked: standard" in out
+    assert "(not in --kinds)" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *TINY, "--kinds", "standard,nope"])
+    assert exc.value.code == 2
+    assert "unknown kind(s) nope; valid:" in capsys.readouterr().err
 
-    def call() -> torch.Tensor:
-        y = x.t()  # a view of the input: no new storage
-        z = y.contiguous()  # 1 buffer live
-        w = z * 2  # 2 live
-        del z  # 1 live
-        return w + 1  # 2 live
 
-    assert peak_bytes(call, torch.device("cpu")) == 2 * one
-    assert peak_bytes(lambda: x.t().sum(dim=0), torch.device("cpu")) == 256 * 4
+def test_peak_memory_is_measured_on_cuda_only() -> None:
+    assert peak_bytes(lambda: torch.randn(64, 64) * 2, torch.device("cpu")) is None
 
 
 def test_bench_plot_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

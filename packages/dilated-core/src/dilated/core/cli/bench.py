@@ -6,21 +6,22 @@ Every implementation that runs on the device (distributed ones as a world of one
 at each ``--seq-lens`` on random ``(batch, seq, heads, head_dim)`` inputs; the report names the
 kinds that did not run and why. Per cell the table shows:
 
-- time: median over ``--repeats`` calls after ``--warmup`` calls (CUDA events on CUDA, wall
-  clock on CPU); forward only, or forward + backward with ``--backward``;
-- tokens/s: ``batch * seq / time``;
-- peak memory, from one more, untimed call: on CUDA ``torch.cuda.max_memory_allocated`` after
-  ``reset_peak_memory_stats``, minus what was allocated before the call; on CPU, where PyTorch
-  keeps no allocator statistics, the peak total size of the live tensor storages the call's
-  operators created (a ``TorchDispatchMode`` sees every op's outputs and
-  ``StorageWeakRef`` tells when each storage is freed; inputs are not counted);
+- time: median ms per call, and in brackets the first and third quartiles, by
+  ``torch.utils.benchmark.Timer.blocked_autorange`` after ``--warmup`` calls: blocks of calls
+  for at least ``--min-time`` seconds and at least ``--repeats`` blocks (it synchronises CUDA);
+  forward only, or forward + backward with ``--backward``;
+- tokens/s: ``batch * seq / median``;
+- peak memory on CUDA, from one more, untimed call: ``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``, minus what was allocated before the call (not measured on CPU,
+  where PyTorch keeps no allocator statistics);
 - max err: the Concepts page's ``max|out - ref| / max|ref|`` against the ``dilated.core`` reference run in
   float64 (up to ``--max-check-seq``; dense computes another function and has none).
 
 Dense is skipped above ``--max-dense-seq``; a cell that runs out of memory shows ``OOM``, one
 whose input the implementation refuses (``ValueError``) shows ``refused`` and one that raises
-otherwise shows ``error``; the other cells still run. ``--device`` and ``--plot`` are checked
-before anything runs.
+otherwise shows ``error``; the other cells still run. ``--kinds`` runs only the named kinds;
+every kind that does not run is named with the reason. ``--device``, ``--kinds`` and ``--plot``
+are checked before anything runs.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dilated.core.cli.measure import median_ms, peak_bytes
+from dilated.core.cli.measure import peak_bytes, timed
 from dilated.core.cli.options import (
     DTYPES,
     branches,
     int_list,
+    name_list,
     non_negative_int,
     plot_path,
+    positive_float,
     positive_int,
     resolve_device,
 )
@@ -58,8 +61,9 @@ CPU_DEFAULTS = {
     "dilation_rates": [1, 2, 4],
     "max_dense_seq": 4096,
     "max_check_seq": 8192,
-    "repeats": 3,
-    "warmup": 1,
+    "repeats": 5,
+    "warmup": 2,
+    "min_time": 1.0,
 }
 CUDA_DEFAULTS = {
     "seq_lens": [8192, 16384, 32768, 65536, 131072],
@@ -70,8 +74,9 @@ CUDA_DEFAULTS = {
     "dilation_rates": [1, 2, 4],
     "max_dense_seq": 131072,
     "max_check_seq": 32768,
-    "repeats": 10,
+    "repeats": 5,
     "warmup": 3,
+    "min_time": 0.5,
 }
 
 
@@ -87,8 +92,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dilation-rates", type=int_list)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
-    p.add_argument("--repeats", type=positive_int)
-    p.add_argument("--warmup", type=non_negative_int)
+    p.add_argument("--repeats", type=positive_int, help="at least this many timed blocks")
+    p.add_argument("--warmup", type=non_negative_int, help="untimed calls first")
+    p.add_argument(
+        "--min-time", type=positive_float, help="seconds of timed calls per cell, at least"
+    )
+    p.add_argument(
+        "--kinds",
+        type=name_list,
+        help="comma-separated kinds to run (default: every installed one); dense always runs",
+    )
     p.add_argument("--max-dense-seq", type=positive_int, help="skip dense attention above this")
     p.add_argument("--max-check-seq", type=positive_int, help="skip the error check above this")
     p.add_argument(
@@ -121,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     _fill_defaults(args, device)
     ws, rs = branches(args)
     dtype = DTYPES[args.dtype]
-    selection = select_implementations(device)
+    selection = select_implementations(device, args.kinds)
     candidates: dict[str, Callable[..., torch.Tensor]] = {"dense": _dense}
     # Modules of another function (a block-sparse layout) have no error against dilated attention.
     unchecked = {"dense"}
@@ -160,7 +173,16 @@ def run(args: argparse.Namespace) -> int:
             for name, fn in candidates.items():
                 bar.update(f"{name} seq={n}")
                 if name == "dense" and n > args.max_dense_seq:
-                    rows.append((name, n, "skipped", "-", "-", "-"))
+                    rows.append(
+                        (
+                            name,
+                            n,
+                            f"skipped: above --max-dense-seq {args.max_dense_seq}",
+                            "-",
+                            "-",
+                            "-",
+                        )
+                    )
                     continue
 
                 def call(
@@ -175,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                     return out
 
                 try:
-                    ms = median_ms(call, device, args.warmup, args.repeats)
+                    timing = timed(call, args.warmup, args.min_time, args.repeats)
                     peak = peak_bytes(call, device)
                     with torch.no_grad():
                         out = fn(inp.q, inp.k, inp.v, args.causal)
@@ -195,26 +217,28 @@ def run(args: argparse.Namespace) -> int:
                     if reference is None or name in unchecked
                     else f"{relative_error(out, reference):.1e}"
                 )
-                times[name].append((n, ms))
-                tokens = args.batch * n / (ms / 1e3)
-                rows.append((name, n, f"{ms:.2f}", f"{tokens:,.0f}", _fmt_bytes(peak), err))
+                times[name].append((n, timing.median))
+                tokens = args.batch * n / (timing.median / 1e3)
+                memory = "-" if peak is None else _fmt_bytes(peak)
+                rows.append((name, n, str(timing), f"{tokens:,.0f}", memory, err))
     what = "forward+backward" if args.backward else "forward"
     print(
         f"device: {device}; {what}; batch {args.batch}, heads {args.heads}, head_dim "
         f"{args.head_dim}, {args.dtype}, segments {list(ws)}, rates {list(rs)}, "
-        f"causal {args.causal}; median of {args.repeats}"
+        f"causal {args.causal}; time: median ms (quartiles) of torch.utils.benchmark blocks, "
+        f">= {args.min_time} s and >= {args.repeats} blocks per cell after {args.warmup} warm-up calls"
     )
     print(
         "peak mem: "
         + (
             "torch.cuda.max_memory_allocated over one call"
             if device.type == "cuda"
-            else "peak bytes of live tensor storages created by one call"
+            else "not measured on CPU (PyTorch keeps no CPU allocator statistics)"
         )
         + "; max err: max|out - ref| / max|ref| against the float64 reference "
         "(dense computes another function, so it has none)"
     )
-    print(format_table(["impl", "seq", "time ms", "tokens/s", "peak mem", "max err"], rows))
+    print(format_table(["impl", "seq", "time ms (q1-q3)", "tokens/s", "peak mem", "max err"], rows))
     print("\n".join(selection.lines("ran")))
     if plot is not None:
         _plot(times, plot, f"{device.type}, {args.dtype}, {what}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dilated.core.cli.options import resolve_device
+from dilated.core.cli.options import name_list, resolve_device
 from dilated.core.cli.progress import ProgressBar
 from dilated.core.cli.selection import select_implementations
 from dilated.core.cli.table import format_table
@@ -41,6 +41,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--kinds", type=name_list, help="comma-separated kinds to check (default: every one)"
+    )
     p.set_defaults(run=run)
 
 
@@ -78,7 +81,7 @@ def check_one(
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    selection = select_implementations(device)
+    selection = select_implementations(device, args.kinds)
     impls = selection.run
     if not impls:
         # Nothing checked is a failure, not a pass: the packages' metadata (entry points) is missing.

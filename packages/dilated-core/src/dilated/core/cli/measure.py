@@ -1,97 +1,74 @@
-"""Timing and peak-memory measurement of one call, on CPU or CUDA."""
+"""Timing (median and spread, by ``torch.utils.benchmark``) and CUDA peak memory of one call."""
 
 from __future__ import annotations
 
+import logging
 import statistics
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+__all__ = ["Timing", "peak_bytes", "timed"]
 
 
-def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA events on CUDA)."""
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call over the timed blocks: median, first and third quartile."""
+
+    median: float
+    q1: float
+    q3: float
+    calls: int
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f} ({self.q1:.2f}-{self.q3:.2f})"
+
+
+def _benchmark() -> Any:
+    # Its import reaches torch.utils.cpp_extension, which logs a warning about CUDA_HOME on a
+    # machine without the CUDA toolkit: irrelevant to timing Python calls.
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import torch.utils.benchmark as benchmark
+    finally:
+        quiet.setLevel(level)
+    return benchmark
+
+
+def timed(fn: Callable[[], Any], warmup: int, min_time: float, min_blocks: int) -> Timing:
+    """Time ``fn()`` with ``torch.utils.benchmark.Timer`` (it synchronises CUDA).
+
+    ``warmup`` untimed calls first; then ``blocked_autorange`` runs blocks of calls for at least
+    ``min_time`` seconds, and more blocks until there are ``min_blocks``; the quartiles are
+    over the blocks' per-call times, so one slow call (a compile, the OS) shows as spread.
+    """
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
+    timer = _benchmark().Timer(stmt="fn()", globals={"fn": fn})
+    measured = timer.blocked_autorange(min_run_time=min_time)
+    times = list(measured.times)
+    while len(times) < min_blocks:
+        times.extend(timer.timeit(measured.number_per_run).times)
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return Timing(
+        statistics.median(times) * 1e3, q1 * 1e3, q3 * 1e3, len(times) * measured.number_per_run
+    )
 
 
-class _LiveStorageBytes(TorchDispatchMode):
-    """Peak total bytes of the live storages that the ops run under it created.
-
-    A storage an op returns counts from then until it is freed (a weak reference tells when).
-    Storages that existed before (the inputs, parameters) are not counted, even when an op
-    returns a view of them.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.external: dict[int, StorageWeakRef] = {}
-        self.peak = 0
-
-    def _alive(self, ptr: int) -> bool:
-        """Whether ``ptr`` is the address of a storage already known (counted or external)."""
-        known = self.live.get(ptr)
-        if known is not None and not known[0].expired():
-            return True
-        outside = self.external.get(ptr)
-        return outside is not None and not outside.expired()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr and not self._alive(ptr):
-                    self.external[ptr] = StorageWeakRef(storage)
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if not ptr or self._alive(ptr):
-                    continue
-                self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
-        self.live = {p: e for p, e in self.live.items() if not e[0].expired()}
-        self.external = {p: w for p, w in self.external.items() if not w.expired()}
-        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
-        return out
-
-
-def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak bytes the call allocates beyond what existed before it.
-
-    On CUDA this is ``torch.cuda.max_memory_allocated`` over the call minus the memory allocated
-    before it. On CPU, where PyTorch keeps no allocator statistics, it is the peak total size of
-    the live storages that the call's operators created, tracked with a dispatch mode (so it
-    counts tensors, not allocator caching or fragmentation).
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return max(torch.cuda.max_memory_allocated(device) - base, 0)
-    tracker = _LiveStorageBytes()
-    with tracker:
-        fn()
-    return tracker.peak
+def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak bytes one call allocates beyond what existed before it, on CUDA
+    (``torch.cuda.max_memory_allocated`` over the call minus what was allocated before it);
+    None elsewhere: PyTorch keeps no CPU allocator statistics, and counting tensors at the
+    dispatcher misses what a custom op allocates inside."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return max(torch.cuda.max_memory_allocated(device) - base, 0)

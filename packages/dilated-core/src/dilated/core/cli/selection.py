@@ -3,6 +3,7 @@ the others: every known or registered kind is either run or named with the reaso
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -47,20 +48,31 @@ def _not_registered(kind: str, package: str) -> str:
     return f"{package} {installed} is installed but registers no implementation of it yet"
 
 
-def select_implementations(device: torch.device) -> Selection:
+def select_implementations(device: torch.device, kinds: Sequence[str] | None = None) -> Selection:
     """Split every known or registered kind into what runs on ``device`` and what cannot.
+
+    ``kinds``: only these (``--kinds``); the others are listed as skipped, not asked for. A name
+    that is neither known nor registered raises ``ValueError`` listing the valid ones.
 
     A distributed implementation runs as a world of one when no process group is initialised
     (each of them takes a missing group as a single rank): it computes the same result as a
     single-process call, so it is checked and timed, without any communication.
     """
     impls = available_implementations()
+    valid = sorted({*impls, *KNOWN_KINDS})
+    unknown = [k for k in kinds or () if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"--kinds: unknown kind(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+        )
     run: list[Implementation] = []
     how: dict[str, str] = {}
     skipped: list[tuple[str, str]] = []
     grouped = dist.is_available() and dist.is_initialized()
     for name, impl in impls.items():
-        if not impl.supports(device):
+        if kinds is not None and name not in kinds:
+            skipped.append((name, "not in --kinds"))
+        elif not impl.supports(device):
             skipped.append((name, f"runs on {'/'.join(impl.devices)} only, not {device.type}"))
         elif impl.distributed and grouped:
             skipped.append(
@@ -71,6 +83,6 @@ def select_implementations(device: torch.device) -> Selection:
             if impl.distributed:
                 how[name] = "world of one, no communication"
     for kind, package in KNOWN_KINDS.items():
-        if kind not in impls:
+        if kind not in impls and (kinds is None or kind in kinds):
             skipped.append((kind, _not_registered(kind, package)))
     return Selection(run, how, skipped)
