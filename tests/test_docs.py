@@ -52,3 +52,16 @@ def test_no_marker_in_rendered_code(page: Path) -> None:
     # attribute replaces it.
     for match in BLOCK.finditer(page.read_text()):
         assert not match["code"].lstrip().startswith("# not-run")
+
+
+def test_site_loads_nothing_from_the_network() -> None:
+    # The display formulas are MathML, drawn by the browser: no MathJax, no CDN, so an offline
+    # copy of the site shows them. A script or stylesheet the config names must be a local file.
+    config = (DOCS.parent / "mkdocs.yml").read_text()
+    for block in re.findall(r"^extra_(?:javascript|css):\n((?:[ \t]+- .*\n)+)", config, re.M):
+        assert "://" not in block
+    assert "arithmatex" not in config
+    for page in DOCS.rglob("*.md"):
+        assert "$$" not in page.read_text(), f"{page}: TeX display math needs a script; use MathML"
+    for asset in [*DOCS.rglob("*.js"), *DOCS.rglob("*.css")]:
+        assert "://" not in asset.read_text(), asset
