@@ -65,3 +65,22 @@ def test_site_loads_nothing_from_the_network() -> None:
         assert "$$" not in page.read_text(), f"{page}: TeX display math needs a script; use MathML"
     for asset in [*DOCS.rglob("*.js"), *DOCS.rglob("*.css")]:
         assert "://" not in asset.read_text(), asset
+
+
+def test_sidebar_names_each_package_once() -> None:
+    # Each package is one entry, its guide and API reference beneath it.
+    yaml = pytest.importorskip("yaml")
+    titles: list[str] = []
+
+    def walk(items: list[object]) -> None:
+        for item in items:
+            if isinstance(item, dict):
+                for title, value in item.items():
+                    titles.append(title)
+                    if isinstance(value, list):
+                        walk(value)
+
+    walk(yaml.safe_load((DOCS.parent / "mkdocs.yml").read_text())["nav"])
+    for package in sorted((DOCS.parent / "packages").iterdir()):
+        if (package / "pyproject.toml").exists():
+            assert titles.count(package.name) == 1, (package.name, titles)
