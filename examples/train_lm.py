@@ -4,7 +4,13 @@ Corpus: the Python language reference as shipped with CPython itself (``pydoc_da
 ~465 KB of English prose and grammar, PSF licence), so nothing is downloaded at run time.
 The last 10% of the text is held out.
 
-    uv run python examples/train_lm.py --steps 300 --plot docs/figures/longnet_train_loss.png
+    uv run python examples/train_lm.py --steps 300 --batch 8
+
+The loss curve goes to ``--plot PATH`` (a ``.png``). Without it, each run writes into a folder
+of its own, ``runs/<UTC date-time>/train_loss.png`` under the current directory, which git
+ignores; a run never overwrites a tracked file unless asked to. The docs' figure is redrawn with
+
+    uv run python examples/train_lm.py --steps 300 --batch 8 --plot docs/figures/longnet_train_loss.png
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +31,12 @@ def load_corpus() -> bytes:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
+def default_plot_path(now: float | None = None) -> Path:
+    """``runs/<UTC date-time>/train_loss.png``: a fresh folder per run, ignored by git."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return Path("runs") / stamp / "train_loss.png"
 
 
 def batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
@@ -63,8 +76,18 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="docs/figures/longnet_train_loss.png")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="where to write the loss curve (.png); default runs/<UTC date-time>/train_loss.png",
+    )
     args = parser.parse_args()
+    if args.plot is None:
+        args.plot = default_plot_path()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+    elif not args.plot.parent.is_dir():  # before the run, not after minutes of training
+        parser.error(f"--plot: the folder '{args.plot.parent}' does not exist")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
 

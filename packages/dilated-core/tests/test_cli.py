@@ -196,6 +196,27 @@ def test_bench_plot_without_suffix_names_the_png(
     assert f"plot written to {tmp_path / 'out.png'}" in capsys.readouterr().out
 
 
+def test_bench_plot_legend_covers_no_point() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from dilated.core.cli.bench import _figure
+
+    times = {
+        name: [(1024, 1.0 + i), (2048, 3.0 + i), (4096, 9.0 + i)] for i, name in enumerate("abcd")
+    }
+    fig = _figure(times, "cpu, float32")
+    try:
+        fig.canvas.draw()
+        (ax,) = fig.axes
+        legend = ax.get_legend().get_window_extent()
+        # Outside the axes altogether, so it covers no point whatever the data.
+        assert not legend.overlaps(ax.get_window_extent())
+        assert legend.x0 >= ax.get_window_extent().x1
+    finally:
+        plt.close(fig)
+
+
 def test_bench_names_what_it_ran_and_skipped(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", *TINY]) == 0
     out = capsys.readouterr().out
