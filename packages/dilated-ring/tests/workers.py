@@ -293,6 +293,21 @@ def sequence_parallel_subgroups(rank: int, world: int) -> None:
             masked=True,
             group=groups.sequence,
         )
+    # The same split as torchtitan's DeviceMesh (data x context parallel): one mesh dimension
+    # is a group; the whole 2-D mesh is refused on every rank, naming the rule.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dilated.ring import ring_dilated_attention
+
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "cp"))
+    cfg = {
+        "seq": 16, "segment_lengths": [4, 16], "dilation_rates": [1, 2], "heads": 4,
+        "kv_heads": 2, "is_causal": True, "batch": 1,
+    }  # fmt: skip
+    check_equivalence(rank % 2, 2, cfg, "zigzag", torch.float32, 500 + rank // 2, group=mesh["cp"])
+    x = make_inputs(1, 8, 4, 8, seed=0)
+    with pytest.raises(ValueError, match=r"DeviceMesh must be 1-D.*mesh\[name\]"):
+        ring_dilated_attention(x.q, x.k, x.v, [8], [1], group=mesh)
 
 
 def bytes_match_cost_model(rank: int, world: int) -> None:

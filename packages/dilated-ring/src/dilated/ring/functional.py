@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,15 +16,37 @@ from dilated.ring.sharding import chunk_length
 from dilated.ring.ulysses import check_ulysses_heads, ulysses_attention
 from dilated.ring.validation import CheckedCall, check_branch_layout, check_call
 
-__all__ = ["group_rank_and_size", "ring_dilated_attention"]
+__all__ = ["group_rank_and_size", "resolve_group", "ring_dilated_attention"]
 
 _STRATEGIES = ("ring", "allgather", "ulysses")
 
 
+def resolve_group(group: object) -> Any:
+    """``group`` as the ring uses it: a 1-D ``DeviceMesh`` (torchtitan's context-parallel mesh,
+    or one dimension of a larger mesh, ``mesh["cp"]``) becomes its process group; a process
+    group, a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup] or None is returned as is.
+
+    Raises:
+        ValueError: a ``DeviceMesh`` of more than one dimension (name the dimension the sequence
+            is split over: ``mesh["cp"]``).
+    """
+    mesh_module = sys.modules.get("torch.distributed.device_mesh")
+    if mesh_module is None or not isinstance(group, mesh_module.DeviceMesh):
+        return group  # no DeviceMesh can exist before its module is imported
+    if group.ndim != 1:
+        names = group.mesh_dim_names or ()
+        raise ValueError(
+            f"group: a DeviceMesh must be 1-D (the ranks the sequence is split over), got "
+            f"{group.ndim} dimensions {names}: pass one of them, mesh[name]"
+        )
+    return group.get_group()
+
+
 def group_rank_and_size(group: object) -> tuple[int, int]:
-    """``(rank, world_size)`` of ``group`` (a process group, None for the default one, or a
-    [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]); ``(0, 1)`` when torch.distributed
-    is not initialised."""
+    """``(rank, world_size)`` of ``group`` (a process group, None for the default one, a 1-D
+    ``DeviceMesh``, or a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]); ``(0, 1)``
+    when torch.distributed is not initialised."""
+    group = resolve_group(group)
     if isinstance(group, LoopbackGroup):
         return group.rank, group.world_size
     if not (dist.is_available() and dist.is_initialized()):
@@ -41,7 +65,7 @@ def ring_dilated_attention(
     is_causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    group: dist.ProcessGroup | LoopbackGroup | None = None,
+    group: Any = None,
     load_balance: str = "contiguous",
     strategy: str = "ring",
     timeout_s: float | None = None,
@@ -68,7 +92,8 @@ def ring_dilated_attention(
             per dense call from a seed taken from torch's default generator, so a call is
             reproducible under ``torch.manual_seed`` but its masks differ from those of the
             single-process op.
-        group: process group (default group when None), or a
+        group: process group (default group when None), a 1-D ``DeviceMesh`` (see
+            [`resolve_group`][dilated.ring.functional.resolve_group]), or a
             [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup] (every rank in one process).
             Without an initialised process group the call runs as a world of one.
         load_balance: ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
@@ -94,6 +119,7 @@ def ring_dilated_attention(
             message names the argument or option).
         TimeoutError: when a peer rank does not join a transfer within ``timeout_s``.
     """
+    group = resolve_group(group)
     rank, world = group_rank_and_size(group)
 
     def strategy_checks(call: CheckedCall) -> None:

@@ -34,7 +34,7 @@ from dilated.core.config import SparsePatternConfig
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout
 from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
-from dilated.ring.functional import group_rank_and_size
+from dilated.ring.functional import group_rank_and_size, resolve_group
 from dilated.ring.validation import CheckedCall, check_call
 from dilated.sparse.engine import (
     RunTable,
@@ -453,6 +453,7 @@ def block_sparse_ring_dilated_attention(
         ValueError: on every rank, when any rank's input is invalid or the ranks disagree.
         TimeoutError: when a peer rank does not join a transfer within ``timeout_s``.
     """
+    group = resolve_group(group)
     _, world = group_rank_and_size(group)
     # Resolved before the agreement, so that the ranks compare the layouts themselves (a custom
     # table or function has no other comparable form); a failure is reported inside it.
