@@ -28,6 +28,13 @@ from dilated.sparse.distributed import comm_bytes
 SEGMENTS, RATES, SEQ = [8, 32, 64], [1, 2, 4], 64
 
 
+# Ranks start from a fork server that imported torch and the packages once (see the ring's
+# distributed_harness): a spawned rank spent 2-3 s importing them again.
+mp.set_forkserver_preload(
+    ["torch", "torch.distributed", "dilated.core", "dilated.ring", "dilated.sparse"]
+)
+
+
 def equivalence(rank: int, world: int, pattern: str, is_causal: bool) -> None:
     """This rank's output and gradients equal its rows of the single-process op; bytes as modelled."""
     cfg = SparsePatternConfig(pattern, block_size=2)
@@ -147,7 +154,7 @@ def run_gloo(
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     ctx = mp.start_processes(
-        _entry, args=(world, port, body, args), nprocs=world, join=False, start_method="spawn"
+        _entry, args=(world, port, body, args), nprocs=world, join=False, start_method="forkserver"
     )
     deadline = time.monotonic() + timeout
     try:
