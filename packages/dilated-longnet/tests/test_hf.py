@@ -155,8 +155,8 @@ def test_attention_function_equals_dense_judge(n_q: int, padded: bool, dtype: to
     v = torch.randn(2, 2, 20, 16, generator=g, dtype=torch.float64)
     mask = None
     if padded:
-        mask = torch.ones(2, 20, dtype=torch.bool)
-        mask[1, :5] = False
+        mask = torch.zeros(2, 20, dtype=torch.bool)
+        mask[1, :5] = True  # key_padding_mask's convention: True = padding
     out, weights = dhf.dilated_attention_forward(
         layer, q[:, :, -n_q:].to(dtype), k.to(dtype), v.to(dtype), mask, scaling=0.3
     )
@@ -366,8 +366,8 @@ def test_gpu_attention_function_equals_dense_judge(
     v = torch.randn(2, kv_heads, 96, 64, generator=g, device="cuda").to(dtype)
     mask = None
     if padded:
-        mask = torch.ones(2, 96, dtype=torch.bool, device="cuda")
-        mask[1, :13] = False
+        mask = torch.zeros(2, 96, dtype=torch.bool, device="cuda")
+        mask[1, :13] = True
     out, _ = dhf.dilated_attention_forward(layer, q[:, :, 96 - n_q :], k, v, mask)
     want, _ = dense_dilated_attention(
         q.transpose(1, 2).double(),

@@ -9,6 +9,7 @@ attention ``"dilated"`` (as ``import dilated.longnet.hf`` does), so that
 transformers is never imported here otherwise: it costs seconds.
 """
 
+import contextlib
 import sys
 
 from dilated.longnet.config import LONGNET_PRESETS, LongNetConfig, TransformerLayerConfig
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 if "transformers" in sys.modules:
-    try:
+    # A transformers older than its mask interface (4.53) has nothing to register with.
+    with contextlib.suppress(ImportError):
         import dilated.longnet.hf  # noqa: F401  (registers "dilated" with transformers)
-    except ImportError:  # a transformers older than its mask interface (4.53): nothing to register
-        pass
