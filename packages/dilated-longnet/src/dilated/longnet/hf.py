@@ -352,7 +352,7 @@ def dilated_attention_mask(
         if window is not None:
             raise ValueError(
                 f"attn_implementation={ATTENTION_NAME!r} does not support sliding-window "
-                f"attention (config.sliding_window = {window}, the default of Mistral configs): "
+                f"attention (config.sliding_window = {window}; Mistral configs default to 4096): "
                 "set config.sliding_window = None before building the model"
             )
         raise ValueError(
