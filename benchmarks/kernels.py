@@ -113,11 +113,12 @@ def padded_keys(seq: int, fraction: float) -> int:
 def key_padding_mask(
     batch: int, seq: int, fraction: float, device: torch.device | str
 ) -> torch.Tensor | None:
-    """Bool ``(batch, seq)``, True for real tokens, the last ``fraction`` padded; None for 0."""
+    """Bool ``(batch, seq)``, True at padding (PyTorch's convention), the last ``fraction``
+    padded; None for 0."""
     if fraction == 0:
         return None
-    mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
-    mask[:, seq - padded_keys(seq, fraction) :] = False
+    mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    mask[:, seq - padded_keys(seq, fraction) :] = True
     return mask
 
 

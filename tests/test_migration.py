@@ -244,12 +244,12 @@ def test_encoder_layer_in_torch_transformer_encoder() -> None:
     blocks = list(encoder.layers)
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), blocks[1](blocks[0](x)))
-        # torch's convention, True = padding, reaches the layers as the additive float mask.
+        # torch's convention, True = padding, is ours: the layers take the same bool mask
+        # that nn.TransformerEncoder turns into the additive float form before calling them.
         padding = torch.zeros(2, 40, dtype=torch.bool)
         padding[1, 25:] = True
         got = encoder(x, src_key_padding_mask=padding)
-        keep = ~padding
-        want = blocks[1](blocks[0](x, src_key_padding_mask=keep), src_key_padding_mask=keep)
+        want = blocks[1](blocks[0](x, src_key_padding_mask=padding), src_key_padding_mask=padding)
         torch.testing.assert_close(got, want)
         causal = nn.Transformer.generate_square_subsequent_mask(40)
         torch.testing.assert_close(
@@ -274,16 +274,15 @@ def test_decoder_layer_in_torch_transformer_decoder() -> None:
         padding[0, 20:] = True
         additive = torch.zeros(2, 30).masked_fill(padding, float("-inf"))
         got = decoder(tgt, memory, memory_key_padding_mask=additive)
-        keep = ~padding
         want = blocks[1](
-            blocks[0](tgt, memory, False, memory_key_padding_mask=keep),
+            blocks[0](tgt, memory, False, memory_key_padding_mask=padding),
             memory,
             False,
-            memory_key_padding_mask=keep,
+            memory_key_padding_mask=padding,
         )
         torch.testing.assert_close(got, want)
-    with pytest.raises(ValueError, match="ambiguous"):
-        decoder(tgt, memory, memory_key_padding_mask=padding)
+        # The bool mask of torch's convention is ours too: no longer refused as ambiguous.
+        torch.testing.assert_close(decoder(tgt, memory, memory_key_padding_mask=padding), want)
 
 
 def test_longnet_lm_default_sizes_run_a_short_sequence() -> None:

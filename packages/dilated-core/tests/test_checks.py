@@ -77,6 +77,8 @@ def test_scale_dropout_mask() -> None:
         with pytest.raises(ValueError, match=r"dropout_p must be a probability in \[0, 1\)"):
             dilated_attention(q, k, v, *GOOD, dropout_p=p)
     with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        dilated_attention(q, k, v, *GOOD, key_padding_mask=torch.ones(1, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"only -inf .ignored key. and 0 .attended key."):
         dilated_attention(q, k, v, *GOOD, key_padding_mask=torch.ones(1, 8))
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seq\)"):
         dilated_attention(q, k, v, *GOOD, key_padding_mask=torch.ones(1, 7, dtype=torch.bool))

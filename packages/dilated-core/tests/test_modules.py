@@ -109,8 +109,8 @@ def test_key_padding_mask_through_multihead() -> None:
     torch.manual_seed(0)
     mha = MultiheadDilatedAttention(16, 2, [1, 2], [4, 8], dtype=torch.float64)
     x = torch.randn(2, 8, 16, dtype=torch.float64)
-    mask = torch.ones(2, 8, dtype=torch.bool)
-    mask[:, 6:] = False
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, 6:] = True  # PyTorch's convention: True = padding
     out, _ = mha(x, x, x, key_padding_mask=mask)
     y = x.clone()
     y[:, 6:] += 100.0  # padded keys/values change; outputs of the other positions must not

@@ -121,8 +121,8 @@ def test_uncovered_position_is_zero_with_minus_inf_lse() -> None:
 
 def test_fully_padded_keys_give_zero_not_nan() -> None:
     inp = make_inputs(2, 12, 2, 8, requires_grad=True, seed=5)
-    mask = torch.ones(2, 12, dtype=torch.bool)
-    mask[1] = False  # the second sequence has no real key at all
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1] = True  # the second sequence has no real key at all
     out = dilated_attention(inp.q, inp.k, inp.v, [4, 12], [1, 2], key_padding_mask=mask)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     out.sum().backward()

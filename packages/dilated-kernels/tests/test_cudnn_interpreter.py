@@ -162,9 +162,9 @@ def test_grouped_query_and_padding_match_dense(
 
 def test_fully_padded_rows_are_zero_with_finite_gradients() -> None:
     inp = make_inputs(2, 24, 4, 16, kv_heads=2, requires_grad=True, seed=4)
-    mask = torch.ones(2, 24, dtype=torch.bool)
-    mask[0, :16] = False  # the first two segments of w=8 see no key at all
-    mask[1] = False
+    mask = torch.zeros(2, 24, dtype=torch.bool)
+    mask[0, :16] = True  # the first two segments of w=8 see no key at all
+    mask[1] = True
     out, lse = dilated_attention(
         inp.q, inp.k, inp.v, (8,), (1,), key_padding_mask=mask, return_lse=True, backend="cudnn"
     )

@@ -80,9 +80,9 @@ def test_cudnn_grouped_query_and_padding_on_gpu(
 def test_cudnn_fully_padded_rows_on_gpu() -> None:
     inp = make_inputs(2, 1024, 8, 128, kv_heads=2, dtype=torch.bfloat16, device="cuda",
                       requires_grad=True, seed=3)  # fmt: skip
-    mask = torch.ones(2, 1024, dtype=torch.bool, device="cuda")
-    mask[0, :512] = False  # the first two segments of w=256 see no key
-    mask[1] = False
+    mask = torch.zeros(2, 1024, dtype=torch.bool, device="cuda")
+    mask[0, :512] = True  # the first two segments of w=256 see no key
+    mask[1] = True
     out, lse = dilated_attention(
         inp.q, inp.k, inp.v, (256,), (1,), key_padding_mask=mask, return_lse=True
     )
@@ -189,8 +189,8 @@ def test_triton_more_segments_than_cuda_grid_axis() -> None:
     from dilated.core.testing import assert_close_to_reference
 
     inp = make_inputs(1, 65536 * 2 + 6, 2, 16, dtype=torch.float16, device="cuda", seed=5)
-    mask = torch.ones(1, inp.q.shape[1], dtype=torch.bool, device="cuda")
-    mask[:, 7::11] = False
+    mask = torch.zeros(1, inp.q.shape[1], dtype=torch.bool, device="cuda")
+    mask[:, 7::11] = True
     out = dilated_attention(
         inp.q, inp.k, inp.v, [2, 8], [1, 2], key_padding_mask=mask, backend="triton"
     )

@@ -37,7 +37,10 @@ def _split_and_merge(
 ) -> None:
     x = make_inputs(batch, seq, heads, 16, kv_heads=kv_heads, dtype=dtype, seed=seed, device=device)
     gen = torch.Generator().manual_seed(seed + 1)
+    # The primitives take the internal form (True = a key that may be attended); the judge, like
+    # every public op, PyTorch's (True = padding).
     mask = (torch.rand(batch, seq, generator=gen) > 0.25).to(device) if masked else None
+    padding = None if mask is None else ~mask
     scale = 16**-0.5
     parts = [(ws[:split], rs[:split]), (ws[split:], rs[split:])]
     parts = [p for p in parts if p[0]]
@@ -52,7 +55,7 @@ def _split_and_merge(
     out = acc.to(dtype)
     q, k, v = (t.detach().double().requires_grad_() for t in (x.q, x.k, x.v))
     ref, ref_lse = dense_dilated_attention(
-        q, k, v, ws, rs, scale=scale, is_causal=causal, key_padding_mask=mask
+        q, k, v, ws, rs, scale=scale, is_causal=causal, key_padding_mask=padding
     )
     assert_close_to_reference(out, ref, dtype, "out")
     finite = torch.isfinite(ref_lse)

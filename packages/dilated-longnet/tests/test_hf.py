@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -155,8 +157,8 @@ def test_attention_function_equals_dense_judge(n_q: int, padded: bool, dtype: to
     v = torch.randn(2, 2, 20, 16, generator=g, dtype=torch.float64)
     mask = None
     if padded:
-        mask = torch.ones(2, 20, dtype=torch.bool)
-        mask[1, :5] = False
+        mask = torch.zeros(2, 20, dtype=torch.bool)
+        mask[1, :5] = True  # key_padding_mask's convention: True = padding
     out, weights = dhf.dilated_attention_forward(
         layer, q[:, :, -n_q:].to(dtype), k.to(dtype), v.to(dtype), mask, scaling=0.3
     )
@@ -299,12 +301,57 @@ def test_static_cache_is_rejected() -> None:
 def test_sliding_window_is_rejected() -> None:
     config = _config("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
     model = _model(dhf.configure(config, [8], [1]))
-    with pytest.raises(ValueError, match="sliding windows"):
+    with pytest.raises(ValueError, match=r"sliding_window = 4;.*set config\.sliding_window = None"):
         model(_ids(1, 8))
     layer = model.model.layers[0].self_attn
     q = torch.randn(1, 4, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="sliding-window attention"):
         dhf.dilated_attention_forward(layer, q, q[:, :2], q[:, :2], None, sliding_window=4)
+
+
+def test_mistral_default_sliding_window_names_the_fix() -> None:
+    # MistralConfig's default sliding_window is 4096: the error must say what to change.
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB}  # fmt: skip
+    config = transformers.MistralConfig(**sizes)
+    assert config.sliding_window == 4096
+    model = _model(dhf.configure(config, [8], [1]))
+    with pytest.raises(
+        ValueError, match=r"sliding_window = 4096.*set config\.sliding_window = None"
+    ):
+        model(_ids(1, 8))
+    config.sliding_window = None
+    assert model(_ids(1, 8)).logits.shape == (1, 8, VOCAB)
+
+
+def test_attention_mask_becomes_a_torch_style_key_padding_mask() -> None:
+    # transformers: 1 = real token; key_padding_mask: True = padding (converted here, once).
+    real = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    got = dhf.dilated_attention_mask(2, 4, attention_mask=real, q_offset=0, q_length=4)
+    assert got is not None and torch.equal(got, real == 0)
+    unpadded = torch.ones(2, 4, dtype=torch.long)
+    assert dhf.dilated_attention_mask(2, 4, attention_mask=unpadded, q_offset=0, q_length=4) is None
+
+
+def _run(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    return done.stdout.strip()
+
+
+def test_import_dilated_longnet_registers_when_transformers_is_imported() -> None:
+    # Forgetting `import dilated.longnet.hf` must not give transformers' generic error when
+    # transformers was imported first; without it, dilated.longnet never imports transformers.
+    registered = _run(
+        "import transformers, dilated.longnet\n"
+        "from transformers import AttentionInterface\n"
+        "from transformers.masking_utils import AttentionMaskInterface\n"
+        "print('dilated' in AttentionInterface._global_mapping,"
+        " 'dilated' in AttentionMaskInterface._global_mapping)"
+    )
+    assert registered == "True True"
+    assert _run("import sys, dilated.longnet; print('transformers' in sys.modules)") == "False"
 
 
 def test_cross_length_non_causal_call_is_rejected() -> None:
@@ -366,8 +413,8 @@ def test_gpu_attention_function_equals_dense_judge(
     v = torch.randn(2, kv_heads, 96, 64, generator=g, device="cuda").to(dtype)
     mask = None
     if padded:
-        mask = torch.ones(2, 96, dtype=torch.bool, device="cuda")
-        mask[1, :13] = False
+        mask = torch.zeros(2, 96, dtype=torch.bool, device="cuda")
+        mask[1, :13] = True
     out, _ = dhf.dilated_attention_forward(layer, q[:, :, 96 - n_q :], k, v, mask)
     want, _ = dense_dilated_attention(
         q.transpose(1, 2).double(),

@@ -73,8 +73,8 @@ def test_shapes_and_causality(ws: tuple[int, ...], rs: tuple[int, ...]) -> None:
 def test_key_padding_mask_hides_padded_tokens() -> None:
     layer = _layer((4, 8), (1, 2)).eval()
     x = torch.randn(2, 16, 32)
-    mask = torch.ones(2, 16, dtype=torch.bool)
-    mask[1, 12:] = False
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[1, 12:] = True  # PyTorch's convention: True = padding
     x2 = x.clone()
     x2[1, 12:] = 100 * torch.randn(4, 32)
     y, y2 = layer(x, src_key_padding_mask=mask), layer(x2, src_key_padding_mask=mask)
@@ -86,8 +86,8 @@ def test_decoder_cross_attention_over_memory_of_another_length() -> None:
     torch.manual_seed(0)
     layer = create_decoder_layer(segment_lengths=(4, 8), dilation_rates=(1, 2), **KW).eval()
     tgt, mem = torch.randn(2, 8, 32), torch.randn(2, 20, 32)
-    mmask = torch.ones(2, 20, dtype=torch.bool)
-    mmask[:, 15:] = False
+    mmask = torch.zeros(2, 20, dtype=torch.bool)
+    mmask[:, 15:] = True
     y = layer(tgt, mem, memory_key_padding_mask=mmask)
     assert y.shape == (2, 8, 32)
     mem2 = mem.clone()

@@ -127,9 +127,11 @@ def test_ulysses_head_slices_use_global_phases(
 
     ws, rs = [6, 12, 24], [1, 3, 4]
     x = make_inputs(2, 24, heads, 8, kv_heads=kv_heads, dtype=torch.float64, requires_grad=True)
+    # global_phase_attention takes the internal form (True = a key that may be attended); the
+    # judge, like every public op, PyTorch's (True = padding).
     mask = torch.rand(2, 24, generator=torch.Generator().manual_seed(3)) > 0.3
     ref, ref_lse = dense_dilated_attention(
-        x.q, x.k, x.v, ws, rs, is_causal=causal, key_padding_mask=mask
+        x.q, x.k, x.v, ws, rs, is_causal=causal, key_padding_mask=~mask
     )
     hl = heads // world
     sent = ulysses_kv_heads(heads, kv_heads, world)

@@ -122,7 +122,8 @@ class BaseDilatedAttention(nn.Module, ABC):
             key: ``(batch, seq, kv_heads, head_dim)``, ``heads % kv_heads == 0``.
             value: shaped like ``key``.
             is_causal: None uses ``config.is_causal``.
-            key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+            key_padding_mask: ``(batch, seq)``, PyTorch's convention: bool True (or float
+                ``-inf``) at the padding, which is ignored.
             cu_seqlens: a packed batch: ``(1, total, ...)`` inputs whose sequence ``i`` is rows
                 ``cu_seqlens[i]:cu_seqlens[i + 1]``, each attended alone (see
                 [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
@@ -352,7 +353,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
             key: ``(batch, seq, embed_dim)`` (same ``seq`` as ``query``).
             value: shaped like ``key``.
             is_causal: None uses ``attention_config.is_causal``.
-            key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+            key_padding_mask: ``(batch, seq)``, PyTorch's convention: bool True (or float
+                ``-inf``) at the padding, which is ignored.
             need_weights: must be False: the sparse weights are never materialised.
             attn_mask: must be None: express masks with ``is_causal``/``key_padding_mask``.
             cu_seqlens: a packed batch of sequences along ``seq`` of a batch of one, each
@@ -367,7 +369,7 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
             )
         if attn_mask is not None:
             raise ValueError(
-                "attn_mask is not supported; use is_causal and key_padding_mask (True = real token)"
+                "attn_mask is not supported; use is_causal and key_padding_mask (True = padding)"
             )
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):

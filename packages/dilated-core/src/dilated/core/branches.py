@@ -240,7 +240,8 @@ def run_branches(
         dilation_rates: the validated ``r_i``.
         scale: softmax scale.
         is_causal: causal masking inside each segment.
-        key_padding_mask: bool ``(batch, seq)``, True = real token, or None.
+        key_padding_mask: bool ``(batch, seq)`` in the internal form (True = a key that may be
+            attended, what [`prepare_call`][dilated.core.functional.prepare_call] returns), or None.
         dropout_p: dropout on the probabilities.
         dense: the dense kernel.
         work_dtype: dtype the inputs are cast to before ``dense`` (default: keep them).

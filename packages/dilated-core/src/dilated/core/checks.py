@@ -312,14 +312,36 @@ def check_attention_inputs(
         )
 
 
-def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
-    """Check a ``(batch, seq)`` boolean ``key_padding_mask`` (True = real token) against ``q``.
+def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """Check a ``(batch, seq)`` ``key_padding_mask`` against ``q``; return the keys that may be seen.
+
+    PyTorch's convention (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``): a bool
+    mask is True at the keys to *ignore* (padding); a float mask is ``-inf`` at the keys to
+    ignore and ``0`` at the others. Any other float value (an additive bias, which torch would
+    add to the scores) or NaN raises ``ValueError``: dilated attention takes no bias.
+
+    This is the one place the public convention is read. The result is the internal form every
+    kernel takes: bool ``(batch, seq)``, True at a key that may be attended (None stays None).
+    A row whose keys are all ignored is allowed: its queries get ``out = 0``, ``lse = -inf``
+    and zero gradients (see the docs' Errors page).
 
     ``q`` is the tensor whose ``(batch, seq)`` the mask covers: the queries of a self-attention
     call (whose keys have the same two sizes), the keys of a decoding step.
+
+    Args:
+        mask: None, bool ``(batch, seq)`` (True = ignored) or floating ``(batch, seq)``
+            (``-inf`` = ignored, ``0`` = attended), on ``q``'s device.
+        q: the tensor whose first two sizes the mask covers.
+
+    Returns:
+        None, or bool ``(batch, seq)``: True where a key may be attended (``~mask``).
+
+    Raises:
+        ArgumentTypeError: ``mask`` is not a tensor.
+        ValueError: wrong layout, dtype, shape or device, or a float value other than 0/-inf.
     """
     if mask is None:
-        return
+        return None
     if not isinstance(mask, torch.Tensor):
         raise ArgumentTypeError(
             f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}"
@@ -329,9 +351,10 @@ def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
             "key_padding_mask must be a dense tensor (layout torch.strided), got layout "
             f"{'nested' if mask.is_nested else mask.layout}"
         )
-    if mask.dtype != torch.bool:
+    if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(
-            f"key_padding_mask must be a bool tensor (True = real token), got {mask.dtype}"
+            "key_padding_mask must be a bool tensor (True = padding, ignored) or a float tensor "
+            f"(-inf = ignored, 0 = attended), as in torch.nn.MultiheadAttention; got {mask.dtype}"
         )
     if tuple(mask.shape) != (q.shape[0], q.shape[1]):
         raise ValueError(
@@ -340,6 +363,16 @@ def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> None:
         )
     if mask.device != q.device:
         raise ValueError(f"key_padding_mask must be on {q.device}, got {mask.device}")
+    if mask.dtype == torch.bool:
+        return ~mask
+    attended = mask == 0
+    # A float mask costs one device sync for this check; a bool mask costs none.
+    if not bool((attended | (mask == float("-inf"))).all()):
+        raise ValueError(
+            "a float key_padding_mask must hold only -inf (ignored key) and 0 (attended key); "
+            "dilated attention takes no additive bias. Pass a bool mask (True = padding) instead"
+        )
+    return attended
 
 
 def check_cu_seqlens(cu_seqlens: object, q: torch.Tensor) -> tuple[int, ...]:

@@ -38,8 +38,8 @@ def prepare_call(
     is_causal: bool = False,
     return_lse: bool = False,
     decoding: bool = False,
-) -> tuple[tuple[int, ...], tuple[int, ...], float]:
-    """Run every check of one dilated-attention call; return the branches and the scale.
+) -> tuple[tuple[int, ...], tuple[int, ...], float, torch.Tensor | None]:
+    """Run every check of one dilated-attention call; return the branches, scale and key mask.
 
     Shared by every backend's public op, and by the one-query decoding step of dilated-longnet,
     so that they accept and reject exactly the same inputs. ``check_finite_inputs`` is resolved
@@ -47,17 +47,24 @@ def prepare_call(
     environment). ``decoding``: ``q`` is one query row ``(batch, 1, heads, head_dim)`` over all
     of ``k``'s positions, and ``key_padding_mask`` covers ``k``'s ``(batch, seq)`` (see
     [`check_attention_inputs`][dilated.core.checks.check_attention_inputs]).
+
+    Returns:
+        ``(segment_lengths, dilation_rates, scale, key_mask)``: ``key_mask`` is the public
+        ``key_padding_mask`` (PyTorch's convention: True or ``-inf`` = ignored) converted once,
+        by [`check_key_padding_mask`][dilated.core.checks.check_key_padding_mask], into the
+        internal form every implementation takes: bool ``(batch, seq)``, True = a key that may
+        be attended; or None.
     """
     check_attention_inputs(q, k, v, decoding=decoding)
     ws, rs = check_branches(segment_lengths, dilation_rates)
     # The keys' (batch, seq): q's too, except in a decoding step.
-    check_key_padding_mask(key_padding_mask, k)
+    key_mask = check_key_padding_mask(key_padding_mask, k)
     check_dropout("dropout_p", dropout_p)
     check_bool("is_causal", is_causal)
     check_bool("return_lse", return_lse)
     if resolve_check_finite(check_finite_inputs):
         check_finite(q=q, k=k, v=v)
-    return ws, rs, check_scale(scale, q.shape[-1])
+    return ws, rs, check_scale(scale, q.shape[-1]), key_mask
 
 
 @overload
@@ -124,7 +131,10 @@ def dilated_attention(
             positions ``t`` with ``t mod r_i == j mod r_i``.
         scale: softmax scale, default ``head_dim ** -0.5``.
         is_causal: query ``t`` sees only keys ``u <= t``.
-        key_padding_mask: bool ``(batch, seq)``, True for real tokens; padded keys are never seen.
+        key_padding_mask: ``(batch, seq)``, PyTorch's convention (``nn.MultiheadAttention``):
+            bool with True at the keys to ignore (padding), or float with ``-inf`` at the keys
+            to ignore and ``0`` elsewhere; ignored keys are never seen. A row whose keys are
+            all ignored gives ``out = 0`` and ``lse = -inf`` (finite, zero gradients).
         dropout_p: dropout on the attention probabilities (pass 0 in evaluation).
         return_lse: also return the merged log-sum-exp.
         check_finite: raise ``ValueError`` when q, k or v holds NaN or Inf (one pass over the
@@ -143,7 +153,7 @@ def dilated_attention(
 
     Half-precision inputs are computed in float32 and the output rounded once at the end.
     """
-    ws, rs, softmax_scale = prepare_call(
+    ws, rs, softmax_scale, key_mask = prepare_call(
         q,
         k,
         v,
@@ -164,7 +174,7 @@ def dilated_attention(
         cu_seqlens,
         scale=softmax_scale,
         is_causal=is_causal,
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=key_mask,
         dropout_p=dropout_p,
     )
     return (out, lse) if return_lse else out

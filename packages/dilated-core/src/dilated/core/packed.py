@@ -43,7 +43,8 @@ def packed_attention(
         q, k, v: the packed inputs.
         bounds: the validated ``cu_seqlens`` (see
             [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
-        key_padding_mask: bool ``(1, total)``, True for real tokens, or None.
+        key_padding_mask: bool ``(1, total)`` in the internal form (True = a key that may be
+            attended) that [`prepare_call`][dilated.core.functional.prepare_call] returns, or None.
         options: passed to every call.
 
     Returns:

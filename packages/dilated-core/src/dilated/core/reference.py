@@ -302,7 +302,9 @@ def dilated_attention_reference(
         dilation_rates: ``r_i`` of each branch (already validated).
         scale: softmax scale.
         is_causal: as in [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention].
-        key_padding_mask: as in [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention].
+        key_padding_mask: bool ``(batch, seq)`` in the internal form (True = a key that may be
+            attended: the public mask converted by
+            [`prepare_call`][dilated.core.functional.prepare_call]), or None.
         dropout_p: as in [`dilated.core.dilated_attention`][dilated.core.functional.dilated_attention].
 
     Returns:

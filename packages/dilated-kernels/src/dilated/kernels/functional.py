@@ -81,7 +81,9 @@ def dilated_attention(
         dilation_rates: ``r_i`` of each branch, ``w_i % r_i == 0``.
         scale: softmax scale, default ``head_dim ** -0.5``.
         is_causal: query ``t`` sees only keys ``u <= t``.
-        key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+        key_padding_mask: ``(batch, seq)``, PyTorch's convention: bool True (or float
+            ``-inf``) at the keys to ignore (padding); see
+            [`check_key_padding_mask`][dilated.core.checks.check_key_padding_mask].
         dropout_p: dropout on the attention probabilities.
         return_lse: also return the merged log-sum-exp.
         backend: ``"auto"``, ``"cudnn"``, ``"triton"``, ``"flash"`` (flash-attn-4), ``"sdpa"`` or
@@ -106,7 +108,7 @@ def dilated_attention(
     """
     # Inputs first: the backend choice reads them (``q.is_cuda``), so a bad one would otherwise
     # fail there with an AttributeError instead of a message naming it.
-    ws, rs, softmax_scale = prepare_call(
+    ws, rs, softmax_scale, key_mask = prepare_call(
         q,
         k,
         v,
@@ -119,7 +121,7 @@ def dilated_attention(
         is_causal=is_causal,
         return_lse=return_lse,
     )
-    forward = backend_forward(backend, q, k, key_padding_mask, dropout_p)
+    forward = backend_forward(backend, q, k, key_mask, dropout_p)
     out, lse = attend_packed(
         functools.partial(forward, segment_lengths=ws, dilation_rates=rs),
         q,
@@ -128,7 +130,7 @@ def dilated_attention(
         cu_seqlens,
         scale=softmax_scale,
         is_causal=is_causal,
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=key_mask,
         dropout_p=dropout_p,
     )
     return (out, lse) if return_lse else out

@@ -59,8 +59,11 @@ def dilated_attention_forward(
     Args:
         q: ``(batch, seq, heads, head_dim)``.
         k, v: ``(batch, seq, kv_heads, head_dim)``.
-        segment_lengths, dilation_rates, scale, is_causal, key_padding_mask: validated, as in
+        segment_lengths, dilation_rates, scale, is_causal: validated, as in
             [`dilated_attention`][dilated.kernels.dilated_attention].
+        key_padding_mask: bool ``(batch, seq)`` in the internal form (True = a key that may be
+            attended) that [`prepare_call`][dilated.core.functional.prepare_call] makes of the
+            public mask, or None.
         dropout_p: dropout on the probabilities; needs ``dropout_seed``.
         dropout_seed: the seed the dropout masks are drawn from (give the same one to
             [`dilated_attention_backward`][dilated.kernels.partial.dilated_attention_backward]).

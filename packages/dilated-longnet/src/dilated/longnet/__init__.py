@@ -2,7 +2,15 @@
 
 Layers and models take their attention from the core factory by ``attention_type`` (any kind
 registered in the ``dilated.attention`` entry points).
+
+When transformers is already imported, importing this package also registers the Hugging Face
+attention ``"dilated"`` (as ``import dilated.longnet.hf`` does), so that
+``attn_implementation="dilated"`` does not fail with transformers' generic "not supported".
+transformers is never imported here otherwise: it costs seconds.
 """
+
+import contextlib
+import sys
 
 from dilated.longnet.config import LONGNET_PRESETS, LongNetConfig, TransformerLayerConfig
 from dilated.longnet.generation import generate
@@ -39,3 +47,8 @@ __all__ = [
     "generate",
     "magneto_gain",
 ]
+
+if "transformers" in sys.modules:
+    # A transformers older than its mask interface (4.53) has nothing to register with.
+    with contextlib.suppress(ImportError):
+        import dilated.longnet.hf  # noqa: F401  (registers "dilated" with transformers)

@@ -18,7 +18,9 @@ The branches are read from the model config's ``dilated_segment_lengths`` and
 
 Masks: causal attention with an optional key padding mask (the 2D ``attention_mask`` of
 transformers, 1 for real tokens) is supported; transformers hands it over as ``(batch, kv_len)``,
-never as a quadratic 4D mask. A 4D mask given by the caller, packed sequences, sliding windows,
+never as a quadratic 4D mask. It is converted once, in
+[`dilated_attention_mask`][dilated.longnet.hf.dilated_attention_mask], into this library's
+``key_padding_mask`` (PyTorch's convention: True = padding, ignored). A 4D mask given by the caller, packed sequences, sliding windows,
 logit soft-capping, attention sinks and static (preallocated) caches raise ``ValueError``.
 
 Positions: dilated segments are counted from the first key slot, so left padding counts as
@@ -228,9 +230,9 @@ def dilated_attention_forward(
             attention is computed without repeating the keys). With a cache, the keys cover the
             whole prefix and the queries are its last ``q_len`` positions.
         value: shaped like ``key``.
-        attention_mask: None, or the bool ``(batch, kv_len)`` key padding mask (True for real
-            tokens) that [`dilated_attention_mask`][dilated.longnet.hf.dilated_attention_mask]
-            builds.
+        attention_mask: None, or the bool ``(batch, kv_len)`` key padding mask that
+            [`dilated_attention_mask`][dilated.longnet.hf.dilated_attention_mask] builds from
+            transformers' 2D mask: PyTorch's convention, True at the padding (ignored).
         dropout: dropout on the attention probabilities.
         scaling: softmax scale, default ``head_dim ** -0.5``.
         **kwargs: the other keywords of transformers (``position_ids``, ...); ``softcap``,
@@ -263,8 +265,8 @@ def dilated_attention_forward(
         raise ValueError(
             f"attn_implementation={ATTENTION_NAME!r} supports only a key padding mask, bool "
             f"(batch, kv_len) = {(b, n_kv)}, got {attention_mask.dtype} "
-            f"{tuple(attention_mask.shape)}: pass the 2D attention_mask of transformers (1 for "
-            "real tokens), not a 4D mask"
+            f"{tuple(attention_mask.shape)} (True = padding): pass the 2D attention_mask of "
+            "transformers (1 for real tokens), not a 4D mask"
         )
     if n_q == n_kv:
         return (
@@ -330,19 +332,29 @@ def dilated_attention_mask(
         kv_length: keys the attention will see.
         kv_offset: position of the first key; only 0 (no sliding window cache) is supported.
         mask_function: the mask pattern; only transformers' plain causal pattern is supported.
-        attention_mask: None, or the bool ``(batch, kv_length)`` padding mask, True for real tokens.
+        attention_mask: None, or transformers' ``(batch, kv_length)`` mask, 1/True for real
+            tokens (its convention, the opposite of ``key_padding_mask``'s).
         **kwargs: the rest of transformers' mask arguments; the query offset (``q_offset`` and
             ``q_length``, or ``cache_position`` in transformers 4) must put the last query at
             the last key.
 
     Returns:
-        None, or bool ``(batch, kv_length)``.
+        None, or the bool ``(batch, kv_length)`` ``key_padding_mask``, True at the padding
+        (PyTorch's convention): transformers' mask converted, here and only here.
 
     Raises:
-        ValueError: a pattern other than causal with key padding, or a cache whose keys do not
-            end at the last query (static or sliding-window caches).
+        ValueError: a pattern other than causal with key padding (a sliding window names
+            ``config.sliding_window``), or a cache whose keys do not end at the last query
+            (static or sliding-window caches).
     """
     if mask_function is not causal_mask_function:
+        window = _sliding_window(kwargs)
+        if window is not None:
+            raise ValueError(
+                f"attn_implementation={ATTENTION_NAME!r} does not support sliding-window "
+                f"attention (config.sliding_window = {window}; Mistral configs default to 4096): "
+                "set config.sliding_window = None before building the model"
+            )
         raise ValueError(
             f"attn_implementation={ATTENTION_NAME!r} supports causal attention with key padding "
             f"only, not the mask pattern {getattr(mask_function, '__name__', mask_function)!r} "
@@ -365,14 +377,26 @@ def dilated_attention_mask(
         )
     if attention_mask is None:
         return None
-    mask = attention_mask[:, -kv_length:].to(torch.bool)
-    if mask.shape[1] != kv_length:
+    # transformers: 1 = real token; key_padding_mask (PyTorch's convention): True = padding.
+    padding = ~attention_mask[:, -kv_length:].to(torch.bool)
+    if padding.shape[1] != kv_length:
         raise ValueError(
-            f"attention_mask covers {mask.shape[1]} positions, the keys {kv_length}: it must be "
-            "(batch, past + new tokens)"
+            f"attention_mask covers {padding.shape[1]} positions, the keys {kv_length}: it must "
+            "be (batch, past + new tokens)"
         )
     # One read per forward buys the fastest backend (most take no mask) for unpadded batches.
-    return None if bool(mask.all()) else mask
+    return padding if bool(padding.any()) else None
+
+
+def _sliding_window(kwargs: dict[str, Any]) -> int | None:
+    """The sliding window of a mask call, or None: transformers passes it as ``local_size``
+    (for sdpa) with the model config, whose ``sliding_window`` names it for the user."""
+    config = kwargs.get("config")
+    window = getattr(config, "sliding_window", None)
+    local = kwargs.get("local_size")
+    if window is not None and (local is None or local == window):
+        return int(window)
+    return None
 
 
 AttentionInterface.register(ATTENTION_NAME, dilated_attention_forward)

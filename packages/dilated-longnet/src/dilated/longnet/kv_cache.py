@@ -166,7 +166,8 @@ def dilated_attention_at(
         position: absolute position of the query (and index of its own key).
         segment_lengths, dilation_rates: the branches.
         scale: softmax scale, default ``head_dim ** -0.5``.
-        key_padding_mask: bool ``(batch, n)``, True for real tokens; padded keys are never seen.
+        key_padding_mask: ``(batch, n)``, PyTorch's convention: bool True (or float ``-inf``)
+            at the keys to ignore (padding); ignored keys are never seen.
 
     Returns:
         ``(batch, 1, heads, head_dim)`` in the dtype of ``q``: row ``position`` of a causal call
@@ -177,7 +178,7 @@ def dilated_attention_at(
             same checks: branch lists, grouped heads, dtypes, devices, scale, mask), a ``q``
             of more than one row, and a ``position`` that is not an int in ``[0, n)``.
     """
-    ws, rs, sc = prepare_call(
+    ws, rs, sc, key_mask = prepare_call(
         q,
         k,
         v,
@@ -195,7 +196,7 @@ def dilated_attention_at(
     check_index("position", position, k.shape[1], f"k holds {k.shape[1]} positions")
     slots = decode_slots(ws, rs, q.shape[2], q.device)
     t = torch.tensor(position, dtype=torch.int64).to(q.device, non_blocking=True)
-    return decode_step(q, k, v, t, slots, scale=sc, key_padding_mask=key_padding_mask)
+    return decode_step(q, k, v, t, slots, scale=sc, key_mask=key_mask)
 
 
 class DecodeSlots:
@@ -250,7 +251,7 @@ def decode_step(
     slots: DecodeSlots,
     *,
     scale: float,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step on validated inputs: ONE attention over the gathered keys.
 
@@ -266,7 +267,9 @@ def decode_step(
         slots: [`decode_slots`][dilated.longnet.kv_cache.decode_slots] of the branches and the
             query heads.
         scale: softmax scale.
-        key_padding_mask: bool ``(batch, n)``, True for real tokens.
+        key_mask: None, or bool ``(batch, n)``, True at a key that may be attended: the
+            internal form [`prepare_call`][dilated.core.functional.prepare_call] makes of a
+            public ``key_padding_mask`` (whose True means *ignored*).
 
     Returns:
         ``(batch, 1, heads, head_dim)`` in the dtype of ``q`` (0 for a head that sees no key).
@@ -279,8 +282,8 @@ def decode_step(
     # A slot holds a key when it is at or before t (and not padding); a head reads it when the
     # head is in the slot's phase.
     present = (index <= t)[None, :]  # (1 or batch, slots)
-    if key_padding_mask is not None:
-        present = present & key_padding_mask.index_select(1, index_c)
+    if key_mask is not None:
+        present = present & key_mask.index_select(1, index_c)
     in_phase = slots.head_phase == (t % slots.r)[None, :]  # (h, slots)
     work = compute_dtype(q.dtype)  # float32 for 16-bit inputs, else their own
     keys = k.index_select(1, index_c).to(work)  # (b, slots, hkv, d)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dilated.core.base import BaseMultiheadDilatedAttention
-from dilated.core.checks import ArgumentTypeError, check_bool
+from dilated.core.checks import ArgumentTypeError, check_bool, check_key_padding_mask
 from dilated.core.registry import create_multihead_dilated_attention
 from dilated.longnet.config import TransformerLayerConfig
 from dilated.longnet.kv_cache import LayerKVCache, cached_dilated_attention
@@ -50,34 +50,6 @@ def warn_old_call(message: str) -> None:
 #: Default of ``tgt_mask``/``memory_mask``: tells a call of ``torch.nn.TransformerDecoder``
 #: (which always passes them) from a direct call.
 _NOT_GIVEN: Any = object()
-
-
-def _keep_mask(mask: torch.Tensor | None, name: str, *, torch_call: bool) -> torch.Tensor | None:
-    """A ``(batch, seq)`` key padding mask as bool, True for real tokens.
-
-    A bool mask already means that. A float mask is torch's additive form (0 keeps a key,
-    ``-inf`` drops it), which ``torch.nn.TransformerEncoder`` makes of its bool masks before
-    calling its layers. Inside ``torch.nn.TransformerDecoder`` (``torch_call``) a bool mask is
-    refused: it arrives in torch's convention, True = padding, the opposite of this library's.
-    """
-    if mask is None or not isinstance(mask, torch.Tensor):
-        return mask
-    if mask.dtype == torch.bool:
-        if torch_call:
-            raise ValueError(
-                f"{name}: inside torch.nn.TransformerDecoder a bool key padding mask is ambiguous "
-                "(torch: True = padding; dilated: True = real token); pass the additive float "
-                "form (0 = keep, -inf = padding) or call the layers directly"
-            )
-        return mask
-    if not mask.is_floating_point():
-        raise ValueError(f"{name} must be a bool or an additive float mask, got {mask.dtype}")
-    keep = mask == 0
-    if not bool((keep | (mask == float("-inf"))).all()):
-        raise ValueError(
-            f"{name}: an additive float mask may only hold 0 (keep) and -inf (padding)"
-        )
-    return keep
 
 
 def _no_attn_mask(mask: Any, name: str, is_causal: bool, flag: str) -> None:
@@ -227,7 +199,7 @@ class CrossAttention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """``x`` ``(batch, n, d_model)``, ``memory`` ``(batch, m, d_model)``, mask ``(batch, m)``
-        True for real memory tokens; returns ``(batch, n, d_model)``. ``is_causal``: position
+        in PyTorch's convention (bool True or float ``-inf`` at ignored memory tokens); returns ``(batch, n, d_model)``. ``is_causal``: position
         ``i`` attends memory positions ``<= i`` only (needs ``m == n``)."""
         check_layer_input("memory", memory, x.shape[-1], ("the decoder input", x.shape[0]))
         b, n, d = x.shape
@@ -240,17 +212,14 @@ class CrossAttention(nn.Module):
         q = self.q_proj(x).view(b, n, h, d // h).transpose(1, 2)
         k = self.k_proj(memory).view(b, m, h, d // h).transpose(1, 2)
         v = self.v_proj(memory).view(b, m, h, d // h).transpose(1, 2)
-        mask = None
-        if memory_key_padding_mask is not None:
-            if (
-                memory_key_padding_mask.shape != (b, m)
-                or memory_key_padding_mask.dtype != torch.bool
-            ):
-                raise ValueError(
-                    f"memory_key_padding_mask must be bool (batch, memory_seq) = {(b, m)}, got "
-                    f"{memory_key_padding_mask.dtype} {tuple(memory_key_padding_mask.shape)}"
-                )
-            mask = memory_key_padding_mask[:, None, None, :]
+        try:
+            keep = check_key_padding_mask(memory_key_padding_mask, memory)
+        except ValueError as exc:
+            raise ValueError(
+                str(exc).replace("key_padding_mask", "memory_key_padding_mask")
+            ) from None
+        # SDPA's bool attn_mask is True where a key takes part: the internal form.
+        mask = None if keep is None else keep[:, None, None, :]
         if is_causal:
             causal = torch.ones(n, m, dtype=torch.bool, device=x.device).tril()
             mask = causal if mask is None else mask & causal
@@ -381,9 +350,9 @@ class DilatedTransformerEncoderLayer(nn.Module):
         Args:
             src: ``(batch, seq, d_model)``.
             is_causal: causal dilated self-attention.
-            src_key_padding_mask: ``(batch, seq)``: bool, True for real tokens, or torch's
-                additive float form (0 = keep, -inf = padding), which
-                ``torch.nn.TransformerEncoder`` passes.
+            src_key_padding_mask: ``(batch, seq)``, PyTorch's convention: bool with True at
+                the padding (ignored keys), or the float form (``-inf`` = ignored, 0 = attended)
+                that ``torch.nn.TransformerEncoder`` passes.
             src_mask: None, or a causal mask together with ``is_causal=True`` (what
                 ``torch.nn.TransformerEncoder`` passes); other masks raise ``ValueError``.
             rotary: rotate q and k with this embedding (positions ``offset..offset+seq``).
@@ -397,8 +366,8 @@ class DilatedTransformerEncoderLayer(nn.Module):
         check_layer_input("src", src, self.config.d_model)
         check_bool("is_causal", is_causal)
         _no_attn_mask(src_mask, "src_mask", is_causal, "is_causal")
-        mask = _keep_mask(src_key_padding_mask, "src_key_padding_mask", torch_call=False)
-        x = self._self_block(src, is_causal, mask, rotary, cache, offset)
+        # The attention op reads the mask (PyTorch's convention) in dilated.core.checks.
+        x = self._self_block(src, is_causal, src_key_padding_mask, rotary, cache, offset)
         return x + self._ff(self.norm2(x))
 
 
@@ -489,16 +458,14 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
             memory: encoder output ``(batch, memory_seq, d_model)``; required with
                 cross-attention, must be None without.
             tgt_is_causal: causal dilated self-attention (default True; None means True).
-            tgt_key_padding_mask: ``(batch, seq)``, bool True for real tokens or the additive
-                float form (0 = keep, -inf = padding). A bool in this place is 0.2.0's
-                positional ``memory_is_causal`` (deprecated: pass it by keyword).
+            tgt_key_padding_mask: ``(batch, seq)``, PyTorch's convention: bool True (or float
+                ``-inf``) at the padding, which is ignored. A Python bool in this place is
+                0.2.0's positional ``memory_is_causal`` (deprecated: pass it by keyword).
             memory_key_padding_mask: ``(batch, memory_seq)``, like ``tgt_key_padding_mask``.
             memory_is_causal: cross-attention from position ``i`` to memory positions ``<= i``
                 only (0.2.0's causal cross-attention; needs ``memory_seq == seq``).
             tgt_mask, memory_mask: what ``torch.nn.TransformerDecoder`` passes: None, or a
-                causal mask together with ``tgt_is_causal``/``memory_is_causal``. When they are
-                passed, bool key padding masks are refused (torch's bool masks mean True =
-                padding): give the float form there.
+                causal mask together with ``tgt_is_causal``/``memory_is_causal``.
             rotary, cache, offset: as in [`DilatedTransformerEncoderLayer.forward`][dilated.longnet.layers.DilatedTransformerEncoderLayer.forward].
 
         Returns:
@@ -512,20 +479,17 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
                 "positional argument is tgt_key_padding_mask)"
             )
             memory_is_causal, tgt_key_padding_mask = tgt_key_padding_mask, None
-        torch_call = tgt_mask is not _NOT_GIVEN or memory_mask is not _NOT_GIVEN
         causal = True if tgt_is_causal is None else check_bool("tgt_is_causal", tgt_is_causal)
         _no_attn_mask(tgt_mask, "tgt_mask", causal, "tgt_is_causal")
         _no_attn_mask(memory_mask, "memory_mask", memory_is_causal, "memory_is_causal")
-        tgt_keep = _keep_mask(tgt_key_padding_mask, "tgt_key_padding_mask", torch_call=torch_call)
-        memory_keep = _keep_mask(
-            memory_key_padding_mask, "memory_key_padding_mask", torch_call=torch_call
-        )
-        x = self._self_block(tgt, causal, tgt_keep, rotary, cache, offset)
+        x = self._self_block(tgt, causal, tgt_key_padding_mask, rotary, cache, offset)
         if self.cross_attn is not None and self.norm_cross is not None:
             if memory is None:
                 raise ValueError("memory is required by a decoder layer with cross-attention")
             x = x + self.dropout(
-                self.cross_attn(self.norm_cross(x), memory, memory_keep, memory_is_causal)
+                self.cross_attn(
+                    self.norm_cross(x), memory, memory_key_padding_mask, memory_is_causal
+                )
             )
         elif memory is not None:
             raise ValueError("memory was given to a decoder layer built with cross_attention=False")

@@ -213,7 +213,8 @@ class LongNet(nn.Module):
             src: ``(batch, src_seq, d_model)``.
             tgt: ``(batch, tgt_seq, d_model)`` or None. A bool here is 0.2.0's positional
                 ``is_causal`` (deprecated: pass it by keyword).
-            src_key_padding_mask, tgt_key_padding_mask: bool, True for real tokens.
+            src_key_padding_mask, tgt_key_padding_mask: ``(batch, seq)``, PyTorch's
+                convention: bool True (or float ``-inf``) at the padding, which is ignored.
             is_causal: None (default): a bidirectional encoder, a causal decoder and dense
                 cross-attention. True: 0.2.0's meaning, causal everywhere (encoder, decoder, and
                 cross-attention from position ``i`` to memory positions ``<= i``; needs
@@ -354,7 +355,8 @@ class LongNetLM(nn.Module):
 
         Args:
             input_ids: int64 ``(batch, seq)``, ids in ``[0, num_tokens)``.
-            key_padding_mask: bool ``(batch, seq)``, True for real tokens (not with ``cache``).
+            key_padding_mask: ``(batch, seq)``, PyTorch's convention: bool True (or float
+                ``-inf``) at the padding, which is ignored (not with ``cache``).
                 A bool here is 0.2.0's positional ``is_causal``.
             cache: a [`KVCache`][dilated.longnet.kv_cache.KVCache] from [`new_cache`][dilated.longnet.models.LongNetLM.new_cache]; the tokens are taken to follow the
                 ``cache.length`` tokens already in it, and are appended to it.

@@ -86,7 +86,7 @@ def ring_dilated_attention(
             be a multiple of it.
         scale: softmax scale (default ``head_dim ** -0.5``).
         is_causal: causal attention in global positions.
-        key_padding_mask: this rank's ``(batch, seq / P)`` bool shard (True = real token),
+        key_padding_mask: this rank's ``(batch, seq / P)`` shard in PyTorch's convention (bool True or float ``-inf`` = ignored),
             sharded like ``q``, or None. Gathered once (``batch * seq / P`` bytes per rank).
         dropout_p: dropout on the attention probabilities (every strategy). The masks are drawn
             per dense call from a seed taken from torch's default generator, so a call is
@@ -166,7 +166,7 @@ def ring_dilated_attention(
             rs,
             scale=sc,
             is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
+            key_padding_mask=call.key_mask,
             dropout_p=dropout_p,
             load_balance=load_balance,
             rank=rank,
@@ -186,7 +186,7 @@ def ring_dilated_attention(
         rs,
         scale=sc,
         is_causal=is_causal,
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=call.key_mask,
         dropout_p=dropout_p,
         load_balance=load_balance,
         strategy=strategy,

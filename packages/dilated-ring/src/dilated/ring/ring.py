@@ -672,7 +672,7 @@ def ring_forward(
         plan: the call.
         q, k, v: this rank's shards ``(batch, seq / P, heads | kv_heads, head_dim)``.
         comm: the transport of ``plan.group``.
-        key_mask: the whole-sequence ``(batch, seq)`` key padding mask (True = real) or None.
+        key_mask: the whole-sequence ``(batch, seq)`` key mask in the internal form (True = a key that may be attended) or None.
         key_mask_shard: this rank's ``(batch, seq / P)`` rows of it.
 
     Returns:

@@ -138,8 +138,10 @@ def global_phase_attention(
             ``head_offset + j`` and takes the phase ``(head_offset + j) mod r_i``.
         k, v: ``(batch, seq, kv_heads_local, head_dim)``; local query head ``j`` reads local kv
             head ``j // (heads_local // kv_heads_local)``.
-        segment_lengths, dilation_rates, scale, is_causal, key_padding_mask, dropout_p: validated
-            arguments as in [`dilated_attention`][dilated.core.functional.dilated_attention].
+        segment_lengths, dilation_rates, scale, is_causal, dropout_p: validated arguments as in
+            [`dilated_attention`][dilated.core.functional.dilated_attention].
+        key_padding_mask: bool ``(batch, seq)`` in the internal form (True = a key that may be
+            attended) that [`prepare_call`][dilated.core.functional.prepare_call] returns, or None.
 
     Returns:
         ``(out, lse)``: ``out`` like ``q`` in q's dtype (differentiable), ``lse``
@@ -147,10 +149,12 @@ def global_phase_attention(
     """
     aligned = all(head_offset % r == 0 for r in dilation_rates)
     if aligned and dropout_p == 0.0:
-        # Local and global phases agree: the single-GPU op as it is, with its own autograd.
+        # Local and global phases agree: the single-GPU op as it is, with its own autograd. It
+        # is public, so it takes the public mask (True = padding) and converts it back itself.
+        padding = None if key_padding_mask is None else ~key_padding_mask
         out, lse = kernels_dilated_attention(
             q, k, v, segment_lengths, dilation_rates, scale=scale, is_causal=is_causal,
-            key_padding_mask=key_padding_mask, return_lse=True, check_finite=False,
+            key_padding_mask=padding, return_lse=True, check_finite=False,
         )  # fmt: skip
         return out, lse
     options = {
@@ -190,7 +194,9 @@ def ulysses_attention(
         k, v: ``(batch, seq / P, kv_heads, head_dim)``.
         segment_lengths, dilation_rates, scale, is_causal, dropout_p: validated, as in
             [`dilated.core.functional.dilated_attention`][dilated.core.functional.dilated_attention].
-        key_padding_mask: this rank's ``(batch, seq / P)`` bool mask or None; gathered once.
+        key_padding_mask: this rank's ``(batch, seq / P)`` bool mask in the internal form (True =
+            a key that may be attended, as [`CheckedCall.key_mask`][dilated.ring.validation.CheckedCall]
+            holds it) or None; gathered once.
         load_balance: the sharding of q/k/v (any of [`dilated.ring.sharding`][dilated.ring.sharding]).
         rank, world_size: this rank in ``comm.group`` and its size.
         comm: transfers (timeout, byte counters).

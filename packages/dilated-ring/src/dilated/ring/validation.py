@@ -184,12 +184,16 @@ def check_branch_layout(
 @dataclass(frozen=True)
 class CheckedCall:
     """What [`check_call`][dilated.ring.validation.check_call] returns: the branches as tuples of
-    ints, the softmax scale and the timeout, all checked (and equal on every rank)."""
+    ints, the softmax scale and the timeout, all checked (and equal on every rank), and this
+    rank's key mask in the internal form (bool, True = a key that may be attended; None without
+    a ``key_padding_mask``), converted once by
+    [`prepare_call`][dilated.core.functional.prepare_call]."""
 
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
     scale: float
     timeout_s: float | None
+    key_mask: torch.Tensor | None = None
 
 
 def _option(values: object) -> object:
@@ -255,7 +259,7 @@ def check_call(
     def local_checks() -> None:
         if timeout_error is not None:
             raise timeout_error
-        ws, rs, softmax_scale = prepare_call(
+        ws, rs, softmax_scale, key_mask = prepare_call(
             q,
             k,
             v,
@@ -268,7 +272,7 @@ def check_call(
             is_causal=is_causal,
             return_lse=return_lse,
         )
-        call = CheckedCall(ws, rs, softmax_scale, timeout)
+        call = CheckedCall(ws, rs, softmax_scale, timeout, key_mask)
         if checks is not None:
             checks(call)
         checked.append(call)

@@ -433,7 +433,7 @@ def block_sparse_ring_dilated_attention(
             single-process op, identical on every rank (see
             `check_sharding` for the segments that
             can be split); a custom layout must resolve to the same tables on every rank.
-        key_padding_mask: this rank's ``(batch, seq / P)`` bool shard (True = real token) or
+        key_padding_mask: this rank's ``(batch, seq / P)`` shard in PyTorch's convention (bool True or float ``-inf`` = ignored) or
             None; gathered once (``batch * seq / P`` bytes per rank) when a branch spans ranks.
         dropout_p: dropout on the probabilities; each rank draws its seed from torch's default
             generator (its masks differ from the single-process op's).
@@ -489,7 +489,7 @@ def block_sparse_ring_dilated_attention(
     if world == 1:
         out, lse = sparse_op(
             q, k, v, call.segment_lengths, call.dilation_rates, resolved.key, call.scale,
-            is_causal, key_padding_mask, dropout_p,
+            is_causal, call.key_mask, dropout_p,
         )  # fmt: skip
         return (out, lse) if return_lse else out
     _, shard, heads, _ = q.shape
@@ -497,9 +497,9 @@ def block_sparse_ring_dilated_attention(
     seed = dropout_seed_value(draw_dropout_seed(dropout_p))
     timeout = call.timeout_s
     run = _Call(sh, resolved.layouts, tuple(spanning), call.scale, group, timeout, dropout_p, seed)
-    whole_mask = None
-    if key_padding_mask is not None and any(spanning):
+    key_mask, whole_mask = call.key_mask, None
+    if key_mask is not None and any(spanning):
         comm = make_comm(group, timeout)
-        whole_mask = gather_key_padding_mask(key_padding_mask, "contiguous", world, comm)
-    out, lse = _ShardedBlockSparse.apply(q, k, v, run, key_padding_mask, whole_mask)
+        whole_mask = gather_key_padding_mask(key_mask, "contiguous", world, comm)
+    out, lse = _ShardedBlockSparse.apply(q, k, v, run, key_mask, whole_mask)
     return (out, lse) if return_lse else out

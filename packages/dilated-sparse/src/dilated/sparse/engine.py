@@ -563,8 +563,10 @@ def block_sparse_forward(
         layouts: every branch's layout
             ([`resolve_layouts`][dilated.core.sparsity.resolve_layouts]).
         block_size: rows per block.
-        scale, is_causal, key_padding_mask: as in
+        scale, is_causal: as in
             [`block_sparse_dilated_attention`][dilated.sparse.block_sparse_dilated_attention].
+        key_padding_mask: bool ``(batch, seq)`` in the internal form (True = a key that may be
+            attended) that [`prepare_call`][dilated.core.functional.prepare_call] returns, or None.
         dropout_p: dropout on the probabilities; needs ``dropout_seed``.
         dropout_seed: seed of the first call's dropout mask (call ``i`` uses ``seed + i``).
 

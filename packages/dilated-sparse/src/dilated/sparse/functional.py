@@ -362,7 +362,9 @@ def block_sparse_dilated_attention(
         sparse_config: the layout ([`SparsePatternConfig`][dilated.core.config.SparsePatternConfig]).
         scale: softmax scale, default ``head_dim ** -0.5``.
         is_causal: query ``t`` sees only keys ``u <= t``.
-        key_padding_mask: bool ``(batch, seq)``, True for real tokens.
+        key_padding_mask: ``(batch, seq)``, PyTorch's convention: bool True (or float
+            ``-inf``) at the keys to ignore (padding); see
+            [`check_key_padding_mask`][dilated.core.checks.check_key_padding_mask].
         dropout_p: dropout on the attention probabilities (pass 0 in evaluation).
         return_lse: also return the merged log-sum-exp (not differentiable).
         check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a device sync); None
@@ -412,7 +414,7 @@ def attention_by_key(
     the layout given by its [`layout_key`][dilated.sparse.functional.layout_key] (made for these
     branches): what the modules call, so that ``torch.compile`` sees a string, not a config
     object."""
-    ws, rs, softmax_scale = prepare_call(
+    ws, rs, softmax_scale, key_mask = prepare_call(
         q,
         k,
         v,
@@ -425,9 +427,7 @@ def attention_by_key(
         is_causal=is_causal,
         return_lse=return_lse,
     )
-    out, lse = sparse_op(
-        q, k, v, ws, rs, layout_key, softmax_scale, is_causal, key_padding_mask, dropout_p
-    )
+    out, lse = sparse_op(q, k, v, ws, rs, layout_key, softmax_scale, is_causal, key_mask, dropout_p)
     return (out, lse) if return_lse else out
 
 

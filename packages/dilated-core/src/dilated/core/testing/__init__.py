@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dilated.core.checks import check_key_padding_mask
 from dilated.core.config import SparsePatternConfig
 from dilated.core.sparsity import resolve_layouts
 
@@ -96,8 +97,11 @@ def dense_attention_from_masks(
 
     Returns ``(out, lse)``: ``out`` ``(batch, seq, heads, head_dim)`` and ``lse``
     ``(batch, heads, seq)``, float64 and differentiable in q, k and v. Empty rows give 0 and
-    ``-inf`` with finite gradients.
+    ``-inf`` with finite gradients. ``key_padding_mask`` is public (PyTorch's convention: bool
+    True or float ``-inf`` = ignored), read by the ops' own
+    [`check_key_padding_mask`][dilated.core.checks.check_key_padding_mask].
     """
+    keep = check_key_padding_mask(key_padding_mask, k)
     d = q.shape[-1]
     group = q.shape[2] // k.shape[2]
     qd = q.double().transpose(1, 2)  # (b, h, n, d)
@@ -107,8 +111,8 @@ def dense_attention_from_masks(
     branch_outputs, branch_lses = [], []
     for mask in masks:
         m = mask[None]  # (1, h, n, n)
-        if key_padding_mask is not None:
-            m = m & key_padding_mask[:, None, None, :]
+        if keep is not None:
+            m = m & keep[:, None, None, :]
         empty = ~m.any(dim=-1, keepdim=True)  # (b, h, n, 1)
         # Rows with no allowed key are set to 0 before logsumexp and back to -inf after, so that
         # neither the value nor its gradient is NaN.
@@ -227,7 +231,9 @@ def make_inputs(
 ) -> AttentionInputs:
     """Draw q, k, v ``(batch, seq, heads|kv_heads, head_dim)`` from N(0, 1) and an optional mask.
 
-    With ``padding``, each batch row keeps a random-length prefix of real tokens (at least one).
+    With ``padding``, each batch row keeps a random-length prefix of real tokens (at least one)
+    and ``key_padding_mask`` is bool ``(batch, seq)`` in PyTorch's convention, True at the
+    padded tail (the keys to ignore), ready for every public op; otherwise it is None.
     """
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     hkv = heads if kv_heads is None else kv_heads
@@ -239,7 +245,7 @@ def make_inputs(
     mask = None
     if padding:
         lengths = torch.randint(1, seq + 1, (batch,), generator=gen)
-        mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(device)
+        mask = (torch.arange(seq)[None, :] >= lengths[:, None]).to(device)
     return AttentionInputs(draw(heads), draw(hkv), draw(hkv), mask)
 
 

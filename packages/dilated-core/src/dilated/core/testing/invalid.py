@@ -100,7 +100,8 @@ def invalid_calls(
         add("dropout_p", repr(bad), q, k, v, ws, rs, dropout_p=bad)
     for description, bad in (
         ("a list", [[True] * n] * b),
-        ("float", torch.ones(b, n)),
+        ("int64", torch.ones(b, n, dtype=torch.int64)),
+        ("float, not 0/-inf", torch.ones(b, n)),
         ("one position too many", torch.ones(b, n + 1, dtype=torch.bool)),
         ("one batch too many", torch.ones(b + 1, n, dtype=torch.bool)),
         ("on another device", torch.ones(b, n, dtype=torch.bool, device="meta")),

@@ -3,7 +3,9 @@
 Each backend module exposes ``NAME``, ``available(device) -> bool`` and
 ``forward(q, k, v, segment_lengths, dilation_rates, *, scale, is_causal, key_padding_mask,
 dropout_p) -> (out, lse)`` on inputs already validated by
-[`dilated.core.functional.prepare_call`][dilated.core.functional.prepare_call].
+[`dilated.core.functional.prepare_call`][dilated.core.functional.prepare_call]; their
+``key_padding_mask`` is the internal form it returns (bool, True = a key that may be attended),
+not the public one (True = padding).
 """
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ def backward(
 
     Args:
         q, k, v: contiguous ``(batch, seq, heads | kv_heads, head_dim)`` inputs of the forward.
-        mask: int8 key padding mask ``(batch, seq)`` (1 = real token) or None.
+        mask: int8 key mask ``(batch, seq)`` in the internal form (1 = a key that may be attended) or None.
         out: the merged output ``(batch, seq, heads, head_dim)``.
         lse: the merged float32 LSE ``(batch, heads, seq)``.
         grad_out: gradient of ``out``; ``grad_lse``: gradient of ``lse`` or None.
