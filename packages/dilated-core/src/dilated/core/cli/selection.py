@@ -83,6 +83,10 @@ def select_implementations(device: torch.device, kinds: Sequence[str] | None = N
             if impl.distributed:
                 how[name] = "world of one, no communication"
     for kind, package in KNOWN_KINDS.items():
-        if kind not in impls and (kinds is None or kind in kinds):
+        if kind in impls:
+            continue
+        if kinds is not None and kind not in kinds:
+            skipped.append((kind, "not in --kinds"))
+        else:
             skipped.append((kind, _not_registered(kind, package)))
     return Selection(run, how, skipped)
