@@ -25,6 +25,7 @@ __all__ = [
     "compute_dtype",
     "dense_segment_attention",
     "dense_segment_attention_backward",
+    "derive_dropout_seed",
     "dilated_attention_reference",
     "draw_dropout_seed",
     "dropout_keep_mask",
@@ -51,6 +52,18 @@ def call_dropout_seed(seed: int | None, call: int) -> int | None:
     dropout): both passes enumerate the calls in the same order, so the backward replays each
     call's mask."""
     return None if seed is None else seed + call
+
+
+def derive_dropout_seed(seed: int | None, *coordinates: int) -> int | None:
+    """A seed for one part of a call (a rank, a branch, a ring step), mixed from the call's
+    ``seed`` and the part's integer ``coordinates`` (None: no dropout): the same in both passes,
+    different for every part, so that parts never share a mask."""
+    if seed is None:
+        return None
+    mixed = seed
+    for x in coordinates:
+        mixed = (mixed * 1_000_003 + x + 1) % (1 << 62)
+    return mixed
 
 
 def dropout_keep_mask(

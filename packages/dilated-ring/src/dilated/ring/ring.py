@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dilated.core.branches import compute_dtype, head_index
+from dilated.core.reference import derive_dropout_seed
 from dilated.kernels.merge import merge_into
 from dilated.kernels.partial import dilated_attention_backward, dilated_attention_forward
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
@@ -97,12 +98,7 @@ class RingPlan:
     def seed(self, *call: int) -> int | None:
         """The dropout seed of one dense call, from this rank and the call's coordinates (the
         same in both passes, different on every rank even when all ranks drew one seed)."""
-        if self.dropout_seed is None:
-            return None
-        h = self.dropout_seed
-        for x in (self.rank, *call):
-            h = (h * 1_000_003 + x + 1) % (1 << 62)
-        return h
+        return derive_dropout_seed(self.dropout_seed, self.rank, *call)
 
 
 def _block_numel(layouts: tuple[PhaseLayout, ...], batch: int, head_dim: int) -> int:

@@ -31,7 +31,7 @@ import torch
 
 from dilated.core.branches import compute_dtype
 from dilated.core.config import SparsePatternConfig
-from dilated.core.reference import draw_dropout_seed, dropout_seed_value
+from dilated.core.reference import derive_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout
 from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
 from dilated.ring.functional import group_rank_and_size, resolve_group
@@ -292,9 +292,7 @@ class _Call:
     def options(self, branch: int | None, mask: torch.Tensor | None) -> dict[str, Any]:
         """Keywords of [`forward_into`][dilated.sparse.engine.forward_into] for the local
         branches (``branch`` None) or one spanning branch: each its own dropout seeds."""
-        seed = self.dropout_seed
-        if seed is not None:
-            seed = (seed * 1_000_003 + (0 if branch is None else branch + 1)) % (1 << 62)
+        seed = derive_dropout_seed(self.dropout_seed, -1 if branch is None else branch)
         return {
             "scale": self.scale,
             "is_causal": self.sh.causal,
