@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dilated.core import SparsePatternConfig
 from dilated.core.sparsity import resolve_layouts
 from dilated.core.testing import assert_close_to_reference, make_inputs
+from dilated.core.testing.distributed import run_distributed
 from dilated.ring.comm import RingComm
 from dilated.sparse import (
     DistributedBlockSparseDilatedAttention,
@@ -26,13 +24,6 @@ from dilated.sparse import (
 from dilated.sparse.distributed import comm_bytes
 
 SEGMENTS, RATES, SEQ = [8, 32, 64], [1, 2, 4], 64
-
-
-# Ranks start from a fork server that imported torch and the packages once (see the ring's
-# distributed_harness): a spawned rank spent 2-3 s importing them again.
-mp.set_forkserver_preload(
-    ["torch", "torch.distributed", "dilated.core", "dilated.ring", "dilated.sparse"]
-)
 
 
 def equivalence(rank: int, world: int, pattern: str, is_causal: bool) -> None:
@@ -130,39 +121,9 @@ def disagreements(rank: int, world: int) -> None:
     assert isinstance(out, torch.Tensor) and out.shape == q.shape
 
 
-def _entry(
-    rank: int, world: int, port: int, body: Callable[..., None], args: tuple[Any, ...]
-) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
-    try:
-        body(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 def run_gloo(
     world: int, *args: Any, body: Callable[..., None] = equivalence, timeout: float = 180.0
 ) -> None:
-    """Run ``body(rank, world, *args)`` (default :func:`equivalence`) on ``world`` spawned gloo
-    ranks; re-raise the first failure."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    ctx = mp.start_processes(
-        _entry, args=(world, port, body, args), nprocs=world, join=False, start_method="forkserver"
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gloo ranks did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+    """Run ``body(rank, world, *args)`` (default :func:`equivalence`) on ``world`` gloo ranks
+    with dilated-core's process harness; re-raise the first failure."""
+    run_distributed(body, world, *args, timeout=timeout)
