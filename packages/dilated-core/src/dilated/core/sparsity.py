@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dilated.core.checks import check_branches
-from dilated.core.config import SparsePatternConfig
+
+if TYPE_CHECKING:  # config.py imports this module (for describe()); no import circle at run time
+    from dilated.core.config import SparsePatternConfig
 
 __all__ = [
     "BranchLayout",

@@ -1,6 +1,6 @@
 """Transfers of the distributed strategies, with buffers from the core memory pool.
 
-Every strategy talks through a [`Transport`][dilated.ring.comm.Transport]: one posted
+Every strategy talks through a [`Transport`][dilated.ring.transport.Transport]: one posted
 send/receive (so that the next block travels while the current one is computed), many at once
 (all-gather strategy), all-to-all over heads (Ulysses) and an all-gather of small tensors (the
 cross-rank check, key padding masks). [`RingComm`][dilated.ring.comm.RingComm] implements it
@@ -14,13 +14,13 @@ and bound every wait by a timeout: a peer that never joins makes this rank raise
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from dilated.core.memory_pool import get_default_pool
+from dilated.ring.loopback import LoopbackComm, LoopbackGroup
 from dilated.ring.sharding import unshard
+from dilated.ring.transport import PendingTransfer, Transport, wait_all
 
 __all__ = [
     "PendingTransfer",
@@ -34,107 +34,8 @@ __all__ = [
 ]
 
 
-def wait_all(works: Sequence[dist.Work], timeout_s: float | None, what: str) -> None:
-    """Wait for ``works``; with ``timeout_s``, raise `TimeoutError` once it has passed.
-
-    The process group's own timeout (``init_process_group(timeout=...)``) still applies on top;
-    ``timeout_s`` lets one call fail sooner. After a timeout the group is unusable (a peer is
-    missing), as after any failed collective.
-    """
-    for work in works:
-        if timeout_s is None:
-            work.wait()
-            continue
-        try:
-            work.wait(timeout=timedelta(seconds=timeout_s))
-        except RuntimeError as exc:
-            if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
-                raise
-            raise TimeoutError(
-                f"{what} did not complete within timeout_s={timeout_s} s: a peer rank never "
-                "joined it (it died, hangs, or took another code path)"
-            ) from exc
-
-
-class PendingTransfer:
-    """A posted send/receive; [`wait`][dilated.ring.comm.PendingTransfer.wait] returns the
-    received tensor (subclassed by other transports)."""
-
-    def __init__(
-        self,
-        works: list[dist.Work],
-        received: torch.Tensor,
-        timeout_s: float | None = None,
-    ) -> None:
-        self._works = works
-        self._received = received
-        self._timeout_s = timeout_s
-
-    def wait(self) -> torch.Tensor:
-        """Block until the transfer is complete; the received tensor."""
-        wait_all(self._works, self._timeout_s, "a ring send/receive")
-        return self._received
-
-
-class Transport:
-    """What the strategies need from a group of ranks (``torch.distributed`` or in-process).
-
-    Attributes:
-        rank, world_size: this rank in the group and the group's size.
-        timeout_s: bound of every wait (None: the backend's own).
-        pool: where received buffers come from (give them back with
-            [`release`][dilated.ring.comm.Transport.release]).
-    """
-
-    rank: int
-    world_size: int
-    timeout_s: float | None
-
-    def __init__(self, timeout_s: float | None) -> None:
-        self.timeout_s = timeout_s
-        self.pool = get_default_pool()
-
-    def peer(self, group_rank: int) -> int:
-        """The address of group rank ``group_rank`` for ``dst``/``src`` arguments."""
-        raise NotImplementedError
-
-    def device_for(self, like: object) -> torch.device:
-        """Where small exchanged tensors (metadata, masks) live for inputs like ``like``."""
-        return torch.device("cpu")
-
-    def exchange(
-        self, send: torch.Tensor, dst: int, src: int, recv_shape: Sequence[int]
-    ) -> PendingTransfer:
-        """Post ``send`` to ``dst`` and a receive of ``recv_shape`` (dtype of ``send``) from
-        ``src``; the receive buffer comes from the pool."""
-        raise NotImplementedError
-
-    def exchange_many(
-        self,
-        sends: Sequence[tuple[torch.Tensor, int]],
-        recvs: Sequence[tuple[Sequence[int], torch.dtype, int]],
-    ) -> list[torch.Tensor]:
-        """Send each ``(tensor, dst)`` and receive each ``(shape, dtype, src)``; wait for all."""
-        raise NotImplementedError
-
-    def all_to_all(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Send ``chunks[i]`` to group rank ``i``; the chunk received from each rank."""
-        raise NotImplementedError
-
-    def all_gather(self, tensor: torch.Tensor, *, counted: bool = True) -> list[torch.Tensor]:
-        """Every group rank's ``tensor`` (same shape everywhere), in group-rank order.
-
-        ``counted=False`` keeps the transfer out of the byte counters (the cross-rank check's
-        metadata, which [`dilated.ring.costs`][dilated.ring.costs] does not model)."""
-        raise NotImplementedError
-
-    def release(self, tensor: torch.Tensor) -> None:
-        """Return a received buffer to the pool."""
-        self.pool.release(tensor)
-
-
 class RingComm(Transport):
-    """[`Transport`][dilated.ring.comm.Transport] over the ranks of a ``torch.distributed``
+    """[`Transport`][dilated.ring.transport.Transport] over the ranks of a ``torch.distributed``
     ``group`` (addresses are global rank numbers).
 
     Attributes:
@@ -175,7 +76,7 @@ class RingComm(Transport):
     ) -> PendingTransfer:
         """Post ``send`` to global rank ``dst`` and a receive of ``recv_shape`` from ``src``.
 
-        The receive buffer comes from the memory pool; give it back with [`release`][dilated.ring.comm.Transport.release].
+        The receive buffer comes from the memory pool; give it back with [`release`][dilated.ring.transport.Transport.release].
         """
         recv = self.pool.acquire(recv_shape, send.dtype, send.device)
         ops = [
@@ -195,7 +96,7 @@ class RingComm(Transport):
         """Send each ``(tensor, dst)`` and receive each ``(shape, dtype, src)``; wait for all.
 
         Used by the all-gather strategy (one block to every peer of a group, and each peer's
-        gradient back to its owner). Received buffers come from the pool (see [`release`][dilated.ring.comm.Transport.release]).
+        gradient back to its owner). Received buffers come from the pool (see [`release`][dilated.ring.transport.Transport.release]).
         """
         device = sends[0][0].device if sends else torch.device("cpu")
         received = [self.pool.acquire(shape, dtype, device) for shape, dtype, _ in recvs]
@@ -215,7 +116,7 @@ class RingComm(Transport):
 
         Every rank's chunk ``i`` has the same shape as the chunk that rank ``i`` sends here
         (the Ulysses exchange keeps shapes symmetric). Received buffers come from the pool
-        (see [`release`][dilated.ring.comm.Transport.release]); the chunk a rank sends itself is copied, not sent.
+        (see [`release`][dilated.ring.transport.Transport.release]); the chunk a rank sends itself is copied, not sent.
         """
         rank = self.rank
         received = [self.pool.acquire(c.shape, c.dtype, c.device) for c in chunks]
@@ -254,7 +155,6 @@ class RingComm(Transport):
 def make_comm(group: object, timeout_s: float | None) -> Transport:
     """The transport of ``group``: a ``torch.distributed`` process group (None: the default
     group, or a world of one without one) or a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]."""
-    from dilated.ring.loopback import LoopbackComm, LoopbackGroup
 
     if isinstance(group, LoopbackGroup):
         return LoopbackComm(group, timeout_s)
@@ -268,7 +168,6 @@ def group_key(group: object) -> str:
     ``group_name``, and a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]'s its
     ``key``; [`resolve_group`][dilated.ring.comm.resolve_group] maps it back.
     """
-    from dilated.ring.loopback import LoopbackGroup
 
     if group is None:
         return ""
@@ -285,7 +184,6 @@ def group_key(group: object) -> str:
 
 def resolve_group(key: str) -> object:
     """The group named by [`group_key`][dilated.ring.comm.group_key]."""
-    from dilated.ring.loopback import LoopbackGroup
 
     if key == "":
         return None

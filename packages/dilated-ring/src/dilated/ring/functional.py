@@ -16,12 +16,12 @@ from dilated.ring.sharding import chunk_length
 from dilated.ring.ulysses import check_ulysses_heads, ulysses_attention
 from dilated.ring.validation import CheckedCall, check_branch_layout, check_call
 
-__all__ = ["group_rank_and_size", "resolve_group", "ring_dilated_attention"]
+__all__ = ["as_process_group", "group_rank_and_size", "ring_dilated_attention"]
 
 _STRATEGIES = ("ring", "allgather", "ulysses")
 
 
-def resolve_group(group: object) -> Any:
+def as_process_group(group: object) -> Any:
     """``group`` as the ring uses it: a 1-D ``DeviceMesh`` (torchtitan's context-parallel mesh,
     or one dimension of a larger mesh, ``mesh["cp"]``) becomes its process group; a process
     group, a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup] or None is returned as is.
@@ -46,7 +46,7 @@ def group_rank_and_size(group: object) -> tuple[int, int]:
     """``(rank, world_size)`` of ``group`` (a process group, None for the default one, a 1-D
     ``DeviceMesh``, or a [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup]); ``(0, 1)``
     when torch.distributed is not initialised."""
-    group = resolve_group(group)
+    group = as_process_group(group)
     if isinstance(group, LoopbackGroup):
         return group.rank, group.world_size
     if not (dist.is_available() and dist.is_initialized()):
@@ -93,7 +93,7 @@ def ring_dilated_attention(
             reproducible under ``torch.manual_seed`` but its masks differ from those of the
             single-process op.
         group: process group (default group when None), a 1-D ``DeviceMesh`` (see
-            [`resolve_group`][dilated.ring.functional.resolve_group]), or a
+            [`as_process_group`][dilated.ring.functional.as_process_group]), or a
             [`LoopbackGroup`][dilated.ring.loopback.LoopbackGroup] (every rank in one process).
             Without an initialised process group the call runs as a world of one.
         load_balance: ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
@@ -119,7 +119,7 @@ def ring_dilated_attention(
             message names the argument or option).
         TimeoutError: when a peer rank does not join a transfer within ``timeout_s``.
     """
-    group = resolve_group(group)
+    group = as_process_group(group)
     rank, world = group_rank_and_size(group)
 
     def strategy_checks(call: CheckedCall) -> None:

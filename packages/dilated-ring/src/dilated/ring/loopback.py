@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from dilated.ring.comm import PendingTransfer, Transport
+from dilated.ring.transport import PendingTransfer, Transport
 
 __all__ = ["LoopbackComm", "LoopbackGroup", "LoopbackHub", "run_ranks"]
 
@@ -157,7 +157,7 @@ class _Received(PendingTransfer):
 
 
 class LoopbackComm(Transport):
-    """[`Transport`][dilated.ring.comm.Transport] of one in-process rank (addresses are ranks).
+    """[`Transport`][dilated.ring.transport.Transport] of one in-process rank (addresses are ranks).
 
     A receive waits at most ``timeout_s`` (default 60 s), so a failed peer never hangs the others.
     """

@@ -6,7 +6,7 @@ the single-process engine on the shard, no transfer. A branch whose segment span
 it are whole blocks ``[a0, a0 + S / (r B))`` of one segment (``S`` a multiple of ``r B``), the
 layout says which key blocks they need, and each rank receives exactly those rows of K/V (the
 phase's rows of the key/value heads the phase's query heads read) from their owners, in one
-[`exchange_many`][dilated.ring.comm.Transport.exchange_many] per branch. Blocks outside the
+[`exchange_many`][dilated.ring.transport.Transport.exchange_many] per branch. Blocks outside the
 layout are neither sent nor computed. Every rank derives every other rank's needs from the
 layout, so no metadata travels. The tiles of the rank's rows then run against the gathered keys
 ([`forward_into`][dilated.sparse.engine.forward_into], the queries shifted to the shard), and in
@@ -34,7 +34,7 @@ from dilated.core.config import SparsePatternConfig
 from dilated.core.reference import derive_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout
 from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
-from dilated.ring.functional import group_rank_and_size, resolve_group
+from dilated.ring.functional import as_process_group, group_rank_and_size
 from dilated.ring.validation import CheckedCall, check_call
 from dilated.sparse.engine import (
     RunTable,
@@ -451,7 +451,7 @@ def block_sparse_ring_dilated_attention(
         ValueError: on every rank, when any rank's input is invalid or the ranks disagree.
         TimeoutError: when a peer rank does not join a transfer within ``timeout_s``.
     """
-    group = resolve_group(group)
+    group = as_process_group(group)
     _, world = group_rank_and_size(group)
     # Resolved before the agreement, so that the ranks compare the layouts themselves (a custom
     # table or function has no other comparable form); a failure is reported inside it.
