@@ -106,7 +106,7 @@ def branch_members(seq: int, world_size: int, mode: str, w: int, rank: int) -> l
     return list(range(world_size))
 
 
-def _runs(seq: int, world_size: int, mode: str, rank: int) -> list[tuple[int, int, int, int]]:
+def _rank_runs(seq: int, world_size: int, mode: str, rank: int) -> list[tuple[int, int, int, int]]:
     """The rank's positions as ``(first position, step, count, first shard index)`` runs."""
     s = seq // world_size
     if mode == "contiguous":
@@ -166,7 +166,7 @@ def phase_layouts(
         per = len(index) // len(kv)
         uniform = len(index) % len(kv) == 0 and all(x == i // per for i, x in enumerate(index))
         pieces: list[Piece] = []
-        for run in _runs(seq, world_size, mode, rank):
+        for run in _rank_runs(seq, world_size, mode, rank):
             pieces += _pieces(run, w, r, p, sum(pc.count for pc in pieces))
         rows = sum(pc.count for pc in pieces)
         layouts.append(PhaseLayout(p, hs, kv, index, uniform, rows, tuple(pieces)))

@@ -38,8 +38,8 @@ from dilated.ring.functional import as_process_group, group_rank_and_size
 from dilated.ring.validation import CheckedCall, check_call
 from dilated.sparse.engine import (
     RunTable,
+    _branch_runs,
     _run_tables,
-    _runs,
     backward_into,
     forward_into,
     uninitialized_accumulators,
@@ -180,7 +180,7 @@ def _unpack(
 def _spanning_runs(sh: _Shards, i: int, lay: BranchLayout, rank: int) -> list[RunTable]:
     _, length = _segment(sh, lay.segment_length, rank)
     table, a0 = _query_table(sh, lay, rank)
-    runs = _runs(length, sh.heads, sh.kv_heads, i, length, lay.dilation_rate)
+    runs = _branch_runs(length, sh.heads, sh.kv_heads, i, length, lay.dilation_rate)
     return [(dataclasses.replace(run, q_shift=a0 * sh.block), table) for run in runs]
 
 
@@ -279,7 +279,7 @@ def _return_grads(
 
 
 @dataclass(frozen=True)
-class _Call:
+class _ShardedCall:
     sh: _Shards
     layouts: tuple[BranchLayout, ...]
     spanning: tuple[bool, ...]
@@ -319,7 +319,7 @@ class _ShardedBlockSparse(torch.autograd.Function):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        call: _Call,
+        call: _ShardedCall,
         mask: torch.Tensor | None,
         whole_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,7 +351,7 @@ class _ShardedBlockSparse(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor | None, _grad_lse: Any) -> tuple[Any, ...]:
         q, k, v, out, lse, *gathered = ctx.saved_tensors
-        call: _Call = ctx.call
+        call: _ShardedCall = ctx.call
         mask, whole_mask = ctx.masks
         sh = call.sh
         comm = make_comm(call.group, call.timeout_s)
@@ -494,7 +494,9 @@ def block_sparse_ring_dilated_attention(
     sh = _Shards(shard * world, shard, world, heads, k.shape[2], resolved.block_size, is_causal)
     seed = dropout_seed_value(draw_dropout_seed(dropout_p))
     timeout = call.timeout_s
-    run = _Call(sh, resolved.layouts, tuple(spanning), call.scale, group, timeout, dropout_p, seed)
+    run = _ShardedCall(
+        sh, resolved.layouts, tuple(spanning), call.scale, group, timeout, dropout_p, seed
+    )
     key_mask, whole_mask = call.key_mask, None
     if key_mask is not None and any(spanning):
         comm = make_comm(group, timeout)

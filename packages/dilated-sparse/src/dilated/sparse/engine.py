@@ -102,7 +102,9 @@ def _strided_kv(kv: tuple[int, ...]) -> tuple[int, int, int] | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _runs(seq: int, heads: int, kv_heads: int, branch: int, w: int, r: int) -> tuple[_Run, ...]:
+def _branch_runs(
+    seq: int, heads: int, kv_heads: int, branch: int, w: int, r: int
+) -> tuple[_Run, ...]:
     sps = subproblems(seq, heads, kv_heads, w, r)
     full = [sp for sp in sps if sp.start == 0 and sp.length == w // r]
     fold = (
@@ -137,7 +139,7 @@ def _single_run(branch: int, sp: SubProblem) -> _Run:
 
 
 @dataclass(frozen=True)
-class _Call:
+class _TileGeometry:
     """The geometry of one tile of one run: index dims, rows and heads of queries and keys."""
 
     dims: tuple[tuple[int, _Coef], ...]
@@ -155,7 +157,7 @@ class _Call:
     step_rows: int
 
 
-def _call(run: _Run, tile: Tile, batch: int, block: int) -> _Call:
+def _call(run: _Run, tile: Tile, batch: int, block: int) -> _TileGeometry:
     r = run.rate
     dims: list[tuple[int, _Coef]] = [(batch, (1, 0, 0)), (run.count, (0, run.length * r, 0))]
     if run.phases > 1:
@@ -167,7 +169,7 @@ def _call(run: _Run, tile: Tile, batch: int, block: int) -> _Call:
     q_rows = min(q_row0 + tile.qn * block, run.length) - q_row0
     k_rows = min(k_row0 + tile.kn * block, run.length) - k_row0
     kv_head0 = 0 if run.kv_index is not None else run.kv0
-    return _Call(
+    return _TileGeometry(
         dims=tuple(d for d in dims if d[0] > 1),
         q_offset=(0, run.phase0 + (run.start + q_row0 - run.q_shift) * r, run.phase0),
         k_offset=(0, run.phase0 + (run.start + k_row0) * r, kv_head0),
@@ -205,7 +207,9 @@ class _Problems:
     keys_stack: int | None
 
 
-def _problems(call: _Call, strides: Sequence[tuple[int, int, int]], heads_ok: bool) -> _Problems:
+def _problems(
+    call: _TileGeometry, strides: Sequence[tuple[int, int, int]], heads_ok: bool
+) -> _Problems:
     """Merge adjacent index dims whose strides agree in every tensor; pick batch and head slot.
 
     A merged group keeps the coefficients of its innermost dim (the stride of one step). The
@@ -258,7 +262,7 @@ class _Step:
     pass wrote its query rows (they belong to the first branch and to no earlier tile)."""
 
     run: _Run
-    call: _Call
+    call: _TileGeometry
     plan: _Problems
     loop: tuple[int, ...]
     head: int | None
@@ -329,7 +333,7 @@ def _run_tables(
     return [
         (run, lay.blocks)
         for i, lay in enumerate(layouts)
-        for run in _runs(seq, heads, kv_heads, i, lay.segment_length, lay.dilation_rate)
+        for run in _branch_runs(seq, heads, kv_heads, i, lay.segment_length, lay.dilation_rate)
     ]
 
 
@@ -668,7 +672,9 @@ def forward_into(
             )
 
 
-def _add_keys(acc: torch.Tensor, grad: torch.Tensor, call: _Call, stack: int | None) -> None:
+def _add_keys(
+    acc: torch.Tensor, grad: torch.Tensor, call: _TileGeometry, stack: int | None
+) -> None:
     """Add a call's key gradient into the accumulator view (overlapping windows summed)."""
     if stack is None:
         add_into(acc, grad)

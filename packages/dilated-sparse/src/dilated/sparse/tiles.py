@@ -52,7 +52,7 @@ class Tile:
     causal: bool = False
 
 
-def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
+def _true_runs(row: torch.Tensor) -> list[tuple[int, int]]:
     """Maximal ``[start, stop)`` runs of True in a 1-D bool tensor."""
     padded = torch.cat(
         [torch.zeros(1, dtype=torch.int8), row.to(torch.int8), torch.zeros(1, dtype=torch.int8)]
@@ -124,7 +124,7 @@ def _plan(
     open_rects: dict[tuple[int, int], Tile] = {}
     done: list[Tile] = []
     for a in range(nb):
-        runs = set(_runs(allowed[a]))
+        runs = set(_true_runs(allowed[a]))
         for key, t in list(open_rects.items()):
             if key not in runs:
                 done.append(t)

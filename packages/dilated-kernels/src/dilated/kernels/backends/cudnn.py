@@ -131,7 +131,7 @@ def _kv_heads(phase: int, r: int, h: int, g: int) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class _Piece:
+class _DenseCall:
     """One dense call: ``count`` segments of branch ``branch`` for phase ``phase``.
 
     The call's batch is ``batches * count`` problems of ``rows`` queries; ``batches > 1`` only
@@ -161,7 +161,7 @@ def _chunk_length(b: int, n: int, h: int, d: int, ws: Sequence[int]) -> int:
 
 def _plan(
     b: int, n: int, h: int, ws: Sequence[int], rs: Sequence[int], t0: int, t1: int
-) -> list[_Piece]:
+) -> list[_DenseCall]:
     """Every dense call of the chunk ``[t0, t1)`` (``t0`` a multiple of every ``w_i``)."""
     pieces = []
     for i, (w, r) in enumerate(zip(ws, rs)):
@@ -173,17 +173,17 @@ def _plan(
                 merged = b == 1 or count * w == n
                 for b0 in [0] if merged else range(b):
                     pieces.append(
-                        _Piece(i, w, r, p, t0, count, w // r, False, b0, b if merged else 1)
+                        _DenseCall(i, w, r, p, t0, count, w // r, False, b0, b if merged else 1)
                     )
             rows = len(range(p, tail, r))
             if rows:
                 for b0 in range(b):
-                    pieces.append(_Piece(i, w, r, p, n - tail, 1, rows, True, b0, 1))
+                    pieces.append(_DenseCall(i, w, r, p, n - tail, 1, rows, True, b0, 1))
     return pieces
 
 
 def _view(
-    x: torch.Tensor, piece: _Piece, heads: tuple[int, int, int] | None = None
+    x: torch.Tensor, piece: _DenseCall, heads: tuple[int, int, int] | None = None
 ) -> torch.Tensor:
     """``(B, rows, heads of the phase, head_dim)`` strided view of contiguous ``x`` for ``piece``.
 
@@ -200,7 +200,7 @@ def _view(
     )
 
 
-def _mask_view(mask: torch.Tensor | None, piece: _Piece) -> torch.Tensor | None:
+def _mask_view(mask: torch.Tensor | None, piece: _DenseCall) -> torch.Tensor | None:
     """The key rows of contiguous ``mask`` ``(batch, seq)`` for ``piece``, ``(B, rows)``."""
     if mask is None:
         return None
@@ -212,7 +212,7 @@ def _mask_view(mask: torch.Tensor | None, piece: _Piece) -> torch.Tensor | None:
     )
 
 
-def _lse_view(lse: torch.Tensor, piece: _Piece) -> torch.Tensor:
+def _lse_view(lse: torch.Tensor, piece: _DenseCall) -> torch.Tensor:
     """The rows of the merged ``lse`` ``(batch, heads, seq)`` for ``piece``, as ``(B, H, rows)``."""
     sb, sh, sn = lse.stride()
     heads = len(range(piece.phase, lse.shape[1], piece.r))
@@ -225,7 +225,7 @@ def _lse_view(lse: torch.Tensor, piece: _Piece) -> torch.Tensor:
 
 
 def _table(
-    pieces: Sequence[_Piece],
+    pieces: Sequence[_DenseCall],
     values: Sequence[torch.Tensor],
     lses: Sequence[torch.Tensor] | None,
     b: int,
@@ -305,7 +305,7 @@ def _gather_launches(
 
 
 @dataclass(frozen=True)
-class _Call:
+class _CallOptions:
     """What every piece of one call shares: the branches and options."""
 
     ws: tuple[int, ...]
@@ -316,13 +316,13 @@ class _Call:
     engine: str = "auto"
 
 
-def _kv_view_heads(piece: _Piece, h: int, group: int) -> tuple[int, int, int] | None:
+def _kv_view_heads(piece: _DenseCall, h: int, group: int) -> tuple[int, int, int] | None:
     """The key/value heads ``piece`` reads (None: those of its query heads, ``group`` 0)."""
     return None if group == 0 else _kv_heads(piece.phase, piece.r, h, group)
 
 
 def _piece_options(
-    call: _Call, piece: _Piece, mask: torch.Tensor | None, seed: int | None
+    call: _CallOptions, piece: _DenseCall, mask: torch.Tensor | None, seed: int | None
 ) -> dict[str, Any]:
     """The keywords of the primitive's call for ``piece``, forward and backward alike."""
     return {
@@ -349,7 +349,7 @@ def _folded(dx: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def _prepare(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: _Call
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: _CallOptions
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``k``, ``v`` as the pieces read them, and their group (0: one per query head)."""
     h, hkv = q.shape[2], k.shape[2]
@@ -364,7 +364,7 @@ def _forward(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
-    call: _Call,
+    call: _CallOptions,
     seed: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
@@ -409,7 +409,7 @@ def _backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
-    call: _Call,
+    call: _CallOptions,
     seed: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
@@ -466,7 +466,9 @@ def forward_no_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of a call this backend supports (no dropout), outside autograd (for callers
     that merge it with other parts; see [`dilated.kernels.partial`][dilated.kernels.partial])."""
-    call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine)
+    call = _CallOptions(
+        tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine
+    )
     mask = _contiguous(key_padding_mask)
     return _forward(q.contiguous(), k.contiguous(), v.contiguous(), mask, call, None)
 
@@ -487,7 +489,9 @@ def backward_from_merged(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of this call's branches given the FINAL merged ``out`` ``(b, n, h, d)``
     and float32 ``lse`` ``(b, h, n)``, which may include keys of other parts."""
-    call = _Call(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine)
+    call = _CallOptions(
+        tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine
+    )
     mask = _contiguous(key_padding_mask)
     return _backward(
         q.contiguous(),
@@ -508,8 +512,8 @@ _OPTIONS = (
 )
 
 
-def _call(ws: Sequence[int], rs: Sequence[int], *opts: Any) -> _Call:
-    return _Call(tuple(ws), tuple(rs), *opts)
+def _call(ws: Sequence[int], rs: Sequence[int], *opts: Any) -> _CallOptions:
+    return _CallOptions(tuple(ws), tuple(rs), *opts)
 
 
 @torch.library.custom_op(
