@@ -23,6 +23,7 @@ import torch
 from dilated.core.branches import compute_dtype
 from dilated.core.checks import check_index, check_instance, check_positive_int
 from dilated.core.functional import prepare_call
+from dilated.core.reference import attention_with_lse
 
 __all__ = [
     "DecodeSlots",
@@ -203,8 +204,8 @@ class DecodeSlots:
     """The key slots of one decoding step, constant per (branches, heads, device).
 
     Slot ``j`` of branch ``i`` (``0 <= j < w_i / r_i``) holds key ``(t // w_i) w_i + t % r_i +
-    r_i j`` of the query at position ``t``: the ``j``-th key of its segment in its phase. Branch
-    ``i`` occupies slots ``offsets[i] .. offsets[i] + w_i / r_i``.
+    r_i j`` of the query at position ``t``: the ``j``-th key of its segment in its phase. The
+    branches' slots follow one another, in branch order.
 
     Attributes:
         w: ``(slots,)`` int64, the slot's segment length.
@@ -222,11 +223,6 @@ class DecodeSlots:
         self.r = torch.repeat_interleave(torch.tensor(rs), torch.tensor(counts)).to(device)
         self.j = torch.cat([torch.arange(c) for c in counts]).to(device)
         self.head_phase = torch.arange(heads, device=device)[:, None] % self.r[None, :]
-
-    @property
-    def count(self) -> int:
-        """Slots of one step: ``sum_i w_i / r_i``."""
-        return int(self.w.numel())
 
 
 @functools.lru_cache(maxsize=64)
@@ -290,14 +286,14 @@ def decode_step(
     # Values of absent slots (the future, padding) are zeroed, not only weighted by 0: they may
     # hold anything, NaN included.
     values = torch.where(present[:, :, None, None], v.index_select(1, index_c).to(work), 0.0)
-    query = q.reshape(b, hkv, h // hkv, d).to(work)
-    scores = torch.einsum("bkgd,bskd->bkgs", query, keys) * scale  # (b, hkv, group, slots)
+    query = q.reshape(b, hkv, h // hkv, 1, d).to(work)  # each query head its own row
     allowed = in_phase.view(1, hkv, h // hkv, -1) & present[:, None, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    # A head that sees no key gets 0 (its max is -inf: shift by 0 keeps exp() NaN-free).
-    top = scores.amax(-1, keepdim=True)
-    weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-    total = weights.sum(-1, keepdim=True)
-    weights = weights / torch.where(total > 0, total, torch.ones_like(total))
-    out = torch.einsum("bkgs,bskd->bkgd", weights, values)
+    # dilated-core's masked softmax: a head that sees no key gets 0.
+    out, _ = attention_with_lse(
+        query,
+        keys.transpose(1, 2)[:, :, None],  # (b, hkv, 1, slots, d), shared by the group
+        values.transpose(1, 2)[:, :, None],
+        scale,
+        key_mask=allowed,
+    )
     return out.reshape(b, 1, h, d).to(q.dtype)

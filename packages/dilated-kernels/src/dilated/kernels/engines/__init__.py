@@ -19,7 +19,6 @@ attributes and one entry in ``_MODULES``; every package and test reads the list 
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -38,8 +37,6 @@ __all__ = [
     "get_engine",
     "supporting_engines",
 ]
-
-logger = logging.getLogger(__name__)
 
 _MODULES: tuple[Engine, ...] = (flash4, cudnn, sdpa_flash, reference)
 
