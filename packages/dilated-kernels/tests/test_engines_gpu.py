@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dilated.core.merge import merge_into as merge_into_reference
+from dilated.core.reference import dense_segment_attention
 from dilated.core.testing import assert_close_to_reference, check_on_random_inputs, make_inputs
 from dilated.kernels import dilated_attention
 from dilated.kernels.engines import SubproblemSpec, available_engines, choose_engine, flash4
@@ -29,13 +30,8 @@ needs_flash4 = pytest.mark.skipif(
 def _float64_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    group = q.shape[2] // k.shape[2]
-    kr, vr = (t.double().repeat_interleave(group, dim=2) for t in (k, v))
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kr) * scale
-    if causal:
-        n = q.shape[1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), -torch.inf)
-    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vr), s.logsumexp(-1)
+    """The judge: dilated-core's dense attention in float64 (GQA, top-left causal)."""
+    return dense_segment_attention(q.double(), k.double(), v.double(), None, scale, causal, 0.0)
 
 
 def _strided(b: int, rows: int, heads: int, d: int, dtype: torch.dtype, gen: torch.Generator):
