@@ -24,7 +24,7 @@ from dilated.core.checks import (
     check_optional_bool,
 )
 from dilated.core.config import DilatedAttentionConfig, MultiheadConfig
-from dilated.core.packed import sequence_slices
+from dilated.core.packed import packed_calls
 
 __all__ = ["BaseDilatedAttention", "BaseMultiheadDilatedAttention"]
 
@@ -150,18 +150,10 @@ class BaseDilatedAttention(nn.Module, ABC):
                 "batch) is not supported: pad the sequences to a batch and pass key_padding_mask"
             )
         bounds = check_cu_seqlens(cu_seqlens, query)
-        parts = [
-            self._attention(
-                query[:, rows], key[:, rows], value[:, rows], is_causal=causal, dropout_p=dropout_p,
-                key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, rows],
-            )
-            for rows in sequence_slices(bounds)
-        ]  # fmt: skip
-        if not parts:
-            return self._attention(
-                query, key, value, is_causal=causal, key_padding_mask=key_padding_mask,
-                dropout_p=dropout_p,
-            )  # fmt: skip
+        parts = packed_calls(
+            self._attention, query, key, value, bounds, key_padding_mask=key_padding_mask,
+            is_causal=causal, dropout_p=dropout_p,
+        )  # fmt: skip
         return torch.cat(parts, dim=1)
 
     @abstractmethod

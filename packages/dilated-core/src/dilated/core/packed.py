@@ -10,19 +10,55 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from dilated.core.checks import check_cu_seqlens
 
-__all__ = ["attend_packed", "packed_attention", "sequence_slices"]
+__all__ = ["attend_packed", "packed_attention", "packed_calls", "sequence_slices"]
+
+_Result = TypeVar("_Result")
 
 
 def sequence_slices(bounds: Sequence[int]) -> list[slice]:
     """The rows of each non-empty sequence of a packed batch (``bounds``: a checked
     ``cu_seqlens``)."""
     return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def packed_calls(
+    attention: Callable[..., _Result],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bounds: Sequence[int],
+    *,
+    key_padding_mask: torch.Tensor | None,
+    **options: Any,
+) -> list[_Result]:
+    """``attention`` on each non-empty packed sequence of ``q``, ``k``, ``v`` ``(1, total,
+    heads, head_dim)`` (views, no copy), in order; with no row at all, the one call over the
+    whole (empty) inputs, which gives the shapes.
+
+    Args:
+        attention: ``(q, k, v, *, key_padding_mask, **options)`` of one call; any result.
+        q, k, v: the packed inputs.
+        bounds: the validated ``cu_seqlens`` (see
+            [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
+        key_padding_mask: ``(1, total)``, in the form ``attention`` takes, or None.
+        options: passed to every call.
+    """
+    pieces = sequence_slices(bounds)
+    if not pieces:
+        return [attention(q, k, v, key_padding_mask=key_padding_mask, **options)]
+    return [
+        attention(
+            q[:, rows], k[:, rows], v[:, rows], **options,
+            key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, rows],
+        )
+        for rows in pieces
+    ]  # fmt: skip
 
 
 def packed_attention(
@@ -35,30 +71,12 @@ def packed_attention(
     key_padding_mask: torch.Tensor | None,
     **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attention`` on each packed sequence of ``q``, ``k``, ``v`` ``(1, total, heads,
-    head_dim)`` (views, no copy), the results concatenated along ``seq``.
-
-    Args:
-        attention: ``(q, k, v, *, key_padding_mask, **options) -> (out, lse)`` of one call.
-        q, k, v: the packed inputs.
-        bounds: the validated ``cu_seqlens`` (see
-            [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
-        key_padding_mask: bool ``(1, total)`` in the internal form (True = a key that may be
-            attended) that [`prepare_call`][dilated.core.functional.prepare_call] returns, or None.
-        options: passed to every call.
-
-    Returns:
-        ``(out, lse)``: ``out`` ``(1, total, heads, head_dim)``, ``lse`` ``(1, heads, total)``.
-    """
-    outs, lses = [], []
-    for rows in sequence_slices(bounds):
-        mask = None if key_padding_mask is None else key_padding_mask[:, rows]
-        out, lse = attention(q[:, rows], k[:, rows], v[:, rows], key_padding_mask=mask, **options)
-        outs.append(out)
-        lses.append(lse)
-    if not outs:  # no row at all: the one call over the empty batch gives the shapes
-        return attention(q, k, v, key_padding_mask=key_padding_mask, **options)
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+    """[`packed_calls`][dilated.core.packed.packed_calls] of an op returning ``(out, lse)``,
+    concatenated along ``seq``: ``out`` ``(1, total, heads, head_dim)``, ``lse``
+    ``(1, heads, total)``. ``key_padding_mask`` is the internal form (True = a key that may be
+    attended) that [`prepare_call`][dilated.core.functional.prepare_call] returns."""
+    results = packed_calls(attention, q, k, v, bounds, key_padding_mask=key_padding_mask, **options)
+    return torch.cat([o for o, _ in results], dim=1), torch.cat([m for _, m in results], dim=2)
 
 
 def attend_packed(
