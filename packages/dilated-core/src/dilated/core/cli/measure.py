@@ -20,7 +20,6 @@ class Timing:
     median: float
     q1: float
     q3: float
-    calls: int
 
     def __str__(self) -> str:
         return f"{self.median:.2f} ({self.q1:.2f}-{self.q3:.2f})"
@@ -54,9 +53,7 @@ def timed(fn: Callable[[], Any], warmup: int, min_time: float, min_blocks: int) 
     while len(times) < min_blocks:
         times.extend(timer.timeit(measured.number_per_run).times)
     q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    return Timing(
-        statistics.median(times) * 1e3, q1 * 1e3, q3 * 1e3, len(times) * measured.number_per_run
-    )
+    return Timing(statistics.median(times) * 1e3, q1 * 1e3, q3 * 1e3)
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
