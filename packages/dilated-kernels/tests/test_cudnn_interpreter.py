@@ -20,8 +20,7 @@ from dilated.core.testing import (
     check_on_random_inputs,
     make_inputs,
 )
-from dilated.kernels import dilated_attention
-from dilated.kernels.backends import cudnn
+from dilated.kernels import dilated_attention, strided_plan
 
 pytestmark = [
     pytest.mark.skipif(
@@ -75,15 +74,15 @@ def test_matches_dense(
 
 def test_chunked_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
     # A tiny chunk budget forces several chunks (segments of every branch inside each).
-    monkeypatch.setattr(cudnn, "CHUNK_ELEMENTS", 8 * 2 * 16)
-    assert len(cudnn._chunks(2, 44, 2, 16, (4, 8))) > 1
+    monkeypatch.setattr(strided_plan, "CHUNK_ELEMENTS", 8 * 2 * 16)
+    assert len(strided_plan.chunks(2, 44, 2, 16, (4, 8))) > 1
     _check(2, 44, 2, 16, (4, 8), (1, 2), causal=True)
 
 
 def test_long_range_takes_several_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     # CUDA caps the grid's second dimension; a small cap here forces the split.
-    monkeypatch.setattr(cudnn, "_MAX_GRID_Y", 2)
-    assert len(cudnn._gather_launches((16, 32), (1, 2), 2, 0, 100, 1, 2, 16)) > 1
+    monkeypatch.setattr(strided_plan, "_MAX_GRID_Y", 2)
+    assert len(strided_plan.gather_launches((16, 32), (1, 2), 2, 0, 100, 1, 2, 16)) > 1
     _check(1, 100, 2, 16, (16, 32), (1, 2), causal=False)
     _check(1, 50, 2, 16, (4, 12), (1, 3), causal=True)
 
@@ -206,11 +205,68 @@ def test_kv_head_layouts() -> None:
     # Which key/value heads each phase reads: the query heads of the phase, divided by the group.
     for h, g, r in [(8, 2, 1), (8, 2, 2), (8, 2, 4), (8, 4, 8), (16, 4, 2), (4, 2, 8)]:
         for phase in range(min(r, h)):
-            first, step, count = cudnn._kv_heads(phase, r, h, g)
+            first, step, count = strided_plan.kv_heads(phase, r, h, g)
             wanted = sorted({j // g for j in range(phase, h, r)})
             got = list(range(first, first + step * count, step))
             # A group that is a multiple of r reads every kv head for g / r query heads each.
             assert sorted(set(got)) == wanted, (h, g, r, phase)
-    assert cudnn._kv_layout(6, 2, (1, 2)) == "expand"
-    assert cudnn._kv_layout(8, 2, (1, 2, 4)) == "grouped"
-    assert cudnn._kv_layout(8, 8, (3,)) == "mha"
+    assert strided_plan.kv_layout(6, 2, (1, 2)) == "expand"
+    assert strided_plan.kv_layout(8, 2, (1, 2, 4)) == "grouped"
+    assert strided_plan.kv_layout(8, 8, (3,)) == "mha"
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq", "heads", "kv_heads", "ws", "rs"),
+    [
+        (1, 24, 4, 4, (8, 16, 32), (1, 2, 4)),  # one segment: phases on the batch axis
+        (1, 22, 4, 4, (8, 16, 32), (1, 2, 4)),  # a tail of 22 rows: phases of 6 and of 5 rows
+        (2, 22, 4, 4, (8, 16, 32), (1, 2, 4)),  # two batch rows, r >= heads: phases on heads
+        (2, 32, 2, 2, (8, 16), (2, 4)),  # several segments, r >= heads: phases on heads
+        (1, 20, 6, 6, (4, 8), (1, 4)),  # phases of 2 and of 1 query heads
+        (1, 16, 8, 2, (8, 16), (2, 4)),  # group 4: every phase reads all key/value heads
+        (1, 16, 8, 4, (8, 16), (4, 8)),  # group 2, rates 4 and 8: strided key/value heads
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+def test_calls_that_hold_several_phases_match_dense(
+    batch: int,
+    seq: int,
+    heads: int,
+    kv_heads: int,
+    ws: tuple[int, ...],
+    rs: tuple[int, ...],
+    causal: bool,
+    padding: bool,
+) -> None:
+    attention = functools.partial(dilated_attention, return_lse=True, backend="cudnn")
+    check_on_random_inputs(
+        attention, batch, seq, heads, 16, ws, rs, kv_heads=kv_heads, is_causal=causal,
+        padding=padding, seed=seq + heads,
+    )  # fmt: skip
+
+
+def _calls(b: int, n: int, h: int, ws: tuple[int, ...], rs: tuple[int, ...]) -> int:
+    return sum(len(strided_plan.plan(b, n, h, ws, rs, t0, t1)) for t0, t1 in [(0, n)])
+
+
+def test_short_sequences_take_one_call_per_branch() -> None:
+    # 4K tokens, 16 heads: each branch's phases share one call (7 calls, one per phase, before).
+    assert _calls(1, 4096, 16, (2048, 4096, 8192), (1, 2, 4)) == 3
+    # Every phase of the branches of rate 16 and more has one head: one call per branch at any
+    # batch size and length.
+    ws, rs = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 16, 32)
+    for b in (1, 3):
+        assert _calls(b, 32768, 16, ws, rs) == _calls(b, 32768, 16, ws[:3], rs[:3]) + 2
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("seq", [8192, 8000])
+def test_segments_longer_than_the_sequence_cost_the_cut_call(batch: int, seq: int) -> None:
+    # longnet_1m's branches on 8K tokens: those longer than the sequence make as many engine
+    # calls as the same branches with their segments cut to the sequence (the same math).
+    ws, rs = (4096, 16384, 65536, 262144, 1048576), (1, 4, 16, 64, 256)
+    cut = tuple(min(w, -(-seq // r) * r) for w, r in zip(ws, rs))
+    assert _calls(batch, seq, 16, ws, rs) == _calls(batch, seq, 16, cut, rs)
+    if batch == 1 and seq == 8192:
+        assert _calls(batch, seq, 16, ws, rs) == len(ws)  # one call per branch

@@ -54,6 +54,39 @@ def test_cudnn_matches_dense_on_gpu(
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+@pytest.mark.parametrize(
+    ("batch", "seq", "heads", "kv_heads", "ws", "rs"),
+    [
+        (1, 4096, 16, 16, (2048, 4096, 8192), (1, 2, 4)),  # phases on the batch axis
+        (1, 3000, 16, 16, (2048, 4096, 8192), (1, 2, 4)),  # a tail: phases of two row counts
+        (2, 3000, 8, 8, (512, 1024, 4096), (1, 8, 16)),  # r >= heads: phases on the head axis
+        (1, 2048, 16, 4, (512, 1024), (2, 4)),  # group 4: every phase reads all kv heads
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_calls_holding_several_phases_on_gpu(
+    backend: str,
+    batch: int,
+    seq: int,
+    heads: int,
+    kv_heads: int,
+    ws: tuple[int, ...],
+    rs: tuple[int, ...],
+    causal: bool,
+) -> None:
+    # Views whose batch or head step is one row plus one head, read in place by each engine.
+    from dilated.kernels.engines import flash4
+
+    if backend == "flash" and not flash4.available(torch.device("cuda")):
+        pytest.skip(flash4.INSTALL_HINT)
+    attention = functools.partial(dilated_attention, return_lse=True, backend=backend)
+    check_on_random_inputs(
+        attention, batch, seq, heads, 64, ws, rs, kv_heads=kv_heads, is_causal=causal,
+        dtype=torch.bfloat16, device="cuda", seed=seq,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "rs"),
     [
@@ -124,14 +157,14 @@ def test_cudnn_dropout_statistics_and_replay_on_gpu(kv_heads: int) -> None:
 
 
 def test_cudnn_chunks_match_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dilated.kernels.backends import cudnn
+    from dilated.kernels import strided_plan
 
     inp = make_inputs(2, 4096, 8, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     ws, rs = (512, 1024), (1, 2)
     whole = dilated_attention(inp.q, inp.k, inp.v, ws, rs, is_causal=True, backend="cudnn")
     grads = torch.autograd.grad(whole.float().square().sum(), (inp.q, inp.k, inp.v))
-    monkeypatch.setattr(cudnn, "CHUNK_ELEMENTS", 1024 * 8 * 128)
-    assert len(cudnn._chunks(2, 4096, 8, 128, ws)) == 4
+    monkeypatch.setattr(strided_plan, "CHUNK_ELEMENTS", 1024 * 8 * 128)
+    assert len(strided_plan.chunks(2, 4096, 8, 128, ws)) == 4
     parts = dilated_attention(inp.q, inp.k, inp.v, ws, rs, is_causal=True, backend="cudnn")
     chunked = torch.autograd.grad(parts.float().square().sum(), (inp.q, inp.k, inp.v))
     # Same sub-problems in other batch groupings: equal up to cuDNN's choice of kernel.

@@ -2,13 +2,17 @@
 engines on strided sub-problems, one fused Triton merge.
 
 Every (branch, phase) of a run of segments is a batch of dense problems over a strided view of
-the ``(batch, seq, heads, head_dim)`` input (rows ``s * w + p + r * i`` of heads ``p, p + r, ...``),
-run by the shared primitive [`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention]
-on a dense engine (cuDNN, flash-attn-4, PyTorch's flash kernels; see
+the ``(batch, seq, heads, head_dim)`` input (rows ``s * w + p + r * i`` of heads ``p, p + r, ...``);
+[`dilated.kernels.strided_plan`][dilated.kernels.strided_plan] groups them into as few engine
+calls as the strides allow (phases of a branch share a call where they can) and caches that
+plan per shape. Each call runs on the shared primitive
+[`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention] on a dense engine
+(cuDNN, flash-attn-4, PyTorch's flash kernels; see
 [`dilated.kernels.engines`][dilated.kernels.engines]), which reads such a view in place at full
-speed and returns the float32 LSE. One Triton kernel (``dilated.kernels.triton_kernels.gather_kernels``) then reads every piece
-of a block of rows and writes the LSE-merged output and LSE once. ``backend="cudnn"`` names the
-cuDNN engine, ``backend="flash"`` flash-attn-4, and ``"auto"`` lets each call choose.
+speed and returns the float32 LSE. One Triton kernel
+(``dilated.kernels.triton_kernels.gather_kernels``) then reads every piece of a block of rows
+and writes the LSE-merged output and LSE once. ``backend="cudnn"`` names the cuDNN engine,
+``backend="flash"`` flash-attn-4, and ``"auto"`` lets each call choose.
 
 Backward: with the merged output ``O`` and LSE ``L`` the branches form one softmax, so each
 piece's gradient is the ordinary attention backward evaluated with ``O`` and ``L`` in place of
@@ -28,7 +32,6 @@ engine, which is how CI tests the planning and the Triton kernels.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +45,17 @@ from dilated.kernels.custom_op import register_attention_autograd
 from dilated.kernels.engines import SubproblemSpec, get_engine
 from dilated.kernels.engines import cudnn as cudnn_engine
 from dilated.kernels.engines import flash4 as flash4_engine
+from dilated.kernels.strided_plan import (
+    DenseCall,
+    chunks,
+    gather_launches,
+    gather_table,
+    kv_layout,
+    lse_view,
+    mask_view,
+    plan,
+    view,
+)
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 from dilated.kernels.triton_kernels import interpreter_lock, interpreting
 
@@ -55,15 +69,6 @@ __all__ = [
 ]
 
 NAME = "cudnn"
-
-#: Elements (``batch * tokens * heads * head_dim``) one chunk may hold; its pieces' buffers take
-#: about 2 bytes x 1.75 of that for rates (1, 2, 4), three times that in backward.
-CHUNK_ELEMENTS = 1 << 28
-
-#: Rows per program of the gather kernels, and the largest block the per-program table lookup
-#: may use (when every ``w_i`` is a multiple of it).
-_BLOCK_T = 32
-_BLOCK_T_SCALAR = 64
 
 
 def available(device: torch.device) -> bool:
@@ -105,205 +110,6 @@ def unsupported_reason(
     return cudnn_engine.extras_reason(q.shape[-1], key_padding_mask is not None, dropout_p > 0.0)
 
 
-def _kv_layout(h: int, hkv: int, rs: Sequence[int]) -> str:
-    """How the key/value heads of each phase are read: ``"mha"``; ``"grouped"`` (every rate
-    divides or is divided by the group ``h / hkv``: each phase reads a strided set of key/value
-    heads, cuDNN groups the query heads natively); ``"expand"`` (other groupings: key/value
-    heads are repeated once to ``h`` and the gradients summed back)."""
-    g = h // hkv
-    if g == 1:
-        return "mha"
-    if all(g % r == 0 or r % g == 0 for r in rs):
-        return "grouped"
-    return "expand"
-
-
-def _kv_heads(phase: int, r: int, h: int, g: int) -> tuple[int, int, int]:
-    """``(first, step, count)`` of the key/value heads phase ``phase`` of rate ``r`` reads.
-
-    The phase's query heads are ``phase + r m``; head ``j`` reads key/value head ``j // g``.
-    With ``g % r == 0`` those are all key/value heads, ``g / r`` query heads each; with
-    ``r % g == 0`` they are ``phase // g + (r / g) m``, one query head each.
-    """
-    if g % r == 0:
-        return 0, 1, h // g
-    return phase // g, r // g, len(range(phase, h, r))
-
-
-@dataclass(frozen=True)
-class _DenseCall:
-    """One dense call: ``count`` segments of branch ``branch`` for phase ``phase``.
-
-    The call's batch is ``batches * count`` problems of ``rows`` queries; ``batches > 1`` only
-    when the segments tile the whole sequence, which is what makes (batch, segment) one stride.
-    """
-
-    branch: int
-    w: int
-    r: int
-    phase: int
-    start: int
-    count: int
-    rows: int
-    partial: bool
-    batch0: int
-    batches: int
-
-
-def _chunk_length(b: int, n: int, h: int, d: int, ws: Sequence[int]) -> int:
-    """Tokens per chunk: a multiple of every ``w_i`` (segments never straddle two chunks)."""
-    step = math.lcm(*ws)
-    if step >= n:
-        return n
-    chunk = step * max(1, CHUNK_ELEMENTS // (step * b * h * d))
-    return min(chunk, n)
-
-
-def _plan(
-    b: int, n: int, h: int, ws: Sequence[int], rs: Sequence[int], t0: int, t1: int
-) -> list[_DenseCall]:
-    """Every dense call of the chunk ``[t0, t1)`` (``t0`` a multiple of every ``w_i``)."""
-    pieces = []
-    for i, (w, r) in enumerate(zip(ws, rs)):
-        full_stop = min(t1, (n // w) * w)
-        count = max(0, (full_stop - t0) // w)
-        tail = n - (n // w) * w if t1 == n else 0
-        for p in range(min(r, h)):
-            if count:
-                merged = b == 1 or count * w == n
-                for b0 in [0] if merged else range(b):
-                    pieces.append(
-                        _DenseCall(i, w, r, p, t0, count, w // r, False, b0, b if merged else 1)
-                    )
-            rows = len(range(p, tail, r))
-            if rows:
-                for b0 in range(b):
-                    pieces.append(_DenseCall(i, w, r, p, n - tail, 1, rows, True, b0, 1))
-    return pieces
-
-
-def _view(
-    x: torch.Tensor, piece: _DenseCall, heads: tuple[int, int, int] | None = None
-) -> torch.Tensor:
-    """``(B, rows, heads of the phase, head_dim)`` strided view of contiguous ``x`` for ``piece``.
-
-    ``heads``: ``(first, step, count)`` of the heads read (default: the phase's query heads).
-    """
-    sb, sn, sh, _ = x.stride()
-    if heads is None:
-        heads = (piece.phase, piece.r, len(range(piece.phase, x.shape[2], piece.r)))
-    first, step, count = heads
-    return x.as_strided(
-        (piece.batches * piece.count, piece.rows, count, x.shape[3]),
-        (piece.w * sn, piece.r * sn, step * sh, 1),
-        x.storage_offset() + piece.batch0 * sb + (piece.start + piece.phase) * sn + first * sh,
-    )
-
-
-def _mask_view(mask: torch.Tensor | None, piece: _DenseCall) -> torch.Tensor | None:
-    """The key rows of contiguous ``mask`` ``(batch, seq)`` for ``piece``, ``(B, rows)``."""
-    if mask is None:
-        return None
-    sb, sn = mask.stride()
-    return mask.as_strided(
-        (piece.batches * piece.count, piece.rows),
-        (piece.w * sn, piece.r * sn),
-        mask.storage_offset() + piece.batch0 * sb + (piece.start + piece.phase) * sn,
-    )
-
-
-def _lse_view(lse: torch.Tensor, piece: _DenseCall) -> torch.Tensor:
-    """The rows of the merged ``lse`` ``(batch, heads, seq)`` for ``piece``, as ``(B, H, rows)``."""
-    sb, sh, sn = lse.stride()
-    heads = len(range(piece.phase, lse.shape[1], piece.r))
-    part = lse.as_strided(
-        (piece.batches, heads, piece.count, piece.rows),
-        (sb, piece.r * sh, piece.w * sn, piece.r * sn),
-        lse.storage_offset() + piece.batch0 * sb + piece.phase * sh + piece.start + piece.phase,
-    )
-    return part.permute(0, 2, 1, 3).reshape(piece.batches * piece.count, heads, piece.rows)
-
-
-def _table(
-    pieces: Sequence[_DenseCall],
-    values: Sequence[torch.Tensor],
-    lses: Sequence[torch.Tensor] | None,
-    b: int,
-    n_branches: int,
-    rmax: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Rows of the gather kernels: where each (branch, phase, batch, partial) piece lives."""
-    from dilated.kernels.triton_kernels.gather_kernels import ROW_FIELDS
-
-    table = torch.zeros(n_branches, rmax, b, 2, int(ROW_FIELDS), dtype=torch.int64)
-    for k, (piece, val) in enumerate(zip(pieces, values)):
-        lse = None if lses is None else lses[k]
-        for bi in range(piece.batch0, piece.batch0 + piece.batches):
-            skip = (bi - piece.batch0) * piece.count
-            row = [
-                val.data_ptr() + skip * val.stride(0) * val.element_size(),
-                0 if lse is None else lse.data_ptr() + skip * lse.stride(0) * 4,
-                val.stride(0),
-                val.stride(1),
-                val.stride(2),
-                0 if lse is None else lse.stride(0),
-                0 if lse is None else lse.stride(2),
-                0 if lse is None else lse.stride(1),
-                piece.start // piece.w,
-            ]
-            table[piece.branch, piece.phase, bi, int(piece.partial)] = torch.tensor(row)
-    # Under capture the addresses in it are the graph's own, so they stay valid at replays.
-    return upload(table, device)
-
-
-def _chunks(b: int, n: int, h: int, d: int, ws: Sequence[int]) -> list[tuple[int, int]]:
-    step = _chunk_length(b, n, h, d, ws)
-    return [(t0, min(n, t0 + step)) for t0 in range(0, n, step)]
-
-
-#: CUDA's limit on the second grid dimension (row blocks); longer ranges take several launches.
-_MAX_GRID_Y = 65535
-
-
-def _gather_launches(
-    ws: Sequence[int],
-    rs: Sequence[int],
-    rmax: int,
-    t0: int,
-    t1: int,
-    b: int,
-    h: int,
-    d: int,
-    kv_group: int = 0,
-) -> list[dict[str, Any]]:
-    """Grid, row range and block options of each gather-kernel launch for ``[t0, t1)``.
-
-    ``h`` heads are written; ``kv_group`` > 0: they are key/value heads shared by that many
-    query heads (gradients of k and v), 0: query heads.
-    """
-    block = math.gcd(*ws, _BLOCK_T_SCALAR)
-    scalar = block >= 16
-    block = block if scalar else _BLOCK_T
-    span = block * _MAX_GRID_Y
-    return [
-        {
-            "grid": (b * h, -(-(min(t1, s + span) - s) // block)),
-            "t_start": s,
-            "t_stop": min(t1, s + span),
-            "SCALAR": scalar,
-            "BLOCK_T": block,
-            "D": d,
-            "BLOCK_D": max(16, 1 << (d - 1).bit_length()),
-            "RMAX": rmax,
-            "WS": tuple(ws),
-            "RS": tuple(rs),
-            "KV_GROUP": kv_group,
-        }
-        for s in range(t0, t1, span)
-    ]
-
-
 @dataclass(frozen=True)
 class _CallOptions:
     """What every piece of one call shares: the branches and options."""
@@ -316,19 +122,14 @@ class _CallOptions:
     engine: str = "auto"
 
 
-def _kv_view_heads(piece: _DenseCall, h: int, group: int) -> tuple[int, int, int] | None:
-    """The key/value heads ``piece`` reads (None: those of its query heads, ``group`` 0)."""
-    return None if group == 0 else _kv_heads(piece.phase, piece.r, h, group)
-
-
 def _piece_options(
-    call: _CallOptions, piece: _DenseCall, mask: torch.Tensor | None, seed: int | None
+    call: _CallOptions, piece: DenseCall, mask: torch.Tensor | None, seed: int | None
 ) -> dict[str, Any]:
     """The keywords of the primitive's call for ``piece``, forward and backward alike."""
     return {
         "scale": call.scale,
         "is_causal": call.is_causal,
-        "key_mask": _mask_view(mask, piece),
+        "key_mask": mask_view(mask, piece),
         "dropout_p": call.dropout_p,
         "dropout_seed": seed,
         "engine": call.engine,
@@ -353,7 +154,7 @@ def _prepare(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``k``, ``v`` as the pieces read them, and their group (0: one per query head)."""
     h, hkv = q.shape[2], k.shape[2]
-    layout = _kv_layout(h, hkv, call.rs)
+    layout = kv_layout(h, hkv, call.rs)
     if layout == "expand":
         return _expanded(k, h), _expanded(v, h), 0
     return k, v, (0 if layout == "mha" else h // hkv)
@@ -376,22 +177,25 @@ def _forward(
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     rmax = max(min(r, h) for r in rs)
     index = 0
-    for t0, t1 in _chunks(b, n, h, d, ws):
-        pieces = _plan(b, n, h, ws, rs, t0, t1)
+    for t0, t1 in chunks(b, n, h, d, ws):
+        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None)
         results = []
         for pc in pieces:
-            kv = _kv_view_heads(pc, h, group)
             results.append(
                 subproblem_attention(
-                    _view(q, pc), _view(k, pc, kv), _view(v, pc, kv),
+                    view(q, pc), view(k, pc, h, group), view(v, pc, h, group),
                     **_piece_options(call, pc, mask, call_dropout_seed(seed, index)),
                 )
             )  # fmt: skip
             index += 1
-        table = _table(
-            pieces, [o for o, _ in results], [m for _, m in results], b, len(ws), rmax, q.device
+        # Under capture the addresses in it are the graph's own, so they stay valid at replays.
+        table = upload(
+            gather_table(
+                pieces, [o for o, _ in results], [m for _, m in results], b, len(ws), rmax
+            ),
+            q.device,
         )
-        for opts in _gather_launches(ws, rs, rmax, t0, t1, b, h, d):
+        for opts in gather_launches(ws, rs, rmax, t0, t1, b, h, d):
             with interpreter_lock():
                 gather_pieces[opts.pop("grid")](
                     table, out, lse, n=n, B=b, H=h,
@@ -422,23 +226,31 @@ def _backward(
     grads = [torch.empty_like(q), torch.empty_like(ke), torch.empty_like(ve)]
     rmax = max(min(r, h) for r in rs)
     index = 0
-    for t0, t1 in _chunks(b, n, h, d, ws):
-        pieces = _plan(b, n, h, ws, rs, t0, t1)
+    for t0, t1 in chunks(b, n, h, d, ws):
+        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None)
         results = []
         for pc in pieces:
-            kv = _kv_view_heads(pc, h, group)
             results.append(
                 subproblem_attention_backward(
-                    _view(do, pc), _view(q, pc), _view(ke, pc, kv), _view(ve, pc, kv),
-                    _view(out, pc), _lse_view(lse, pc),
+                    view(do, pc), view(q, pc), view(ke, pc, h, group), view(ve, pc, h, group),
+                    view(out, pc), lse_view(lse, pc),
                     **_piece_options(call, pc, mask, call_dropout_seed(seed, index)),
                 )
             )  # fmt: skip
             index += 1
-        for which, grad in enumerate(grads):
-            table = _table(pieces, [g[which] for g in results], None, b, len(ws), rmax, q.device)
+        # The three gradients' tables travel to the device in one copy.
+        tables = upload(
+            torch.stack(
+                [
+                    gather_table(pieces, [g[w] for g in results], None, b, len(ws), rmax)
+                    for w in range(3)
+                ]
+            ),
+            q.device,
+        )
+        for which, (grad, table) in enumerate(zip(grads, tables)):
             heads = grad.shape[2]
-            for opts in _gather_launches(
+            for opts in gather_launches(
                 ws, rs, rmax, t0, t1, b, heads, d, kv_group=group if which else 0
             ):
                 with interpreter_lock():
