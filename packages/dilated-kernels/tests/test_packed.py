@@ -49,3 +49,42 @@ def test_multihead_module_takes_cu_seqlens() -> None:
         mha(h[:, a:b], h[:, a:b], h[:, a:b], is_causal=True)[0] for a, b in ((0, 11), (11, 30))
     ]
     torch.testing.assert_close(out, torch.cat(parts, 1))
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("heads", [4, 6])  # kv heads 2: grouped, and expanded once (group 3)
+@pytest.mark.parametrize("lse_grad", [False, True])
+def test_packed_in_one_call_with_mask_and_lse(heads: int, lse_grad: bool) -> None:
+    # The strided backend takes the whole packed batch in one op: each sequence's rows are
+    # written in place. A key padding mask and a gradient on the LSE (the Triton backward,
+    # per sequence) follow the sequences too.
+    ws, rs = (4, 8, 32), (1, 2, 4)
+    x = make_inputs(1, BOUNDS[-1], heads, 16, kv_heads=2, requires_grad=True, seed=heads)
+    pad = torch.zeros(1, BOUNDS[-1], dtype=torch.bool)
+    pad[0, 5:9] = pad[0, 30:33] = True  # True = a key to ignore (PyTorch's convention)
+    out, lse = dilated_attention(
+        x.q, x.k, x.v, ws, rs, is_causal=True, key_padding_mask=pad, return_lse=True,
+        cu_seqlens=BOUNDS, backend="cudnn",
+    )  # fmt: skip
+    g, gl = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad(
+        (out, lse) if lse_grad else out, (x.q, x.k, x.v), (g, gl) if lse_grad else g
+    )
+    for a, b in itertools.pairwise(BOUNDS):
+        if b == a:
+            continue
+        part = [t.detach()[:, a:b].double().requires_grad_() for t in (x.q, x.k, x.v)]
+        o, m = dilated_attention(
+            *part, ws, rs, is_causal=True, key_padding_mask=pad[:, a:b], return_lse=True,
+            backend="reference",
+        )  # fmt: skip
+        want = torch.autograd.grad(
+            (o, m) if lse_grad else o, part,
+            (g[:, a:b].double(), gl[:, :, a:b].double()) if lse_grad else g[:, a:b].double(),
+        )  # fmt: skip
+        assert_close_to_reference(out[:, a:b], o, torch.float32)
+        finite = torch.isfinite(m)
+        assert torch.equal(torch.isfinite(lse[:, :, a:b]), finite)
+        assert_close_to_reference(lse[:, :, a:b][finite], m[finite], torch.float32, "lse")
+        for i, name in enumerate(("dq", "dk", "dv")):
+            assert_close_to_reference(got[i][:, a:b], want[i], torch.float32, name)

@@ -87,14 +87,23 @@ def attend_packed(
     cu_seqlens: torch.Tensor | Sequence[int] | None,
     *,
     key_padding_mask: torch.Tensor | None,
+    native: bool = False,
     **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention`` on the whole call, or on each sequence of a packed batch when
     ``cu_seqlens`` is given (checked by [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]).
-    What every functional op runs after its checks."""
+    What every functional op runs after its checks.
+
+    ``native``: ``attention`` takes the packed batch itself, as ``sequence_bounds=`` (the checked
+    boundaries), in one call; otherwise it is called once per sequence.
+    """
     if cu_seqlens is None:
         return attention(q, k, v, key_padding_mask=key_padding_mask, **options)
     bounds = check_cu_seqlens(cu_seqlens, q)
+    if native:
+        return attention(
+            q, k, v, key_padding_mask=key_padding_mask, sequence_bounds=bounds, **options
+        )
     return packed_attention(
         attention, q, k, v, bounds, key_padding_mask=key_padding_mask, **options
     )

@@ -121,13 +121,14 @@ def dilated_attention(
         is_causal=is_causal,
         return_lse=return_lse,
     )
-    forward = backend_forward(backend, q, k, key_mask, dropout_p)
+    forward, packs = backend_forward(backend, q, k, key_mask, dropout_p)
     out, lse = attend_packed(
         functools.partial(forward, segment_lengths=ws, dilation_rates=rs),
         q,
         k,
         v,
         cu_seqlens,
+        native=packs,
         scale=softmax_scale,
         is_causal=is_causal,
         key_padding_mask=key_mask,

@@ -89,15 +89,18 @@ def backend_forward(
     k: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
-) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], bool]:
     """The ``forward`` function that runs this call on ``backend`` (``"auto"``: the backend
     [`choose_backend`][dilated.kernels.backends.choose_backend] picks, its sub-problems on the
-    engine chosen per call)."""
-    if backend != "auto":
-        forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = get_backend(backend).forward
-        return forward
-    name = choose_backend(q, k, key_padding_mask, dropout_p)
-    return _AUTO_ENGINE_FORWARD if name == cudnn.NAME else _MODULES[name].forward
+    engine chosen per call), and whether it takes a packed batch in one call
+    (``sequence_bounds=``; the strided sub-problem backends do)."""
+    name = choose_backend(q, k, key_padding_mask, dropout_p) if backend == "auto" else backend
+    module = get_backend(name)
+    packs = module in (cudnn, flash)
+    if backend == "auto" and name == cudnn.NAME:
+        return _AUTO_ENGINE_FORWARD, packs
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] = module.forward
+    return forward, packs
 
 
 _warned: set[str] = set()

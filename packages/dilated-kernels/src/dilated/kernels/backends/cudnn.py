@@ -5,7 +5,8 @@ Every (branch, phase) of a run of segments is a batch of dense problems over a s
 the ``(batch, seq, heads, head_dim)`` input (rows ``s * w + p + r * i`` of heads ``p, p + r, ...``);
 [`dilated.kernels.strided_plan`][dilated.kernels.strided_plan] groups them into as few engine
 calls as the strides allow (phases of a branch share a call where they can) and caches that
-plan per shape. Each call runs on the shared primitive
+plan per shape; [`dilated.kernels.strided_run`][dilated.kernels.strided_run] runs it. Each call
+runs on the shared primitive
 [`subproblem_attention`][dilated.kernels.subproblem.subproblem_attention] on a dense engine
 (cuDNN, flash-attn-4, PyTorch's flash kernels; see
 [`dilated.kernels.engines`][dilated.kernels.engines]), which reads such a view in place at full
@@ -33,31 +34,19 @@ engine, which is how CI tests the planning and the Triton kernels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dilated.core.reference import call_dropout_seed, draw_dropout_seed, dropout_seed_value
+from dilated.core.reference import draw_dropout_seed, dropout_seed_value
+from dilated.kernels import strided_run
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
-from dilated.kernels._tables import upload
 from dilated.kernels.custom_op import register_attention_autograd
 from dilated.kernels.engines import SubproblemSpec, get_engine
 from dilated.kernels.engines import cudnn as cudnn_engine
 from dilated.kernels.engines import flash4 as flash4_engine
-from dilated.kernels.strided_plan import (
-    DenseCall,
-    chunks,
-    gather_launches,
-    gather_table,
-    kv_layout,
-    lse_view,
-    mask_view,
-    plan,
-    view,
-)
-from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
-from dilated.kernels.triton_kernels import interpreter_lock, interpreting
+from dilated.kernels.strided_run import StridedCall, contiguous
+from dilated.kernels.triton_kernels import interpreting
 
 __all__ = [
     "NAME",
@@ -110,161 +99,6 @@ def unsupported_reason(
     return cudnn_engine.extras_reason(q.shape[-1], key_padding_mask is not None, dropout_p > 0.0)
 
 
-@dataclass(frozen=True)
-class _CallOptions:
-    """What every piece of one call shares: the branches and options."""
-
-    ws: tuple[int, ...]
-    rs: tuple[int, ...]
-    scale: float
-    is_causal: bool
-    dropout_p: float
-    engine: str = "auto"
-
-
-def _piece_options(
-    call: _CallOptions, piece: DenseCall, mask: torch.Tensor | None, seed: int | None
-) -> dict[str, Any]:
-    """The keywords of the primitive's call for ``piece``, forward and backward alike."""
-    return {
-        "scale": call.scale,
-        "is_causal": call.is_causal,
-        "key_mask": mask_view(mask, piece),
-        "dropout_p": call.dropout_p,
-        "dropout_seed": seed,
-        "engine": call.engine,
-    }
-
-
-def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.contiguous()
-
-
-def _expanded(x: torch.Tensor, h: int) -> torch.Tensor:
-    return x.repeat_interleave(h // x.shape[2], dim=2)
-
-
-def _folded(dx: torch.Tensor, hkv: int) -> torch.Tensor:
-    b, n, h, d = dx.shape
-    return dx.view(b, n, hkv, h // hkv, d).sum(3, dtype=torch.float32).to(dx.dtype)
-
-
-def _prepare(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: _CallOptions
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``k``, ``v`` as the pieces read them, and their group (0: one per query head)."""
-    h, hkv = q.shape[2], k.shape[2]
-    layout = kv_layout(h, hkv, call.rs)
-    if layout == "expand":
-        return _expanded(k, h), _expanded(v, h), 0
-    return k, v, (0 if layout == "mha" else h // hkv)
-
-
-def _forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    call: _CallOptions,
-    seed: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
-
-    b, n, h, d = q.shape
-    ws, rs = call.ws, call.rs
-    k, v, group = _prepare(q, k, v, call)
-    out = torch.empty_like(q)
-    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
-    rmax = max(min(r, h) for r in rs)
-    index = 0
-    for t0, t1 in chunks(b, n, h, d, ws):
-        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None)
-        results = []
-        for pc in pieces:
-            results.append(
-                subproblem_attention(
-                    view(q, pc), view(k, pc, h, group), view(v, pc, h, group),
-                    **_piece_options(call, pc, mask, call_dropout_seed(seed, index)),
-                )
-            )  # fmt: skip
-            index += 1
-        # Under capture the addresses in it are the graph's own, so they stay valid at replays.
-        table = upload(
-            gather_table(
-                pieces, [o for o, _ in results], [m for _, m in results], b, len(ws), rmax
-            ),
-            q.device,
-        )
-        for opts in gather_launches(ws, rs, rmax, t0, t1, b, h, d):
-            with interpreter_lock():
-                gather_pieces[opts.pop("grid")](
-                    table, out, lse, n=n, B=b, H=h,
-                    sob=out.stride(0), son=out.stride(1), soh=out.stride(2),
-                    slb=lse.stride(0), slh=lse.stride(1), MERGE=True, **opts,
-                )  # fmt: skip
-    return out, lse
-
-
-def _backward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    grad_out: torch.Tensor,
-    call: _CallOptions,
-    seed: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
-
-    b, n, h, d = q.shape
-    hkv = k.shape[2]
-    ws, rs = call.ws, call.rs
-    ke, ve, group = _prepare(q, k, v, call)
-    do = grad_out.to(q.dtype).contiguous()
-    grads = [torch.empty_like(q), torch.empty_like(ke), torch.empty_like(ve)]
-    rmax = max(min(r, h) for r in rs)
-    index = 0
-    for t0, t1 in chunks(b, n, h, d, ws):
-        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None)
-        results = []
-        for pc in pieces:
-            results.append(
-                subproblem_attention_backward(
-                    view(do, pc), view(q, pc), view(ke, pc, h, group), view(ve, pc, h, group),
-                    view(out, pc), lse_view(lse, pc),
-                    **_piece_options(call, pc, mask, call_dropout_seed(seed, index)),
-                )
-            )  # fmt: skip
-            index += 1
-        # The three gradients' tables travel to the device in one copy.
-        tables = upload(
-            torch.stack(
-                [
-                    gather_table(pieces, [g[w] for g in results], None, b, len(ws), rmax)
-                    for w in range(3)
-                ]
-            ),
-            q.device,
-        )
-        for which, (grad, table) in enumerate(zip(grads, tables)):
-            heads = grad.shape[2]
-            for opts in gather_launches(
-                ws, rs, rmax, t0, t1, b, heads, d, kv_group=group if which else 0
-            ):
-                with interpreter_lock():
-                    gather_pieces[opts.pop("grid")](
-                        table, grad, grad, n=n, B=b, H=heads,
-                        sob=grad.stride(0), son=grad.stride(1), soh=grad.stride(2),
-                        slb=0, slh=0, MERGE=False, **opts,
-                    )  # fmt: skip
-    dq, dk, dv = grads
-    if dk.shape[2] != hkv:
-        dk, dv = _folded(dk, hkv), _folded(dv, hkv)
-    return dq, dk, dv
-
-
 def forward_no_grad(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -278,11 +112,9 @@ def forward_no_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of a call this backend supports (no dropout), outside autograd (for callers
     that merge it with other parts; see [`dilated.kernels.partial`][dilated.kernels.partial])."""
-    call = _CallOptions(
-        tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine
-    )
-    mask = _contiguous(key_padding_mask)
-    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), mask, call, None)
+    call = StridedCall(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine)
+    mask = contiguous(key_padding_mask)
+    return strided_run.forward(q.contiguous(), k.contiguous(), v.contiguous(), mask, call, None)
 
 
 def backward_from_merged(
@@ -301,11 +133,9 @@ def backward_from_merged(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of this call's branches given the FINAL merged ``out`` ``(b, n, h, d)``
     and float32 ``lse`` ``(b, h, n)``, which may include keys of other parts."""
-    call = _CallOptions(
-        tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine
-    )
-    mask = _contiguous(key_padding_mask)
-    return _backward(
+    call = StridedCall(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine)
+    mask = contiguous(key_padding_mask)
+    return strided_run.backward(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
@@ -320,12 +150,20 @@ def backward_from_merged(
 
 _OPTIONS = (
     "int[] segment_lengths, int[] dilation_rates, float scale, bool is_causal, float dropout_p, "
-    'str engine="auto"'
+    'str engine="auto", int[] bounds=[]'
 )
 
 
-def _call(ws: Sequence[int], rs: Sequence[int], *opts: Any) -> _CallOptions:
-    return _CallOptions(tuple(ws), tuple(rs), *opts)
+def _call(
+    ws: Sequence[int],
+    rs: Sequence[int],
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    engine: str = "auto",
+    bounds: Sequence[int] = (),
+) -> StridedCall:
+    return StridedCall(tuple(ws), tuple(rs), scale, is_causal, dropout_p, engine, tuple(bounds))
 
 
 @torch.library.custom_op(
@@ -345,8 +183,8 @@ def _attention(
     *opts: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     call = _call(segment_lengths, dilation_rates, *opts)
-    mask = _contiguous(key_mask)
-    return _forward(
+    mask = contiguous(key_mask)
+    return strided_run.forward(
         q.contiguous(), k.contiguous(), v.contiguous(), mask, call, dropout_seed_value(seed)
     )
 
@@ -379,9 +217,9 @@ def _attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     call = _call(segment_lengths, dilation_rates, *opts)
     q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
-    key_mask = _contiguous(key_mask)
+    key_mask = contiguous(key_mask)
     if d_lse is None:
-        return _backward(
+        return strided_run.backward(
             q, k, v, key_mask, out, lse.contiguous(), d_out, call, dropout_seed_value(seed)
         )
     if call.dropout_p > 0.0:
@@ -394,9 +232,23 @@ def _attention_backward(
     from dilated.kernels.backends import triton as triton_backend
 
     mask = None if key_mask is None else key_mask.to(torch.int8)
-    return triton_backend.backward(
-        q, k, v, mask, out, lse, d_out, d_lse, call.ws, call.rs, call.scale, call.is_causal
-    )
+    if not call.bounds:
+        return triton_backend.backward(
+            q, k, v, mask, out, lse, d_out, d_lse, call.ws, call.rs, call.scale, call.is_causal
+        )
+    grads = tuple(torch.zeros_like(x) for x in (q, k, v))
+    for rows in strided_run.sequences(call, q.shape[1]):
+        # The fused kernel reads contiguous tensors of its own length.
+        part = triton_backend.backward(
+            q[:, rows].contiguous(), k[:, rows].contiguous(), v[:, rows].contiguous(),
+            None if mask is None else mask[:, rows].contiguous(),
+            out[:, rows].contiguous(), lse[:, :, rows].contiguous(),
+            d_out[:, rows].contiguous(), d_lse[:, :, rows].contiguous(),
+            call.ws, call.rs, call.scale, call.is_causal,
+        )  # fmt: skip
+        for grad, g in zip(grads, part):
+            grad[:, rows] = g
+    return grads[0], grads[1], grads[2]
 
 
 @_attention_backward.register_fake
@@ -421,9 +273,14 @@ def forward(
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
     engine: str = cudnn_engine.NAME,
+    sequence_bounds: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` on validated inputs ``(batch, seq, heads, head_dim)``, the sub-problems
     on ``engine`` (``"cudnn"``, ``"flash4"`` or ``"auto"``).
+
+    ``sequence_bounds``: the checked ``cu_seqlens`` of a packed batch of one (see
+    [`check_cu_seqlens`][dilated.core.checks.check_cu_seqlens]), each sequence attended alone,
+    all of them in this one call; empty: one sequence.
 
     Returns ``out`` in the dtype of ``q`` and ``lse`` float32 ``(batch, heads, seq)``.
 
@@ -449,5 +306,6 @@ def forward(
         is_causal,
         dropout_p,
         engine,
+        list(sequence_bounds),
     )
     return out, lse

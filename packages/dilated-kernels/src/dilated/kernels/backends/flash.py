@@ -44,10 +44,13 @@ def forward(
     is_causal: bool,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
+    sequence_bounds: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` on validated inputs; ``ValueError`` when flash-attn-4 cannot run the call
-    (not installed: the message says how to install it)."""
+    (not installed: the message says how to install it). ``sequence_bounds``: as in
+    [`cudnn.forward`][dilated.kernels.backends.cudnn.forward]."""
     return cudnn.forward(
         q, k, v, segment_lengths, dilation_rates, scale=scale, is_causal=is_causal,
         key_padding_mask=key_padding_mask, dropout_p=dropout_p, engine=flash4.NAME,
+        sequence_bounds=sequence_bounds,
     )  # fmt: skip

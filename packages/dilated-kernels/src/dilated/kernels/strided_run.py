@@ -1,0 +1,256 @@
+"""Run a dilated call as planned by [`strided_plan`][dilated.kernels.strided_plan]: the engine
+calls on strided views, then the Triton merge (forward) or sum (backward) of their results into
+``(batch, seq, heads, head_dim)``; no autograd (see
+``dilated.kernels.backends.cudnn`` for the op around it).
+
+A packed batch (``cu_seqlens``) runs in the same call: each sequence's rows are views of the
+batch of one, read and written in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dilated.core.packed import sequence_slices
+from dilated.core.reference import call_dropout_seed
+from dilated.kernels._tables import upload
+from dilated.kernels.strided_plan import (
+    DenseCall,
+    chunks,
+    gather_launches,
+    gather_table,
+    kv_layout,
+    lse_view,
+    mask_view,
+    plan,
+    view,
+)
+from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
+from dilated.kernels.triton_kernels import interpreter_lock
+
+__all__ = ["StridedCall", "backward", "contiguous", "forward", "sequences"]
+
+
+@dataclass(frozen=True)
+class StridedCall:
+    """What every engine call of one dilated call shares: the branches and options."""
+
+    ws: tuple[int, ...]
+    rs: tuple[int, ...]
+    scale: float
+    is_causal: bool
+    dropout_p: float
+    engine: str = "auto"
+    #: ``cu_seqlens`` of a packed batch of one (each sequence attended alone), or empty.
+    bounds: tuple[int, ...] = ()
+
+
+def _piece_options(
+    call: StridedCall, piece: DenseCall, mask: torch.Tensor | None, seed: int | None
+) -> dict[str, Any]:
+    """The keywords of the primitive's call for ``piece``, forward and backward alike."""
+    return {
+        "scale": call.scale,
+        "is_causal": call.is_causal,
+        "key_mask": mask_view(mask, piece),
+        "dropout_p": call.dropout_p,
+        "dropout_seed": seed,
+        "engine": call.engine,
+    }
+
+
+def contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` contiguous, or None."""
+    return None if x is None else x.contiguous()
+
+
+def _expanded(x: torch.Tensor, h: int) -> torch.Tensor:
+    return x.repeat_interleave(h // x.shape[2], dim=2)
+
+
+def _folded(dx: torch.Tensor, hkv: int) -> torch.Tensor:
+    b, n, h, d = dx.shape
+    return dx.view(b, n, hkv, h // hkv, d).sum(3, dtype=torch.float32).to(dx.dtype)
+
+
+def prepare_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: StridedCall
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``k``, ``v`` as the pieces read them, and their group (0: one per query head)."""
+    h, hkv = q.shape[2], k.shape[2]
+    layout = kv_layout(h, hkv, call.rs)
+    if layout == "expand":
+        return _expanded(k, h), _expanded(v, h), 0
+    return k, v, (0 if layout == "mha" else h // hkv)
+
+
+def sequences(call: StridedCall, n: int) -> list[slice]:
+    """The rows of each sequence the call attends alone: all of them, or each non-empty
+    sequence of a packed batch."""
+    return sequence_slices(call.bounds) if call.bounds else [slice(0, n)] if n else []
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    call: StridedCall,
+    seed: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of contiguous ``q`` ``(batch, seq, heads, head_dim)``, ``k``/``v``
+    ``(batch, seq, kv_heads, head_dim)`` and ``mask`` (bool ``(batch, seq)``, True = a key
+    that may be attended, or None): ``out`` in the dtype of ``q``, ``lse`` float32
+    ``(batch, heads, seq)``. ``seed``: the call's dropout seed (None without dropout)."""
+    b, n, h, _ = q.shape
+    k, v, group = prepare_kv(q, k, v, call)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    index = 0
+    # A packed sequence's rows are a view of the batch of one, written in place: one output,
+    # no per-sequence op and no concatenation.
+    for rows in sequences(call, n):
+        index = _forward_rows(
+            q[:, rows], k[:, rows], v[:, rows], None if mask is None else mask[:, rows],
+            out[:, rows], lse[:, :, rows], call, group, seed, index,
+        )  # fmt: skip
+    return out, lse
+
+
+def _forward_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    call: StridedCall,
+    group: int,
+    seed: int | None,
+    index: int,
+) -> int:
+    """Write ``out`` and ``lse`` of one sequence; returns the next dropout-seed index."""
+    from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
+
+    b, n, h, d = q.shape
+    ws, rs = call.ws, call.rs
+    rmax = max(min(r, h) for r in rs)
+    for t0, t1 in chunks(b, n, h, d, ws):
+        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None)
+        results = []
+        for pc in pieces:
+            results.append(
+                subproblem_attention(
+                    view(q, pc), view(k, pc, h, group), view(v, pc, h, group),
+                    **_piece_options(call, pc, mask, call_dropout_seed(seed, index)),
+                )
+            )  # fmt: skip
+            index += 1
+        # Under capture the addresses in it are the graph's own, so they stay valid at replays.
+        table = upload(
+            gather_table(
+                pieces, [o for o, _ in results], [m for _, m in results], b, len(ws), rmax
+            ),
+            q.device,
+        )
+        for opts in gather_launches(ws, rs, rmax, t0, t1, b, h, d):
+            with interpreter_lock():
+                gather_pieces[opts.pop("grid")](
+                    table, out, lse, n=n, B=b, H=h,
+                    sob=out.stride(0), son=out.stride(1), soh=out.stride(2),
+                    slb=lse.stride(0), slh=lse.stride(1), MERGE=True, **opts,
+                )  # fmt: skip
+    return index
+
+
+def backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    call: StridedCall,
+    seed: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the call given its merged ``out`` and float32 ``lse`` (which may
+    include keys of other parts: see
+    [`subproblem_attention_backward`][dilated.kernels.subproblem.subproblem_attention_backward]);
+    inputs as in [`forward`][dilated.kernels.strided_run.forward]."""
+    hkv = k.shape[2]
+    ke, ve, group = prepare_kv(q, k, v, call)
+    do = grad_out.to(q.dtype).contiguous()
+    # zeros: rows of a packed batch's empty sequences (none otherwise) are never written.
+    make = torch.zeros_like if call.bounds else torch.empty_like
+    grads = (make(q), make(ke), make(ve))
+    index = 0
+    for rows in sequences(call, q.shape[1]):
+        index = _backward_rows(
+            q[:, rows], ke[:, rows], ve[:, rows], None if mask is None else mask[:, rows],
+            out[:, rows], lse[:, :, rows], do[:, rows], tuple(g[:, rows] for g in grads),
+            call, group, seed, index,
+        )  # fmt: skip
+    dq, dk, dv = grads
+    if dk.shape[2] != hkv:
+        dk, dv = _folded(dk, hkv), _folded(dv, hkv)
+    return dq, dk, dv
+
+
+def _backward_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    grads: tuple[torch.Tensor, ...],
+    call: StridedCall,
+    group: int,
+    seed: int | None,
+    index: int,
+) -> int:
+    """Write ``grads`` (dq, dk, dv) of one sequence; returns the next dropout-seed index."""
+    from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
+
+    b, n, h, d = q.shape
+    ws, rs = call.ws, call.rs
+    rmax = max(min(r, h) for r in rs)
+    for t0, t1 in chunks(b, n, h, d, ws):
+        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None)
+        results = []
+        for pc in pieces:
+            results.append(
+                subproblem_attention_backward(
+                    view(do, pc), view(q, pc), view(k, pc, h, group), view(v, pc, h, group),
+                    view(out, pc), lse_view(lse, pc),
+                    **_piece_options(call, pc, mask, call_dropout_seed(seed, index)),
+                )
+            )  # fmt: skip
+            index += 1
+        # The three gradients' tables travel to the device in one copy.
+        tables = upload(
+            torch.stack(
+                [
+                    gather_table(pieces, [g[w] for g in results], None, b, len(ws), rmax)
+                    for w in range(3)
+                ]
+            ),
+            q.device,
+        )
+        for which, (grad, table) in enumerate(zip(grads, tables)):
+            heads = grad.shape[2]
+            for opts in gather_launches(
+                ws, rs, rmax, t0, t1, b, heads, d, kv_group=group if which else 0
+            ):
+                with interpreter_lock():
+                    gather_pieces[opts.pop("grid")](
+                        table, grad, grad, n=n, B=b, H=heads,
+                        sob=grad.stride(0), son=grad.stride(1), soh=grad.stride(2),
+                        slb=0, slh=0, MERGE=False, **opts,
+                    )  # fmt: skip
+    return index
