@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session: every package's CUDA tests, then the benchmarks, logs and JSON under $OUT
 # (default ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests] [newlen] [dense] [ring]
-# [sparse] [cli] (default: all; PACKAGES="ring sparse" limits the tests). Each step has its own
+# [sparse] [shapes] [cli] (default: all; PACKAGES="ring sparse" limits the tests). Each step has its own
 # time limit, so one slow step never takes the rest.
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests newlen dense ring sparse cli)
+[ ${#steps[@]} -eq 0 ] && steps=(tests newlen dense ring sparse shapes cli)
 root="$(cd "$(dirname "$0")/.." && pwd)"
 has() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 summary=()
@@ -52,6 +52,12 @@ if has sparse && [ -f "$root/benchmarks/sparse.py" ]; then
     timeout 300 python3 "$root/benchmarks/sparse.py" ${SPARSE_ARGS:-} --out "$OUT/sparse.json" \
         >"$OUT/sparse.log" 2>&1
     summary+=("sparse: $(tail -1 "$OUT/sparse.log")")
+fi
+if has shapes; then
+    # Short sequences (eager and graphed), a packed batch, segments longer than the sequence.
+    timeout 300 python3 "$root/benchmarks/shapes.py" --json "$OUT/shapes.json" \
+        >"$OUT/shapes.log" 2>&1
+    summary+=("shapes: $(grep -c '^| ' "$OUT/shapes.log") table lines")
 fi
 if has cli; then
     timeout 120 dilated check >"$OUT/cli-check.log" 2>&1
