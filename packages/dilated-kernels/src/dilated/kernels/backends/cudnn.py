@@ -33,6 +33,7 @@ engine, which is how CI tests the planning and the Triton kernels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,25 +79,30 @@ def unsupported_reason(
     engine: str = cudnn_engine.NAME,
 ) -> str | None:
     """Why this backend cannot take the call on ``engine`` (``"cudnn"``, ``"flash4"`` or
-    ``"auto"``: either of them), or None when it can."""
+    ``"auto"``: either of them), or None when it can (worked out once per kind of call)."""
+    spec = SubproblemSpec.of(q, k, is_causal=False, key_mask=key_padding_mask, dropout_p=dropout_p)
+    return _reason(spec, engine, not q.is_cuda and interpreting())
+
+
+@functools.lru_cache(maxsize=256)
+def _reason(spec: SubproblemSpec, engine: str, interpret: bool) -> str | None:
+    # ``interpret``: part of the key only (TRITON_INTERPRET decides availability on CPU).
     if engine != cudnn_engine.NAME:
-        spec = SubproblemSpec.of(
-            q, k, is_causal=False, key_mask=key_padding_mask, dropout_p=dropout_p
-        )
         flash_reason = flash4_engine.unsupported_reason(spec)
         if engine == flash4_engine.NAME or flash_reason is None:
             return flash_reason
-    if not available(q.device):
-        return f"it needs triton and a CUDA device with cuDNN attention (got {q.device.type})"
+    cuda = spec.device_type == "cuda"
+    if not available(torch.device(spec.device_type, spec.device_index)):
+        return f"it needs triton and a CUDA device with cuDNN attention (got {spec.device_type})"
     # float32 runs only on CPU under the interpreter (the tests); the LSE is float32 there.
-    if q.dtype not in (torch.float16, torch.bfloat16, *(() if q.is_cuda else (torch.float32,))):
-        return f"it takes float16/bfloat16 on CUDA, got {q.dtype}; use backend='triton'"
-    limit = cudnn_engine.max_head_dim(q.device.index or 0) if q.is_cuda else 256
-    if q.shape[-1] > limit or q.shape[-1] % 8:
-        return f"head_dim must be a multiple of 8 up to {limit} on this device, got {q.shape[-1]}"
-    if not q.is_cuda:
+    if spec.dtype not in (torch.float16, torch.bfloat16, *(() if cuda else (torch.float32,))):
+        return f"it takes float16/bfloat16 on CUDA, got {spec.dtype}; use backend='triton'"
+    limit = cudnn_engine.max_head_dim(spec.device_index) if cuda else 256
+    if spec.head_dim > limit or spec.head_dim % 8:
+        return f"head_dim must be a multiple of 8 up to {limit} on this device, got {spec.head_dim}"
+    if not cuda:
         return None
-    return cudnn_engine.extras_reason(q.shape[-1], key_padding_mask is not None, dropout_p > 0.0)
+    return cudnn_engine.extras_reason(spec.head_dim, spec.key_mask, spec.dropout)
 
 
 def forward_no_grad(
