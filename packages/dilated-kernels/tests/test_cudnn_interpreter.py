@@ -270,3 +270,60 @@ def test_segments_longer_than_the_sequence_cost_the_cut_call(batch: int, seq: in
     assert _calls(batch, seq, 16, ws, rs) == _calls(batch, seq, 16, cut, rs)
     if batch == 1 and seq == 8192:
         assert _calls(batch, seq, 16, ws, rs) == len(ws)  # one call per branch
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the same values in a ``(batch, heads, seq, head_dim)`` memory layout, seen as
+    ``(batch, seq, heads, head_dim)`` (how transformers hands its tensors over)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq", "heads", "kv_heads", "ws", "rs"),
+    [
+        (2, 32, 4, 4, (8, 16), (1, 2)),  # segments tile the sequence: batch rows not one stride
+        (2, 30, 4, 2, (8, 16), (1, 4)),  # tails, grouped key/value heads
+        (1, 24, 4, 4, (8, 32), (1, 4)),  # phases on the batch axis
+        (2, 32, 2, 2, (8, 16), (2, 4)),  # phases on the head axis
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_heads_first_layout_is_read_in_place(
+    batch: int,
+    seq: int,
+    heads: int,
+    kv_heads: int,
+    ws: tuple[int, ...],
+    rs: tuple[int, ...],
+    causal: bool,
+) -> None:
+    from dilated.kernels.strided_run import readable
+
+    probe = _heads_first(torch.randn(batch, seq, heads, 16))
+    assert readable(probe) is probe  # no copy: the views below read this layout
+
+    def attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = dilated_attention(
+            _heads_first(q), _heads_first(k), _heads_first(v), *args, return_lse=True,
+            backend="cudnn", **kwargs,
+        )  # fmt: skip
+        return out, lse
+
+    check_on_random_inputs(
+        attention, batch, seq, heads, 16, ws, rs, kv_heads=kv_heads, is_causal=causal,
+        padding=True, seed=seq,
+    )  # fmt: skip
+
+
+def test_readable_copies_what_the_engines_cannot_read() -> None:
+    from dilated.kernels.strided_run import readable
+
+    x = torch.randn(2, 8, 4, 16)
+    assert readable(x) is x
+    odd = torch.randn(2, 8, 4, 17)[..., :16]  # strides not a multiple of 16 bytes
+    assert readable(odd) is not odd and readable(odd).is_contiguous()
+    overlapping = torch.randn(1, 1, 1, 16).expand(2, 8, 4, 16)  # zero strides
+    assert readable(overlapping) is not overlapping
+    assert torch.equal(readable(odd), odd)

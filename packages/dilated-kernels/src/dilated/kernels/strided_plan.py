@@ -157,11 +157,15 @@ def plan(
     t1: int,
     group: int = 0,
     masked: bool = False,
+    rows_span_batch: bool = True,
 ) -> tuple[DenseCall, ...]:
     """Every engine call of the chunk ``[t0, t1)`` (``t0`` a multiple of every ``w_i``).
 
     ``group``: query heads per key/value head as the calls read them (0: one each); ``masked``:
-    a key mask is given (it is per batch row and key, so phases never share a head axis then).
+    a key mask is given (it is per batch row and key, so phases never share a head axis then);
+    ``rows_span_batch``: every tensor read has its batch stride equal to ``seq`` rows (a
+    ``(batch, seq, ...)`` layout, not ``(batch, heads, seq, ...)`` transposed), so that the
+    segments of consecutive batch rows are one stride apart.
     """
     calls: list[DenseCall] = []
     for i, (w, r) in enumerate(zip(ws, rs)):
@@ -170,7 +174,7 @@ def plan(
         tail = n - (n // w) * w if t1 == n else 0
         phases = min(r, h)
         if count:
-            one_stride = b == 1 or count == 1 or count * w == n
+            one_stride = b == 1 or count == 1 or (count * w == n and rows_span_batch)
             for b0 in [0] if one_stride else range(b):
                 batches = b if one_stride else 1
                 rows = [w // r] * phases

@@ -31,7 +31,7 @@ from dilated.kernels.strided_plan import (
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 from dilated.kernels.triton_kernels import interpreter_lock
 
-__all__ = ["StridedCall", "backward", "contiguous", "forward", "sequences"]
+__all__ = ["StridedCall", "backward", "contiguous", "forward", "readable", "sequences"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,39 @@ def _piece_options(
 def contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     """``x`` contiguous, or None."""
     return None if x is None else x.contiguous()
+
+
+def readable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(batch, seq, heads, head_dim)`` as the engines read it in place: ``x`` itself when
+    ``head_dim`` is unit-stride and its address and every other stride are multiples of 16
+    bytes (any order: a ``(batch, heads, seq, head_dim)`` tensor transposed, as transformers
+    passes them, is read without a copy); a contiguous copy otherwise."""
+    align = max(1, 16 // x.element_size())
+    strides = x.stride()
+    if (
+        strides[-1] == 1
+        and x.data_ptr() % 16 == 0
+        and all(s % align == 0 for s in strides[:-1])
+        and _non_overlapping(x)
+    ):
+        return x
+    return x.contiguous()
+
+
+def _non_overlapping(x: torch.Tensor) -> bool:
+    # Sorted by stride, each dimension must step past the whole extent of the smaller ones.
+    extent = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda p: p[1]):
+        if size > 1 and stride < extent:
+            return False
+        extent = max(extent, stride * size) if size > 1 else extent
+    return True
+
+
+def _rows_span_batch(*tensors: torch.Tensor) -> bool:
+    """Whether each tensor's batch stride is ``seq`` rows (see
+    [`plan`][dilated.kernels.strided_plan.plan])."""
+    return all(t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1) for t in tensors)
 
 
 def _expanded(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -101,7 +134,8 @@ def forward(
     call: StridedCall,
     seed: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of contiguous ``q`` ``(batch, seq, heads, head_dim)``, ``k``/``v``
+    """``(out, lse)`` of [`readable`][dilated.kernels.strided_run.readable] ``q``
+    ``(batch, seq, heads, head_dim)``, ``k``/``v``
     ``(batch, seq, kv_heads, head_dim)`` and ``mask`` (bool ``(batch, seq)``, True = a key
     that may be attended, or None): ``out`` in the dtype of ``q``, ``lse`` float32
     ``(batch, heads, seq)``. ``seed``: the call's dropout seed (None without dropout)."""
@@ -109,13 +143,14 @@ def forward(
     k, v, group = prepare_kv(q, k, v, call)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    span = _rows_span_batch(q, k, v, out)
     index = 0
     # A packed sequence's rows are a view of the batch of one, written in place: one output,
     # no per-sequence op and no concatenation.
     for rows in sequences(call, n):
         index = _forward_rows(
             q[:, rows], k[:, rows], v[:, rows], None if mask is None else mask[:, rows],
-            out[:, rows], lse[:, :, rows], call, group, seed, index,
+            out[:, rows], lse[:, :, rows], call, group, span, seed, index,
         )  # fmt: skip
     return out, lse
 
@@ -129,6 +164,7 @@ def _forward_rows(
     lse: torch.Tensor,
     call: StridedCall,
     group: int,
+    span: bool,
     seed: int | None,
     index: int,
 ) -> int:
@@ -139,7 +175,7 @@ def _forward_rows(
     ws, rs = call.ws, call.rs
     rmax = max(min(r, h) for r in rs)
     for t0, t1 in chunks(b, n, h, d, ws):
-        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None)
+        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None, span)
         results = []
         for pc in pieces:
             results.append(
@@ -183,16 +219,17 @@ def backward(
     inputs as in [`forward`][dilated.kernels.strided_run.forward]."""
     hkv = k.shape[2]
     ke, ve, group = prepare_kv(q, k, v, call)
-    do = grad_out.to(q.dtype).contiguous()
+    do = readable(grad_out.to(q.dtype))
     # zeros: rows of a packed batch's empty sequences (none otherwise) are never written.
     make = torch.zeros_like if call.bounds else torch.empty_like
     grads = (make(q), make(ke), make(ve))
+    span = _rows_span_batch(q, ke, ve, out, do, *grads)
     index = 0
     for rows in sequences(call, q.shape[1]):
         index = _backward_rows(
             q[:, rows], ke[:, rows], ve[:, rows], None if mask is None else mask[:, rows],
             out[:, rows], lse[:, :, rows], do[:, rows], tuple(g[:, rows] for g in grads),
-            call, group, seed, index,
+            call, group, span, seed, index,
         )  # fmt: skip
     dq, dk, dv = grads
     if dk.shape[2] != hkv:
@@ -211,6 +248,7 @@ def _backward_rows(
     grads: tuple[torch.Tensor, ...],
     call: StridedCall,
     group: int,
+    span: bool,
     seed: int | None,
     index: int,
 ) -> int:
@@ -221,7 +259,7 @@ def _backward_rows(
     ws, rs = call.ws, call.rs
     rmax = max(min(r, h) for r in rs)
     for t0, t1 in chunks(b, n, h, d, ws):
-        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None)
+        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None, span)
         results = []
         for pc in pieces:
             results.append(

@@ -46,7 +46,7 @@ from dilated.kernels.custom_op import register_attention_autograd
 from dilated.kernels.engines import SubproblemSpec, get_engine
 from dilated.kernels.engines import cudnn as cudnn_engine
 from dilated.kernels.engines import flash4 as flash4_engine
-from dilated.kernels.strided_run import StridedCall, contiguous
+from dilated.kernels.strided_run import StridedCall, contiguous, readable
 from dilated.kernels.triton_kernels import interpreting
 
 __all__ = [
@@ -120,7 +120,7 @@ def forward_no_grad(
     that merge it with other parts; see [`dilated.kernels.partial`][dilated.kernels.partial])."""
     call = StridedCall(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine)
     mask = contiguous(key_padding_mask)
-    return strided_run.forward(q.contiguous(), k.contiguous(), v.contiguous(), mask, call, None)
+    return strided_run.forward(readable(q), readable(k), readable(v), mask, call, None)
 
 
 def backward_from_merged(
@@ -142,11 +142,11 @@ def backward_from_merged(
     call = StridedCall(tuple(segment_lengths), tuple(dilation_rates), scale, is_causal, 0.0, engine)
     mask = contiguous(key_padding_mask)
     return strided_run.backward(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
+        readable(q),
+        readable(k),
+        readable(v),
         mask,
-        out.to(q.dtype).contiguous(),
+        readable(out.to(q.dtype)),
         lse.float().contiguous(),
         grad_out,
         call,
@@ -191,7 +191,7 @@ def _attention(
     call = _call(segment_lengths, dilation_rates, *opts)
     mask = contiguous(key_mask)
     return strided_run.forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), mask, call, dropout_seed_value(seed)
+        readable(q), readable(k), readable(v), mask, call, dropout_seed_value(seed)
     )
 
 
@@ -222,12 +222,13 @@ def _attention_backward(
     *opts: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     call = _call(segment_lengths, dilation_rates, *opts)
-    q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
     key_mask = contiguous(key_mask)
     if d_lse is None:
+        q, k, v, out = readable(q), readable(k), readable(v), readable(out)
         return strided_run.backward(
             q, k, v, key_mask, out, lse.contiguous(), d_out, call, dropout_seed_value(seed)
         )
+    q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
     if call.dropout_p > 0.0:
         raise ValueError(
             "backend='cudnn' cannot take a gradient on the returned LSE with dropout; "
