@@ -335,3 +335,31 @@ def test_reduce_overhead_compile_replays_the_training_step() -> None:
         (dx_want,) = torch.autograd.grad(want.float().square().sum(), x)
         assert_close_to_reference(got.clone(), want.double(), torch.bfloat16)
         assert_close_to_reference(dx, dx_want.double(), torch.bfloat16, "dx")
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+@pytest.mark.parametrize(("batch", "seq"), [(2, 2048), (1, 3000)])
+def test_heads_first_layout_on_gpu(backend: str, batch: int, seq: int) -> None:
+    """transformers' ``(batch, heads, seq, head_dim)`` tensors, transposed, read in place by
+    each engine (no copy), forward and backward."""
+    from dilated.kernels.engines import flash4
+
+    if backend == "flash" and not flash4.available(torch.device("cuda")):
+        pytest.skip(flash4.INSTALL_HINT)
+
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = dilated_attention(
+            heads_first(q), heads_first(k), heads_first(v), *args, return_lse=True,
+            backend=backend, **kwargs,
+        )  # fmt: skip
+        return out, lse
+
+    check_on_random_inputs(
+        attention, batch, seq, 8, 128, (512, 1024, 2048), (1, 2, 4), kv_heads=4,
+        is_causal=True, dtype=torch.bfloat16, device="cuda", seed=seq,
+    )  # fmt: skip
