@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -119,19 +119,13 @@ def test_registry_reports_and_clears_every_live_cache() -> None:
 
 def test_concurrent_use_stays_within_the_bound() -> None:
     cache: PlanCache[int, int] = PlanCache("test.threads", maxsize=16, key="n")
-    errors: list[BaseException] = []
 
-    def work(offset: int) -> None:
-        try:
-            for i in range(2000):
-                n = (i * 7 + offset) % 64
-                assert cache.get_or_build(n, lambda n=n: n * n) == n * n  # type: ignore[misc]
-        except BaseException as exc:
-            errors.append(exc)
+    def work(offset: int) -> int:
+        for i in range(2000):
+            n = (i * 7 + offset) % 64
+            assert cache.get_or_build(n, lambda n=n: n * n) == n * n  # type: ignore[misc]
+        return offset
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(cache) <= 16
+    with ThreadPoolExecutor(4) as pool:  # a failed lookup re-raises here
+        assert list(pool.map(work, range(4))) == [0, 1, 2, 3]
+    assert len(cache) <= 16
