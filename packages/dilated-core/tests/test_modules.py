@@ -116,3 +116,100 @@ def test_key_padding_mask_through_multihead() -> None:
     y[:, 6:] += 100.0  # padded keys/values change; outputs of the other positions must not
     out2, _ = mha(x, y, y, key_padding_mask=mask)
     torch.testing.assert_close(out[:, :6], out2[:, :6])
+
+
+class _ScaledAttention(DilatedAttention):
+    """An attention with a setting of its own: its output times ``factor``."""
+
+    def __init__(
+        self, *args: object, factor: float = 1.0, check_finite: bool | None = None, **kw: object
+    ) -> None:
+        super().__init__(*args, check_finite=check_finite, **kw)  # type: ignore[arg-type]
+        self.factor = factor
+
+    def _attention(self, q, k, v, **kw):  # type: ignore[no-untyped-def]
+        return super()._attention(q, k, v, **kw) * self.factor
+
+
+class _ScaledMultihead(MultiheadDilatedAttention):
+    attention_class = _ScaledAttention
+
+
+def test_attention_settings_lists_the_keyword_settings() -> None:
+    from dilated.core.base import attention_settings
+
+    assert attention_settings(DilatedAttention) == ("check_finite",)
+    # Keyword-only parameters of the class, then those its **kw reaches; never is_causal.
+    assert attention_settings(_ScaledAttention) == ("factor", "check_finite")
+
+
+@pytest.mark.parametrize("from_configs", [False, True])
+def test_multihead_hands_every_setting_to_its_attention_constructor(from_configs: bool) -> None:
+    """A setting given to the multi-head constructor is the inner attention's from its own
+    constructor on (not assigned after it), and changes the layer's output accordingly."""
+    torch.manual_seed(0)
+    if from_configs:
+        args: tuple[object, ...] = (
+            MultiheadConfig(embed_dim=16, num_heads=2),
+            DilatedAttentionConfig((4, 8), (1, 2)),
+        )
+    else:
+        args = (16, 2, [1, 2], [4, 8])
+    plain = MultiheadDilatedAttention(*args)  # type: ignore[arg-type]
+    scaled = _ScaledMultihead(*args, factor=3.0, check_finite=True)  # type: ignore[arg-type]
+    assert isinstance(scaled.attention, _ScaledAttention)
+    assert (scaled.attention.factor, scaled.attention.check_finite) == (3.0, True)
+    assert plain.attention.check_finite is None
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    plain.double()
+    scaled.double()
+    q, k, v = plain.project_inputs(x, x, x)
+    inner = plain.attention(q, k, v, is_causal=True)
+    want = plain.project_output(inner * 3.0)
+    assert_close_to_reference(scaled(x, x, x, is_causal=True)[0], want, torch.float64)
+
+
+def test_multihead_refuses_a_keyword_its_attention_does_not_take() -> None:
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) fator; .* are factor"):
+        _ScaledMultihead(16, 2, [1], [4], fator=3.0)
+    # What the config holds is not a setting: it would be silently dropped by the inner module.
+    with pytest.raises(TypeError, match="attention_dropout"):
+        MultiheadDilatedAttention(16, 2, [1], [4], attention_dropout=0.5)
+    with pytest.raises(TypeError, match=r"backend; the settings of its attention are check_finite"):
+        MultiheadDilatedAttention(16, 2, [1], [4], backend="sdpa")
+
+
+def test_a_subclass_written_for_the_old_hook_still_builds() -> None:
+    """``_make_attention(config)`` without settings (dilated-attention-pytorch 0.2.0's hook)."""
+    from dilated.core import BaseMultiheadDilatedAttention
+
+    class Old(BaseMultiheadDilatedAttention):
+        def _make_attention(self, config: DilatedAttentionConfig) -> DilatedAttention:  # type: ignore[override]
+            return DilatedAttention(config)
+
+    layer = Old(16, 2, [1], [4], check_finite=True)
+    assert isinstance(layer.attention, DilatedAttention) and layer.attention.check_finite is True
+    with pytest.raises(TypeError, match=r"factor; the settings of its attention are none"):
+        Old(16, 2, [1], [4], factor=2.0)
+
+    class Nothing(BaseMultiheadDilatedAttention):
+        pass
+
+    with pytest.raises(TypeError, match="Nothing sets no attention_class"):
+        Nothing(16, 2, [1], [4])
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_project_inputs_and_output_are_the_forward(num_kv_heads: int | None) -> None:
+    """forward == project_output(attention(*project_inputs(...))), with key/value of another
+    length than the query (the heads are split per tensor)."""
+    torch.manual_seed(1)
+    mha = MultiheadDilatedAttention(16, 2, [1], [4], num_kv_heads=num_kv_heads, dtype=torch.float64)
+    x = torch.randn(3, 8, 16, dtype=torch.float64)
+    q, k, v = mha.project_inputs(x, x[:, :5], x[:, :5])
+    assert q.shape == (3, 8, 2, 8) and k.shape == v.shape == (3, 5, num_kv_heads or 2, 8)
+    q, k, v = mha.project_inputs(x, x, x)
+    manual = mha.project_output(mha.attention(q, k, v, is_causal=True))
+    assert torch.equal(mha(x, x, x, is_causal=True)[0], manual)
+    assert manual.shape == x.shape

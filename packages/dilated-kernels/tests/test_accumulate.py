@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dilated.core.settings import use_settings
 from dilated.kernels import accumulate
 
 
@@ -54,19 +55,16 @@ def _check_windows(
     [(5, 12, 4), (3, 8, 8), (6, 40, 4), (1, 7, 3), (4, 9, 2), (7, 64, 32)],
 )
 def test_add_windows_sums_every_overlap(
-    monkeypatch: pytest.MonkeyPatch, fused: bool, stack_dim: int, windows: int, rows: int, step: int
+    fused: bool, stack_dim: int, windows: int, rows: int, step: int
 ) -> None:
-    monkeypatch.setattr(accumulate, "FUSED", fused)
     torch.manual_seed(windows * 100 + rows + step)
-    _check_windows(stack_dim, windows, rows, step, 3, 12, "cpu")
+    with use_settings(fused_accumulate=fused):
+        _check_windows(stack_dim, windows, rows, step, 3, 12, "cpu")
 
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize(("b", "rows", "h", "d"), [(2, 37, 3, 16), (1, 70, 1, 24), (3, 5, 4, 64)])
-def test_add_into_adds_across_layouts(
-    monkeypatch: pytest.MonkeyPatch, fused: bool, b: int, rows: int, h: int, d: int
-) -> None:
-    monkeypatch.setattr(accumulate, "FUSED", fused)
+def test_add_into_adds_across_layouts(fused: bool, b: int, rows: int, h: int, d: int) -> None:
     gen = torch.Generator().manual_seed(rows)
     # Every other row and every other head of a larger buffer, as the engine's views are, and
     # a gradient laid out (batch, heads, rows, head_dim) as cuDNN returns it.
@@ -74,7 +72,8 @@ def test_add_into_adds_across_layouts(
     want = base.clone()
     grad = torch.randn(b, h, rows, d, generator=gen).to(torch.bfloat16).transpose(1, 2)
     want[:, ::2, ::2] += grad.float()
-    accumulate.add_into(base[:, ::2, ::2], grad)
+    with use_settings(fused_accumulate=fused):
+        accumulate.add_into(base[:, ::2, ::2], grad)
     torch.testing.assert_close(base, want, rtol=1e-6, atol=1e-5)
 
 
@@ -98,3 +97,21 @@ def test_add_windows_on_cuda(stack_dim: int) -> None:
     torch.manual_seed(stack_dim)
     # A band of 2W + 1 = 19 blocks of 128 rows, 14 windows, 16 heads of 128.
     _check_windows(stack_dim, 14, 19 * 128, 128, 16, 128, "cuda")
+
+
+@pytest.mark.parametrize(("setting", "kernel_runs"), [(None, False), (True, True), (False, False)])
+def test_the_fused_accumulate_setting_chooses_the_path(
+    setting: bool | None, kernel_runs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """None decides per call (CPU accumulators: plain adds); True and False force it."""
+    from dilated.kernels.triton_kernels import accumulate_kernel
+
+    ran: list[str] = []
+    monkeypatch.setattr(accumulate_kernel, "fused_add_into", lambda *a: ran.append("into"))
+    monkeypatch.setattr(accumulate_kernel, "fused_add_windows", lambda *a: ran.append("windows"))
+    acc, grad = torch.zeros(1, 8, 2, 4), torch.ones(1, 8, 2, 4)
+    with use_settings(fused_accumulate=setting):
+        accumulate.add_into(acc, grad)
+        accumulate.add_windows(acc, grad, 0, 8)
+    assert ran == (["into", "windows"] if kernel_runs else [])
+    assert kernel_runs or torch.equal(acc, 2 * grad)  # the plain adds ran instead

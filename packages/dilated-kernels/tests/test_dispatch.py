@@ -88,6 +88,23 @@ def test_factory_builds_improved_multihead() -> None:
     assert mha.q_proj.weight.grad is not None
 
 
+def test_improved_multihead_hands_backend_to_its_attention() -> None:
+    mha = registry.create_multihead_dilated_attention(
+        "improved", embed_dim=32, num_heads=4, segment_lengths=[8], dilation_rates=[1],
+        backend="reference", dtype=torch.float64,
+    )  # fmt: skip
+    assert isinstance(mha.attention, ImprovedDilatedAttention)
+    assert mha.attention.backend == "reference"
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    q, k, v = mha.project_inputs(x, x, x)
+    heads, _ = dense_dilated_attention(q, k, v, [8], [1], is_causal=True)
+    assert_close_to_reference(
+        mha(x, x, x, is_causal=True)[0], mha.project_output(heads), torch.float64
+    )
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ImprovedMultiheadDilatedAttention(32, 4, [1], [8], backend="cutlass")
+
+
 def test_improved_module_compiles_with_fullgraph() -> None:
     """No graph break in the dispatcher (its debug log is skipped while compiling): the
     compiled module equals eager, forward and backward."""

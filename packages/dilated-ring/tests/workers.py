@@ -407,9 +407,9 @@ def deepspeed_training(rank: int, world: int, stage: int, strategy: str) -> None
     plain = Model(MultiheadDilatedAttention(dim, heads, rates, segs))
     groups = sequence_parallel_groups(world)
     assert (groups.sequence_rank, groups.sequence_size, groups.data_size) == (rank, world, 1)
-    ring_layer = RingMultiheadDilatedAttention(dim, heads, rates, segs)
-    inner = ring_layer.attention
-    inner.group, inner.strategy = groups.sequence, strategy  # type: ignore[assignment]
+    ring_layer = RingMultiheadDilatedAttention(
+        dim, heads, rates, segs, group=groups.sequence, strategy=strategy
+    )
     wrapped = CheckpointedAttention(ring_layer)
     ring = Model(wrapped)
     for name in ("inp", "out"):

@@ -143,3 +143,69 @@ def test_modules_compile_with_fullgraph() -> None:
     y = torch.randn(1, 32, 32)
     out, _ = torch.compile(mha, fullgraph=True, backend="aot_eager")(y, y, y)
     torch.testing.assert_close(out, mha(y, y, y)[0])
+
+
+LAYOUT_SETTINGS = (
+    "check_finite", "sparse_config", "pattern_type", "sparsity_ratio", "block_size",
+    "local_window_size", "global_tokens", "layout",
+)  # fmt: skip
+
+
+def test_the_settings_of_the_sparse_attentions() -> None:
+    from dilated.core.base import attention_settings
+
+    assert attention_settings(BlockSparseRingDilatedAttention) == LAYOUT_SETTINGS
+    sharded = attention_settings(DistributedBlockSparseDilatedAttention)
+    assert sharded == ("group", "timeout_s", *LAYOUT_SETTINGS)
+
+
+def test_sharded_multihead_builds_its_attention_with_group_timeout_and_layout() -> None:
+    from dilated.ring.loopback import run_ranks
+
+    group = run_ranks(lambda rank, g: g, 1)[0]
+    mh = DistributedBlockSparseMultiheadDilatedAttention(
+        32, 4, [1, 2], [16, 32], group=group, timeout_s=9.0, pattern_type="local_window",
+        local_window_size=8, block_size=4, check_finite=True,
+    )  # fmt: skip
+    inner = mh.attention
+    assert isinstance(inner, DistributedBlockSparseDilatedAttention)
+    assert (inner.group, inner.timeout_s, inner.check_finite) == (group, 9.0, True)
+    assert (mh.group, mh.timeout_s) == (group, 9.0)
+    assert inner.sparse_config == SparsePatternConfig(
+        "local_window", local_window_size=8, block_size=4
+    )
+    default = DistributedBlockSparseMultiheadDilatedAttention(32, 4, [1], [16])
+    assert (default.group, default.timeout_s, default.sparse_config) == (
+        None, None, SparsePatternConfig(),
+    )  # fmt: skip
+
+
+def test_multihead_refuses_a_setting_its_attention_does_not_take() -> None:
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) group; .*sparse_config"):
+        BlockSparseRingMultiheadDilatedAttention(32, 4, [1], [16], group=None)
+    with pytest.raises(ValueError, match="either sparse_config or its fields"):
+        BlockSparseRingMultiheadDilatedAttention(32, 4, [1], [16], sparse_config=CFG, block_size=8)
+
+
+def test_distributed_layer_hands_the_config_settings_to_its_attention() -> None:
+    from dilated.core import DistributedConfig, RingAttentionConfig, RingDistributedConfig
+    from dilated.ring.modules import DistributedLayer
+    from dilated.sparse import BlockSparseRingDistributedDilatedAttention
+
+    config = RingDistributedConfig(
+        MultiheadConfig(embed_dim=32, num_heads=4),
+        RingAttentionConfig([16, 32], [1, 2]),
+        DistributedConfig(strategy="allgather", timeout_s=12.0),
+    )
+    layer = BlockSparseRingDistributedDilatedAttention(config, sparse_config=CFG, check_finite=True)
+    assert isinstance(layer, DistributedLayer)
+    inner = layer.layer.attention
+    assert isinstance(inner, DistributedBlockSparseDilatedAttention)
+    assert (inner.group, inner.timeout_s, inner.check_finite) == (None, 12.0, True)
+    assert inner.sparse_config is CFG
+    by_fields = BlockSparseRingDistributedDilatedAttention(
+        config, pattern_type="dilated_sparse", block_size=8
+    )
+    assert by_fields.layer.sparse_config == SparsePatternConfig("dilated_sparse", block_size=8)
+    with pytest.raises(ValueError, match="config must be a RingDistributedConfig"):
+        BlockSparseRingDistributedDilatedAttention(config.ring_config)  # type: ignore[arg-type]

@@ -3,12 +3,13 @@
 [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention] owns the config, the call signature and the dropout/causality
 defaults; a subclass implements only ``BaseDilatedAttention._attention``.
 [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention] owns the projections, the MAGNETO sub-layer norm and the
-initialisation; a subclass chooses its inner attention through
-``BaseMultiheadDilatedAttention._make_attention``.
+initialisation; a subclass names its inner ``attention_class``, whose settings (``group=``,
+``sparse_config=``...) are keywords of the multi-head constructor, handed to it when built.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from dilated.core.checks import (
 from dilated.core.config import DilatedAttentionConfig, MultiheadConfig
 from dilated.core.packed import packed_calls
 
-__all__ = ["BaseDilatedAttention", "BaseMultiheadDilatedAttention"]
+__all__ = ["BaseDilatedAttention", "BaseMultiheadDilatedAttention", "attention_settings"]
 
 
 def _warn_op(op: Any) -> None:
@@ -206,6 +207,22 @@ class BaseDilatedAttention(nn.Module, ABC):
         )
 
 
+def attention_settings(cls: type[BaseDilatedAttention]) -> tuple[str, ...]:
+    """The settings of an attention class, in declaration order: its constructor's keyword-only
+    parameters (and those of the base classes its ``**kwargs`` reach) but ``is_causal``, which
+    the config holds. A multi-head layer with this ``attention_class`` takes them as keywords."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params) or klass is BaseDilatedAttention:
+            break
+    return tuple(n for n in names if n != "is_causal")
+
+
 class BaseMultiheadDilatedAttention(nn.Module, ABC):
     """Multi-head dilated attention with MAGNETO initialisation and sub-layer norm.
 
@@ -216,8 +233,14 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
             layer_norm=True, layer_norm_eps=1e-5, gamma_init=1.0, device=None, dtype=None)
 
     or from configs, ``Cls(MultiheadConfig(...), DilatedAttentionConfig(...))``. Extra keywords
-    (``num_kv_heads``, ``softmax_scale``, ``is_causal``, ``check_finite``) extend the original;
-    ``check_finite`` is handed to the inner attention (see [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention]).
+    (``num_kv_heads``, ``softmax_scale``, ``is_causal``, ``check_finite``) extend the original.
+
+    The inner attention is built in the constructor from ``attention_config``, ``check_finite``
+    (see [`BaseDilatedAttention`][dilated.core.base.BaseDilatedAttention]) and the settings of
+    ``attention_class`` ([`attention_settings`][dilated.core.base.attention_settings]: ``group=``
+    for the ring, ``sparse_config=`` for a block-sparse layer...), keywords of this constructor
+    too (another keyword is a `TypeError` listing them). A subclass sets ``attention_class`` (or
+    overrides ``_make_attention(config, **settings)``).
 
     Inputs are ``(batch, seq, embed_dim)``; [`forward`][dilated.core.base.BaseMultiheadDilatedAttention.forward] returns ``(out, None)``.
 
@@ -228,6 +251,8 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
 
     multihead_config: MultiheadConfig
     attention_config: DilatedAttentionConfig
+    #: The inner attention class (None where ``_make_attention`` is overridden instead).
+    attention_class: ClassVar[type[BaseDilatedAttention] | None] = None
     #: Inputs are ``(batch, seq, embed_dim)``; ``torch.nn.TransformerEncoder``/``Decoder`` read
     #: this attribute of their layers' ``self_attn``.
     batch_first: bool = True
@@ -251,10 +276,23 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         softmax_scale: float | None = None,
         is_causal: bool = False,
         check_finite: bool | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__()
         _warn_op(op)
         check_optional_bool("check_finite", check_finite)
+        # False: the hook of dilated-attention-pytorch 0.2.0, _make_attention(config).
+        takes_settings = any(
+            p.kind is p.VAR_KEYWORD
+            for p in inspect.signature(self._make_attention).parameters.values()
+        )
+        cls = self.attention_class
+        known = attention_settings(cls) if cls is not None and takes_settings else ()
+        if unknown := sorted(set(settings) - set(known)):
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(unknown)}; "
+                f"the settings of its attention are {', '.join(known) or 'none'}"
+            )
         if isinstance(embed_dim, MultiheadConfig):
             if not isinstance(num_heads, DilatedAttentionConfig):
                 raise ValueError(
@@ -295,9 +333,14 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
             nn.LayerNorm(mc.embed_dim, eps=mc.layer_norm_eps, **factory) if mc.layer_norm else None
         )
         self.out_proj = nn.Linear(mc.embed_dim, mc.embed_dim, bias=mc.bias, **factory)
-        self.attention = self._make_attention(self.attention_config)
-        if check_finite is not None:
-            self.attention.check_finite = check_finite
+        if takes_settings:
+            self.attention = self._make_attention(
+                self.attention_config, check_finite=check_finite, **settings
+            )
+        else:
+            self.attention = self._make_attention(self.attention_config)
+            if check_finite is not None:
+                self.attention.check_finite = check_finite
         self._reset_parameters()
 
     @property
@@ -310,9 +353,15 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
         """Query heads."""
         return self.multihead_config.num_heads
 
-    @abstractmethod
-    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        """Build the inner attention module of this implementation."""
+    def _make_attention(
+        self, config: DilatedAttentionConfig, **settings: Any
+    ) -> BaseDilatedAttention:
+        """Build the inner attention, ``attention_class(config, **settings)``; ``settings``
+        are ``check_finite`` and the attention settings given to the constructor."""
+        if self.attention_class is None:
+            what = "sets no attention_class and overrides no _make_attention(config, **settings)"
+            raise TypeError(f"{type(self).__name__} {what}")
+        return self.attention_class(config, **settings)
 
     def _reset_parameters(self) -> None:
         # MAGNETO (arXiv 2210.06423): Xavier-normal q/k, and v/out scaled by gamma_init.
@@ -371,17 +420,31 @@ class BaseMultiheadDilatedAttention(nn.Module, ABC):
                     f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), "
                     f"got {tuple(t.shape)}"
                 )
-        mc = self.multihead_config
-        b, n, _ = query.shape
-        q = self.q_proj(query).view(b, n, mc.num_heads, mc.head_dim)
-        # Key/value keep their own (batch, seq): a mismatch with the query is named by the
-        # functional op's checks, which a distributed implementation runs on every rank at once.
-        k = self.k_proj(key).view(key.shape[0], key.shape[1], mc.kv_heads, mc.head_dim)
-        v = self.v_proj(value).view(value.shape[0], value.shape[1], mc.kv_heads, mc.head_dim)
+        q, k, v = self.project_inputs(query, key, value)
         x = self.attention(
             q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
         )
-        x = x.reshape(b, n, mc.embed_dim)
+        return self.project_output(x), None
+
+    def project_inputs(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projected heads the inner attention takes (no checks): ``query``
+        ``(batch, seq, embed_dim)`` gives ``q`` ``(batch, seq, heads, head_dim)``, ``key`` and
+        ``value`` ``(batch, seq_k, embed_dim)`` give ``(batch, seq_k, kv_heads, head_dim)``."""
+        mc = self.multihead_config
+        q = self.q_proj(query).view(*query.shape[:2], mc.num_heads, mc.head_dim)
+        # Key/value keep their own (batch, seq): a mismatch with the query is named by the
+        # functional op's checks, which a distributed implementation runs on every rank at once.
+        k = self.k_proj(key).view(*key.shape[:2], mc.kv_heads, mc.head_dim)
+        v = self.v_proj(value).view(*value.shape[:2], mc.kv_heads, mc.head_dim)
+        return q, k, v
+
+    def project_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output ``(batch, seq, embed_dim)`` from the attention's ``x``
+        ``(batch, seq, heads, head_dim)``: heads joined, sub-layer norm, output projection."""
+        x = x.reshape(*x.shape[:2], self.embed_dim)
         if self.norm is not None:
             x = self.norm(x)
-        return self.out_proj(x), None
+        out: torch.Tensor = self.out_proj(x)
+        return out

@@ -13,10 +13,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
+from dilated.core.caching import plan_cache
 from dilated.core.merge import merge_attention
 
 __all__ = [
@@ -49,7 +49,7 @@ def head_index(heads: Sequence[int], device: torch.device) -> slice | torch.Tens
     return _index_tensor(heads, device)
 
 
-@lru_cache(maxsize=4096)
+@plan_cache("dilated.core.branches.head_index", maxsize=4096, key="(heads, device)")
 def _index_tensor(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(heads, device=device)
 

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+# Importable here as before; it guards gradients, checks no argument.
+from dilated.core.gradients import first_derivative_only as first_derivative_only
+
 __all__ = [
     "CHECK_FINITE_ENV",
     "MAX_BRANCH_SIZE",
@@ -38,7 +41,7 @@ __all__ = [
     "check_positive_int",
     "check_positive_number",
     "check_scale",
-    "first_derivative_only",
+    "parse_env_flag",
     "resolve_check_finite",
 ]
 
@@ -46,7 +49,7 @@ __all__ = [
 #: the NaN/Inf input check on, ``0``/``false``/``no``/``off`` or unset leave it off.
 CHECK_FINITE_ENV = "DILATED_CHECK_FINITE"
 _TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
+_FALSE = ("0", "false", "no", "off")
 
 #: The largest segment length or dilation rate, ``2**40``. No sequence comes near it, and a
 #: segment at least as long as the sequence is one segment, so a larger value could change no
@@ -116,15 +119,22 @@ def resolve_check_finite(check_finite: bool | None) -> bool:
     """
     if check_finite is not None:
         return check_bool("check_finite", check_finite)
-    raw = os.environ.get(CHECK_FINITE_ENV, "").strip().lower()
-    if raw in _TRUE:
+    return parse_env_flag(CHECK_FINITE_ENV, os.environ.get(CHECK_FINITE_ENV, "")) is True
+
+
+def parse_env_flag(variable: str, raw: str, *, auto: bool = False) -> bool | None:
+    """An environment variable's value ``raw`` as a switch (any case and spacing): True for
+    ``1``/``true``/``yes``/``on``, False for ``0``/``false``/``no``/``off``, None for empty (the
+    caller's default) and, when ``auto`` allows it, ``auto``; ``ValueError`` naming it otherwise."""
+    word = raw.strip().lower()
+    if word in _TRUE:
         return True
-    if raw not in _FALSE:
-        raise ValueError(
-            f"environment variable {CHECK_FINITE_ENV}={os.environ[CHECK_FINITE_ENV]!r} must be one "
-            f"of {', '.join(_TRUE)} (check on) or {', '.join(repr(x) for x in _FALSE)} (off)"
-        )
-    return False
+    if word in _FALSE:
+        return False
+    if word == "" or (auto and word == "auto"):
+        return None
+    choices = f"{', '.join(_TRUE)} (on) or {', '.join(_FALSE)} (off){', or auto' if auto else ''}"
+    raise ValueError(f"environment variable {variable}={raw!r} must be one of {choices}")
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -325,13 +335,11 @@ def check_key_padding_mask(mask: torch.Tensor | None, q: torch.Tensor) -> torch.
     A row whose keys are all ignored is allowed: its queries get ``out = 0``, ``lse = -inf``
     and zero gradients (see the docs' Errors page).
 
-    ``q`` is the tensor whose ``(batch, seq)`` the mask covers: the queries of a self-attention
-    call (whose keys have the same two sizes), the keys of a decoding step.
-
     Args:
         mask: None, bool ``(batch, seq)`` (True = ignored) or floating ``(batch, seq)``
             (``-inf`` = ignored, ``0`` = attended), on ``q``'s device.
-        q: the tensor whose first two sizes the mask covers.
+        q: the tensor whose ``(batch, seq)`` the mask covers: the queries of a self-attention
+            call (whose keys have the same two sizes), the keys of a decoding step.
 
     Returns:
         None, or bool ``(batch, seq)``: True where a key may be attended (``~mask``).
@@ -440,58 +448,3 @@ def check_finite(**tensors: torch.Tensor) -> None:
                 "(check_finite=False, or DILATED_CHECK_FINITE unset, lets them propagate as "
                 "in dense attention)"
             )
-
-
-class _NoSecondDerivative(torch.autograd.Function):
-    """Identity on gradients whose backward raises: what a second derivative reaches."""
-
-    @staticmethod
-    def forward(message: str, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return tuple(g.view_as(g) for g in grads)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.message = inputs[0]
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Any) -> Any:
-        raise RuntimeError(ctx.message)
-
-
-def first_derivative_only(
-    op: str, instead: str, grads: tuple[torch.Tensor | None, ...]
-) -> tuple[torch.Tensor | None, ...]:
-    """The gradients that a backward pass computed without autograd, made to refuse a second
-    derivative.
-
-    A backward built from fused kernels returns tensors without history: under
-    ``create_graph=True`` (a gradient penalty, a Hessian-vector product) they would be taken
-    as constants, and the second derivative would silently leave their term out. Called at the
-    end of such a backward, this returns the gradients unchanged when the graph of the backward
-    is not recorded (the usual ``backward()``), and otherwise aliases of them whose own backward
-    raises ``RuntimeError`` naming ``op`` and ``instead``, as the project's custom ops do.
-
-    Args:
-        op: what computed them, e.g. ``"backend='triton'"``.
-        instead: what to use for second derivatives, e.g. ``"backend='reference' or 'sdpa'"``.
-        grads: the backward's results (None for inputs without a gradient).
-
-    Returns:
-        ``grads``, or their refusing aliases under ``create_graph=True``.
-    """
-    present = [i for i, g in enumerate(grads) if g is not None]
-    if not torch.is_grad_enabled() or not present:
-        return grads
-    message = (
-        f"{op} computes first derivatives only: its gradients cannot be differentiated again "
-        f"(create_graph=True, e.g. a gradient penalty or a Hessian-vector product); use "
-        f"{instead} for second derivatives"
-    )
-    # Detached leaves that require grad: the aliases then get the refusing backward as their
-    # grad_fn (the gradients themselves have no history to attach it to).
-    leaves = [grads[i].detach().requires_grad_() for i in present]  # type: ignore[union-attr]
-    aliases = _NoSecondDerivative.apply(message, *leaves)
-    out = list(grads)
-    for i, alias in zip(present, aliases):
-        out[i] = alias
-    return tuple(out)

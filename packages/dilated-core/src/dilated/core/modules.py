@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention
-from dilated.core.config import DilatedAttentionConfig
 from dilated.core.functional import dilated_attention
 from dilated.core.registry import Implementation
 
@@ -49,8 +48,7 @@ class MultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention].
     """
 
-    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        return DilatedAttention(config)
+    attention_class = DilatedAttention
 
 
 IMPLEMENTATION = Implementation(

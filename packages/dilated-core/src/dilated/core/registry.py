@@ -272,8 +272,11 @@ def create_multihead_dilated_attention(
 
     Args:
         kind: an implementation name, a preset name, or ``"auto"``.
-        **kwargs: ``embed_dim``, ``num_heads``, ``segment_lengths``, ``dilation_rates`` and the
-            module's other keywords (``dropout``, ``bias``, ``num_kv_heads``, ``device``, ...).
+        **kwargs: ``embed_dim``, ``num_heads``, ``segment_lengths``, ``dilation_rates``, the
+            module's other keywords (``dropout``, ``bias``, ``num_kv_heads``, ``device``, ...)
+            and the settings of its attention class
+            ([`attention_settings`][dilated.core.base.attention_settings]: ``group=`` for
+            ``"ring"``, ``backend=`` for ``"improved"``, ...).
 
     Returns:
         The module, with its ``(out, None)``-returning forward.

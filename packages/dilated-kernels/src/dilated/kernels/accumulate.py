@@ -7,25 +7,24 @@ stack of calls whose key windows overlap (a band of blocks: each query block rea
 float32 accumulators each is one Triton launch that reads and writes every accumulator row
 once along contiguous ``head_dim`` columns (the layouts of a call's gradient and of its
 accumulator view differ, where PyTorch's element-wise add takes a slow indexed path);
-elsewhere plain tensor adds.
+elsewhere plain tensor adds. The setting [`fused_accumulate`][dilated.core.settings.Settings]
+(``DILATED_FUSED_ACCUMULATE``) forces either.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dilated.core.settings import alias_module_switches, get_settings
 from dilated.kernels._capabilities import HAS_TRITON
 
-__all__ = ["FUSED", "add_into", "add_windows"]
-
-#: Use the Triton kernel: None (default) on CUDA for float32 accumulators when Triton is
-#: installed; True forces it (the tests run it under ``TRITON_INTERPRET=1``), False never.
-FUSED: bool | None = None
+__all__ = ["add_into", "add_windows"]
 
 
 def _fused(acc: torch.Tensor) -> bool:
-    if FUSED is not None:
-        return FUSED
+    forced = get_settings().fused_accumulate
+    if forced is not None:
+        return forced
     return acc.is_cuda and acc.dtype == torch.float32 and HAS_TRITON
 
 
@@ -88,3 +87,7 @@ def add_windows(acc: torch.Tensor, grad: torch.Tensor, stack_dim: int, step_rows
     for r0 in range(0, rows, step_rows):
         r1 = min(rows, r0 + step_rows)
         acc[:, r0:r1] += grad[:, r0:r1]
+
+
+# ``accumulate.FUSED`` was this switch before the settings: it reads and writes the setting.
+alias_module_switches(__name__, {"FUSED": "fused_accumulate"})

@@ -3,7 +3,8 @@
 [`merge_into`][dilated.kernels.merge.merge_into] is
 [`dilated.core.merge.merge_into`][dilated.core.merge.merge_into] (same arguments, same result),
 run as one Triton kernel on strided views for CUDA float32 accumulators and as the core's
-plain-PyTorch formula everywhere else. The ring's spanning branches and dilated-sparse's tiles
+plain-PyTorch formula everywhere else; the setting
+[`fused_merge`][dilated.core.settings.Settings] (``DILATED_FUSED_MERGE``) forces either. The ring's spanning branches and dilated-sparse's tiles
 merge every dense call into float32 accumulators; with many calls per layer, the dozen
 element-wise launches of the plain formula, not the GPU, would set the pace.
 """
@@ -13,18 +14,16 @@ from __future__ import annotations
 import torch
 
 from dilated.core.merge import merge_into as merge_into_reference
+from dilated.core.settings import alias_module_switches, get_settings
 from dilated.kernels._capabilities import HAS_TRITON
 
-__all__ = ["FUSED", "merge_into"]
-
-#: Use the Triton kernel: None (default) on CUDA for float32 accumulators when Triton is
-#: installed; True forces it (the tests run it under ``TRITON_INTERPRET=1``), False never.
-FUSED: bool | None = None
+__all__ = ["merge_into"]
 
 
 def _fused(acc_out: torch.Tensor) -> bool:
-    if FUSED is not None:
-        return FUSED
+    forced = get_settings().fused_merge
+    if forced is not None:
+        return forced
     return acc_out.is_cuda and acc_out.dtype == torch.float32 and HAS_TRITON
 
 
@@ -58,3 +57,7 @@ def merge_into(
     from dilated.kernels.triton_kernels.merge_kernel import fused_merge_into
 
     fused_merge_into(acc_out, acc_lse, out, lse, first)
+
+
+# ``merge.FUSED`` was this switch before the settings: it reads and writes the setting.
+alias_module_switches(__name__, {"FUSED": "fused_merge"})

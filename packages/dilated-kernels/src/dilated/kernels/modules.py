@@ -82,10 +82,10 @@ class ImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
 
     Input ``(batch, seq, embed_dim)``, returns ``(out, None)``; see
     [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention].
+    ``backend`` (keyword, default ``"auto"``) is the inner attention's.
     """
 
-    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        return ImprovedDilatedAttention(config)
+    attention_class = ImprovedDilatedAttention
 
 
 IMPLEMENTATION = Implementation(

@@ -6,9 +6,8 @@ whole-sequence result; see [`dilated.ring.functional.ring_dilated_attention`][di
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -23,9 +22,9 @@ from dilated.core.config import (
     RingAttentionConfig,
     RingDistributedConfig,
 )
-from dilated.core.presets import DEFAULT_PRESET, PRESETS
 from dilated.core.registry import Implementation
 from dilated.ring.functional import group_rank_and_size, ring_dilated_attention
+from dilated.ring.legacy import config_from_keywords
 
 __all__ = [
     "DISTRIBUTED_IMPLEMENTATION",
@@ -33,6 +32,7 @@ __all__ = [
     "RING_DISTRIBUTED_IMPLEMENTATION",
     "DistributedImprovedDilatedAttention",
     "DistributedImprovedMultiheadDilatedAttention",
+    "DistributedLayer",
     "RingDilatedAttention",
     "RingDistributedDilatedAttention",
     "RingMultiheadDilatedAttention",
@@ -121,16 +121,30 @@ class RingDilatedAttention(BaseDilatedAttention):
 class RingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
     """Multi-head ring dilated attention: inputs ``(batch, seq / P, embed_dim)`` per rank.
 
-    The projections and the sub-layer norm act token by token, so they run on the shard
-    unchanged; only the attention communicates. Returns ``(out, None)``.
+    The constructor of [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention]
+    plus the keywords ``group``, ``load_balance``, ``strategy`` and ``timeout_s`` of
+    [`RingDilatedAttention`][dilated.ring.modules.RingDilatedAttention], handed to it. The
+    projections and the sub-layer norm act token by token, so they run on the shard unchanged;
+    only the attention communicates. Returns ``(out, None)``.
     """
 
-    group: dist.ProcessGroup | None = None
-    load_balance: str = "contiguous"
+    attention_class = RingDilatedAttention
 
-    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        lb = getattr(config, "load_balance", self.load_balance)
-        return RingDilatedAttention(config, group=self.group, load_balance=lb)
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The inner attention's process group (None: the default one)."""
+        return _ring_attention(self).group
+
+    @property
+    def load_balance(self) -> str:
+        """The inner attention's split of the sequence over the ranks."""
+        return _ring_attention(self).load_balance
+
+
+def _ring_attention(layer: BaseMultiheadDilatedAttention) -> RingDilatedAttention:
+    inner = layer.attention
+    assert isinstance(inner, RingDilatedAttention)
+    return inner
 
 
 class DistributedImprovedDilatedAttention(RingDilatedAttention):
@@ -144,84 +158,119 @@ class DistributedImprovedDilatedAttention(RingDilatedAttention):
 
 
 class DistributedImprovedMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
-    """Multi-head layer on [`DistributedImprovedDilatedAttention`][dilated.ring.modules.DistributedImprovedDilatedAttention] (shards in and out)."""
+    """Multi-head layer on [`DistributedImprovedDilatedAttention`][dilated.ring.modules.DistributedImprovedDilatedAttention]
+    (shards in and out); its keywords ``group``, ``load_balance``, ``strategy`` and
+    ``timeout_s`` are handed to it."""
 
-    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        return DistributedImprovedDilatedAttention(config)
-
-
-#: Keywords of dilated-attention-pytorch's ``RingDistributedDilatedAttention`` that have no
-#: counterpart here, with the reason; each is accepted with a ``DeprecationWarning`` and ignored.
-_IGNORED_KEYWORDS = {
-    "block_size": "the ring works on whole segments and phase rows; there is no block size",
-    "enable_deepspeed": "DeepSpeed needs no switch in the layer (see dilated.ring.deepspeed)",
-    "use_deepspeed": "DeepSpeed needs no switch in the layer (see dilated.ring.deepspeed)",
-    "zero_stage": "ZeRO is configured in the DeepSpeed engine, not in the layer",
-    "cpu_offload": "offloading is configured in the DeepSpeed engine, not in the layer",
-    "use_flash_attention": "the attention backend is chosen per call (dilated-kernels)",
-    "use_tf32": "float32 products are never rounded to tf32",
-    "sequence_parallel": "the layer is always sequence parallel",
-    "enable_monitoring": "there is no monitoring layer",
-}
-#: Renamed keywords: old name -> (config, field).
-_RENAMED_KEYWORDS = {
-    "ring_size": ("distributed_config", "world_size"),
-    "use_checkpointing": ("ring_config", "checkpoint"),
-    "activation_checkpointing": ("ring_config", "checkpoint"),
-}
+    attention_class = DistributedImprovedDilatedAttention
 
 
-def _config_from_keywords(
-    embed_dim: int,
-    num_heads: int,
-    segment_lengths: Sequence[int] | None,
-    dilation_rates: Sequence[int] | None,
-    legacy: dict[str, Any],
-) -> RingDistributedConfig:
-    """The config of dilated-attention-pytorch's keyword form (see
-    [`RingDistributedDilatedAttention`][dilated.ring.modules.RingDistributedDilatedAttention])."""
-    if segment_lengths is None and dilation_rates is None:
-        preset = PRESETS[DEFAULT_PRESET]
-        segment_lengths, dilation_rates = preset.segment_lengths, preset.dilation_rates
-    elif segment_lengths is None or dilation_rates is None:
-        raise ValueError("give segment_lengths and dilation_rates together (or neither)")
-    parts: dict[str, dict[str, Any]] = {"ring_config": {}, "distributed_config": {}}
-    for name in [n for n in legacy if n in _IGNORED_KEYWORDS]:
-        legacy.pop(name)
-        warnings.warn(
-            f"RingDistributedDilatedAttention({name}=...) has no effect: {_IGNORED_KEYWORDS[name]}",
-            DeprecationWarning,
-            stacklevel=3,
+class DistributedLayer(nn.Module):
+    """A multi-head layer over this rank's shard, built from a
+    [`RingDistributedConfig`][dilated.core.config.RingDistributedConfig]: what dilated-ring's
+    [`RingDistributedDilatedAttention`][dilated.ring.modules.RingDistributedDilatedAttention]
+    and dilated-sparse's ``BlockSparseRingDistributedDilatedAttention`` share.
+
+    It builds ``multihead_class`` from ``config.multihead_config`` and the pattern of
+    ``config.ring_config``, with the settings ``group``, ``timeout_s``
+    (``distributed_config.timeout_s``), ``check_finite``, those a subclass reads from the config
+    (``_config_settings``) and those it is given. At call time ``distributed_config.world_size``,
+    when set, must equal the group's size, and ``ring_config.checkpoint`` recomputes the layer in
+    the backward pass instead of storing its activations.
+
+    Args:
+        config: multi-head, ring and distributed settings.
+        group: process group (None: the default one) or a loopback group.
+        check_finite: NaN/Inf check of the attention inputs on every rank (None: the environment
+            variable ``DILATED_CHECK_FINITE``, see
+            [`resolve_check_finite`][dilated.core.checks.resolve_check_finite]).
+        **settings: further settings of ``multihead_class``'s attention.
+
+    Raises:
+        ValueError: ``config`` is not a ``RingDistributedConfig``, or holds what the subclass
+            does not support.
+    """
+
+    #: The multi-head layer built (a subclass names its own).
+    multihead_class: ClassVar[type[BaseMultiheadDilatedAttention]]
+
+    def __init__(
+        self,
+        config: RingDistributedConfig,
+        group: Any = None,
+        *,
+        check_finite: bool | None = None,
+        **settings: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, RingDistributedConfig):
+            raise ValueError(f"config must be a RingDistributedConfig, got {type(config).__name__}")
+        self.config = config
+        self.group = group
+        rc = config.ring_config
+        attention = DilatedAttentionConfig(
+            segment_lengths=rc.segment_lengths,
+            dilation_rates=rc.dilation_rates,
+            dropout=rc.dropout,
+            scale=rc.scale,
+            is_causal=rc.is_causal,
         )
-    for name in [n for n in legacy if n in _RENAMED_KEYWORDS]:
-        part, field = _RENAMED_KEYWORDS[name]
-        parts[part][field] = legacy.pop(name)
-        cls = "DistributedConfig" if part == "distributed_config" else "RingAttentionConfig"
-        warnings.warn(
-            f"RingDistributedDilatedAttention({name}=...) is {cls}({field}=...) here",
-            DeprecationWarning,
-            stacklevel=3,
+        self.layer = self.multihead_class(
+            config.multihead_config,
+            attention,
+            check_finite=check_finite,
+            group=group,
+            timeout_s=config.distributed_config.timeout_s,
+            **self._config_settings(config),
+            **settings,
         )
-    multihead_fields = {"dropout", "bias", "layer_norm", "layer_norm_eps", "gamma_init"}
-    multihead_fields |= {"device", "dtype", "num_kv_heads"}
-    unknown = sorted(set(legacy) - multihead_fields)
-    if unknown:
-        raise TypeError(f"RingDistributedDilatedAttention got unexpected keyword(s) {unknown}")
-    dropout = legacy.pop("dropout", 0.0)
-    return RingDistributedConfig(
-        multihead_config=MultiheadConfig(embed_dim=embed_dim, num_heads=num_heads, **legacy),
-        ring_config=RingAttentionConfig(
-            segment_lengths=segment_lengths,  # type: ignore[arg-type]  # the config checks it
-            dilation_rates=dilation_rates,  # type: ignore[arg-type]
-            dropout=dropout,
-            **parts["ring_config"],
-        ),
-        distributed_config=DistributedConfig(**parts["distributed_config"]),
-    )
+
+    def _config_settings(self, config: RingDistributedConfig) -> dict[str, Any]:
+        """The attention settings ``config`` holds beyond the timeout; raises ``ValueError``
+        for what this layer does not support."""
+        return {}
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        is_causal: bool | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Attend over the sharded sequence; ``(batch, seq / P, embed_dim)`` in and out.
+
+        Args:
+            query, key, value: this rank's ``(batch, seq / P, embed_dim)``.
+            is_causal: None uses ``ring_config.is_causal``.
+            key_padding_mask: this rank's ``(batch, seq / P)``, True at the padding.
+
+        Returns:
+            ``(out, None)``, ``out`` this rank's ``(batch, seq / P, embed_dim)``.
+        """
+        expected = self.config.distributed_config.world_size
+        if expected is not None:
+            _, world = group_rank_and_size(self.group)
+            if world != expected:
+                raise ValueError(
+                    f"distributed_config.world_size={expected} but the process group has {world} "
+                    "rank(s)"
+                )
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.layer(
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask
+            )[0]
+            return out
+
+        if self.config.ring_config.checkpoint and torch.is_grad_enabled():
+            return checkpoint(run, query, key, value, use_reentrant=False), None
+        return run(query, key, value), None
 
 
-class RingDistributedDilatedAttention(nn.Module):
-    """A distributed multi-head layer built from a [`RingDistributedConfig`][dilated.core.config.RingDistributedConfig].
+class RingDistributedDilatedAttention(DistributedLayer):
+    """A distributed multi-head layer built from a [`RingDistributedConfig`][dilated.core.config.RingDistributedConfig]
+    (see [`DistributedLayer`][dilated.ring.modules.DistributedLayer]).
 
     Inputs are this rank's ``(batch, seq / P, embed_dim)``; returns ``(out, None)``. With
     ``ring_config.checkpoint`` the layer is recomputed in the backward pass instead of storing
@@ -242,13 +291,16 @@ class RingDistributedDilatedAttention(nn.Module):
         config: multi-head, ring and distributed settings; ``distributed_config.strategy`` is
             ``"ring"``, ``"allgather"`` or ``"ulysses"``; ``distributed_config.timeout_s`` bounds
             every wait of a call; ``distributed_config.world_size``, when set, must equal the
-            size of the group at call time. None with ``embed_dim``/``num_heads`` keywords.
+            size of the group at call time; ``ring_config.load_balance`` splits the sequence.
+            None with ``embed_dim``/``num_heads`` keywords.
         group: process group (None: default).
         check_finite: NaN/Inf check of the attention inputs on every rank (None: the environment
             variable ``DILATED_CHECK_FINITE``, see
             [`resolve_check_finite`][dilated.core.checks.resolve_check_finite]).
         embed_dim, num_heads, segment_lengths, dilation_rates, **legacy: the keyword form.
     """
+
+    multihead_class = RingMultiheadDilatedAttention
 
     def __init__(
         self,
@@ -262,67 +314,23 @@ class RingDistributedDilatedAttention(nn.Module):
         check_finite: bool | None = None,
         **legacy: Any,
     ) -> None:
-        super().__init__()
         if config is None:
             if embed_dim is None or num_heads is None:
                 raise ValueError(
                     "pass a RingDistributedConfig, or embed_dim= and num_heads= (and the branches)"
                 )
-            config = _config_from_keywords(
+            config = config_from_keywords(
                 embed_dim, num_heads, segment_lengths, dilation_rates, legacy
             )
         elif embed_dim is not None or num_heads is not None or legacy:
             raise ValueError("pass either a RingDistributedConfig or keywords, not both")
-        if not isinstance(config, RingDistributedConfig):
-            raise ValueError(f"config must be a RingDistributedConfig, got {type(config).__name__}")
-        strategy = config.distributed_config.strategy
-        self.config = config
-        self.group = group
-        rc = config.ring_config
-        attention = DilatedAttentionConfig(
-            segment_lengths=rc.segment_lengths,
-            dilation_rates=rc.dilation_rates,
-            dropout=rc.dropout,
-            scale=rc.scale,
-            is_causal=rc.is_causal,
-        )
-        self.layer = RingMultiheadDilatedAttention(
-            config.multihead_config, attention, check_finite=check_finite
-        )
-        inner = self.layer.attention
-        assert isinstance(inner, RingDilatedAttention)
-        inner.group = group
-        inner.load_balance = rc.load_balance
-        inner.strategy = strategy
-        inner.timeout_s = config.distributed_config.timeout_s
+        super().__init__(config, group, check_finite=check_finite)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        is_causal: bool | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        """Attend over the sharded sequence; ``(batch, seq / P, embed_dim)`` in and out."""
-        expected = self.config.distributed_config.world_size
-        if expected is not None:
-            _, world = group_rank_and_size(self.group)
-            if world != expected:
-                raise ValueError(
-                    f"distributed_config.world_size={expected} but the process group has {world} "
-                    "rank(s)"
-                )
-        if self.config.ring_config.checkpoint and torch.is_grad_enabled():
-            out: torch.Tensor = checkpoint(
-                lambda q, k, v: self.layer(q, k, v, is_causal=is_causal)[0],
-                query,
-                key,
-                value,
-                use_reentrant=False,
-            )
-            return out, None
-        result: tuple[torch.Tensor, None] = self.layer(query, key, value, is_causal=is_causal)
-        return result
+    def _config_settings(self, config: RingDistributedConfig) -> dict[str, Any]:
+        return {
+            "load_balance": config.ring_config.load_balance,
+            "strategy": config.distributed_config.strategy,
+        }
 
 
 def create_ring_distributed_attention(

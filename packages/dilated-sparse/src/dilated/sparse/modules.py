@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dilated.core.base import BaseDilatedAttention, BaseMultiheadDilatedAttention
 from dilated.core.config import (
@@ -22,7 +20,7 @@ from dilated.core.config import (
 )
 from dilated.core.registry import Implementation
 from dilated.core.testing import dense_block_sparse_attention
-from dilated.ring.functional import group_rank_and_size
+from dilated.ring.modules import DistributedLayer
 from dilated.sparse.distributed import block_sparse_ring_dilated_attention
 from dilated.sparse.functional import attention_by_key, check_sparse_config, resolve
 
@@ -213,19 +211,11 @@ class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
 
     The constructor of [`BaseMultiheadDilatedAttention`][dilated.core.base.BaseMultiheadDilatedAttention]
     (``embed_dim, num_heads, dilation_rates, segment_lengths, dropout, ...`` or two configs) plus
-    the layout keywords of [`BlockSparseRingDilatedAttention`][dilated.sparse.BlockSparseRingDilatedAttention].
-    Returns ``(out, None)``.
+    the layout keywords of [`BlockSparseRingDilatedAttention`][dilated.sparse.BlockSparseRingDilatedAttention]
+    (``sparse_config=`` or its fields), handed to it. Returns ``(out, None)``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        names = ("pattern_type", "sparsity_ratio", "block_size", "local_window_size")
-        fields = {n: kwargs.pop(n) for n in (*names, "global_tokens", "layout") if n in kwargs}
-        # Read by _make_attention during the base constructor; the inner module holds it after.
-        self._initial_sparse_config = sparse_pattern_config(
-            kwargs.pop("sparse_config", None), **fields
-        )
-        super().__init__(*args, **kwargs)
-        del self._initial_sparse_config
+    attention_class = BlockSparseRingDilatedAttention
 
     @property
     def sparse_config(self) -> SparsePatternConfig:
@@ -239,9 +229,6 @@ class BlockSparseRingMultiheadDilatedAttention(BaseMultiheadDilatedAttention):
         inner = self.attention
         assert isinstance(inner, BlockSparseRingDilatedAttention)
         inner.sparse_config = config
-
-    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        return BlockSparseRingDilatedAttention(config, sparse_config=self._initial_sparse_config)
 
     def describe(self) -> str:
         """The inner attention's layout per branch (see
@@ -279,28 +266,31 @@ class DistributedBlockSparseDilatedAttention(BlockSparseRingDilatedAttention):
 class DistributedBlockSparseMultiheadDilatedAttention(BlockSparseRingMultiheadDilatedAttention):
     """The multi-head layer of [`DistributedBlockSparseDilatedAttention`][dilated.sparse.DistributedBlockSparseDilatedAttention]:
     ``(batch, seq / P, embed_dim)`` per rank (the projections act token by token on the shard).
-    Extra keywords ``group`` and ``timeout_s``."""
+    Extra keywords ``group`` and ``timeout_s``, handed to it with the layout."""
 
-    def __init__(
-        self, *args: Any, group: Any = None, timeout_s: float | None = None, **kwargs: Any
-    ) -> None:
-        self.group = group
-        self.timeout_s = timeout_s
-        super().__init__(*args, **kwargs)
+    attention_class = DistributedBlockSparseDilatedAttention
 
-    def _make_attention(self, config: DilatedAttentionConfig) -> BaseDilatedAttention:
-        return DistributedBlockSparseDilatedAttention(
-            config,
-            sparse_config=self._initial_sparse_config,
-            group=self.group,
-            timeout_s=self.timeout_s,
-        )
+    @property
+    def group(self) -> Any:
+        """The inner attention's process group (None: the default one) or loopback group."""
+        return self._sharded().group
+
+    @property
+    def timeout_s(self) -> float | None:
+        """The inner attention's bound on every wait, in seconds."""
+        return self._sharded().timeout_s
+
+    def _sharded(self) -> DistributedBlockSparseDilatedAttention:
+        inner = self.attention
+        assert isinstance(inner, DistributedBlockSparseDilatedAttention)
+        return inner
 
 
-class BlockSparseRingDistributedDilatedAttention(nn.Module):
+class BlockSparseRingDistributedDilatedAttention(DistributedLayer):
     """A distributed multi-head block-sparse layer built from a
     [`RingDistributedConfig`][dilated.core.config.RingDistributedConfig], like dilated-ring's
-    ``RingDistributedDilatedAttention``, plus the layout.
+    ``RingDistributedDilatedAttention`` (both are a [`DistributedLayer`][dilated.ring.modules.DistributedLayer]),
+    plus the layout.
 
     Inputs are this rank's ``(batch, seq / P, embed_dim)`` (contiguous shards); returns
     ``(out, None)``. ``ring_config.load_balance`` must be ``"contiguous"`` and
@@ -320,6 +310,8 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
             [`resolve_check_finite`][dilated.core.checks.resolve_check_finite]).
     """
 
+    multihead_class = DistributedBlockSparseMultiheadDilatedAttention
+
     def __init__(
         self,
         config: RingDistributedConfig,
@@ -329,60 +321,16 @@ class BlockSparseRingDistributedDilatedAttention(nn.Module):
         check_finite: bool | None = None,
         **sparse_fields: Any,
     ) -> None:
-        super().__init__()
-        if not isinstance(config, RingDistributedConfig):
-            raise ValueError(f"config must be a RingDistributedConfig, got {type(config).__name__}")
-        rc = config.ring_config
-        if rc.load_balance != "contiguous":
+        layout = sparse_pattern_config(sparse_config, **sparse_fields)
+        super().__init__(config, group, check_finite=check_finite, sparse_config=layout)
+
+    def _config_settings(self, config: RingDistributedConfig) -> dict[str, Any]:
+        if config.ring_config.load_balance != "contiguous":
             raise ValueError(
                 "ring_config.load_balance must be 'contiguous' for block-sparse attention over "
-                f"ranks, got {rc.load_balance!r}"
+                f"ranks, got {config.ring_config.load_balance!r}"
             )
-        self.config = config
-        self.group = group
-        attention = DilatedAttentionConfig(
-            segment_lengths=rc.segment_lengths,
-            dilation_rates=rc.dilation_rates,
-            dropout=rc.dropout,
-            scale=rc.scale,
-            is_causal=rc.is_causal,
-        )
-        self.layer = DistributedBlockSparseMultiheadDilatedAttention(
-            config.multihead_config,
-            attention,
-            sparse_config=sparse_pattern_config(sparse_config, **sparse_fields),
-            group=group,
-            timeout_s=config.distributed_config.timeout_s,
-            check_finite=check_finite,
-        )
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        is_causal: bool | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        """Attend over the sharded sequence; ``(batch, seq / P, embed_dim)`` in and out."""
-        expected = self.config.distributed_config.world_size
-        if expected is not None:
-            _, world = group_rank_and_size(self.group)
-            if world != expected:
-                raise ValueError(
-                    f"distributed_config.world_size={expected} but the process group has {world} "
-                    "rank(s)"
-                )
-
-        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = self.layer(
-                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask
-            )[0]
-            return out
-
-        if self.config.ring_config.checkpoint and torch.is_grad_enabled():
-            return checkpoint(run, query, key, value, use_reentrant=False), None
-        return run(query, key, value), None
+        return {}
 
 
 def create_block_sparse_multihead_attention(

@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from dilated.core.caching import PlanCache
 from dilated.kernels.engines import cudnn, flash4, reference, sdpa_flash
 from dilated.kernels.engines.spec import Engine, SubproblemSpec
 
@@ -52,11 +53,15 @@ ENGINE_NAMES: tuple[str, ...] = ("auto", *ENGINES)
 #: (decoding, evaluation at many lengths) never waits for a plan.
 CUDNN_PLAN_AFTER = 2
 
-#: Bound on each of the choice caches below (cleared whole when full).
-_CACHE_LIMIT = 4096
-
-_supporting: dict[SubproblemSpec, tuple[Engine, ...]] = {}
-_seen_shapes: dict[tuple[object, ...], int] = {}
+_supporting: PlanCache[SubproblemSpec, tuple[Engine, ...]] = PlanCache(
+    "dilated.kernels.engines.supporting_engines", maxsize=4096, key="the call's SubproblemSpec"
+)
+#: How many times ``"auto"`` has seen each shape that cuDNN would plan for.
+_seen_shapes: PlanCache[tuple[object, ...], int] = PlanCache(
+    "dilated.kernels.engines.seen_shapes",
+    maxsize=4096,
+    key="(SubproblemSpec, q shape, q strides, k shape, k strides, v strides)",
+)
 _warned: set[str] = set()
 
 
@@ -82,9 +87,7 @@ def supporting_engines(spec: SubproblemSpec) -> tuple[Engine, ...]:
     found = _supporting.get(spec)
     if found is None:
         found = tuple(m for m in _MODULES if m.unsupported_reason(spec) is None)
-        if len(_supporting) >= _CACHE_LIMIT:
-            _supporting.clear()
-        _supporting[spec] = found
+        _supporting.put(spec, found)
         _explain_skips(spec, found[0])
     return found
 
@@ -144,10 +147,10 @@ def choose_engine(
     if alternative is None:
         return best
     key = _plan_key(q, k, v, spec)
-    seen = _seen_shapes.get(key, 0)
+    seen = _seen_shapes.get(key) or 0
+    if seen >= CUDNN_PLAN_AFTER:
+        return best  # counted enough: no write on the steady path
     if seen + 1 == CUDNN_PLAN_AFTER and torch.cuda.is_current_stream_capturing():
         return alternative  # the plan is built at the next call outside a capture
-    if len(_seen_shapes) >= _CACHE_LIMIT:
-        _seen_shapes.clear()
-    _seen_shapes[key] = seen + 1
+    _seen_shapes.put(key, seen + 1)
     return best if seen + 1 >= CUDNN_PLAN_AFTER else alternative
