@@ -25,6 +25,9 @@ graph, forward and forward+backward, with the 1M-token forward and the issue's t
 ``sparse_h200_256k.json``, ``sparse_h200_256k_cuda_graph.json`` and
 ``sparse_h200_1m_cuda_graph.json`` (written by ``benchmarks/sparse.py --out``).
 
+``architecture.png``: the five packages, what each depends on, and the path of one call of
+the op on a GPU through the layers (module, functional op, backend, plan, engines, merge).
+
 ``sparsity_ratio.png``: the density of ``"local_window"`` against ``W`` for a few ``nb``, and
 the ``W`` that ``sparsity_ratio`` picks (the first density at or above the ratio).
 """
@@ -341,6 +344,64 @@ def sparse_h200(path: Path) -> None:
     plt.close(fig)
 
 
+def _box(ax: plt.Axes, x: float, y: float, w: float, h: float, title: str, body: str,
+         color: str) -> None:  # fmt: skip
+    ax.add_patch(Rectangle((x, y), w, h, facecolor=color, edgecolor="#333", lw=1.0))
+    ax.text(x + w / 2, y + h - 0.12, title, ha="center", va="top", fontsize=9, weight="bold")
+    if body:
+        ax.text(x + w / 2, y + h - 0.42, body, ha="center", va="top", fontsize=7.2)
+
+
+def _arrow(ax: plt.Axes, start: tuple[float, float], end: tuple[float, float],
+           label: str = "") -> None:  # fmt: skip
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=11, lw=1.0,
+                                 color="#333"))  # fmt: skip
+    if label:
+        mx, my = (start[0] + end[0]) / 2, (start[1] + end[1]) / 2
+        ax.text(mx + 0.08, my, label, fontsize=6.8, va="center", color="#444")
+
+
+def architecture(path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 6.2), width_ratios=[1, 1.25])
+    for ax in (left, right):
+        ax.set_xlim(0, 6)
+        ax.set_ylim(0, 7.4)
+        ax.axis("off")
+    left.set_title("Packages: each depends only on those below it", fontsize=10)
+    packages = [
+        (0.3, 5.7, "dilated-sparse", "block-sparse layouts' op, alone\nand over the ring's schedules"),
+        (0.3, 4.2, "dilated-ring", "sequence parallelism: plan, one block\nbody, one file per schedule"),
+        (3.2, 4.2, "dilated-longnet", "layers, LongNet(LM), KV cache,\ngeneration, transformers"),
+        (0.3, 2.7, "dilated-kernels", "backends, dense engines, the\nsub-problem primitive, Triton"),
+        (0.3, 0.6, "dilated-core", "configs, checks, reference, merge,\nregistry, CLI, the dense judge"),
+    ]
+    colors = ["#f3d9fa", "#d0ebff", "#fff3bf", "#d3f9d8", "#e9ecef"]
+    for (x, y, title, body), color in zip(packages, colors):
+        _box(left, x, y, 2.6, 1.15, title, body, color)
+    _arrow(left, (1.6, 5.7), (1.6, 5.35))
+    _arrow(left, (1.6, 4.2), (1.6, 3.85))
+    _arrow(left, (1.6, 2.7), (1.6, 1.75))
+    _arrow(left, (4.5, 4.2), (2.9, 1.75), "kernels optional")
+    right.set_title("One call on a GPU, layer by layer", fontsize=10)
+    steps = [
+        ("module", "ImprovedMultiheadDilatedAttention: projections,\nthen the functional op"),
+        ("functional op", "dilated.kernels.dilated_attention: dilated.core.checks\n(one validation module), then choose_backend"),
+        ("backend", "strided sub-problem backend (backends/cudnn.py):\none custom op, forward and backward"),
+        ("plan", "strided_plan: the engine calls of this shape (cached);\nphases share calls where strides allow"),
+        ("engines", "subproblem_attention -> choose_engine ->\nflash4 | cudnn | sdpa_flash | reference"),
+        ("merge", "one Triton pass: every branch merged by LSE,\nout and lse written once"),
+    ]
+    y = 6.3
+    for i, (title, body) in enumerate(steps):
+        _box(right, 0.4, y, 5.2, 0.95, title, body, "#f8f9fa" if i % 2 else "#e7f5ff")
+        if i:
+            _arrow(right, (3.0, y + 1.25), (3.0, y + 0.95))
+        y -= 1.25
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     for name, draw in (
         ("dilation_pattern.png", dilation_pattern),
@@ -349,6 +410,7 @@ if __name__ == "__main__":
         ("sparse_layouts.png", sparse_layouts),
         ("sparsity_ratio.png", sparsity_ratio),
         ("sparse_h200.png", sparse_h200),
+        ("architecture.png", architecture),
     ):
         draw(OUT / name)
         print(f"wrote {OUT / name}")

@@ -88,3 +88,21 @@ def test_packed_in_one_call_with_mask_and_lse(heads: int, lse_grad: bool) -> Non
         assert_close_to_reference(lse[:, :, a:b][finite], m[finite], torch.float32, "lse")
         for i, name in enumerate(("dq", "dk", "dv")):
             assert_close_to_reference(got[i][:, a:b], want[i], torch.float32, name)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_module_packs_in_one_op_on_the_strided_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dilated.kernels import strided_run
+    from dilated.kernels.modules import ImprovedDilatedAttention
+
+    calls = []
+    forward = strided_run.forward
+    monkeypatch.setattr(strided_run, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    attention = ImprovedDilatedAttention([8, 16], [1, 2], is_causal=True, backend="cudnn")
+    x = make_inputs(1, BOUNDS[-1], 4, 16, seed=2)
+    out = attention(x.q, x.k, x.v, cu_seqlens=BOUNDS)
+    assert len(calls) == 1  # the whole packed batch, not one op per sequence
+    for a, b in itertools.pairwise(BOUNDS):
+        if b > a:
+            alone = attention(x.q[:, a:b], x.k[:, a:b], x.v[:, a:b])
+            assert_close_to_reference(out[:, a:b], alone.double(), torch.float32)

@@ -150,10 +150,28 @@ class BaseDilatedAttention(nn.Module, ABC):
                 f"{type(self).__name__} shards the sequence across ranks, so cu_seqlens (a packed "
                 "batch) is not supported: pad the sequences to a batch and pass key_padding_mask"
             )
-        bounds = check_cu_seqlens(cu_seqlens, query)
+        return self._attention_packed(
+            query, key, value, check_cu_seqlens(cu_seqlens, query), is_causal=causal,
+            key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+        )  # fmt: skip
+
+    def _attention_packed(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bounds: Sequence[int],
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        """A packed batch (``bounds``: the checked ``cu_seqlens``): one
+        [`_attention`][dilated.core.base.BaseDilatedAttention._attention] per sequence, by
+        default; an implementation whose op takes the packed batch in one call overrides it."""
         parts = packed_calls(
-            self._attention, query, key, value, bounds, key_padding_mask=key_padding_mask,
-            is_causal=causal, dropout_p=dropout_p,
+            self._attention, q, k, v, bounds, key_padding_mask=key_padding_mask,
+            is_causal=is_causal, dropout_p=dropout_p,
         )  # fmt: skip
         return torch.cat(parts, dim=1)
 

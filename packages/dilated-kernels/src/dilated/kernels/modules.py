@@ -59,6 +59,23 @@ class ImprovedDilatedAttention(BaseDilatedAttention):
         key_padding_mask: torch.Tensor | None,
         dropout_p: float,
     ) -> torch.Tensor:
+        return self._attention_packed(
+            q, k, v, (), is_causal=is_causal, key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+        )  # fmt: skip
+
+    def _attention_packed(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bounds: Sequence[int],
+        *,
+        is_causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        # The functional op takes the packed batch whole (one op on the strided backend).
         return dilated_attention(
             q,
             k,
@@ -71,6 +88,7 @@ class ImprovedDilatedAttention(BaseDilatedAttention):
             dropout_p=dropout_p,
             backend=self.backend,
             check_finite=self.check_finite,
+            cu_seqlens=list(bounds) if bounds else None,
         )
 
     def extra_repr(self) -> str:

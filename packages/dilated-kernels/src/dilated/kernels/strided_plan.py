@@ -22,13 +22,14 @@ the engines and fills the table's addresses.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from dilated.core.caching import plan_cache
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -146,7 +147,11 @@ def _phase_runs(
     return runs
 
 
-@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+@plan_cache(
+    "dilated.kernels.strided_plan.plan",
+    maxsize=_PLAN_CACHE_SIZE,
+    key="(batch, seq, heads, ws, rs, chunk, kv group, masked, rows_span_batch)",
+)
 def plan(
     b: int,
     n: int,

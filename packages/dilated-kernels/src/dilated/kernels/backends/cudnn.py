@@ -33,12 +33,12 @@ engine, which is how CI tests the planning and the Triton kernels.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from dilated.core.caching import plan_cache
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.kernels import strided_run
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
@@ -84,7 +84,11 @@ def unsupported_reason(
     return _reason(spec, engine, not q.is_cuda and interpreting())
 
 
-@functools.lru_cache(maxsize=256)
+@plan_cache(
+    "dilated.kernels.backends.cudnn.unsupported_reason",
+    maxsize=256,
+    key="(SubproblemSpec of the whole call, engine, TRITON_INTERPRET on CPU)",
+)
 def _reason(spec: SubproblemSpec, engine: str, interpret: bool) -> str | None:
     # ``interpret``: part of the key only (TRITON_INTERPRET decides availability on CPU).
     if engine != cudnn_engine.NAME:
