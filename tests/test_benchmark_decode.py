@@ -1,0 +1,43 @@
+"""``benchmarks/decode.py --quick`` runs every part on the CPU (tiny sizes, seconds): the script
+a GPU session runs does not fail on its first line there. It checks that rows come out, never
+how fast (benchmarks are scripts with a table, not timed tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    path = Path(__file__).parents[1] / "benchmarks" / "decode.py"
+    spec = importlib.util.spec_from_file_location("decode_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_gives_every_row(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    rows = bench.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    assert [r.get("error") for r in rows] == [None] * len(rows)
+    lm = [r for r in rows if r["part"] == "lm"]
+    assert [r["mode"] for r in lm] == ["eager", "fast"]
+    generate = {(r["impl"], r["cache"]) for r in rows if r["part"] == "hf-generate"}
+    assert generate == {(i, c) for i in ("dilated", "sdpa") for c in ("dynamic", "static")}
+    train = {(r["impl"], r["seq"]) for r in rows if r["part"] == "hf-train"}
+    assert train == {(i, s) for i in ("dilated", "sdpa") for s in (48, 96)}
+    for r in rows:
+        times = [r[k] for k in ("prefill_ms", "ms") if k in r]
+        assert times and all(math.isfinite(t) and t > 0 for t in times), r
