@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session: every package's CUDA tests, then the benchmarks, logs and JSON under $OUT
 # (default ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests] [newlen] [dense] [ring]
-# [sparse] [shapes] [cli] (default: all; PACKAGES="ring sparse" limits the tests). Each step has its own
-# time limit, so one slow step never takes the rest.
+# [sparse] [shapes] [decode] [hf] [cli] (default: all; PACKAGES="ring sparse" limits the tests).
+# Each step has its own time limit, so one slow step never takes the rest.
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests newlen dense ring sparse shapes cli)
+[ ${#steps[@]} -eq 0 ] && steps=(tests newlen dense ring sparse shapes decode hf cli)
 root="$(cd "$(dirname "$0")/.." && pwd)"
 has() { local s; for s in "${steps[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 summary=()
@@ -17,7 +17,8 @@ if has tests; then
     for pkg in ${PACKAGES:-core kernels ring sparse longnet}; do
         dir="$root/packages/dilated-$pkg/tests"
         [ -d "$dir" ] || continue
-        (cd "$dir" && timeout "${TEST_LIMIT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider . \
+        # 360 s: longnet's GPU tests compile a model twice (fullgraph, and transformers' static cache).
+        (cd "$dir" && timeout "${TEST_LIMIT:-360}" python3 -m pytest -q -m gpu -p no:cacheprovider . \
             >"$OUT/gpu-tests-$pkg.log" 2>&1)
         summary+=("tests $pkg: $(tail -1 "$OUT/gpu-tests-$pkg.log")")
     done
@@ -58,6 +59,24 @@ if has shapes; then
     timeout 300 python3 "$root/benchmarks/shapes.py" --json "$OUT/shapes.json" \
         >"$OUT/shapes.log" 2>&1
     summary+=("shapes: $(grep -c '^| ' "$OUT/shapes.log") table lines")
+fi
+if has decode; then
+    # LongNetLM cached decoding after a 16K prompt: eager, and fast (the step from a CUDA graph).
+    timeout 300 python3 "$root/benchmarks/decode.py" --parts lm --json "$OUT/decode.json" \
+        >"$OUT/decode.log" 2>&1
+    summary+=("decode: $(grep -E '^\| (eager|fast) ' "$OUT/decode.log" | tr '\n' ' ')")
+fi
+if has hf; then
+    # HF Llama with attn_implementation="dilated" against "sdpa": generate (dynamic and static
+    # cache; transformers compiles the static one's step), then the training step.
+    timeout 600 python3 "$root/benchmarks/decode.py" --parts hf-generate \
+        --json "$OUT/hf-generate.json" >"$OUT/hf-generate.log" 2>&1
+    timeout 480 python3 "$root/benchmarks/decode.py" --parts hf-train \
+        --json "$OUT/hf-train.json" >"$OUT/hf-train.log" 2>&1
+    summary+=("hf: see hf-generate.log, hf-train.log")
+    for log in "$OUT/hf-generate.log" "$OUT/hf-train.log"; do
+        [ -f "$log" ] && summary+=("$(grep -E '^\| dilated ' "$log" | tr '\n' ' ')")
+    done
 fi
 if has cli; then
     timeout 120 dilated check >"$OUT/cli-check.log" 2>&1

@@ -286,16 +286,122 @@ def test_4d_mask_is_rejected() -> None:
         model(_ids(1, 8), attention_mask=mask)
 
 
-def test_static_cache_is_rejected() -> None:
-    model = _model(dhf.configure(_config(), [8], [1]))
-    with pytest.raises(ValueError, match="static and sliding-window caches are not supported"):
-        model.generate(
-            _ids(1, 5),
-            max_new_tokens=3,
-            do_sample=False,
-            pad_token_id=0,
-            cache_implementation="static",
-        )
+def _greedy_by_full_forward(model: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """The reference: every token from a forward pass over the whole sequence, no cache."""
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("family", "prompt"), [("llama", 3), ("llama", 13), ("qwen2", 7)])
+def test_static_cache_greedy_equals_dynamic_and_full_forward(
+    dtype: torch.dtype, family: str, prompt: int
+) -> None:
+    # Odd prompts; 3 + 22, 13 + 22 and 7 + 22 tokens cross boundaries of every branch.
+    model = _model(dhf.configure(_config(family), [4, 8, 16], [1, 2, 4]), dtype=dtype)
+    ids = _ids(2, prompt, seed=prompt)
+    kw = {"max_new_tokens": 22, "do_sample": False, "pad_token_id": 0}
+    static = model.generate(ids, cache_implementation="static", **kw)
+    dynamic = model.generate(ids, use_cache=True, **kw)
+    assert static.shape == (2, prompt + 22)
+    assert torch.equal(static, dynamic)
+    assert torch.equal(static, _greedy_by_full_forward(model, ids, 22))
+
+
+def test_static_cache_with_padding_equals_dynamic() -> None:
+    model = _model(dhf.configure(_config(), [4, 8], [1, 2]))
+    ids = _ids(2, 9, seed=8)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0  # left padding of the second row
+    kw = {"attention_mask": mask, "max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, model.generate(ids, **kw))
+    assert torch.equal(static, model.generate(ids, use_cache=False, **kw))
+
+
+def test_static_cache_logits_equal_full_logits() -> None:
+    # Teacher-forced through a StaticCache longer than the text: a prompt of 10, one token at a
+    # time up to 20, then a chunk of 7 over the written prefix.
+    model = _model(dhf.configure(_config(), [4, 8, 16], [1, 2, 4]))
+    ids = _ids(2, 27, seed=5)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=40)
+    with torch.no_grad():
+        full = model(ids).logits
+        logits = [model(ids[:, :10], use_cache=True, **{CACHE_KW: cache}).logits]
+        for t in range(10, 20):
+            logits.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_KW: cache}).logits)
+        logits.append(model(ids[:, 20:], use_cache=True, **{CACHE_KW: cache}).logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-10, rtol=1e-10)
+
+
+def _static_call(
+    n_q: int, end: int, padded: bool, dtype: torch.dtype = torch.float64
+) -> tuple[Any, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor | None]:
+    """The attention function's inputs with a static cache of 30 slots, ``end`` written (NaN
+    in the others: never read), and the float64 inputs of the judge."""
+    g = torch.Generator().manual_seed(n_q + end)
+    q = torch.randn(2, 4, end, 16, generator=g, dtype=torch.float64)
+    k = torch.full((2, 2, 30, 16), float("nan"), dtype=torch.float64)
+    v = torch.full((2, 2, 30, 16), float("nan"), dtype=torch.float64)
+    k[:, :, :end] = torch.randn(2, 2, end, 16, generator=g, dtype=torch.float64)
+    v[:, :, :end] = torch.randn(2, 2, end, 16, generator=g, dtype=torch.float64)
+    real = torch.ones(2, end, dtype=torch.long)
+    if padded:
+        real[1, :5] = 0  # transformers' convention: 0 = padding
+    slot_map = dhf.dilated_attention_mask(
+        2, 30, attention_mask=real, q_offset=torch.tensor(end - n_q), q_length=n_q
+    )
+    assert slot_map is not None and slot_map.shape == (2, 1, 1, 30)
+    args = (q[:, :, -n_q:].contiguous().to(dtype), k.to(dtype), v.to(dtype), slot_map)
+    return q, args, k, (real == 0) if padded else None
+
+
+@pytest.mark.parametrize("n_q", [1, 4, 21])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_static_cache_attention_equals_dense_judge(
+    n_q: int, padded: bool, dtype: torch.dtype
+) -> None:
+    # One query (the decoding step, its position read on the device), a chunk, and a prompt,
+    # over the written prefix of the slots (21 of 30), against the float64 judge.
+    layer = _model(dhf.configure(_config(), [8, 16], [1, 2])).model.layers[0].self_attn
+    q, args, k, padding = _static_call(n_q, 21, padded, dtype)
+    out, weights = dhf.dilated_attention_forward(layer, *args, scaling=0.3)
+    assert weights is None and out.dtype == dtype and out.shape == (2, n_q, 4, 16)
+    want, _ = dense_dilated_attention(
+        q.transpose(1, 2),
+        k[:, :, :21].transpose(1, 2),
+        args[2][:, :, :21].transpose(1, 2).double(),
+        (8, 16),
+        (1, 2),
+        scale=0.3,
+        is_causal=True,
+        key_padding_mask=padding,
+    )
+    assert_close_to_reference(out, want[:, -n_q:], dtype)
+
+
+def test_static_decoding_step_compiles_whole_for_every_position() -> None:
+    """A static cache's decoding step: static shapes, no host synchronisation, one graph (no
+    graph break, no recompilation) for every position, as generate's compiled decoding needs."""
+    layer = _model(dhf.configure(_config(), [4, 8], [1, 2])).model.layers[0].self_attn
+    torch._dynamo.reset()
+    step = torch.compile(dhf.dilated_attention_forward, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for end in (3, 9, 17, 21):
+            args = _static_call(1, end, padded=True)[1]
+            got, _ = step(layer, *args)
+            want, _ = dhf.dilated_attention_forward(layer, *args)
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_sliding_window_cache_is_rejected() -> None:
+    # A cache whose keys start after position 0 (a sliding-window cache) cannot hold segments.
+    with pytest.raises(ValueError, match="sliding-window caches are not supported"):
+        dhf.dilated_attention_mask(1, 8, kv_offset=4, q_offset=11, q_length=1)
 
 
 def test_sliding_window_is_rejected() -> None:
@@ -438,6 +544,21 @@ def test_gpu_cached_logits_equal_full_logits(dtype: torch.dtype) -> None:
         full = model(ids).logits.float()
     cached = _cached_logits(model, ids, 33, 60).float()
     torch.testing.assert_close(cached, full, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_static_cache_generation_equals_dynamic(compiled: bool) -> None:
+    # On CUDA generate compiles the decoding step of a static cache (torch.compile,
+    # "reduce-overhead": the slot map's position is read on the device); disable_compile=True
+    # runs the same step eagerly. float32, so that greedy ties are out of reach.
+    model = _gpu_model(torch.float32)
+    ids = _ids(2, 21, seed=13).cuda()
+    kw = {"max_new_tokens": 40, "do_sample": False, "pad_token_id": 0}
+    dynamic = model.generate(ids, **kw)
+    static = model.generate(ids, cache_implementation="static", disable_compile=not compiled, **kw)
+    assert torch.equal(static, dynamic)
 
 
 @pytest.mark.gpu

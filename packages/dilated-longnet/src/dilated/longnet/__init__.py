@@ -13,10 +13,10 @@ import contextlib
 import sys
 
 from dilated.longnet.config import LONGNET_PRESETS, LongNetConfig, TransformerLayerConfig
+from dilated.longnet.cross_attention import CrossAttention
 from dilated.longnet.generation import generate
 from dilated.longnet.kv_cache import KVCache, LayerKVCache, cached_dilated_attention
 from dilated.longnet.layers import (
-    CrossAttention,
     DilatedTransformerDecoderLayer,
     DilatedTransformerEncoderLayer,
     create_decoder_layer,
@@ -25,6 +25,7 @@ from dilated.longnet.layers import (
 from dilated.longnet.magneto import magneto_gain
 from dilated.longnet.models import LongNet, LongNetLM
 from dilated.longnet.rotary import RotaryEmbedding
+from dilated.longnet.static_decoder import StaticDecoder
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "LongNetConfig",
     "LongNetLM",
     "RotaryEmbedding",
+    "StaticDecoder",
     "TransformerLayerConfig",
     "__version__",
     "cached_dilated_attention",

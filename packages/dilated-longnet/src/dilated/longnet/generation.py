@@ -8,6 +8,7 @@ import torch
 
 from dilated.core.checks import ArgumentTypeError, check_bool
 from dilated.longnet.models import LongNetLM
+from dilated.longnet.static_decoder import StaticDecoder
 
 __all__ = ["generate"]
 
@@ -39,6 +40,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     use_cache: bool = True,
+    fast: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Extend ``input_ids`` by ``max_new_tokens`` tokens.
@@ -48,6 +50,11 @@ def generate(
     ``w / r`` cached keys of its own segment, so its cost does not grow with the tokens before it.
     Without the cache every step recomputes the whole sequence. Greedy decoding gives the same
     tokens either way (up to floating-point ties).
+
+    ``fast=True`` decodes through a [`StaticDecoder`][dilated.longnet.static_decoder.StaticDecoder]:
+    the same cache preallocated once and a one-token step of static shapes, replayed from a CUDA
+    graph on CUDA (captured once per call: hold a ``StaticDecoder`` to reuse it across calls),
+    run eagerly elsewhere. It computes what ``use_cache=True`` computes.
 
     Args:
         model: the language model (put in eval mode for the duration).
@@ -59,6 +66,7 @@ def generate(
             uniform choice among exactly tied ones).
         top_k: sample only among the ``top_k`` most likely tokens.
         use_cache: incremental decoding with a KV cache.
+        fast: decode with static shapes, a CUDA graph on CUDA (needs ``use_cache``).
         generator: random generator for sampling.
 
     Returns:
@@ -68,8 +76,8 @@ def generate(
         ValueError / TypeError: naming the argument: a prompt that is not ``(batch, >= 1)``
             integer ids in ``[0, num_tokens)``, a negative or non-int ``max_new_tokens``, a
             negative or non-finite ``temperature``, a ``top_k`` that is not a positive int
-            (``True`` included), a non-bool ``use_cache``, a ``generator`` that is not a
-            ``torch.Generator``.
+            (``True`` included), a non-bool ``use_cache`` or ``fast``, ``fast`` without
+            ``use_cache``, a ``generator`` that is not a ``torch.Generator``.
     """
     if not isinstance(model, LongNetLM):
         raise ArgumentTypeError(f"model must be a LongNetLM, got {type(model).__name__}")
@@ -93,6 +101,8 @@ def generate(
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     check_bool("use_cache", use_cache)
+    if check_bool("fast", fast) and not use_cache:
+        raise ValueError("fast=True decodes through the KV cache: it needs use_cache=True")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ArgumentTypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
@@ -105,12 +115,19 @@ def generate(
         if max_new_tokens == 0:
             return seq
         if use_cache:
-            cache = model.new_cache(seq.shape[0], seq.shape[1] + max_new_tokens)
-            logits = model(seq, cache=cache, check_ids=False)[:, -1]
+            b, length = seq.shape[0], seq.shape[1] + max_new_tokens
+            if fast:
+                decoder = StaticDecoder(model, b, length)
+                logits = decoder.prefill(seq)
+            else:
+                cache = model.new_cache(b, length)
+                logits = model(seq, cache=cache, check_ids=False)[:, -1]
             for step in range(max_new_tokens):
                 nxt = _pick(logits, temperature, top_k, generator)
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
-                if step + 1 < max_new_tokens:
+                if step + 1 < max_new_tokens and fast:
+                    logits = decoder.step(nxt)
+                elif step + 1 < max_new_tokens:
                     logits = model(nxt[:, None], cache=cache, check_ids=False)[:, -1]
         else:
             for _ in range(max_new_tokens):

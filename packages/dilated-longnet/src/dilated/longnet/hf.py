@@ -19,9 +19,17 @@ The branches are read from the model config's ``dilated_segment_lengths`` and
 Masks: causal attention with an optional key padding mask (the 2D ``attention_mask`` of
 transformers, 1 for real tokens) is supported; transformers hands it over as ``(batch, kv_len)``,
 never as a quadratic 4D mask. It is converted once, in
-[`dilated_attention_mask`][dilated.longnet.hf.dilated_attention_mask], into this library's
-``key_padding_mask`` (PyTorch's convention: True = padding, ignored). A 4D mask given by the caller, packed sequences, sliding windows,
-logit soft-capping, attention sinks and static (preallocated) caches raise ``ValueError``.
+[`dilated_attention_mask`][dilated.longnet.hf_mask.dilated_attention_mask], into this library's
+``key_padding_mask`` (PyTorch's convention: True = padding, ignored). A 4D mask given by the
+caller, packed sequences given as masks, sliding windows, logit soft-capping and attention sinks
+raise ``ValueError``.
+
+Caches: ``DynamicCache`` (the default) and ``StaticCache`` (``cache_implementation="static"``, the
+compiled-generation path). A decoding step reads at most ``w / r`` cached keys per branch, in ONE
+attention over the gathered slots
+([`decode_step`][dilated.longnet.kv_cache.decode_step]); with a static cache the position comes
+from the slot map (see [`dilated.longnet.hf_mask`][dilated.longnet.hf_mask]) on the device, so the
+step has static shapes and no host synchronisation, as ``torch.compile`` needs.
 
 Positions: dilated segments are counted from the first key slot, so left padding counts as
 positions; pad on the right to keep the segments of the text.
@@ -37,7 +45,7 @@ import torch
 
 try:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+    from transformers.masking_utils import AttentionMaskInterface
 except ImportError as exc:  # transformers missing, or older than its mask interface (4.53)
     raise ImportError(
         "dilated.longnet.hf needs transformers>=4.53: pip install 'dilated-longnet[hf]'"
@@ -45,7 +53,9 @@ except ImportError as exc:  # transformers missing, or older than its mask inter
 
 from dilated.core.checks import check_branches
 from dilated.core.functional import dilated_attention as core_dilated_attention
-from dilated.longnet.kv_cache import dilated_attention_at
+from dilated.core.functional import prepare_call
+from dilated.longnet.hf_mask import ATTENTION_NAME, dilated_attention_mask, read_slot_map
+from dilated.longnet.kv_cache import decode_slots, decode_step, dilated_attention_at
 
 __all__ = [
     "ATTENTION_NAME",
@@ -55,9 +65,6 @@ __all__ = [
 ]
 
 ConfigT = TypeVar("ConfigT")
-
-#: The ``attn_implementation`` name this module registers.
-ATTENTION_NAME = "dilated"
 
 _SEGMENTS = "dilated_segment_lengths"
 _RATES = "dilated_dilation_rates"
@@ -228,11 +235,14 @@ def dilated_attention_forward(
         query: ``(batch, heads, q_len, head_dim)``.
         key: ``(batch, kv_heads, kv_len, head_dim)``, ``heads % kv_heads == 0`` (grouped-query
             attention is computed without repeating the keys). With a cache, the keys cover the
-            whole prefix and the queries are its last ``q_len`` positions.
+            whole prefix and the queries are its last ``q_len`` positions; with a static cache,
+            the keys are all of its slots and the queries end at the last written one (a step
+            of one query then reads at most ``w / r`` slots per branch, located on the device).
         value: shaped like ``key``.
-        attention_mask: None, or the bool ``(batch, kv_len)`` key padding mask that
-            [`dilated_attention_mask`][dilated.longnet.hf.dilated_attention_mask] builds from
-            transformers' 2D mask: PyTorch's convention, True at the padding (ignored).
+        attention_mask: what [`dilated_attention_mask`][dilated.longnet.hf_mask.dilated_attention_mask]
+            builds from transformers' 2D mask: None, the bool ``(batch, kv_len)`` key padding
+            mask (PyTorch's convention, True at the padding, ignored), or with a static cache
+            its int8 ``(batch, 1, 1, kv_len)`` slot map.
         dropout: dropout on the attention probabilities.
         scaling: softmax scale, default ``head_dim ** -0.5``.
         **kwargs: the other keywords of transformers (``position_ids``, ...); ``softcap``,
@@ -247,7 +257,8 @@ def dilated_attention_forward(
 
     Raises:
         ValueError: missing or invalid branches in the config, a mask other than a key padding
-            mask, more queries than keys, or an unsupported feature.
+            mask or slot map (a 4D mask of the caller), more queries than keys, or an
+            unsupported feature.
     """
     ws, rs, backend = _read_config(module.config)
     for name, feature in _UNSUPPORTED_KWARGS.items():
@@ -259,7 +270,17 @@ def dilated_attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     b, n_q, _, _ = q.shape
     n_kv = k.shape[1]
-    if attention_mask is not None and (
+    slots = None if attention_mask is None else read_slot_map(attention_mask, b, n_kv)
+    if slots is not None:
+        written, token = slots
+        if n_q == 1 and dropout == 0.0 and causal:
+            return _static_decode_step(q, k, v, written, token, ws, rs, scaling), None
+        # A prompt (or a chunk) into a static cache: its keys are the written prefix, one
+        # read per layer (a prefill costs far more than the read).
+        end, tokens = (int(x) for x in torch.stack([written[0].sum(), token.sum()]).tolist())
+        k, v, n_kv = k[:, :end], v[:, :end], end
+        attention_mask = None if tokens == b * end else ~token[:, :end]
+    elif attention_mask is not None and (
         attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (b, n_kv)
     ):
         raise ValueError(
@@ -314,89 +335,25 @@ def dilated_attention_forward(
     return out[:, n_kv - n_q :], None
 
 
-def dilated_attention_mask(
-    batch_size: int,
-    kv_length: int,
-    kv_offset: Any = 0,
-    mask_function: Callable[..., Any] = causal_mask_function,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor | None:
-    """The mask builder registered as ``"dilated"`` with ``transformers.AttentionMaskInterface``.
-
-    Instead of a quadratic ``(batch, 1, q_len, kv_len)`` mask it hands the attention function
-    the 2D key padding mask, or None when nothing is padded.
-
-    Args:
-        batch_size: batch of the call.
-        kv_length: keys the attention will see.
-        kv_offset: position of the first key; only 0 (no sliding window cache) is supported.
-        mask_function: the mask pattern; only transformers' plain causal pattern is supported.
-        attention_mask: None, or transformers' ``(batch, kv_length)`` mask, 1/True for real
-            tokens (its convention, the opposite of ``key_padding_mask``'s).
-        **kwargs: the rest of transformers' mask arguments; the query offset (``q_offset`` and
-            ``q_length``, or ``cache_position`` in transformers 4) must put the last query at
-            the last key.
-
-    Returns:
-        None, or the bool ``(batch, kv_length)`` ``key_padding_mask``, True at the padding
-        (PyTorch's convention): transformers' mask converted, here and only here.
-
-    Raises:
-        ValueError: a pattern other than causal with key padding (a sliding window names
-            ``config.sliding_window``), or a cache whose keys do not end at the last query
-            (static or sliding-window caches).
-    """
-    if mask_function is not causal_mask_function:
-        window = _sliding_window(kwargs)
-        if window is not None:
-            raise ValueError(
-                f"attn_implementation={ATTENTION_NAME!r} does not support sliding-window "
-                f"attention (config.sliding_window = {window}; Mistral configs default to 4096): "
-                "set config.sliding_window = None before building the model"
-            )
-        raise ValueError(
-            f"attn_implementation={ATTENTION_NAME!r} supports causal attention with key padding "
-            f"only, not the mask pattern {getattr(mask_function, '__name__', mask_function)!r} "
-            "(sliding windows, packed sequences, bidirectional or custom masks)"
-        )
-    q_offset, q_length = kwargs.get("q_offset"), kwargs.get("q_length")
-    cache_position = kwargs.get("cache_position")
-    if isinstance(q_offset, int) and isinstance(q_length, int):
-        end: int | None = q_offset + q_length
-    elif q_offset is None and isinstance(cache_position, torch.Tensor):
-        # transformers 4 gives only the query positions: one read, once per forward, not per layer.
-        end = int(cache_position[-1]) + 1
-    else:
-        end = None  # a tensor offset is what static caches give
-    if kv_offset != 0 or end != kv_length:
-        raise ValueError(
-            f"attn_implementation={ATTENTION_NAME!r} needs a cache whose keys end at the last "
-            f"query (DynamicCache, the default); got {kv_length} keys from offset {kv_offset!r} "
-            f"for queries ending at {end} (static and sliding-window caches are not supported)"
-        )
-    if attention_mask is None:
-        return None
-    # transformers: 1 = real token; key_padding_mask (PyTorch's convention): True = padding.
-    padding = ~attention_mask[:, -kv_length:].to(torch.bool)
-    if padding.shape[1] != kv_length:
-        raise ValueError(
-            f"attention_mask covers {padding.shape[1]} positions, the keys {kv_length}: it must "
-            "be (batch, past + new tokens)"
-        )
-    # One read per forward buys the fastest backend (most take no mask) for unpadded batches.
-    return padding if bool(padding.any()) else None
-
-
-def _sliding_window(kwargs: dict[str, Any]) -> int | None:
-    """The sliding window of a mask call, or None: transformers passes it as ``local_size``
-    (for sdpa) with the model config, whose ``sliding_window`` names it for the user."""
-    config = kwargs.get("config")
-    window = getattr(config, "sliding_window", None)
-    local = kwargs.get("local_size")
-    if window is not None and (local is None or local == window):
-        return int(window)
-    return None
+def _static_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    written: torch.Tensor,
+    token: torch.Tensor,
+    ws: tuple[int, ...],
+    rs: tuple[int, ...],
+    scale: float | None,
+) -> torch.Tensor:
+    """One new token over all of a static cache's slots: its position is the last written slot,
+    found on the device, so the step has static shapes and no host synchronisation."""
+    _, _, sc, _ = prepare_call(
+        q, k, v, ws, rs, scale=scale, key_padding_mask=None, dropout_p=0.0,
+        check_finite_inputs=False, is_causal=True, decoding=True,
+    )  # fmt: skip
+    position = written[0].sum() - 1
+    return decode_step(q, k, v, position, decode_slots(ws, rs, q.shape[2], q.device), scale=sc,
+                       key_mask=token)  # fmt: skip
 
 
 AttentionInterface.register(ATTENTION_NAME, dilated_attention_forward)

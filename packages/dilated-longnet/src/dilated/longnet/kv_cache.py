@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
+from dilated.core.base import BaseDilatedAttention
 from dilated.core.branches import compute_dtype
-from dilated.core.checks import check_index, check_instance, check_positive_int
+from dilated.core.checks import check_index, check_instance, check_positive_int, check_scale
 from dilated.core.functional import prepare_call
 from dilated.core.reference import attention_with_lse
 
@@ -29,6 +30,7 @@ __all__ = [
     "DecodeSlots",
     "KVCache",
     "LayerKVCache",
+    "attend_with_cache",
     "cached_dilated_attention",
     "decode_slots",
     "decode_step",
@@ -93,6 +95,28 @@ class LayerKVCache:
         self.k[:, offset:end] = k
         self.v[:, offset:end] = v
 
+    def write_at(self, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` ``(batch, n, kv_heads, head_dim)`` from ``position``, a 0-d int64
+        tensor on the cache's device: no host synchronisation, capturable in a CUDA graph.
+
+        The shapes are checked as in [`write`][dilated.longnet.kv_cache.LayerKVCache.write];
+        ``position + n <= capacity`` is the caller's to keep (it is a device value), as
+        [`StaticDecoder`][dilated.longnet.static_decoder.StaticDecoder] does on the host.
+        """
+        b, _, hkv, d = self.k.shape
+        if (
+            k.dim() != 4
+            or (k.shape[0], k.shape[2], k.shape[3]) != (b, hkv, d)
+            or k.shape != v.shape
+        ):
+            raise ValueError(
+                f"k and v of shapes {tuple(k.shape)}, {tuple(v.shape)} do not fit a KV cache of "
+                f"batch {b}, {hkv} kv heads and head_dim {d}"
+            )
+        index = position + torch.arange(k.shape[1], device=self.k.device)
+        self.k.index_copy_(1, index, k.to(self.k.dtype))
+        self.v.index_copy_(1, index, v.to(self.v.dtype))
+
 
 class KVCache:
     """Per-layer caches plus ``length``, the number of positions already written."""
@@ -100,6 +124,80 @@ class KVCache:
     def __init__(self, layers: Sequence[LayerKVCache]) -> None:
         self.layers = list(layers)
         self.length = 0
+
+
+def attend_with_cache(
+    attention: BaseDilatedAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: LayerKVCache,
+    offset: int | torch.Tensor,
+    *,
+    is_causal: bool,
+    key_padding_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Causal self-attention of ``n`` new tokens at positions ``offset..offset+n`` through a cache.
+
+    ``k``/``v`` are written into ``cache`` first. At ``offset == 0`` (a prompt) ``attention``
+    runs on the new tokens; after it, each new row is one
+    [`decode_step`][dilated.longnet.kv_cache.decode_step] over the cached keys. A tensor
+    ``offset`` (0-d int64 on the device, one token: the static step of
+    [`StaticDecoder`][dilated.longnet.static_decoder.StaticDecoder]) writes and reads with no
+    host synchronisation.
+
+    Args:
+        attention: the layer's inner attention module (its branches and scale are used).
+        q: ``(batch, n, heads, head_dim)``, rotated already.
+        k, v: ``(batch, n, kv_heads, head_dim)``, rotated already.
+        cache: the layer's cache.
+        offset: position of the first new token (``cache.length`` of the model's cache).
+        is_causal: must be True.
+        key_padding_mask: must be None.
+
+    Returns:
+        ``(batch, n, heads, head_dim)`` in the dtype of ``q``.
+
+    Raises:
+        ValueError: ``attention`` computing another function than dilated attention (a
+            block-sparse layout), ``is_causal=False``, a ``key_padding_mask``, more than one
+            token with a tensor ``offset``, and what
+            [`LayerKVCache.write`][dilated.longnet.kv_cache.LayerKVCache.write] refuses.
+    """
+    if not attention.computes_dilated_attention:
+        raise ValueError(
+            f"a KV cache reproduces plain dilated attention; {type(attention).__name__} "
+            "computes another function (e.g. a block-sparse layout): generate without a cache"
+        )
+    if not is_causal:
+        raise ValueError("a KV cache needs causal self-attention (is_causal=True)")
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask is not supported together with a KV cache")
+    ac = attention.config
+    # Under autocast q comes in the autocast dtype and the cache keeps the parameters' (the
+    # write converts k and v): a cached step computes in the cache's, like its keys.
+    if isinstance(offset, torch.Tensor):
+        if q.shape[1] != 1:
+            raise ValueError(
+                f"a device-side position decodes one token per sequence, got {q.shape[1]}"
+            )
+        cache.write_at(offset, k, v)
+        slots = decode_slots(ac.segment_lengths, ac.dilation_rates, q.shape[2], q.device)
+        scale = check_scale(ac.scale, q.shape[-1])
+        out = decode_step(q.to(cache.k.dtype), cache.k, cache.v, offset, slots, scale=scale)
+        return out.to(q.dtype)
+    cache.write(offset, k, v)
+    if offset == 0:
+        prompt: torch.Tensor = attention(q, k, v, is_causal=True)
+        return prompt
+    qc = q.to(cache.k.dtype)
+    rows = [
+        cached_dilated_attention(
+            qc[:, i : i + 1], cache, offset + i, ac.segment_lengths, ac.dilation_rates, ac.scale
+        )
+        for i in range(q.shape[1])
+    ]
+    return torch.cat(rows, dim=1).to(q.dtype)
 
 
 def cached_dilated_attention(

@@ -3,14 +3,17 @@
 Every sub-layer is ``x + dropout(f(LN(x)))`` with an extra LayerNorm inside ``f`` (Sub-LN, arXiv
 2210.06423): before the attention output projection (the core multi-head module's own norm) and
 before the second feed-forward projection. The self-attention is the multi-head module of the
-core factory, ``create_multihead_dilated_attention(attention_type, ...)``; the layer calls its
-projections and its inner attention module itself so that rotary embeddings can rotate q and k in
-between, and so that a KV cache can be filled and read.
+core factory, ``create_multihead_dilated_attention(attention_type, ...)``, which the layer holds
+as ``self_attn``: the layer runs its input projections
+([`project_inputs`][dilated.core.base.BaseMultiheadDilatedAttention.project_inputs]), its inner
+attention and its output projection
+([`project_output`][dilated.core.base.BaseMultiheadDilatedAttention.project_output]), and adds
+only what goes around them: rotary embeddings on q and k, and the KV cache
+([`attend_with_cache`][dilated.longnet.kv_cache.attend_with_cache]).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,14 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dilated.core.base import BaseMultiheadDilatedAttention
-from dilated.core.checks import ArgumentTypeError, check_bool, check_key_padding_mask
+from dilated.core.checks import check_bool
 from dilated.core.registry import create_multihead_dilated_attention
+from dilated.longnet.checks import check_layer_input, check_no_attn_mask
+from dilated.longnet.compat import NOT_GIVEN, layer_config_from_args, warn_old_call
 from dilated.longnet.config import TransformerLayerConfig
-from dilated.longnet.kv_cache import LayerKVCache, cached_dilated_attention
+from dilated.longnet.cross_attention import CrossAttention
+from dilated.longnet.kv_cache import LayerKVCache, attend_with_cache
 from dilated.longnet.rotary import RotaryEmbedding
 
 __all__ = [
-    "CrossAttention",
     "DilatedTransformerDecoderLayer",
     "DilatedTransformerEncoderLayer",
     "create_decoder_layer",
@@ -41,68 +46,6 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def warn_old_call(message: str) -> None:
-    """A ``DeprecationWarning`` about a dilated-attention-pytorch 0.2.0 call shape, pointing at
-    the code that called a module's ``forward`` (past ``nn.Module.__call__``)."""
-    warnings.warn(message, DeprecationWarning, stacklevel=5)
-
-
-#: Default of ``tgt_mask``/``memory_mask``: tells a call of ``torch.nn.TransformerDecoder``
-#: (which always passes them) from a direct call.
-_NOT_GIVEN: Any = object()
-
-
-def _no_attn_mask(mask: Any, name: str, is_causal: bool, flag: str) -> None:
-    if mask is None or mask is _NOT_GIVEN:
-        return
-    if not is_causal:
-        raise ValueError(
-            f"{name} is not supported: dilated attention takes {flag}=True and key padding masks, "
-            f"not arbitrary masks (a causal {name} may be given together with {flag}=True)"
-        )
-
-
-def _layer_config(
-    config: TransformerLayerConfig | int,
-    nhead: int | None,
-    segment_lengths: Sequence[int] | None,
-    dilation_rates: Sequence[int] | None,
-    **kwargs: Any,
-) -> TransformerLayerConfig:
-    if isinstance(config, TransformerLayerConfig):
-        if nhead is not None or segment_lengths is not None or dilation_rates is not None:
-            raise ValueError("pass either a TransformerLayerConfig or the layer's keywords")
-        return config
-    if nhead is None or segment_lengths is None or dilation_rates is None:
-        raise ValueError("d_model, nhead, segment_lengths and dilation_rates are required")
-    # Handed over as given: the config refuses sets, ints and generators by name.
-    return TransformerLayerConfig(
-        d_model=config,
-        nhead=nhead,
-        segment_lengths=segment_lengths,  # type: ignore[arg-type]
-        dilation_rates=dilation_rates,  # type: ignore[arg-type]
-        **kwargs,
-    )
-
-
-def check_layer_input(
-    name: str, x: object, d_model: int, batch: tuple[str, int] | None = None
-) -> None:
-    """``x`` must be a ``(batch, seq, d_model)`` tensor; ``batch = (other_name, size)``: of the
-    same batch as the tensor ``other_name``."""
-    if not isinstance(x, torch.Tensor):
-        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(
-            f"{name} must have shape (batch, seq, d_model={d_model}), got {tuple(x.shape)}"
-        )
-    if batch is not None and x.shape[0] != batch[1]:
-        raise ValueError(
-            f"{name} has batch {x.shape[0]} but {batch[0]} has batch {batch[1]}: the encoder "
-            "and decoder sides must hold the same sequences (one memory per target)"
-        )
-
-
 def _dilated_self_attention(
     mha: BaseMultiheadDilatedAttention,
     x: torch.Tensor,
@@ -111,124 +54,21 @@ def _dilated_self_attention(
     key_padding_mask: torch.Tensor | None,
     rotary: RotaryEmbedding | None,
     cache: LayerKVCache | None,
-    offset: int,
+    offset: int | torch.Tensor,
 ) -> torch.Tensor:
-    """Project, rotate, (cache,) attend, Sub-LN and project back; ``x`` ``(batch, n, d_model)``."""
-    mc = mha.multihead_config
-    b, n, _ = x.shape
-    q = mha.q_proj(x).view(b, n, mc.num_heads, mc.head_dim)
-    k = mha.k_proj(x).view(b, n, mc.kv_heads, mc.head_dim)
-    v = mha.v_proj(x).view(b, n, mc.kv_heads, mc.head_dim)
+    """``mha``'s forward on ``x`` ``(batch, n, d_model)`` with q and k rotated (positions from
+    ``offset``) between its projections and its attention, through ``cache`` when given."""
+    q, k, v = mha.project_inputs(x, x, x)
     if rotary is not None:
         q, k = rotary(q, k, offset=offset)
-    if cache is not None:
-        if not mha.attention.computes_dilated_attention:
-            raise ValueError(
-                f"a KV cache reproduces plain dilated attention; {type(mha.attention).__name__} "
-                "computes another function (e.g. a block-sparse layout): generate without a cache"
-            )
-        if not is_causal:
-            raise ValueError("a KV cache needs causal self-attention (is_causal=True)")
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask is not supported together with a KV cache")
-        cache.write(offset, k, v)
-    if cache is not None and offset > 0:
-        ac = mha.attention_config
-        # Under autocast q comes in the autocast dtype and the cache keeps the parameters'
-        # (the write converted k and v): the step computes in the cache's, like its keys.
-        qc = q.to(cache.k.dtype)
-        rows = [
-            cached_dilated_attention(
-                qc[:, i : i + 1], cache, offset + i, ac.segment_lengths, ac.dilation_rates, ac.scale
-            )
-            for i in range(n)
-        ]
-        out = torch.cat(rows, dim=1).to(q.dtype)
-    else:
+    if cache is None:
         out = mha.attention(q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask)
-    out = out.reshape(b, n, mc.embed_dim)
-    if mha.norm is not None:
-        out = mha.norm(out)
-    projected: torch.Tensor = mha.out_proj(out)
-    return projected
-
-
-class CrossAttention(nn.Module):
-    """Dense multi-head attention of ``(batch, n, d_model)`` queries over a memory
-    ``(batch, m, d_model)`` of any length, through ``torch.nn.functional.scaled_dot_product_attention``.
-
-    Dilated attention is defined for queries and keys of one shared sequence, so cross-attention
-    is plain (non-dilated) attention; it carries the same MAGNETO sub-layer norm and init.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        *,
-        dropout: float,
-        bias: bool,
-        layer_norm_eps: float,
-        gamma_init: float,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.nhead, self.dropout = nhead, dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias, **fk)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias, **fk)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias, **fk)
-        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **fk)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias, **fk)
-        for proj, gain in (
-            (self.q_proj, 1.0),
-            (self.k_proj, 1.0),
-            (self.v_proj, gamma_init),
-            (self.out_proj, gamma_init),
-        ):
-            nn.init.xavier_normal_(proj.weight, gain=gain)
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        memory: torch.Tensor,
-        memory_key_padding_mask: torch.Tensor | None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        """``x`` ``(batch, n, d_model)``, ``memory`` ``(batch, m, d_model)``, mask ``(batch, m)``
-        in PyTorch's convention (bool True or float ``-inf`` at ignored memory tokens); returns ``(batch, n, d_model)``. ``is_causal``: position
-        ``i`` attends memory positions ``<= i`` only (needs ``m == n``)."""
-        check_layer_input("memory", memory, x.shape[-1], ("the decoder input", x.shape[0]))
-        b, n, d = x.shape
-        m = memory.shape[1]
-        if is_causal and m != n:
-            raise ValueError(
-                f"memory_is_causal=True needs a memory as long as the target, got {m} and {n}"
-            )
-        h = self.nhead
-        q = self.q_proj(x).view(b, n, h, d // h).transpose(1, 2)
-        k = self.k_proj(memory).view(b, m, h, d // h).transpose(1, 2)
-        v = self.v_proj(memory).view(b, m, h, d // h).transpose(1, 2)
-        try:
-            keep = check_key_padding_mask(memory_key_padding_mask, memory)
-        except ValueError as exc:
-            raise ValueError(
-                str(exc).replace("key_padding_mask", "memory_key_padding_mask")
-            ) from None
-        # SDPA's bool attn_mask is True where a key takes part: the internal form.
-        mask = None if keep is None else keep[:, None, None, :]
-        if is_causal:
-            causal = torch.ones(n, m, dtype=torch.bool, device=x.device).tril()
-            mask = causal if mask is None else mask & causal
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        out = out.transpose(1, 2).reshape(b, n, d)
-        projected: torch.Tensor = self.out_proj(self.norm(out))
-        return projected
+    else:
+        out = attend_with_cache(
+            mha.attention, q, k, v, cache, offset, is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+        )  # fmt: skip
+    return mha.project_output(out)
 
 
 class DilatedTransformerEncoderLayer(nn.Module):
@@ -276,7 +116,9 @@ class DilatedTransformerEncoderLayer(nn.Module):
                 "bias": bias,
                 "check_finite": check_finite,
             }
-        c = self.config = _layer_config(d_model, nhead, segment_lengths, dilation_rates, **kw)
+        c = self.config = layer_config_from_args(
+            d_model, nhead, segment_lengths, dilation_rates, **kw
+        )
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.self_attn = create_multihead_dilated_attention(
             c.attention_type,
@@ -320,7 +162,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
         key_padding_mask: torch.Tensor | None,
         rotary: RotaryEmbedding | None,
         cache: LayerKVCache | None,
-        offset: int,
+        offset: int | torch.Tensor,
     ) -> torch.Tensor:
         out = _dilated_self_attention(
             self.self_attn,
@@ -343,7 +185,7 @@ class DilatedTransformerEncoderLayer(nn.Module):
         src_mask: torch.Tensor | None = None,
         rotary: RotaryEmbedding | None = None,
         cache: LayerKVCache | None = None,
-        offset: int = 0,
+        offset: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Apply the layer (also as a layer of ``torch.nn.TransformerEncoder``).
 
@@ -358,14 +200,16 @@ class DilatedTransformerEncoderLayer(nn.Module):
             rotary: rotate q and k with this embedding (positions ``offset..offset+seq``).
             cache: fill (``offset == 0``) or extend and read (``offset > 0``) this KV cache;
                 needs ``is_causal=True``.
-            offset: absolute position of ``src[:, 0]``.
+            offset: absolute position of ``src[:, 0]``: an int, or with ``cache`` and one
+                token a 0-d int64 tensor on the device (the static decoding step: no host
+                synchronisation, see [`StaticDecoder`][dilated.longnet.static_decoder.StaticDecoder]).
 
         Returns:
             ``(batch, seq, d_model)``.
         """
         check_layer_input("src", src, self.config.d_model)
         check_bool("is_causal", is_causal)
-        _no_attn_mask(src_mask, "src_mask", is_causal, "is_causal")
+        check_no_attn_mask(src_mask, "src_mask", is_causal, "is_causal", NOT_GIVEN)
         # The attention op reads the mask (PyTorch's convention) in dilated.core.checks.
         x = self._self_block(src, is_causal, src_key_padding_mask, rotary, cache, offset)
         return x + self._ff(self.norm2(x))
@@ -445,11 +289,11 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
         memory_key_padding_mask: torch.Tensor | None = None,
         *,
         memory_is_causal: bool = False,
-        tgt_mask: torch.Tensor | None = _NOT_GIVEN,
-        memory_mask: torch.Tensor | None = _NOT_GIVEN,
+        tgt_mask: torch.Tensor | None = NOT_GIVEN,
+        memory_mask: torch.Tensor | None = NOT_GIVEN,
         rotary: RotaryEmbedding | None = None,
         cache: LayerKVCache | None = None,
-        offset: int = 0,
+        offset: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Apply the layer (also as a layer of ``torch.nn.TransformerDecoder``).
 
@@ -480,8 +324,10 @@ class DilatedTransformerDecoderLayer(DilatedTransformerEncoderLayer):
             )
             memory_is_causal, tgt_key_padding_mask = tgt_key_padding_mask, None
         causal = True if tgt_is_causal is None else check_bool("tgt_is_causal", tgt_is_causal)
-        _no_attn_mask(tgt_mask, "tgt_mask", causal, "tgt_is_causal")
-        _no_attn_mask(memory_mask, "memory_mask", memory_is_causal, "memory_is_causal")
+        check_no_attn_mask(tgt_mask, "tgt_mask", causal, "tgt_is_causal", NOT_GIVEN)
+        check_no_attn_mask(
+            memory_mask, "memory_mask", memory_is_causal, "memory_is_causal", NOT_GIVEN
+        )
         x = self._self_block(tgt, causal, tgt_key_padding_mask, rotary, cache, offset)
         if self.cross_attn is not None and self.norm_cross is not None:
             if memory is None:

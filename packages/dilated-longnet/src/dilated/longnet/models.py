@@ -10,98 +10,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dilated.core.checks import (
-    ArgumentTypeError,
-    check_bool,
-    check_positive_int,
-    resolve_check_finite,
-)
-from dilated.core.presets import DEFAULT_PRESET, PRESETS
-from dilated.longnet.config import LongNetConfig
-from dilated.longnet.kv_cache import KVCache, LayerKVCache
-from dilated.longnet.layers import (
-    DilatedTransformerDecoderLayer,
-    DilatedTransformerEncoderLayer,
-    check_layer_input,
+from dilated.core.checks import check_bool, check_positive_int, resolve_check_finite
+from dilated.longnet.checks import check_cache, check_layer_input, check_token_ids
+from dilated.longnet.compat import (
+    MODEL_POSITIONAL,
+    model_config_from_args,
+    model_defaults,
     warn_old_call,
 )
+from dilated.longnet.config import LongNetConfig
+from dilated.longnet.kv_cache import KVCache, LayerKVCache
+from dilated.longnet.layers import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer
 from dilated.longnet.magneto import magneto_gain
 from dilated.longnet.rotary import RotaryEmbedding
 
 __all__ = ["LongNet", "LongNetLM"]
-
-
-#: The positional order of ``LongNet`` in dilated-attention-pytorch 0.2.0 (``LongNetLM`` put
-#: ``num_tokens`` first). ``device`` and ``dtype`` came last.
-_POSITIONAL = (
-    "d_model",
-    "nhead",
-    "num_encoder_layers",
-    "num_decoder_layers",
-    "dim_feedforward",
-    "segment_lengths",
-    "dilation_rates",
-    "dropout",
-    "activation",
-    "layer_norm_eps",
-    "device",
-    "dtype",
-)
-
-
-def _defaults(num_encoder_layers: int) -> dict[str, Any]:
-    """What 0.2.0 filled in for the keywords left out: its base sizes (768 wide, 12 heads,
-    12 layers, 3072 feed-forward, no dropout), with the branches of the default preset."""
-    preset = PRESETS[DEFAULT_PRESET]
-    return {
-        "d_model": preset.embed_dim,
-        "nhead": preset.num_heads,
-        "num_encoder_layers": num_encoder_layers,
-        "num_decoder_layers": 12,
-        "dim_feedforward": 3072,
-        "segment_lengths": preset.segment_lengths,
-        "dilation_rates": preset.dilation_rates,
-        "dropout": 0.0,
-    }
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _config(
-    config: LongNetConfig | int | None,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    names: tuple[str, ...],
-    defaults: dict[str, Any],
-) -> tuple[LongNetConfig, dict[str, Any]]:
-    """The model's config and its ``device``/``dtype``, from a config or from 0.2.0-style
-    positional and keyword arguments (``names`` gives the positional order)."""
-    factory: dict[str, Any] = {k: kwargs.pop(k) for k in ("device", "dtype") if k in kwargs}
-    if isinstance(config, LongNetConfig):
-        if args or kwargs:
-            raise ValueError(
-                "pass either a LongNetConfig or the model's arguments, not both (got "
-                f"{len(args)} positional and {sorted(kwargs)})"
-            )
-        return config, factory
-    if config is not None and (isinstance(config, bool) or not isinstance(config, int)):
-        raise TypeError(
-            f"the first argument must be a LongNetConfig or {names[0]} (an int), got "
-            f"{type(config).__name__}"
-        )
-    if config is None and args:
-        raise TypeError(f"the first positional argument ({names[0]}) must not be None")
-    given = () if config is None else (config, *args)
-    if len(given) > len(names):
-        raise TypeError(f"at most {len(names)} positional arguments ({', '.join(names)})")
-    for name, value in zip(names, given):
-        if name in kwargs or name in factory:
-            raise TypeError(f"{name} given both positionally and as a keyword")
-        (factory if name in ("device", "dtype") else kwargs)[name] = value
-    return LongNetConfig(**{**defaults, **kwargs}), factory
 
 
 def _rotary(c: LongNetConfig, device: Any) -> RotaryEmbedding | None:
@@ -148,12 +71,14 @@ class LongNet(nn.Module):
         super().__init__()
         if not isinstance(config, LongNetConfig):
             kwargs.setdefault("num_tokens", 0)
-        c, factory = _config(
+        c, factory = model_config_from_args(
             config,
             args,
-            {**kwargs, **_given(device=device, dtype=dtype)},
-            names=_POSITIONAL,
-            defaults=_defaults(num_encoder_layers=12),
+            kwargs,
+            names=MODEL_POSITIONAL,
+            defaults=model_defaults(num_encoder_layers=12),
+            device=device,
+            dtype=dtype,
         )
         self.config = c
         device, dtype = factory.get("device"), factory.get("dtype")
@@ -280,12 +205,14 @@ class LongNetLM(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        c, factory = _config(
+        c, factory = model_config_from_args(
             config,
             args,
-            {**kwargs, **_given(device=device, dtype=dtype)},
-            names=("num_tokens", *_POSITIONAL),
-            defaults=_defaults(num_encoder_layers=0),
+            kwargs,
+            names=("num_tokens", *MODEL_POSITIONAL),
+            defaults=model_defaults(num_encoder_layers=0),
+            device=device,
+            dtype=dtype,
         )
         self.config = c
         device, dtype = factory.get("device"), factory.get("dtype")
@@ -391,62 +318,69 @@ class LongNetLM(nn.Module):
             on_cpu = isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
             check_ids = on_cpu or resolve_check_finite(None)
         self._check_ids(input_ids, check_bool("check_ids", check_ids))
-        if cache is not None:
-            self._check_cache(cache, input_ids.shape[0])
-        offset = 0 if cache is None else cache.length
+        if cache is None:
+            return self._logits(input_ids, key_padding_mask, None, 0)
+        check_cache(cache, len(self.layers), input_ids.shape[0])
+        logits = self._logits(input_ids, key_padding_mask, cache, cache.length)
+        cache.length += input_ids.shape[1]
+        return logits
+
+    def decode_at(
+        self, input_ids: torch.Tensor, cache: KVCache, position: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of one token per sequence at a device-side position, with static shapes.
+
+        The step that [`StaticDecoder`][dilated.longnet.static_decoder.StaticDecoder] captures
+        in a CUDA graph: no host synchronisation and nothing that depends on the position's
+        value on the host, so one capture (or one ``torch.compile`` graph) serves every
+        position. It checks nothing that needs the device, and neither reads nor advances
+        ``cache.length``.
+
+        Args:
+            input_ids: int64 ``(batch, 1)``, ids in ``[0, num_tokens)`` (not checked).
+            cache: a [`KVCache`][dilated.longnet.kv_cache.KVCache] of this model holding the
+                positions before ``position``; the token's keys and values are written at it.
+            position: 0-d int64 tensor on the model's device, in ``[0, capacity)`` (not
+                checked: keep it in range on the host).
+
+        Returns:
+            float logits ``(batch, 1, num_tokens)``: those of
+            [`forward`][dilated.longnet.models.LongNetLM.forward] with ``cache`` at
+            ``cache.length == position``.
+
+        Raises:
+            ValueError / TypeError: ``input_ids`` that is not ``(batch, 1)`` integer ids, a
+                ``cache`` of another model or batch.
+        """
+        self._check_ids(input_ids, check_range=False)
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"decode_at takes one token per sequence, got {input_ids.shape[1]}")
+        check_cache(cache, len(self.layers), input_ids.shape[0])
+        return self._logits(input_ids, None, cache, position)
+
+    def _logits(
+        self,
+        input_ids: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        offset: int | torch.Tensor,
+    ) -> torch.Tensor:
         x = self.embedding(input_ids)
         for i, layer in enumerate(self.layers):
-            lc = None if cache is None else cache.layers[i]
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(
                     layer, x, None, True, key_padding_mask, rotary=self.rotary, use_reentrant=False
                 )
             else:
+                lc = None if cache is None else cache.layers[i]
                 x = layer(
                     x, None, True, key_padding_mask, rotary=self.rotary, cache=lc, offset=offset
                 )
-        if cache is not None:
-            cache.length += input_ids.shape[1]
         result: torch.Tensor = self.head(self.norm(x))
         return result
 
     def _check_ids(self, input_ids: object, check_range: bool) -> None:
-        if not isinstance(input_ids, torch.Tensor):
-            raise ArgumentTypeError(
-                f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}"
-            )
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} "
-                f"{tuple(input_ids.shape)}"
-            )
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids must hold at least one token per sequence (seq >= 1)")
-        if not check_range or input_ids.device.type == "meta" or torch.compiler.is_compiling():
-            return
-        vocab = self.config.num_tokens
-        bad = (input_ids < 0) | (input_ids >= vocab)
-        if bool(bad.any()):
-            first, count = input_ids[bad][0].item(), int(bad.sum())
-            more = f" ({count - 1} more ids out of range)" if count > 1 else ""
-            raise ValueError(f"input_ids must lie in [0, num_tokens={vocab}), got id {first}{more}")
-
-    def _check_cache(self, cache: object, batch: int) -> None:
-        if not isinstance(cache, KVCache):
-            raise ArgumentTypeError(
-                f"cache must be a KVCache from new_cache(), got {type(cache).__name__}"
-            )
-        if len(cache.layers) != len(self.layers):
-            raise ValueError(
-                f"cache has {len(cache.layers)} layer(s) but the model has {len(self.layers)}: "
-                "create it with this model's new_cache()"
-            )
-        cached = cache.layers[0].k.shape[0]
-        if cached != batch:
-            raise ValueError(
-                f"cache was created for batch {cached}, got input_ids of batch {batch}; "
-                "create it with new_cache(batch=...) of this batch size"
-            )
+        check_token_ids(input_ids, self.config.num_tokens, check_range)
 
     def loss(self, input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of ``input_ids`` ``(batch, seq)`` (predicts tokens

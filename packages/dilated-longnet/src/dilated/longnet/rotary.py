@@ -62,13 +62,18 @@ class RotaryEmbedding(nn.Module):
         return out.to(x.dtype)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, offset: int = 0
+        self, q: torch.Tensor, k: torch.Tensor, offset: int | torch.Tensor = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` ``(batch, seq, heads, head_dim)`` and ``k`` ``(batch, seq, kv_heads,
-        head_dim)`` whose first token sits at absolute position ``offset``; returns both in
-        their input dtypes."""
+        head_dim)`` whose first token sits at absolute position ``offset``: an int, or a 0-d
+        integer tensor on the device of ``q`` (read there: no host synchronisation, the same
+        angles); returns both in their input dtypes."""
         n = q.shape[1]
-        pos = torch.arange(offset, offset + n, device=q.device, dtype=torch.float32)
+        if isinstance(offset, torch.Tensor):
+            steps = torch.arange(n, device=q.device, dtype=torch.float32)
+            pos = offset.to(device=q.device, dtype=torch.float32) + steps
+        else:
+            pos = torch.arange(offset, offset + n, device=q.device, dtype=torch.float32)
         angles = pos[:, None] * self.inv_freq.to(q.device)[None, :]
         if self.xpos_scale_base is None:
             return self._rotate(q, angles, None), self._rotate(k, angles, None)
