@@ -369,11 +369,31 @@ def architecture(path: Path) -> None:
         ax.axis("off")
     left.set_title("Packages: each depends only on those below it", fontsize=10)
     packages = [
-        (0.3, 5.7, "dilated-sparse", "block-sparse layouts' op, alone\nand over the ring's schedules"),
-        (0.3, 4.2, "dilated-ring", "sequence parallelism: plan, one block\nbody, one file per schedule"),
+        (
+            0.3,
+            5.7,
+            "dilated-sparse",
+            "block-sparse layouts' op, alone\nand over the ring's schedules",
+        ),
+        (
+            0.3,
+            4.2,
+            "dilated-ring",
+            "sequence parallelism: plan, one block\nbody, one file per schedule",
+        ),
         (3.2, 4.2, "dilated-longnet", "layers, LongNet(LM), KV cache,\ngeneration, transformers"),
-        (0.3, 2.7, "dilated-kernels", "backends, dense engines, the\nsub-problem primitive, Triton"),
-        (0.3, 0.6, "dilated-core", "configs, checks, reference, merge,\nregistry, CLI, the dense judge"),
+        (
+            0.3,
+            2.7,
+            "dilated-kernels",
+            "backends, dense engines, the\nsub-problem primitive, Triton",
+        ),
+        (
+            0.3,
+            0.6,
+            "dilated-core",
+            "configs, checks, reference, merge,\nregistry, CLI, the dense judge",
+        ),
     ]
     colors = ["#f3d9fa", "#d0ebff", "#fff3bf", "#d3f9d8", "#e9ecef"]
     for (x, y, title, body), color in zip(packages, colors):
@@ -385,10 +405,22 @@ def architecture(path: Path) -> None:
     right.set_title("One call on a GPU, layer by layer", fontsize=10)
     steps = [
         ("module", "ImprovedMultiheadDilatedAttention: projections,\nthen the functional op"),
-        ("functional op", "dilated.kernels.dilated_attention: dilated.core.checks\n(one validation module), then choose_backend"),
-        ("backend", "strided sub-problem backend (backends/cudnn.py):\none custom op, forward and backward"),
-        ("plan", "strided_plan: the engine calls of this shape (cached);\nphases share calls where strides allow"),
-        ("engines", "subproblem_attention -> choose_engine ->\nflash4 | cudnn | sdpa_flash | reference"),
+        (
+            "functional op",
+            "dilated.kernels.dilated_attention: dilated.core.checks\n(one validation module), then choose_backend",
+        ),
+        (
+            "backend",
+            "strided sub-problem backend (backends/cudnn.py):\none custom op, forward and backward",
+        ),
+        (
+            "plan",
+            "strided_plan: the engine calls of this shape (cached);\nphases share calls where strides allow",
+        ),
+        (
+            "engines",
+            "subproblem_attention -> choose_engine ->\nflash4 | cudnn | sdpa_flash | reference",
+        ),
         ("merge", "one Triton pass: every branch merged by LSE,\nout and lse written once"),
     ]
     y = 6.3

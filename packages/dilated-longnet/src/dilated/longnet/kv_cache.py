@@ -15,13 +15,13 @@ there is no per-branch call and no merge.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 
 from dilated.core.base import BaseDilatedAttention
 from dilated.core.branches import compute_dtype
+from dilated.core.caching import plan_cache
 from dilated.core.checks import check_index, check_instance, check_positive_int, check_scale
 from dilated.core.functional import prepare_call
 from dilated.core.reference import attention_with_lse
@@ -323,7 +323,7 @@ class DecodeSlots:
         self.head_phase = torch.arange(heads, device=device)[:, None] % self.r[None, :]
 
 
-@functools.lru_cache(maxsize=64)
+@plan_cache("dilated.longnet.kv_cache.decode_slots", maxsize=64, key="(ws, rs, heads, device)")
 def _slots(
     ws: tuple[int, ...], rs: tuple[int, ...], heads: int, device: torch.device
 ) -> DecodeSlots:
