@@ -285,9 +285,9 @@ def test_non_contiguous_inputs() -> None:
 
 
 def test_without_the_head_slot(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dilated.sparse import engine
+    from dilated.sparse import tile_plan
 
-    monkeypatch.setattr(engine, "HEAD_SLOT", False)
+    monkeypatch.setattr(tile_plan, "HEAD_SLOT", False)
     _check(
         LAYOUTS["local_window"], batch=1, seq=96, heads=2, head_dim=4, segment_lengths=[32, 96],
         dilation_rates=[1, 4], is_causal=True,
