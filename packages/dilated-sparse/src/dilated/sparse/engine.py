@@ -40,6 +40,7 @@ from dilated.kernels.accumulate import add_into, add_windows
 from dilated.kernels.block_rows import rows_forward_into
 from dilated.kernels.merge import merge_into
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
+from dilated.sparse import flash4_path, paths
 
 # The distributed op imports the runs from here.
 from dilated.sparse.runs import RunTable as RunTable
@@ -131,8 +132,10 @@ def block_sparse_forward(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    layout_key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of block-sparse dilated attention on validated inputs, without autograd.
+    """``(out, lse)`` of block-sparse dilated attention on validated inputs, without autograd,
+    on the path [`choose_path`][dilated.sparse.paths.choose_path] picks.
 
     Args:
         q: ``(batch, seq, heads, head_dim)``.
@@ -146,11 +149,18 @@ def block_sparse_forward(
             attended) that [`prepare_call`][dilated.core.functional.prepare_call] returns, or None.
         dropout_p: dropout on the probabilities; needs ``dropout_seed``.
         dropout_seed: seed of the first call's dropout mask (call ``i`` uses ``seed + i``).
+        layout_key: the layouts' [`layout_key`][dilated.sparse.functional.layout_key], which
+            the flash4 path caches its tables by (else it hashes the tables' bytes).
 
     Returns:
         ``out`` ``(batch, seq, heads, head_dim)`` in the dtype of ``q`` (0 for uncovered rows)
         and ``lse`` ``(batch, heads, seq)`` float32 (float64 for float64 inputs; ``-inf`` there).
     """
+    if paths.choose_path(q, k, dropout_p=dropout_p) == "flash4":
+        return flash4_path.forward(
+            q, k, v, layouts, block_size, scale=scale, is_causal=is_causal,
+            key_padding_mask=key_padding_mask, layout_key=layout_key,
+        )  # fmt: skip
     runs = _run_tables(layouts, q.shape[1], q.shape[2], k.shape[2])
     acc, acc_lse = uninitialized_accumulators(q)
     forward_into(
@@ -270,10 +280,17 @@ def block_sparse_backward(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    layout_key: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` given the final ``out`` ``(batch, seq, heads, head_dim)`` and ``lse``
     ``(batch, heads, seq)`` of [`block_sparse_forward`][dilated.sparse.engine.block_sparse_forward]
-    (same arguments). Returns float32 gradients (float64 for float64 inputs)."""
+    (same arguments). Returns float32 gradients (float64 for float64 inputs) on the tiles path,
+    gradients in the dtype of ``q`` (summed in float32) on the flash4 path."""
+    if paths.choose_path(q, k, dropout_p=dropout_p) == "flash4":
+        return flash4_path.backward(
+            grad_out, q, k, v, out, lse, layouts, block_size, scale=scale, is_causal=is_causal,
+            key_padding_mask=key_padding_mask, layout_key=layout_key,
+        )  # fmt: skip
     work = compute_dtype(q.dtype)
     lse4 = lse.transpose(1, 2).unsqueeze(-1).contiguous()
     dq = torch.zeros(q.shape, dtype=work, device=q.device)

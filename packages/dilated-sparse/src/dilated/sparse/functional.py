@@ -231,6 +231,7 @@ def _attention(
         key_padding_mask=key_mask,
         dropout_p=dropout_p,
         dropout_seed=dropout_seed_value(seed),
+        layout_key=layout_key,
     )
     # Outputs may not alias inputs.
     return out, lse
@@ -279,6 +280,7 @@ def _attention_backward(
         key_padding_mask=key_mask,
         dropout_p=dropout_p,
         dropout_seed=dropout_seed_value(seed),
+        layout_key=layout_key,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
