@@ -314,13 +314,14 @@ def _kv_group(h: int, hkv: int, layouts: Sequence[BranchLayout]) -> int | None:
 
 
 def _regions(
-    ws: torch.Tensor, call: Flash4Call, start: int, head_dim: int, dtype: torch.dtype, kv: bool
+    ws: torch.Tensor, call: Flash4Call, start: int, like: torch.Tensor, kv: bool
 ) -> torch.Tensor:
-    """The call's ``(B, L, H, head_dim)`` region of the workspace part at byte ``start``."""
+    """The call's ``(B, L, H, head_dim)`` region, in the dtype of ``like``, of the workspace
+    part at byte ``start``."""
     size = call.kv_region_size if kv else call.region_size
     at = call.kv_region if kv else call.region
     heads = call.kv_heads[0] if kv else call.heads[0]
-    esize = torch.empty((), dtype=dtype).element_size()
+    head_dim, dtype, esize = like.shape[3], like.dtype, like.element_size()
     lo = start + at * head_dim * esize
     part = ws[lo : lo + size * head_dim * esize].view(dtype)
     return part.view(call.batch[0], call.rows, heads, head_dim)
@@ -363,7 +364,7 @@ def forward(
         lse_part = ws[lo : lo + call.region_size * 4].view(torch.float32)
         call_forward(
             call, tables[call.table], q, k, v, keep, scale=scale,
-            out=_regions(ws, call, at["out"], d, q.dtype, False),
+            out=_regions(ws, call, at["out"], q, False),
             lse=lse_part.view(call.batch[0], call.heads[0], call.rows),
         )  # fmt: skip
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
@@ -408,9 +409,9 @@ def backward(
     for call in plan.calls:
         call_backward(
             call, tables[call.table], dout, q, k, v, out, lse3, keep, scale=scale,
-            dq=_regions(ws, call, at["dq"], d, q.dtype, False),
-            dk=_regions(ws, call, at["dk"], d, q.dtype, True),
-            dv=_regions(ws, call, at["dv"], d, q.dtype, True),
+            dq=_regions(ws, call, at["dq"], q, False),
+            dk=_regions(ws, call, at["dk"], q, True),
+            dv=_regions(ws, call, at["dv"], q, True),
         )  # fmt: skip
     ws_, rs = [lay.segment_length for lay in layouts], [lay.dilation_rate for lay in layouts]
     grads = []
