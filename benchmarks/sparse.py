@@ -54,9 +54,10 @@ import sparse_flash4
 import torch
 
 from dilated.core import PRESETS, SparsePatternConfig
+from dilated.core.settings import set_settings
 from dilated.core.sparsity import BranchLayout, resolve_layouts
 from dilated.kernels import dilated_attention
-from dilated.sparse import block_sparse_dilated_attention, engine, paths
+from dilated.sparse import block_sparse_dilated_attention, paths
 from dilated.sparse.engine import count_calls
 
 LAYOUTS = ("local_window", "global_local", "dilated_sparse", "dense")
@@ -584,7 +585,7 @@ def main() -> None:
         "--rows-kernel",
         choices=["auto", "off"],
         default="auto",
-        help="off: every one-row tile as its own primitive call (dilated.sparse.engine.ROWS_KERNEL)",
+        help="off: every one-row tile as its own primitive call (the setting sparse_rows_kernel)",
     )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
@@ -608,7 +609,7 @@ def main() -> None:
         args.densities, args.warmup, args.repeats, args.preset = [0.25], 1, 1, "longnet_1m"
     if args.cpu_smoke_test and not args.no_flex:
         self_check_flex_table()
-    engine.ROWS_KERNEL = None if args.rows_kernel == "auto" else False
+    set_settings(sparse_rows_kernel=None if args.rows_kernel == "auto" else False)
     preset = PRESETS[args.preset]
     h, d, block, causal = args.heads, args.head_dim, args.block_size, args.causal
     rows: list[dict[str, object]] = []

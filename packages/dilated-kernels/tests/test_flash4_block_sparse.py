@@ -131,5 +131,7 @@ def test_piece_tables_are_checked() -> None:
     out = torch.empty(1, 8, 2, 4)
     lse = torch.empty(1, 2, 8)
     bad = torch.zeros(1, 1, 1, 2, 8, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"table must be int64 of shape \(branches, rmax"):
+    with pytest.raises(
+        ValueError, match=r"table must be contiguous int64 holding \(branches, rmax"
+    ):
         piece_gather.merge_pieces(bad, out, lse, [8], [1], 1)

@@ -10,10 +10,11 @@ captured values). Importing this module does not import the CuTe DSL; ``mask_mod
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from dilated.core.caching import plan_cache
 
 __all__ = ["KEEP_PER_BATCH", "KEEP_PER_HEAD", "ElementMask", "mask_mod"]
 
@@ -60,7 +61,7 @@ class ElementMask:
         return self.causal or self.layout_block > 0 or self.keep > 0
 
 
-@functools.cache
+@plan_cache("dilated.kernels.flash4_masks.mask_mod", maxsize=64, key="the ElementMask")
 def mask_mod(mask: ElementMask) -> Callable[..., Any]:
     """The CuTe DSL ``mask_mod(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors)`` of
     ``mask`` (flash-attn-4's signature; the indices are int32 tensors of one element), built

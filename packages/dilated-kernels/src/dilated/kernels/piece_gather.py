@@ -16,18 +16,20 @@ is a table of int64 rows ``(branch, phase, batch, partial, field)``:
 | 5, 6, 7 | element strides of the LSE: per segment, per row, per head |
 | 8 | the segment index of the piece's first segment |
 
-The ``"cudnn"`` backend builds such a table per call; dilated-sparse's flash-attn-4 path caches
+The strided backend ([`dilated.kernels.strided_run`][dilated.kernels.strided_run]) builds such
+a table per call; dilated-sparse's flash-attn-4 path caches
 one per geometry as offsets from one workspace and adds its address
 ([`ADDRESS_FIELDS`][dilated.kernels.piece_gather.ADDRESS_FIELDS]) on the device.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from dilated.kernels.backends.cudnn import _gather_launches
+from dilated.kernels.strided_plan import gather_launches
 from dilated.kernels.triton_kernels import interpreter_lock
 
 __all__ = ["ADDRESS_FIELDS", "ROW_FIELDS", "merge_pieces", "sum_pieces"]
@@ -41,10 +43,10 @@ ADDRESS_FIELDS = (0, 1)
 
 def _check(table: torch.Tensor, ws: Sequence[int], rmax: int, batch: int) -> None:
     want = (len(ws), rmax, batch, 2, ROW_FIELDS)
-    if tuple(table.shape) != want or table.dtype != torch.int64:
+    if table.numel() != math.prod(want) or table.dtype != torch.int64 or not table.is_contiguous():
         raise ValueError(
-            f"table must be int64 of shape (branches, rmax, batch, 2, {ROW_FIELDS}) = {want}, "
-            f"got {table.dtype} {tuple(table.shape)}"
+            f"table must be contiguous int64 holding (branches, rmax, batch, 2, {ROW_FIELDS}) = "
+            f"{want} rows, got {table.dtype} {tuple(table.shape)}"
         )
 
 
@@ -55,23 +57,28 @@ def merge_pieces(
     ws: Sequence[int],
     rs: Sequence[int],
     rmax: int,
+    rows: tuple[int, int] | None = None,
 ) -> None:
     """Write the LSE merge of every piece of ``table`` into ``out`` and ``lse``, in place.
 
     Args:
-        table: int64 ``(branches, rmax, batch, 2, 9)`` on the device of ``out`` (see the module).
+        table: int64 ``(branches, rmax, batch, 2, 9)`` (or those entries flat), contiguous, on
+            the device of ``out`` (see the module).
         out: ``(batch, seq, heads, head_dim)``, unit ``head_dim`` stride; the pieces' values
             have its dtype.
         lse: float32 ``(batch, heads, seq)``, unit ``seq`` stride. Rows no piece covers get
             ``out = 0`` and ``lse = -inf``.
         ws, rs: the branches ``(w_i, r_i)``.
         rmax: phases per branch in the table, ``max(min(r_i, heads))``.
+        rows: ``[t0, t1)``, the rows to write (default all; ``t0`` a multiple of every
+            ``w_i``).
     """
     from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
 
     b, n, h, d = out.shape
     _check(table, ws, rmax, b)
-    for opts in _gather_launches(ws, rs, rmax, 0, n, b, h, d):
+    t0, t1 = rows or (0, n)
+    for opts in gather_launches(ws, rs, rmax, t0, t1, b, h, d):
         with interpreter_lock():
             gather_pieces[opts.pop("grid")](
                 table, out, lse, n=n, B=b, H=h,
@@ -87,6 +94,7 @@ def sum_pieces(
     rs: Sequence[int],
     rmax: int,
     kv_group: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> None:
     """Write the float32 sum of every piece of ``table`` into ``grad`` (rounded to its dtype).
 
@@ -99,12 +107,14 @@ def sum_pieces(
         kv_group: 0 when ``grad``'s heads are query heads (or key/value heads read one per
             query head); else the query heads sharing each key/value head, every rate dividing
             or divided by it (each phase reads a strided set of key/value heads).
+        rows: as in [`merge_pieces`][dilated.kernels.piece_gather.merge_pieces].
     """
     from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
 
     b, n, h, d = grad.shape
     _check(table, ws, rmax, b)
-    for opts in _gather_launches(ws, rs, rmax, 0, n, b, h, d, kv_group=kv_group):
+    t0, t1 = rows or (0, n)
+    for opts in gather_launches(ws, rs, rmax, t0, t1, b, h, d, kv_group=kv_group):
         with interpreter_lock():
             gather_pieces[opts.pop("grid")](
                 table, grad, grad, n=n, B=b, H=h,

@@ -9,7 +9,8 @@ results are merged into float32 accumulators with
 [`merge_into`][dilated.kernels.merge.merge_into] (on CUDA its one-launch Triton form; a call on
 rows nothing was merged into yet writes its result without reading them, and the accumulators
 are not even filled when the first branch writes every row before anything merges into it). In
-the forward pass, where [`ROWS_KERNEL`][dilated.sparse.engine.ROWS_KERNEL] allows, a run's
+the forward pass, where the setting ``sparse_rows_kernel`` of
+[`dilated.core.settings`][dilated.core.settings] allows, a run's
 one-row tiles (a band's edge rows, whose windows all differ in length) are instead one launch of
 [`rows_forward_into`][dilated.kernels.block_rows.rows_forward_into] after the run's other calls,
 merging in its epilogue: one launch where there were ``2W`` calls, each paying cuDNN's host
@@ -34,6 +35,7 @@ import torch
 
 from dilated.core.branches import compute_dtype
 from dilated.core.reference import call_dropout_seed
+from dilated.core.settings import alias_module_switches, get_settings
 from dilated.core.sparsity import BranchLayout
 from dilated.kernels import block_rows
 from dilated.kernels.accumulate import add_into, add_windows
@@ -59,17 +61,13 @@ __all__ = [
 ]
 
 
-#: Compute one-row tiles (a band's edge rows) with the rows kernel in one launch per run: None
-#: (default) where Triton runs on CUDA for the inputs, True forces it wherever it runs (the
-#: tests use it under ``TRITON_INTERPRET=1``), False never (one primitive call per tile).
-ROWS_KERNEL: bool | None = None
-
-
 def _rows_block_m(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc: torch.Tensor, dropout_p: float
 ) -> int:
-    """Rows per entry of the rows kernel for these inputs and accumulators, 0 when it is off."""
-    if ROWS_KERNEL is False or (ROWS_KERNEL is None and not q.is_cuda):
+    """Rows per entry of the rows kernel for these inputs and accumulators, 0 when it is off
+    (the setting ``sparse_rows_kernel``)."""
+    rows_kernel = get_settings().sparse_rows_kernel
+    if rows_kernel is False or (rows_kernel is None and not q.is_cuda):
         return 0
     if acc.dtype != torch.float32:
         return 0
@@ -149,7 +147,7 @@ def block_sparse_forward(
             attended) that [`prepare_call`][dilated.core.functional.prepare_call] returns, or None.
         dropout_p: dropout on the probabilities; needs ``dropout_seed``.
         dropout_seed: seed of the first call's dropout mask (call ``i`` uses ``seed + i``).
-        layout_key: the layouts' [`layout_key`][dilated.sparse.functional.layout_key], which
+        layout_key: the layouts' [`layout_key`][dilated.sparse.layouts.layout_key], which
             the flash4 path caches its tables by (else it hashes the tables' bytes).
 
     Returns:
@@ -380,3 +378,9 @@ def _flush(
     idx = torch.tensor(run.kv_index, device=dk.device)
     dk.index_add_(2, idx, dks)
     dv.index_add_(2, idx, dvs)
+
+
+# The switches this module (and tile_plan) had are settings now; the old spellings still work.
+alias_module_switches(
+    __name__, {"ROWS_KERNEL": "sparse_rows_kernel", "HEAD_SLOT": "sparse_head_slot"}
+)

@@ -24,18 +24,19 @@ for callers that merge elsewhere (a sharded op).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from dilated.core.caching import PlanCache
 from dilated.core.sparsity import BranchLayout
 from dilated.kernels import flash4_block_sparse as fa4
 from dilated.kernels._tables import upload
 from dilated.kernels.flash4_block_sparse import BlockLists
 from dilated.kernels.flash4_masks import KEEP_PER_BATCH, KEEP_PER_HEAD, ElementMask
 from dilated.kernels.piece_gather import ADDRESS_FIELDS, ROW_FIELDS, merge_pieces, sum_pieces
+from dilated.kernels.strided_plan import kv_layout
 from dilated.sparse.block_tables import (
     BlockClasses,
     KeptLists,
@@ -171,8 +172,13 @@ def _piece_offsets(
     return table, mask * exists
 
 
-_PREPARED: OrderedDict[tuple[object, ...], _Prepared] = OrderedDict()
-_PREPARED_SIZE = 64
+_PREPARED: PlanCache[tuple[object, ...], _Prepared] = PlanCache(
+    "dilated.sparse.flash4_path.plans",
+    maxsize=64,
+    key="the layout key (or the layouts' bytes), the block size, causality, the kernel's block, "
+    "the batch, sequence, heads and key/value heads, and the strides of q, k and v; per device "
+    "the entry holds its tables and piece offsets",
+)
 
 
 def _prepared(
@@ -193,10 +199,18 @@ def _prepared(
                         for lay in layouts)  # fmt: skip
     key = (content, block_size, causal, fa4.BLOCK, b, n, h, k.shape[2], q.stride(), k.stride(),
            v.stride())  # fmt: skip
-    hit = _PREPARED.get(key)
-    if hit is not None:
-        _PREPARED.move_to_end(key)
-        return hit
+    return _PREPARED.get_or_build(key, lambda: _plan(layouts, block_size, causal, q, k, v))
+
+
+def _plan(
+    layouts: Sequence[BranchLayout],
+    block_size: int,
+    causal: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> _Prepared:
+    b, n, h, _ = q.shape
     runs = [run for run, _ in _run_tables(layouts, n, h, k.shape[2])]
     # Outputs, gradients, the LSE and the key mask are contiguous (batch, seq, ...) tensors.
     strides = [(x.stride(0), x.stride(1), x.stride(2)) for x in (q, k, v)] + [(n, 1, 1)]
@@ -205,10 +219,7 @@ def _prepared(
         block_classes(layouts[branch].blocks, rows, block_size, fa4.BLOCK[0], causal)
         for branch, rows in plan.tables
     )
-    hit = _PREPARED[key] = _Prepared(plan, classes, tuple(layouts), block_size, causal)
-    if len(_PREPARED) > _PREPARED_SIZE:
-        _PREPARED.popitem(last=False)
-    return hit
+    return _Prepared(plan, classes, tuple(layouts), block_size, causal)
 
 
 def _view(x: torch.Tensor, call: Flash4Call, keys: bool) -> torch.Tensor:
@@ -303,14 +314,11 @@ def call_backward(
 
 
 def _kv_group(h: int, hkv: int, layouts: Sequence[BranchLayout]) -> int | None:
-    """The gather's key/value group: 0 without grouped-query attention, the group when every
-    rate divides or is divided by it (each phase reads a strided set of key/value heads), None
-    otherwise (the key/value heads are then repeated once to one per query head)."""
-    g = h // hkv
-    if g == 1:
-        return 0
-    rates = [lay.dilation_rate for lay in layouts]
-    return g if all(g % r == 0 or r % g == 0 for r in rates) else None
+    """The gather's key/value group ([`kv_layout`][dilated.kernels.strided_plan.kv_layout]):
+    0 without grouped-query attention, the group when each phase reads a strided set of
+    key/value heads, None when they are repeated once to one per query head."""
+    layout = kv_layout(h, hkv, [lay.dilation_rate for lay in layouts])
+    return {"mha": 0, "grouped": h // hkv}.get(layout)
 
 
 def _regions(
@@ -348,7 +356,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of block-sparse dilated attention on the flash4 path (arguments and
     result as [`block_sparse_forward`][dilated.sparse.engine.block_sparse_forward]; no
-    dropout). ``layout_key``: the layouts' [`layout_key`][dilated.sparse.functional.layout_key],
+    dropout). ``layout_key``: the layouts' [`layout_key`][dilated.sparse.layouts.layout_key],
     the cache key of their tables (else their bytes are hashed)."""
     b, n, h, d = q.shape
     if _kv_group(h, k.shape[2], layouts) is None:

@@ -6,7 +6,8 @@ the ``(batch, seq, heads, head_dim)`` inputs (nothing is copied): the call's pro
 product of up to four index dimensions (batch, segment, folded phase, stacked tile), of which
 adjacent ones with compatible strides merge into the primitive's batch dimension; another one
 takes the head slot when a call has one head (or when looping over the real heads instead makes
-fewer calls), and any left over is looped. In the forward pass a run's one-row tiles may instead
+fewer calls, unless the setting ``sparse_head_slot`` of
+[`dilated.core.settings`][dilated.core.settings] is off), and any left over is looped. In the forward pass a run's one-row tiles may instead
 be one launch of [`rows_forward_into`][dilated.kernels.block_rows.rows_forward_into]
 ([`_RowsStep`][dilated.sparse.tile_plan._RowsStep]). [`dilated.sparse.engine`][dilated.sparse.engine]
 runs the plans.
@@ -16,17 +17,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from dilated.core.caching import PlanCache
+from dilated.core.settings import get_settings
 from dilated.kernels.block_rows import RowsGeometry, RowsTable
 from dilated.sparse.runs import RunTable, _Run
 from dilated.sparse.tiles import Tile, is_row_tile, plan_tiles
 
-__all__ = ["HEAD_SLOT"]
+__all__: list[str] = []
 
 #: ``(coefficient of the batch stride, of the seq stride, of the head stride)``.
 _Coef = tuple[int, int, int]
@@ -213,11 +215,6 @@ def _geometry(
     )
 
 
-#: Let an index dim (segments, phases, stacked tiles) take the primitive's head slot. With it
-#: off every call keeps its real heads there and loops over the other index dims instead.
-HEAD_SLOT = True
-
-
 @dataclass(frozen=True)
 class _RowsStep:
     """The one-row tiles of a run as one [`rows_forward_into`][dilated.kernels.block_rows.rows_forward_into]
@@ -241,8 +238,12 @@ class _Plan:
     writes_every_row: bool
 
 
-_PLANS: OrderedDict[tuple[object, ...], _Plan] = OrderedDict()
-_PLANS_SIZE = 64
+_PLANS: PlanCache[tuple[object, ...], _Plan] = PlanCache(
+    "dilated.sparse.tile_plan.steps",
+    maxsize=64,
+    key="the rows-kernel entry size, each run and its table's bytes, the block size, causality, "
+    "the batch, every tensor's strides, the key mask's strides and the head-slot setting",
+)
 
 
 def _steps(
@@ -256,6 +257,7 @@ def _steps(
     """The calls of ``runs`` on these tensors' strides, planned once per geometry.
     ``rows_block_m``: compute one-row tiles with the rows kernel, in entries of that many
     rows (0: every tile is a primitive call)."""
+    head_slot = get_settings().sparse_head_slot
     key = (
         rows_block_m,
         tuple((run, table.numpy().tobytes(), table.shape[0]) for run, table in runs),
@@ -264,16 +266,11 @@ def _steps(
         tensors[0].shape[0],
         tuple(t.stride() for t in tensors),
         None if mask is None else mask.stride(),
-        HEAD_SLOT,
+        head_slot,
     )
-    hit = _PLANS.get(key)
-    if hit is None:
-        hit = _PLANS[key] = _plan_steps(runs, block, is_causal, tensors, mask, rows_block_m)
-        if len(_PLANS) > _PLANS_SIZE:
-            _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
-    return hit
+    return _PLANS.get_or_build(
+        key, lambda: _plan_steps(runs, block, is_causal, tensors, mask, rows_block_m, head_slot)
+    )
 
 
 def _plan_steps(
@@ -283,6 +280,7 @@ def _plan_steps(
     tensors: Sequence[torch.Tensor],
     mask: torch.Tensor | None,
     rows_block_m: int,
+    head_slot: bool,
 ) -> _Plan:
     b = tensors[0].shape[0]
     strides = [_strides(t) for t in tensors]
@@ -301,7 +299,7 @@ def _plan_steps(
             if row_tiles and is_row_tile(tile):
                 continue
             call = _call(run, tile, b, block)
-            plan = _problems(call, strides, heads_ok=HEAD_SLOT and mask is None)
+            plan = _problems(call, strides, heads_ok=head_slot and mask is None)
             first = False
             if written is not None:
                 blocks = _tile_blocks(tile)
