@@ -45,12 +45,14 @@ IDS = ["local8", "global16", "dilated8", "local32", "custom8"]
 # (batch, seq, heads, kv_heads, rates): whole segments (batch and segments one dimension), a
 # short last segment (one call per batch row, a call per phase for the short segment), GQA
 # with strided key/value heads, GQA that repeats them (group 3 against rate 2), rates above
-# the head count.
+# the head count, and phases that outnumber their heads (rate 4 of 8 heads: the phases are the
+# heads of the call, one call per head of a phase).
 SHAPES = [
     (2, 256, 4, 4, [1, 2, 4]),
     (2, 200, 4, 2, [1, 2, 4]),
     (1, 230, 6, 2, [1, 2, 8]),
     (1, 170, 4, 1, [1, 4, 8]),
+    (2, 256, 8, 8, [1, 2, 4]),
 ]
 
 
@@ -135,7 +137,7 @@ def test_the_calls_compute_the_judges_pairs(
 
 # Each layout meets every shape: two per causality, rotated.
 JUDGED = [
-    pytest.param(cfg, causal, SHAPES[(i + 2 * extra + causal) % 4], id=f"{name}-{causal}-{extra}")
+    pytest.param(cfg, causal, SHAPES[(i + 2 * extra + causal) % 5], id=f"{name}-{causal}-{extra}")
     for i, (cfg, name) in enumerate(zip(LAYOUTS, IDS))
     for causal in (False, True)
     for extra in (0, 1)

@@ -53,12 +53,14 @@ IDS = ["local128", "global64", "dilated32", "local256", "custom128"]
 
 # (batch, seq, heads, kv_heads, segment lengths, rates): whole segments (batch and segments in
 # one call; rate 2 of 4 heads: a call per phase; rate 4: the phases as heads), a short last
-# segment with GQA, GQA group 4 with a rate above the heads, group 3 (heads repeated).
+# segment with GQA, GQA group 4 with a rate above the heads, group 3 (heads repeated), and
+# rate 4 of 8 heads (the phases as heads, one call per head of a phase).
 SHAPES = [
     (2, 2048, 4, 4, [512, 1024, 2048], [1, 2, 4]),
     (1, 2000, 4, 2, [512, 1024, 2048], [1, 2, 4]),
     (2, 1800, 8, 2, [512, 1024, 2048], [1, 2, 8]),
     (1, 1500, 6, 2, [512, 1024], [1, 2]),
+    (1, 2048, 8, 8, [512, 1024, 2048], [1, 2, 4]),
 ]
 
 
