@@ -3,7 +3,15 @@
 Per sequence length (branches of a preset whose segment fits), per layout and target density
 (~50/25/10 %), forward and forward+backward, bfloat16, batch 1:
 
-- ``sparse``: ``dilated.sparse.block_sparse_dilated_attention`` (tiles of cuDNN calls);
+- ``sparse``: ``dilated.sparse.block_sparse_dilated_attention`` on the path ``"auto"`` picks
+  (``path``: ``flash4``, flash-attn-4's block sparsity, on an SM90 GPU with flash-attn-4;
+  ``tiles``, the cuDNN calls, elsewhere);
+- ``fa4``: flash-attn-4 alone on the pre-gathered sub-problems of each call of the flash4 path,
+  with the same block tables (``sparse_flash4.py``): the baseline of each row, where the flash4
+  path runs; ``fa4 dense`` the same calls without tables, per sequence length and mode;
+- ``tiles``: the op on the tiles path in the same run (where the row's path is ``flash4``);
+- ``first``: one call after the flash4 path's plans and tables are dropped (a new length, the
+  kernels compiled), against the steady call;
 - ``dense``: the dense-layout dilated op, ``dilated.kernels.dilated_attention(backend="cudnn")``,
   timed once per sequence length and mode in the same run;
 - ``flex``: FlexAttention given the same pattern as one block mask over the whole sequence (what
@@ -21,7 +29,8 @@ Per sequence length (branches of a preset whose segment fits), per layout and ta
 ``density`` is the fraction of the dense layout's work that the layout keeps (each branch's
 kept blocks, weighted by the branch's work, causal halves counted), and **sparse efficiency** is
 ``dense time x density / sparse time``: 1 means the kept blocks cost what they cost in the dense
-computation. Times are medians of CUDA-event timings after warm-up; a failing row prints its
+computation; flash-attn-4's own efficiency is ``fa4 dense x density / fa4``, and ``sparse/fa4``
+is the op's time over the kernel's alone. Times are medians of CUDA-event timings after warm-up; a failing row prints its
 error and the run goes on. The rows are also written as JSON (``--out``).
 
     python benchmarks/sparse.py --out sparse.json
@@ -41,12 +50,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import sparse_flash4
 import torch
 
 from dilated.core import PRESETS, SparsePatternConfig
+from dilated.core.settings import set_settings
 from dilated.core.sparsity import BranchLayout, resolve_layouts
 from dilated.kernels import dilated_attention
-from dilated.sparse import block_sparse_dilated_attention, engine
+from dilated.sparse import block_sparse_dilated_attention, paths
 from dilated.sparse.engine import count_calls
 
 LAYOUTS = ("local_window", "global_local", "dilated_sparse", "dense")
@@ -441,6 +452,15 @@ def bench_sequence(
         for layout in args.layouts
         for target, cfg in configs(layout, args.densities, block, ws, rs, seq, causal)
     ]
+    fa4_dense_ms: dict[str, float] = {}
+    for mode in args.modes:
+        fa4_dense_ms[mode] = math.nan
+        if rows_configs:
+            lays = resolve_layouts(rows_configs[0][2], ws, rs)
+            run = sparse_flash4.runner(q, k, v, lays, block, causal, mode == "fwd+bwd", True)
+            if run is not None:
+                fa4_dense_ms[mode] = timer(run, args.warmup, args.repeats)[0]
+        torch.cuda.empty_cache()
     flex: FlexPattern | None = None
     flex_note = "seq > --flex-max-seq"
     flex_layout: tuple[str, float] | None = None
@@ -471,15 +491,33 @@ def bench_sequence(
                 q, k, v, ws, rs, sparse_config=cfg, is_causal=causal, check_finite=False
             )
 
+        path = paths.choose_path(q, k)
         for mode in args.modes:
             grad = mode == "fwd+bwd"
             note = ""
-            sparse_ms = flex_ms = peak = math.nan
+            sparse_ms = flex_ms = peak = fa4_ms = first_ms = math.nan
+            tiles_ms = math.nan
             try:
                 sparse_ms, peak = timer(step(sparse, grad), args.warmup, args.repeats)
+                if path == "flash4":
+                    first_ms = sparse_flash4.first_call_ms(step(sparse, grad))
+                    paths.PATH = "tiles"
+                    try:
+                        tiles_ms = timer(step(sparse, grad), args.warmup, args.repeats)[0]
+                    finally:
+                        paths.PATH = "auto"
+                else:
+                    tiles_ms = sparse_ms
             except Exception as exc:
                 note = f"sparse failed: {type(exc).__name__}: {str(exc)[:120]}"
                 traceback.print_exc(limit=3)
+            torch.cuda.empty_cache()
+            try:
+                run = sparse_flash4.runner(q, k, v, layouts, cfg.block_size, causal, grad, False)
+                if run is not None:
+                    fa4_ms = timer(run, args.warmup, args.repeats)[0]
+            except Exception as exc:
+                note += f" fa4 failed: {type(exc).__name__}: {str(exc)[:120]}"
             torch.cuda.empty_cache()
             if flex is not None:
                 try:
@@ -505,8 +543,17 @@ def bench_sequence(
                     "windows": [lay.window for lay in layouts],
                     "density": dens,
                     "calls": calls,
+                    "path": path,
                     "sparse_ms": sparse_ms,
                     "sparse_peak_gib": peak,
+                    "fa4_ms": fa4_ms,
+                    "fa4_dense_ms": fa4_dense_ms.get(mode, math.nan),
+                    "fa4_efficiency": fa4_dense_ms.get(mode, math.nan) * dens / fa4_ms,
+                    "vs_fa4": sparse_ms / fa4_ms,
+                    "tiles_ms": tiles_ms,
+                    "vs_tiles": tiles_ms / sparse_ms,
+                    "first_ms": first_ms,
+                    "first_vs_steady": first_ms / sparse_ms,
                     "dense_ms": dense_t,
                     "flex_ms": flex_ms,
                     "efficiency": dense_t * dens / sparse_ms,
@@ -538,7 +585,7 @@ def main() -> None:
         "--rows-kernel",
         choices=["auto", "off"],
         default="auto",
-        help="off: every one-row tile as its own primitive call (dilated.sparse.engine.ROWS_KERNEL)",
+        help="off: every one-row tile as its own primitive call (the setting sparse_rows_kernel)",
     )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
@@ -562,7 +609,7 @@ def main() -> None:
         args.densities, args.warmup, args.repeats, args.preset = [0.25], 1, 1, "longnet_1m"
     if args.cpu_smoke_test and not args.no_flex:
         self_check_flex_table()
-    engine.ROWS_KERNEL = None if args.rows_kernel == "auto" else False
+    set_settings(sparse_rows_kernel=None if args.rows_kernel == "auto" else False)
     preset = PRESETS[args.preset]
     h, d, block, causal = args.heads, args.head_dim, args.block_size, args.causal
     rows: list[dict[str, object]] = []
@@ -571,8 +618,11 @@ def main() -> None:
         rows.append(row)
         print(
             f"seq={row['seq']:>8} {row['mode']:>7} {row['layout']:>14} "
-            f"density={row['density']:.3f} sparse={row['sparse_ms']:.2f} ms "
+            f"density={row['density']:.3f} {row['path']} sparse={row['sparse_ms']:.2f} ms "
             f"dense={row['dense_ms']:.2f} ms eff={row['efficiency']:.2f} "
+            f"fa4={row['fa4_ms']:.2f} ms fa4_eff={row['fa4_efficiency']:.2f} "
+            f"sparse/fa4={row['vs_fa4']:.2f} tiles={row['tiles_ms']:.2f} ms "
+            f"first={row['first_ms']:.1f} ms "
             f"flex={row['flex_ms']:.2f} ms flex/sparse={row['vs_flex']:.1f}x "
             f"calls={row['calls']} {row['note']}",
             flush=True,
@@ -595,17 +645,24 @@ def main() -> None:
     print(
         f"\n{device_name()}, torch {torch.__version__}, "
         f"{'bf16' if torch.cuda.is_available() else 'float32'}, batch 1, {h} heads x {d}, preset {args.preset}, {what}, block {block} rows; "
-        "efficiency = dense ms x density / sparse ms; flex/sparse = FlexAttention ms / sparse ms"
+        "efficiency = dense ms x density / sparse ms (dense: the cudnn op); fa4 = flash-attn-4 "
+        "on the pre-gathered sub-problems with the same tables, its efficiency against itself "
+        "without tables; sparse/fa4 = sparse ms / fa4 ms; tiles/sparse = the tiles path's ms / "
+        "sparse ms; first/steady = one call at a new length / the steady call; "
+        "flex/sparse = FlexAttention ms / sparse ms"
     )
     print(
-        "| seq | mode | layout | block | density | sparse ms | dense ms | efficiency | flex ms | flex/sparse |"
+        "| seq | mode | layout | block | density | path | sparse ms | efficiency | fa4 ms | "
+        "fa4 efficiency | sparse/fa4 | tiles/sparse | first/steady | dense ms | flex/sparse |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['seq']:,} | {r['mode']} | {r['layout']} | {r['block_size']} | "
-            f"{r['density']:.2f} | {r['sparse_ms']:.2f} | {r['dense_ms']:.2f} | "
-            f"{r['efficiency']:.2f} | {r['flex_ms']:.2f} | {r['vs_flex']:.1f}x |"
+            f"{r['density']:.2f} | {r['path']} | {r['sparse_ms']:.2f} | {r['efficiency']:.2f} | "
+            f"{r['fa4_ms']:.2f} | {r['fa4_efficiency']:.2f} | {r['vs_fa4']:.2f} | "
+            f"{r['vs_tiles']:.2f} | {r['first_vs_steady']:.2f} | {r['dense_ms']:.2f} | "
+            f"{r['vs_flex']:.1f}x |"
         )
     if args.out:
         with open(args.out, "w") as f:

@@ -27,3 +27,21 @@ def _garbage_in_unfilled_accumulators(monkeypatch: pytest.MonkeyPatch) -> None:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(engine, "_uninitialized", nan_filled)
+
+
+@pytest.fixture
+def emulated_flash4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block-sparse call takes the flash4 path, its flash-attn-4 calls run on the CPU
+    stand-in of ``fa4_emulator`` (the tables, views, regions and merge are the real ones)."""
+    import fa4_emulator
+
+    from dilated.kernels import flash4_block_sparse
+    from dilated.kernels.triton_kernels import interpreting
+    from dilated.sparse import paths
+
+    if not interpreting():
+        pytest.skip("the flash4 path's merge runs on CPU only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(flash4_block_sparse, "forward", fa4_emulator.forward)
+    monkeypatch.setattr(flash4_block_sparse, "backward", fa4_emulator.backward)
+    monkeypatch.setattr(flash4_block_sparse, "unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(paths, "PATH", "flash4")

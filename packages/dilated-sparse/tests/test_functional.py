@@ -284,11 +284,11 @@ def test_non_contiguous_inputs() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_without_the_head_slot(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dilated.sparse import engine
+def test_without_the_head_slot() -> None:
+    from dilated.core.settings import use_settings
 
-    monkeypatch.setattr(engine, "HEAD_SLOT", False)
-    _check(
-        LAYOUTS["local_window"], batch=1, seq=96, heads=2, head_dim=4, segment_lengths=[32, 96],
-        dilation_rates=[1, 4], is_causal=True,
-    )  # fmt: skip
+    with use_settings(sparse_head_slot=False):
+        _check(
+            LAYOUTS["local_window"], batch=1, seq=96, heads=2, head_dim=4,
+            segment_lengths=[32, 96], dilation_rates=[1, 4], is_causal=True,
+        )  # fmt: skip

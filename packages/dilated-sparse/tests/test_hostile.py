@@ -36,7 +36,7 @@ from dilated.sparse import (
     block_sparse_dilated_attention,
     block_sparse_ring_dilated_attention,
 )
-from dilated.sparse import functional as sparse_functional
+from dilated.sparse import layouts as sparse_layouts
 from dilated.sparse.functional import attention_by_key, layout_key, resolve
 
 SEGMENTS, RATES = [8, 16], [1, 2]
@@ -121,8 +121,8 @@ def test_layout_key_holds_the_content() -> None:
     )
     x = make_inputs(1, 16, 4, 8, seed=4)
     want = block_sparse_dilated_attention(x.q, x.k, x.v, SEGMENTS, RATES, sparse_config=CFG)
-    sparse_functional._decode.cache_clear()
-    sparse_functional._resolved.cache_clear()
+    sparse_layouts._decode.cache_clear()
+    sparse_layouts._resolved.cache_clear()
     got = attention_by_key(x.q, x.k, x.v, SEGMENTS, RATES, layout_key=first.key)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     # A layout callable that cannot be hashed (it defines == only) is resolved at every call.

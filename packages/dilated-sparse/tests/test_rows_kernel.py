@@ -9,12 +9,15 @@ segments, and accumulators that the rows kernel writes first or merges into.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import test_functional as functional_tests
 import torch
 from test_functional import LAYOUTS, RATES, SEGMENTS, SHAPES, _check
 
 from dilated.core import SparsePatternConfig
+from dilated.core.settings import use_settings
 from dilated.kernels._capabilities import HAS_TRITON
 from dilated.kernels.backends.triton import interpreting
 from dilated.sparse import engine
@@ -25,9 +28,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def rows_launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def rows_launches(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Force the rows kernel and count its launches (entries per launch)."""
-    monkeypatch.setattr(engine, "ROWS_KERNEL", True)
     launches: list[int] = []
     kernel = engine.rows_forward_into
 
@@ -36,7 +38,8 @@ def rows_launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         kernel(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine, "rows_forward_into", counted)
-    return launches
+    with use_settings(sparse_rows_kernel=True):
+        yield launches
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))

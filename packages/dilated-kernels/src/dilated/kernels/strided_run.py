@@ -17,10 +17,10 @@ import torch
 from dilated.core.packed import sequence_slices
 from dilated.core.reference import call_dropout_seed
 from dilated.kernels._tables import upload
+from dilated.kernels.piece_gather import merge_pieces, sum_pieces
 from dilated.kernels.strided_plan import (
     DenseCall,
     chunks,
-    gather_launches,
     gather_table,
     kv_layout,
     lse_view,
@@ -29,7 +29,6 @@ from dilated.kernels.strided_plan import (
     view,
 )
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
-from dilated.kernels.triton_kernels import interpreter_lock
 
 __all__ = ["StridedCall", "backward", "contiguous", "forward", "readable", "sequences"]
 
@@ -169,8 +168,6 @@ def _forward_rows(
     index: int,
 ) -> int:
     """Write ``out`` and ``lse`` of one sequence; returns the next dropout-seed index."""
-    from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
-
     b, n, h, d = q.shape
     ws, rs = call.ws, call.rs
     rmax = max(min(r, h) for r in rs)
@@ -192,13 +189,7 @@ def _forward_rows(
             ),
             q.device,
         )
-        for opts in gather_launches(ws, rs, rmax, t0, t1, b, h, d):
-            with interpreter_lock():
-                gather_pieces[opts.pop("grid")](
-                    table, out, lse, n=n, B=b, H=h,
-                    sob=out.stride(0), son=out.stride(1), soh=out.stride(2),
-                    slb=lse.stride(0), slh=lse.stride(1), MERGE=True, **opts,
-                )  # fmt: skip
+        merge_pieces(table, out, lse, ws, rs, rmax, rows=(t0, t1))
     return index
 
 
@@ -253,8 +244,6 @@ def _backward_rows(
     index: int,
 ) -> int:
     """Write ``grads`` (dq, dk, dv) of one sequence; returns the next dropout-seed index."""
-    from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
-
     b, n, h, d = q.shape
     ws, rs = call.ws, call.rs
     rmax = max(min(r, h) for r in rs)
@@ -281,14 +270,5 @@ def _backward_rows(
             q.device,
         )
         for which, (grad, table) in enumerate(zip(grads, tables)):
-            heads = grad.shape[2]
-            for opts in gather_launches(
-                ws, rs, rmax, t0, t1, b, heads, d, kv_group=group if which else 0
-            ):
-                with interpreter_lock():
-                    gather_pieces[opts.pop("grid")](
-                        table, grad, grad, n=n, B=b, H=heads,
-                        sob=grad.stride(0), son=grad.stride(1), soh=grad.stride(2),
-                        slb=0, slh=0, MERGE=False, **opts,
-                    )  # fmt: skip
+            sum_pieces(table, grad, ws, rs, rmax, group if which else 0, rows=(t0, t1))
     return index

@@ -28,10 +28,11 @@ Planning reads the table on the CPU and is cached per table, so it costs nothing
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from dilated.core.caching import PlanCache
 
 __all__ = ["Tile", "is_row_tile", "plan_tiles", "tile_mask"]
 
@@ -178,8 +179,12 @@ def _split_nested(tiles: list[Tile]) -> list[Tile]:
     return out
 
 
-_CACHE: OrderedDict[tuple[bytes, int, int, int, bool, bool], tuple[Tile, ...]] = OrderedDict()
-_CACHE_SIZE = 512
+_CACHE: PlanCache[tuple[bytes, int, int, int, bool, bool], tuple[Tile, ...]] = PlanCache(
+    "dilated.sparse.tiles.plan_tiles",
+    maxsize=512,
+    key="the table's used corner (bytes and size), the rows, the block size, causality and "
+    "split_edges",
+)
 
 
 def plan_tiles(
@@ -203,15 +208,7 @@ def plan_tiles(
     nb = -(-length // block)
     part = table[:nb, :nb].contiguous()
     key = (part.numpy().tobytes(), nb, length, block, causal, split_edges)
-    hit = _CACHE.get(key)
-    if hit is None:
-        hit = _plan(part, length, block, causal, split_edges)
-        _CACHE[key] = hit
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    else:
-        _CACHE.move_to_end(key)
-    return hit
+    return _CACHE.get_or_build(key, lambda: _plan(part, length, block, causal, split_edges))
 
 
 def is_row_tile(tile: Tile) -> bool:

@@ -1,0 +1,115 @@
+"""The runs of a branch: the dense sub-problems of [`subproblems`][dilated.core.branches.subproblems]
+grouped so that one strided view covers each.
+
+A run is a set of segments of one branch computed by the same calls: every full segment of a
+phase (the phases folded into one index dimension when every phase has as many heads and there
+is no grouped-query attention: head ``p`` at row offset ``p``, stride ``seq_stride +
+head_stride``), or a short last segment. Both engines of dilated-sparse (the tiles of
+[`dilated.sparse.engine`][dilated.sparse.engine] and the flash-attn-4 block tables of
+[`dilated.sparse.flash4_path`][dilated.sparse.flash4_path]) and the distributed op plan their
+calls per run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dilated.core.branches import SubProblem, subproblems
+from dilated.core.sparsity import BranchLayout
+
+__all__ = ["RunTable"]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Segments of one branch computed by the same tiles.
+
+    Query head ``c`` of folded phase ``p`` is head ``head0 + p + c * rate`` at rows
+    ``phase0 + p + rate * (start + i)``; it reads key/value head ``kv0 + p + (c // kv_group) *
+    kv_step`` (``kv_index`` set: a gathered copy of the key/value heads instead).
+    """
+
+    branch: int
+    rate: int
+    phase0: int
+    phases: int
+    heads: int
+    kv0: int
+    kv_step: int
+    kv_heads: int
+    kv_index: tuple[int, ...] | None
+    start: int
+    count: int
+    length: int
+    # Query rows (and everything shaped like them) are read ``q_shift`` rows earlier: a rank
+    # holding rows ``q_shift ..`` of a segment passes its shard as the queries.
+    q_shift: int = 0
+
+
+def _strided_kv(kv: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """``(first, step, count)`` when query head ``c`` reads ``first + (c // group) * step``."""
+    group = 1
+    while group < len(kv) and kv[group] == kv[0]:
+        group += 1
+    if len(kv) % group:
+        return None
+    count = len(kv) // group
+    step = kv[group] - kv[0] if count > 1 else 1
+    if step <= 0 or any(kv[c] != kv[0] + (c // group) * step for c in range(len(kv))):
+        return None
+    return kv[0], step, count
+
+
+@functools.lru_cache(maxsize=256)
+def _branch_runs(
+    seq: int, heads: int, kv_heads: int, branch: int, w: int, r: int
+) -> tuple[_Run, ...]:
+    sps = subproblems(seq, heads, kv_heads, w, r)
+    full = [sp for sp in sps if sp.start == 0 and sp.length == w // r]
+    fold = (
+        heads == kv_heads
+        and len(full) > 1
+        and len(full) == min(r, heads)
+        and (r >= heads or heads % r == 0)
+    )
+    runs = []
+    if fold:
+        sp = full[0]
+        hp = len(range(heads)[sp.heads])
+        runs.append(_Run(branch, r, 0, len(full), hp, 0, r, hp, None, 0, sp.count, sp.length))
+    for sp in sps:
+        if fold and sp in full:
+            continue
+        runs.append(_single_run(branch, sp))
+    return tuple(runs)
+
+
+def _single_run(branch: int, sp: SubProblem) -> _Run:
+    hp = len(sp.kv_heads)
+    strided = _strided_kv(sp.kv_heads)
+    if strided is None:
+        return _Run(
+            branch, sp.rate, sp.phase, 1, hp, 0, 1, hp, sp.kv_heads, sp.start, sp.count, sp.length
+        )
+    kv0, step, count = strided
+    return _Run(
+        branch, sp.rate, sp.phase, 1, hp, kv0, step, count, None, sp.start, sp.count, sp.length
+    )
+
+
+#: A run and the bool ``(nb, nb)`` block table its tiles come from.
+RunTable = tuple[_Run, torch.Tensor]
+
+
+def _run_tables(
+    layouts: Sequence[BranchLayout], seq: int, heads: int, kv_heads: int
+) -> list[RunTable]:
+    return [
+        (run, lay.blocks)
+        for i, lay in enumerate(layouts)
+        for run in _branch_runs(seq, heads, kv_heads, i, lay.segment_length, lay.dilation_rate)
+    ]
