@@ -54,7 +54,7 @@ import sparse_flash4
 import torch
 
 from dilated.core import PRESETS, SparsePatternConfig
-from dilated.core.settings import set_settings
+from dilated.core.settings import set_settings, use_settings
 from dilated.core.sparsity import BranchLayout, resolve_layouts
 from dilated.kernels import dilated_attention
 from dilated.sparse import block_sparse_dilated_attention, paths
@@ -501,11 +501,8 @@ def bench_sequence(
                 sparse_ms, peak = timer(step(sparse, grad), args.warmup, args.repeats)
                 if path == "flash4":
                     first_ms = sparse_flash4.first_call_ms(step(sparse, grad))
-                    paths.PATH = "tiles"
-                    try:
+                    with use_settings(sparse_flash4=False):
                         tiles_ms = timer(step(sparse, grad), args.warmup, args.repeats)[0]
-                    finally:
-                        paths.PATH = "auto"
                 else:
                     tiles_ms = sparse_ms
             except Exception as exc:

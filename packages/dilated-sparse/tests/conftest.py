@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+from dilated.core.settings import use_settings
 
 settings.register_profile("sparse", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("sparse")
@@ -30,18 +33,18 @@ def _garbage_in_unfilled_accumulators(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def emulated_flash4(monkeypatch: pytest.MonkeyPatch) -> None:
+def emulated_flash4(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every block-sparse call takes the flash4 path, its flash-attn-4 calls run on the CPU
     stand-in of ``fa4_emulator`` (the tables, views, regions and merge are the real ones)."""
     import fa4_emulator
 
     from dilated.kernels import flash4_block_sparse
     from dilated.kernels.triton_kernels import interpreting
-    from dilated.sparse import paths
 
     if not interpreting():
         pytest.skip("the flash4 path's merge runs on CPU only under TRITON_INTERPRET=1")
     monkeypatch.setattr(flash4_block_sparse, "forward", fa4_emulator.forward)
     monkeypatch.setattr(flash4_block_sparse, "backward", fa4_emulator.backward)
     monkeypatch.setattr(flash4_block_sparse, "unsupported_reason", lambda *a, **k: None)
-    monkeypatch.setattr(paths, "PATH", "flash4")
+    with use_settings(sparse_flash4=True):
+        yield

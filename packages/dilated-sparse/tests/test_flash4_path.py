@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dilated.core import SparsePatternConfig
+from dilated.core.settings import use_settings
 from dilated.core.sparsity import resolve_layouts
 from dilated.core.testing import (
     check_on_random_inputs,
@@ -193,18 +194,18 @@ def test_a_key_holds_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_path_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     x = make_inputs(1, 64, 2, 8)
-    # No flash-attn-4 here (or a CPU tensor): the tiles path, whatever PATH says but "flash4".
+    # No flash-attn-4 here (or a CPU tensor): the tiles path, unless flash4 is forced.
     assert paths.flash4_reason(x.q, x.k) is not None
     assert paths.choose_path(x.q, x.k) == "tiles"
-    monkeypatch.setattr(paths, "PATH", "tiles")
-    assert paths.choose_path(x.q, x.k) == "tiles"
-    monkeypatch.setattr(paths, "PATH", "flash4")
-    with pytest.raises(ValueError, match=r"PATH='flash4' cannot run this call: .*'auto'"):
+    with use_settings(sparse_flash4=False):
+        assert paths.choose_path(x.q, x.k) == "tiles"
+    with (
+        use_settings(sparse_flash4=True),
+        pytest.raises(
+            ValueError, match=r"sparse_flash4=True cannot run this call on flash-attn-4: .*None"
+        ),
+    ):
         paths.choose_path(x.q, x.k)
-    monkeypatch.setattr(paths, "PATH", "fast")
-    with pytest.raises(ValueError, match=r"PATH must be one of \('auto', 'flash4', 'tiles'\)"):
-        paths.choose_path(x.q, x.k)
-    monkeypatch.setattr(paths, "PATH", "auto")
     monkeypatch.setattr(flash4_block_sparse, "unsupported_reason", lambda *a, **k: None)
     assert paths.choose_path(x.q, x.k) == "flash4"
     empty = x.q[:, :0]

@@ -2,7 +2,7 @@
 
 Skipped without CUDA, without flash-attn-4 or on a GPU the path does not take (it is built for
 SM90: run on an H100/H200 with ``uv run pytest -q packages/dilated-sparse/tests -m gpu``).
-``PATH = "flash4"`` for every test, so a call that fell back to the tiles path would raise
+the setting ``sparse_flash4=True`` for every test, so a call that fell back to the tiles path would raise
 instead of passing unnoticed. Tolerance: [`tolerance`][dilated.core.testing.tolerance] of the
 dtype (2e-2 relative to the largest reference entry for float16/bfloat16), output, LSE and
 gradients.
@@ -11,11 +11,13 @@ gradients.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from dilated.core import SparsePatternConfig
+from dilated.core.settings import use_settings
 from dilated.core.testing import (
     assert_close_to_reference,
     check_on_random_inputs,
@@ -31,12 +33,13 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def _flash4_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def _flash4_only() -> Iterator[None]:
     x = make_inputs(1, 256, 2, 64, dtype=torch.bfloat16, device="cuda")
     reason = paths.flash4_reason(x.q, x.k)
     if reason is not None:
         pytest.skip(f"the flash4 path does not run here: {reason}")
-    monkeypatch.setattr(paths, "PATH", "flash4")
+    with use_settings(sparse_flash4=True):
+        yield
 
 
 LAYOUTS = [
@@ -132,10 +135,10 @@ def test_flash4_equals_the_tiles_at_size(monkeypatch: pytest.MonkeyPatch, causal
     grad = torch.randn(x.q.shape, device="cuda", dtype=torch.bfloat16)
     results = {}
     for path in ("flash4", "tiles"):
-        monkeypatch.setattr(paths, "PATH", path)
-        out, lse = block_sparse_dilated_attention(
-            x.q, x.k, x.v, ws, rs, sparse_config=cfg, is_causal=causal, return_lse=True
-        )
+        with use_settings(sparse_flash4=path == "flash4"):
+            out, lse = block_sparse_dilated_attention(
+                x.q, x.k, x.v, ws, rs, sparse_config=cfg, is_causal=causal, return_lse=True
+            )
         results[path] = (out, lse, *torch.autograd.grad(out, (x.q, x.k, x.v), grad))
     for name, got, want in zip(
         ("out", "lse", "dq", "dk", "dv"), results["flash4"], results["tiles"]

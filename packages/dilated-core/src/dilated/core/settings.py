@@ -56,7 +56,7 @@ __all__ = [
 ENV_PREFIX = "DILATED_"
 
 #: The fields that take None ("auto": the package decides per call).
-_AUTO_FIELDS = ("fused_merge", "fused_accumulate", "sparse_rows_kernel")
+_AUTO_FIELDS = ("fused_merge", "fused_accumulate", "sparse_rows_kernel", "sparse_flash4")
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ class Settings:
             tiles) take the primitive's head slot, making fewer calls; False keeps every
             call's real heads there and loops over the other dimensions (default True).
             ``DILATED_SPARSE_HEAD_SLOT``.
+        sparse_flash4: dilated-sparse's path (see [`dilated.sparse.paths`][dilated.sparse.paths]):
+            None (default) flash-attn-4's block sparsity wherever it runs the call, else the
+            tiles path; True flash-attn-4 always (a call it cannot run raises ``ValueError``
+            saying why); False the tiles path always. ``DILATED_SPARSE_FLASH4``.
 
     Raises:
         ArgumentTypeError: a field that is not a bool (or None where None is allowed).
@@ -91,6 +95,7 @@ class Settings:
     fused_accumulate: bool | None = None
     sparse_rows_kernel: bool | None = None
     sparse_head_slot: bool = True
+    sparse_flash4: bool | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -23,7 +23,7 @@ stack whose windows overlap with [`add_windows`][dilated.kernels.accumulate.add_
 This is the ``"tiles"`` path. [`block_sparse_forward`][dilated.sparse.engine.block_sparse_forward]
 and [`block_sparse_backward`][dilated.sparse.engine.block_sparse_backward] choose between it and
 the ``"flash4"`` path ([`dilated.sparse.flash4_path`][dilated.sparse.flash4_path]: one
-flash-attn-4 call per run over its block tables) by [`PATH`][dilated.sparse.engine.PATH].
+flash-attn-4 call per run over its block tables) by the setting ``sparse_flash4`` ([`dilated.sparse.paths`][dilated.sparse.paths]).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 | ``"tiles"`` ([`dilated.sparse.engine`][dilated.sparse.engine]) | the layout's dense rectangles as calls of cuDNN (or the reference engine), merged call by call | everything else (CPU, float32/float64, dropout, other GPUs, larger ``head_dim``) |
 
 Both compute the same function (the judge of [`dilated.core.testing`][dilated.core.testing]
-checks each). [`PATH`][dilated.sparse.paths.PATH] overrides the choice for the process.
+checks each). The setting ``sparse_flash4`` of [`dilated.core.settings`][dilated.core.settings]
+(``DILATED_SPARSE_FLASH4``, or ``use_settings(sparse_flash4=...)``) overrides the choice.
 """
 
 from __future__ import annotations
@@ -16,19 +17,14 @@ import warnings
 
 import torch
 
+from dilated.core.settings import get_settings
 from dilated.kernels import flash4_block_sparse as fa4
 from dilated.kernels._capabilities import HAS_FLASH_ATTN_4
 
-__all__ = ["PATH", "PATHS", "choose_path", "flash4_reason"]
+__all__ = ["PATHS", "choose_path", "flash4_reason"]
 
-#: Every value [`PATH`][dilated.sparse.paths.PATH] takes.
-PATHS = ("auto", "flash4", "tiles")
-
-#: The path of every block-sparse call of this process: ``"auto"`` (default: ``"flash4"``
-#: wherever it runs the call, else ``"tiles"``, with a warning once per reason when
-#: flash-attn-4 is installed and the call is on CUDA), ``"flash4"`` (a call it cannot run
-#: raises ``ValueError`` saying why) or ``"tiles"``.
-PATH = "auto"
+#: The two paths.
+PATHS = ("flash4", "tiles")
 
 _warned: set[str] = set()
 
@@ -42,24 +38,24 @@ def flash4_reason(q: torch.Tensor, k: torch.Tensor, *, dropout_p: float = 0.0) -
 
 
 def choose_path(q: torch.Tensor, k: torch.Tensor, *, dropout_p: float = 0.0) -> str:
-    """``"flash4"`` or ``"tiles"``: the path a call on ``q``/``k`` takes under
-    [`PATH`][dilated.sparse.paths.PATH].
+    """``"flash4"`` or ``"tiles"``: the path a call on ``q``/``k`` takes under the setting
+    ``sparse_flash4`` (None: ``"flash4"`` wherever it runs the call, else ``"tiles"``, with a
+    warning once per reason when flash-attn-4 is installed and the call is on CUDA).
 
     Raises:
-        ValueError: ``PATH`` is not one of [`PATHS`][dilated.sparse.paths.PATHS], or it is
-            ``"flash4"`` and the flash4 path cannot run the call (the message says why).
+        ValueError: ``sparse_flash4`` is True and the flash4 path cannot run the call (the
+            message says why).
     """
-    if PATH not in PATHS:
-        raise ValueError(f"dilated.sparse.paths.PATH must be one of {PATHS}, got {PATH!r}")
-    if PATH == "tiles":
+    wanted = get_settings().sparse_flash4
+    if wanted is False:
         return "tiles"
     reason = flash4_reason(q, k, dropout_p=dropout_p)
     if reason is None:
         return "flash4"
-    if PATH == "flash4":
+    if wanted:
         raise ValueError(
-            f"dilated.sparse.paths.PATH='flash4' cannot run this call: {reason}; "
-            "set PATH='auto' to use the tiles path"
+            f"the setting sparse_flash4=True cannot run this call on flash-attn-4: {reason}; "
+            "leave it None (auto) to use the tiles path"
         )
     if HAS_FLASH_ATTN_4 and q.is_cuda and reason not in _warned:
         _warned.add(reason)
