@@ -37,8 +37,8 @@ class ElementMask:
         causal: ``j <= i``.
         layout_block: > 0: ``table[i // layout_block, j // layout_block]`` is nonzero (a layout
             whose blocks do not align with the kernel's); 0: not checked.
-        keep: 0: no key mask; [`KEEP_PER_BATCH`][dilated.kernels.flash4_masks.KEEP_PER_BATCH]:
-            ``keep[b, j]``; [`KEEP_PER_HEAD`][dilated.kernels.flash4_masks.KEEP_PER_HEAD]:
+        keep: 0: no key mask; ``KEEP_PER_BATCH``:
+            ``keep[b, j]``; ``KEEP_PER_HEAD``:
             ``keep[b, h, j]`` (calls whose heads are phases at different rows).
     """
 

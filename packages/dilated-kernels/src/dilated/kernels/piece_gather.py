@@ -19,7 +19,7 @@ is a table of int64 rows ``(branch, phase, batch, partial, field)``:
 The strided backend ([`dilated.kernels.strided_run`][dilated.kernels.strided_run]) builds such
 a table per call; dilated-sparse's flash-attn-4 path caches
 one per geometry as offsets from one workspace and adds its address
-([`ADDRESS_FIELDS`][dilated.kernels.piece_gather.ADDRESS_FIELDS]) on the device.
+(``ADDRESS_FIELDS``) on the device.
 """
 
 from __future__ import annotations

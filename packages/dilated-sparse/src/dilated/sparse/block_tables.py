@@ -3,7 +3,7 @@
 A run's sub-problem has ``length`` rows; its layout says that row ``i`` may attend row ``j``
 when ``table[i // B, j // B]`` (``B`` the layout's block size), and causality adds ``j <= i``.
 flash-attn-4 cuts the same rows into its own blocks (``F = 128`` rows on SM90,
-[`BLOCK`][dilated.kernels.flash4_block_sparse.BLOCK]), and each kernel block pair is
+``BLOCK``), and each kernel block pair is
 
 - *full* (2): every pair inside the sequence is allowed: it runs without a mask;
 - *partial* (1): some are: the call's ``mask_mod`` decides each pair (the causal diagonal; a

@@ -9,7 +9,7 @@ takes the head slot when a call has one head (or when looping over the real head
 fewer calls, unless the setting ``sparse_head_slot`` of
 [`dilated.core.settings`][dilated.core.settings] is off), and any left over is looped. In the forward pass a run's one-row tiles may instead
 be one launch of [`rows_forward_into`][dilated.kernels.block_rows.rows_forward_into]
-([`_RowsStep`][dilated.sparse.tile_plan._RowsStep]). [`dilated.sparse.engine`][dilated.sparse.engine]
+(``_RowsStep``). [`dilated.sparse.engine`][dilated.sparse.engine]
 runs the plans.
 """
 
