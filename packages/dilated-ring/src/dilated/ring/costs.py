@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from dilated.core.reference import compute_dtype
+from dilated.ring.schedules import SCHEDULES
 from dilated.ring.sharding import chunk_length
 
 __all__ = ["CommCost", "comm_cost", "group_size", "kv_heads_read"]
@@ -94,8 +95,8 @@ def comm_cost(
 
     The backward bytes assume that q, k and v all require gradients.
     """
-    if strategy not in ("ring", "allgather", "ulysses"):
-        raise ValueError(f"strategy must be 'ring', 'allgather' or 'ulysses', got {strategy!r}")
+    if strategy != "ulysses" and strategy not in SCHEDULES:
+        raise ValueError(f"strategy must be one of {(*SCHEDULES, 'ulysses')}, got {strategy!r}")
     hkv = heads if kv_heads is None else kv_heads
     e = torch.empty(0, dtype=dtype).element_size()
     e_c = torch.empty(0, dtype=compute_dtype(dtype)).element_size()
@@ -106,11 +107,14 @@ def comm_cost(
         per_pass = batch * s * head_dim * (world_size - 1) * (2 * heads + 2 * hkv_sent)
         per_pass = per_pass // world_size * e
         return CommCost(forward_bytes=per_pass + mask_bytes, backward_bytes=per_pass)
+    schedule = SCHEDULES[strategy]
     fwd, bwd = mask_bytes, 0
     for w, r in zip(segment_lengths, dilation_rates):
         g = group_size(seq, world_size, w, load_balance)
+        if g == 1:
+            continue
         elements = 2 * batch * (s // r) * kv_heads_read(heads, hkv, r) * head_dim
-        fwd += (g - 1) * elements * e
-        grad_hops = (g if g > 1 else 0) if strategy == "ring" else g - 1
-        bwd += (g - 1) * elements * e + grad_hops * elements * e_c
+        blocks = schedule.forward_sends(g)
+        fwd += blocks * elements * e
+        bwd += blocks * elements * e + schedule.gradient_sends(g) * elements * e_c
     return CommCost(forward_bytes=fwd, backward_bytes=bwd)

@@ -12,13 +12,14 @@ import torch.distributed as dist
 from dilated.ring.comm import group_key, make_comm
 from dilated.ring.loopback import LoopbackGroup
 from dilated.ring.op import ring_attention
+from dilated.ring.schedules import SCHEDULES
 from dilated.ring.sharding import chunk_length
 from dilated.ring.ulysses import check_ulysses_heads, ulysses_attention
 from dilated.ring.validation import CheckedCall, check_branch_layout, check_call
 
 __all__ = ["as_process_group", "group_rank_and_size", "ring_dilated_attention"]
 
-_STRATEGIES = ("ring", "allgather", "ulysses")
+_STRATEGIES = (*SCHEDULES, "ulysses")
 
 
 def as_process_group(group: object) -> Any:

@@ -2,26 +2,21 @@
 
 A branch whose segments lie inside a shard (``w`` divides the shard length ``S``) is *local*:
 the single-process engine on the shard, no transfer. A branch whose segment spans ranks
-(``S`` divides ``w``, or the whole sequence for ``w >= seq``) is *spanning*: a rank's queries of
-it are whole blocks ``[a0, a0 + S / (r B))`` of one segment (``S`` a multiple of ``r B``), the
-layout says which key blocks they need, and each rank receives exactly those rows of K/V (the
-phase's rows of the key/value heads the phase's query heads read) from their owners, in one
-[`exchange_many`][dilated.ring.transport.Transport.exchange_many] per branch. Blocks outside the
-layout are neither sent nor computed. Every rank derives every other rank's needs from the
-layout, so no metadata travels. The tiles of the rank's rows then run against the gathered keys
-([`forward_into`][dilated.sparse.engine.forward_into], the queries shifted to the shard), and in
-the backward pass the key/value gradients of the received rows go back to their owners (float32).
+(``S`` divides ``w``, or the whole sequence for ``w >= seq``) is *spanning*: dilated-ring's
+all-gather schedule ([`run_forward`][dilated.ring.schedule.run_forward] and
+[`run_backward`][dilated.ring.schedule.run_backward]) with the block-sparse block body
+([`BlockSparseBody`][dilated.sparse.block_body.BlockSparseBody]): each rank receives exactly
+the rows of K/V its query tiles read, in one exchange per branch, and in the backward pass the
+key/value gradients of those rows go back to their owners (float32). Blocks outside the layout
+are neither sent nor computed. The forward pass keeps the received rows for the backward pass,
+which sends only gradients.
 
 [`comm_bytes`][dilated.sparse.distributed.comm_bytes] is the cost model of those transfers; the
 tests compare it with the bytes the transport counts.
-
-The gathered keys are held in a buffer of one segment (``min(w, seq)`` rows), as LongNet's
-all-gather holds them; only the needed rows are filled.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,12 +28,20 @@ from dilated.core.branches import compute_dtype
 from dilated.core.config import SparsePatternConfig
 from dilated.core.reference import derive_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout
-from dilated.ring.comm import Transport, gather_key_padding_mask, make_comm
+from dilated.ring.comm import gather_key_padding_mask, make_comm
 from dilated.ring.functional import as_process_group, group_rank_and_size
+from dilated.ring.schedule import Kept, run_backward, run_forward
+from dilated.ring.schedules import get_schedule
 from dilated.ring.validation import CheckedCall, check_call
+from dilated.sparse.block_body import (
+    BlockSparseBody,
+    Shards,
+    SparseBackwardRows,
+    SparseForwardRows,
+    needed_rows,
+    transfer_elements,
+)
 from dilated.sparse.engine import (
-    RunTable,
-    _branch_runs,
     _run_tables,
     backward_into,
     forward_into,
@@ -48,18 +51,8 @@ from dilated.sparse.functional import ResolvedLayouts, resolve, sparse_op
 
 __all__ = ["block_sparse_ring_dilated_attention", "check_sharding", "comm_bytes"]
 
-
-@dataclass(frozen=True)
-class _Shards:
-    """The sharding of one call: ``world`` contiguous shards of ``shard`` positions each."""
-
-    seq: int
-    shard: int
-    world: int
-    heads: int
-    kv_heads: int
-    block: int
-    causal: bool
+#: The blocks of a sparse body differ per reader: each goes straight to it.
+_SCHEDULE = get_schedule("allgather")
 
 
 def check_sharding(
@@ -90,100 +83,6 @@ def check_sharding(
     return spanning
 
 
-def _segment(sh: _Shards, w: int, rank: int) -> tuple[int, int]:
-    """``(first position, length)`` of the segment of branch ``w`` holding ``rank``'s shard."""
-    length = min(w, sh.seq)
-    return (rank * sh.shard) // length * length, length
-
-
-def _query_table(sh: _Shards, lay: BranchLayout, rank: int) -> tuple[torch.Tensor, int]:
-    """The branch's table with only ``rank``'s query blocks kept, and its first block."""
-    start, _ = _segment(sh, lay.segment_length, rank)
-    r = lay.dilation_rate
-    a0 = (rank * sh.shard - start) // r // sh.block
-    count = sh.shard // r // sh.block
-    table = torch.zeros_like(lay.blocks)
-    table[a0 : a0 + count] = lay.blocks[a0 : a0 + count]
-    if sh.causal:
-        table &= torch.ones_like(table).tril()
-    return table, a0
-
-
-def _phase_kv_heads(sh: _Shards, r: int, p: int) -> tuple[int, ...]:
-    group = sh.heads // sh.kv_heads
-    return tuple(sorted({j // group for j in range(p, sh.heads, r)}))
-
-
-#: Rows one rank sends another for one branch: per phase, global positions and key/value heads.
-_Transfer = tuple[tuple[torch.Tensor, tuple[int, ...]], ...]
-
-
-def _transfer(sh: _Shards, lay: BranchLayout, dst: int, src: int) -> _Transfer:
-    """The rows of ``src``'s shard that ``dst``'s queries need in a spanning branch."""
-    start, length = _segment(sh, lay.segment_length, dst)
-    r, b = lay.dilation_rate, sh.block
-    table, _ = _query_table(sh, lay, dst)
-    rows_of_segment = length // r
-    needed = [
-        blk for blk in torch.nonzero(table.any(0)).flatten().tolist() if blk * b < rows_of_segment
-    ]
-    parts = []
-    for p in range(min(r, sh.heads)):
-        mine = [blk for blk in needed if (start + blk * b * r) // sh.shard == src]
-        if not mine:
-            continue
-        rows = torch.cat(
-            [torch.arange(blk * b, min((blk + 1) * b, rows_of_segment)) for blk in mine]
-        )
-        parts.append((start + p + rows * r, _phase_kv_heads(sh, r, p)))
-    return tuple(parts)
-
-
-def _rows(transfer: _Transfer) -> int:
-    """Key/value rows times heads of a transfer (multiply by batch, head_dim, 2 for k and v)."""
-    return sum(len(pos) * len(heads) for pos, heads in transfer)
-
-
-def _pack(x: torch.Tensor, y: torch.Tensor, transfer: _Transfer, offset: int) -> torch.Tensor:
-    """``(batch, F)``: the transfer's rows of ``x`` then of ``y`` (positions minus ``offset``)."""
-    parts = []
-    for t in (x, y):
-        for pos, heads in transfer:
-            rows = t.index_select(1, (pos - offset).to(t.device))
-            parts.append(rows.index_select(2, torch.tensor(heads, device=t.device)).flatten(1))
-    return torch.cat(parts, dim=1)
-
-
-def _unpack(
-    flat: torch.Tensor,
-    transfer: _Transfer,
-    targets: tuple[torch.Tensor, torch.Tensor],
-    offset: int,
-    add: bool,
-) -> None:
-    """Write (or add) a packed block into the rows ``pos - offset`` of the two targets."""
-    b, d = flat.shape[0], targets[0].shape[-1]
-    at = 0
-    for t in targets:
-        for pos, heads in transfer:
-            n = len(pos) * len(heads) * d
-            part = flat[:, at : at + n].reshape(b, len(pos), len(heads), d).to(t.dtype)
-            at += n
-            rows = (pos - offset).to(t.device)[:, None]
-            cols = torch.tensor(heads, device=t.device)[None, :]
-            if add:
-                t[:, rows, cols] += part
-            else:
-                t[:, rows, cols] = part
-
-
-def _spanning_runs(sh: _Shards, i: int, lay: BranchLayout, rank: int) -> list[RunTable]:
-    _, length = _segment(sh, lay.segment_length, rank)
-    table, a0 = _query_table(sh, lay, rank)
-    runs = _branch_runs(length, sh.heads, sh.kv_heads, i, length, lay.dilation_rate)
-    return [(dataclasses.replace(run, q_shift=a0 * sh.block), table) for run in runs]
-
-
 def comm_bytes(
     layouts: Sequence[BranchLayout],
     block_size: int,
@@ -202,7 +101,7 @@ def comm_bytes(
     """Bytes ``rank`` sends in one call: ``"forward"`` (key/value rows in ``dtype``, and with a
     ``key_padding_mask`` its shard, one byte a token, to every peer when a branch spans ranks)
     and ``"backward"`` (the rows' gradients back to their owners, float32, float64 for float64)."""
-    sh = _Shards(shard * world_size, shard, world_size, heads, kv_heads, block_size, is_causal)
+    sh = Shards(shard * world_size, shard, world_size, heads, kv_heads, block_size, is_causal)
     spanning = check_sharding(layouts, shard, world_size, block_size)
     work = torch.empty(0, dtype=compute_dtype(dtype)).element_size()
     size = torch.empty(0, dtype=dtype).element_size()
@@ -212,75 +111,28 @@ def comm_bytes(
             continue
         for peer in range(world_size):
             if peer != rank:
-                fwd += 2 * batch * head_dim * size * _rows(_transfer(sh, lay, peer, rank))
-                bwd += 2 * batch * head_dim * work * _rows(_transfer(sh, lay, rank, peer))
+                fwd += (
+                    2
+                    * batch
+                    * head_dim
+                    * size
+                    * transfer_elements(needed_rows(sh, lay, peer, rank))
+                )
+                bwd += (
+                    2
+                    * batch
+                    * head_dim
+                    * work
+                    * transfer_elements(needed_rows(sh, lay, rank, peer))
+                )
     if key_padding_mask and world_size > 1 and any(spanning):
         fwd += (world_size - 1) * batch * shard
     return {"forward": fwd, "backward": bwd}
 
 
-def _gather(
-    sh: _Shards, lay: BranchLayout, k: torch.Tensor, v: torch.Tensor, comm: Transport
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One segment's key/value buffers with the rows this rank's queries need filled in."""
-    rank = comm.rank
-    start, length = _segment(sh, lay.segment_length, rank)
-    b, _, hkv, d = k.shape
-    offsets = {src: src * sh.shard for src in range(sh.world)}
-    sends = []
-    for dst in range(sh.world):
-        tr = _transfer(sh, lay, dst, rank)
-        if dst != rank and tr:
-            sends.append((_pack(k, v, tr, offsets[rank]), comm.peer(dst)))
-    sources = [(src, _transfer(sh, lay, rank, src)) for src in range(sh.world) if src != rank]
-    sources = [(src, tr) for src, tr in sources if tr]
-    recvs = [((b, 2 * _rows(tr) * d), k.dtype, comm.peer(src)) for src, tr in sources]
-    received = comm.exchange_many(sends, recvs)
-    kbuf = k.new_zeros(b, length, hkv, d)
-    vbuf = v.new_zeros(b, length, hkv, d)
-    own = _transfer(sh, lay, rank, rank)
-    if own:
-        _unpack(_pack(k, v, own, offsets[rank]), own, (kbuf, vbuf), start, add=False)
-    for (_, tr), flat in zip(sources, received):
-        _unpack(flat, tr, (kbuf, vbuf), start, add=False)
-        comm.release(flat)
-    return kbuf, vbuf
-
-
-def _return_grads(
-    sh: _Shards,
-    lay: BranchLayout,
-    dkbuf: torch.Tensor,
-    dvbuf: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    comm: Transport,
-) -> None:
-    """Send the gradients of the gathered rows to their owners; add those of this rank's rows."""
-    rank = comm.rank
-    start, _ = _segment(sh, lay.segment_length, rank)
-    b, d = dk.shape[0], dk.shape[-1]
-    here = rank * sh.shard
-    sends = []
-    for src in range(sh.world):
-        tr = _transfer(sh, lay, rank, src)
-        if src != rank and tr:
-            sends.append((_pack(dkbuf, dvbuf, tr, start), comm.peer(src)))
-    users = [(dst, _transfer(sh, lay, dst, rank)) for dst in range(sh.world) if dst != rank]
-    users = [(dst, tr) for dst, tr in users if tr]
-    recvs = [((b, 2 * _rows(tr) * d), dkbuf.dtype, comm.peer(dst)) for dst, tr in users]
-    received = comm.exchange_many(sends, recvs)
-    own = _transfer(sh, lay, rank, rank)
-    if own:
-        _unpack(_pack(dkbuf, dvbuf, own, start), own, (dk, dv), here, add=True)
-    for (_, tr), flat in zip(users, received):
-        _unpack(flat, tr, (dk, dv), here, add=True)
-        comm.release(flat)
-
-
 @dataclass(frozen=True)
 class _ShardedCall:
-    sh: _Shards
+    sh: Shards
     layouts: tuple[BranchLayout, ...]
     spanning: tuple[bool, ...]
     scale: float
@@ -301,15 +153,20 @@ class _ShardedCall:
             "dropout_seed": seed,
         }
 
+    def spanning_options(
+        self, branch: int, rank: int, whole_mask: torch.Tensor | None
+    ) -> dict[str, Any]:
+        """``options`` of a spanning branch, with the key padding mask of its segment buffer."""
+        mask = None
+        if whole_mask is not None:
+            length = min(self.layouts[branch].segment_length, self.sh.seq)
+            start = (rank * self.sh.shard) // length * length
+            mask = whole_mask[:, start : start + length]
+        return self.options(branch, mask)
 
-def _segment_mask(
-    sh: _Shards, lay: BranchLayout, rank: int, whole: torch.Tensor | None
-) -> torch.Tensor | None:
-    """The ``(batch, segment)`` key padding mask of the gathered keys' buffer."""
-    if whole is None:
-        return None
-    start, length = _segment(sh, lay.segment_length, rank)
-    return whole[:, start : start + length]
+    def local_runs(self, q: torch.Tensor, k: torch.Tensor) -> list[Any]:
+        local = [lay for lay, spans in zip(self.layouts, self.spanning) if not spans]
+        return _run_tables(local, q.shape[1], q.shape[2], k.shape[2])
 
 
 class _ShardedBlockSparse(torch.autograd.Function):
@@ -325,24 +182,23 @@ class _ShardedBlockSparse(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sh = call.sh
         comm = make_comm(call.group, call.timeout_s)
-        _, n, h, _ = q.shape
         # forward_into(empty=True) fills only what the local branches do not write first.
         acc, acc_lse = uninitialized_accumulators(q)
-        local = [lay for lay, spans in zip(call.layouts, call.spanning) if not spans]
-        runs = _run_tables(local, n, h, k.shape[2])
         options = call.options(None, mask)
-        forward_into(runs, sh.block, q, k, v, acc, acc_lse, empty=True, **options)
-        gathered = []
+        forward_into(call.local_runs(q, k), sh.block, q, k, v, acc, acc_lse, empty=True, **options)
+        rows = SparseForwardRows(q, acc, acc_lse)
+        kept: list[Kept] = []
         for i, (lay, spans) in enumerate(zip(call.layouts, call.spanning)):
             if spans:
-                kbuf, vbuf = _gather(sh, lay, k, v, comm)
-                runs = _spanning_runs(sh, i, lay, comm.rank)
-                options = call.options(i, _segment_mask(sh, lay, comm.rank, whole_mask))
-                forward_into(runs, sh.block, q, kbuf, vbuf, acc, acc_lse, **options)
-                gathered += [kbuf, vbuf]
+                options = call.spanning_options(i, comm.rank, whole_mask)
+                body = BlockSparseBody(sh, i, lay, comm.rank, k, v, rows, options)
+                kept.append({})
+                run_forward(_SCHEDULE, body, comm, kept[-1])
         out = acc.to(q.dtype)
         lse = acc_lse[..., 0].transpose(1, 2).contiguous()
-        ctx.save_for_backward(q, k, v, out, lse, *gathered)
+        # The received rows are kept for the backward pass, which then sends only gradients.
+        ctx.sources = [list(blocks) for blocks in kept]
+        ctx.save_for_backward(q, k, v, out, lse, *(t for b in kept for t in b.values()))
         ctx.call = call
         ctx.masks = (mask, whole_mask)
         ctx.mark_non_differentiable(lse)
@@ -350,34 +206,30 @@ class _ShardedBlockSparse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor | None, _grad_lse: Any) -> tuple[Any, ...]:
-        q, k, v, out, lse, *gathered = ctx.saved_tensors
+        q, k, v, out, lse, *received = ctx.saved_tensors
         call: _ShardedCall = ctx.call
         mask, whole_mask = ctx.masks
         sh = call.sh
         comm = make_comm(call.group, call.timeout_s)
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        grad_out = grad_out.contiguous()
         work = compute_dtype(q.dtype)
         lse4 = lse.transpose(1, 2).unsqueeze(-1).contiguous()
         dq, dk, dv = (torch.zeros(x.shape, dtype=work, device=q.device) for x in (q, k, v))
-        local = [lay for lay, spans in zip(call.layouts, call.spanning) if not spans]
-        if local:
-            runs = _run_tables(local, q.shape[1], q.shape[2], k.shape[2])
+        runs = call.local_runs(q, k)
+        if runs:
             options = call.options(None, mask)
             backward_into(runs, sh.block, grad_out, q, k, v, out, lse4, dq, dk, dv, **options)
-        bufs = iter(gathered)
+        rows = SparseBackwardRows(q, grad_out, out, lse4, dq, dk, dv)
+        blocks = iter(received)
+        sources = iter(ctx.sources)
         for i, (lay, spans) in enumerate(zip(call.layouts, call.spanning)):
             if spans:
-                kbuf, vbuf = next(bufs), next(bufs)
-                dkbuf = torch.zeros(kbuf.shape, dtype=work, device=q.device)
-                dvbuf = torch.zeros(vbuf.shape, dtype=work, device=q.device)
-                runs = _spanning_runs(sh, i, lay, comm.rank)
-                options = call.options(i, _segment_mask(sh, lay, comm.rank, whole_mask))
-                backward_into(
-                    runs, sh.block, grad_out, q, kbuf, vbuf, out, lse4, dq, dkbuf, dvbuf,
-                    **options,
-                )  # fmt: skip
-                _return_grads(sh, lay, dkbuf, dvbuf, dk, dv, comm)
+                kept = {src: next(blocks) for src in next(sources)}
+                options = call.spanning_options(i, comm.rank, whole_mask)
+                body = BlockSparseBody(sh, i, lay, comm.rank, k, v, rows, options)
+                run_backward(_SCHEDULE, body, comm, kept)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -491,7 +343,7 @@ def block_sparse_ring_dilated_attention(
         )  # fmt: skip
         return (out, lse) if return_lse else out
     _, shard, heads, _ = q.shape
-    sh = _Shards(shard * world, shard, world, heads, k.shape[2], resolved.block_size, is_causal)
+    sh = Shards(shard * world, shard, world, heads, k.shape[2], resolved.block_size, is_causal)
     seed = dropout_seed_value(draw_dropout_seed(dropout_p))
     timeout = call.timeout_s
     run = _ShardedCall(
