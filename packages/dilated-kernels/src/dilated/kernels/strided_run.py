@@ -9,6 +9,7 @@ batch of one, read and written in place.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +155,17 @@ def forward(
     return out, lse
 
 
+def _chunk_plans(
+    q: torch.Tensor, call: StridedCall, group: int, masked: bool, span: bool
+) -> Iterator[tuple[int, int, tuple[DenseCall, ...], int]]:
+    """``(t0, t1, calls, rmax)`` of each chunk of the sequence ``q`` ``(batch, seq, heads,
+    head_dim)``: its rows, its engine calls and the phases per branch of the merge table."""
+    b, n, h, d = q.shape
+    rmax = max(min(r, h) for r in call.rs)
+    for t0, t1 in chunks(b, n, h, d, call.ws):
+        yield t0, t1, plan(b, n, h, call.ws, call.rs, t0, t1, group, masked, span), rmax
+
+
 def _forward_rows(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -168,11 +180,9 @@ def _forward_rows(
     index: int,
 ) -> int:
     """Write ``out`` and ``lse`` of one sequence; returns the next dropout-seed index."""
-    b, n, h, d = q.shape
+    b, h = q.shape[0], q.shape[2]
     ws, rs = call.ws, call.rs
-    rmax = max(min(r, h) for r in rs)
-    for t0, t1 in chunks(b, n, h, d, ws):
-        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None, span)
+    for t0, t1, pieces, rmax in _chunk_plans(q, call, group, mask is not None, span):
         results = []
         for pc in pieces:
             results.append(
@@ -244,11 +254,9 @@ def _backward_rows(
     index: int,
 ) -> int:
     """Write ``grads`` (dq, dk, dv) of one sequence; returns the next dropout-seed index."""
-    b, n, h, d = q.shape
+    b, h = q.shape[0], q.shape[2]
     ws, rs = call.ws, call.rs
-    rmax = max(min(r, h) for r in rs)
-    for t0, t1 in chunks(b, n, h, d, ws):
-        pieces = plan(b, n, h, ws, rs, t0, t1, group, mask is not None, span)
+    for t0, t1, pieces, rmax in _chunk_plans(q, call, group, mask is not None, span):
         results = []
         for pc in pieces:
             results.append(
