@@ -11,8 +11,11 @@ Three modes, each printing a table (last) and optionally writing JSON (``--out``
   the real per-rank compute time and bytes at ``n * P`` tokens; then the projected step time
   ``max over ranks of max(compute, bytes / link bandwidth)``, against the single-GPU op on the
   whole ``n * P`` tokens divided by P (the same work with no communication: "work-normalised")
-  and against one GPU on ``n`` tokens (the literal weak-scaling ratio). A run with every rank
-  live checks the simulated ring's output and gradients against the single-GPU op.
+  and against one GPU on ``n`` tokens (the literal weak-scaling ratio). Per ring step (one
+  round of a schedule, forward or backward) it also reports the calls of the shared primitive
+  and the host time of the dense block body (the Python and launch time of the step's calls,
+  without the waits for transfers). A run with every rank live checks the simulated ring's
+  output and gradients against the single-GPU op.
 * ``--distributed`` under ``torchrun --nproc-per-node P``: the real ring over NCCL/gloo.
 
 bf16, batch 1, 16 heads of 128, causal on CUDA; float32 and small shapes on CPU.
@@ -24,8 +27,10 @@ import argparse
 import json
 import os
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -34,7 +39,7 @@ import torch.distributed as dist
 
 from dilated.core.presets import PRESETS
 from dilated.kernels import dilated_attention
-from dilated.ring import comm_cost, ring_dilated_attention, shard, unshard
+from dilated.ring import comm_cost, dense_block, ring_dilated_attention, shard, unshard
 from dilated.ring.loopback import LoopbackHub, run_ranks
 from dilated.ring.ring import ring_passes
 
@@ -96,6 +101,47 @@ def step(attn: Callable[..., Any], qkv: list[torch.Tensor], backward: bool) -> C
                 attn(*qkv)
 
     return run
+
+
+@contextmanager
+def step_probe() -> Iterator[list[tuple[int, float]]]:
+    """``(primitive calls, host seconds)`` of every ring step (a round of the dense block body,
+    forward or backward) run inside the block. On CUDA the host time is what the step's Python
+    and launches take (no synchronisation is added); it excludes the waits for transfers, which
+    the schedule makes outside the body."""
+    steps: list[tuple[int, float]] = []
+    local = threading.local()
+    saved = {}
+
+    def counted(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kw: Any) -> Any:
+            local.calls += 1
+            return real(*args, **kw)
+
+        return call
+
+    def timed_round(real: Callable[..., None]) -> Callable[..., None]:
+        def body(self: Any, held: Any) -> None:
+            local.calls = 0
+            start = time.perf_counter()
+            real(self, held)
+            steps.append((local.calls, time.perf_counter() - start))
+
+        return body
+
+    for name in ("subproblem_attention", "subproblem_attention_backward"):
+        saved[(dense_block, name)] = getattr(dense_block, name)
+        setattr(dense_block, name, counted(getattr(dense_block, name)))
+    for name in ("forward", "backward"):
+        saved[(dense_block.DenseBlockBody, name)] = getattr(dense_block.DenseBlockBody, name)
+        setattr(
+            dense_block.DenseBlockBody, name, timed_round(getattr(dense_block.DenseBlockBody, name))
+        )
+    try:
+        yield steps
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
 
 
 def world_of_one(args: argparse.Namespace, cuda: bool, device: str) -> list[dict[str, Any]]:
@@ -173,6 +219,7 @@ def simulate(args: argparse.Namespace, cuda: bool, device: str) -> list[dict[str
             t_one = timed(step(single, small, True), cuda, args.iters)
             del small
             computes, sent = [], []
+            steps: list[tuple[int, float]] = []
             for rank in range(world):
                 hub = LoopbackHub(world, live=[rank])
                 mine = [
@@ -185,8 +232,10 @@ def simulate(args: argparse.Namespace, cuda: bool, device: str) -> list[dict[str
                         step(attn_fn(hub.group(rank)), mine, True), f"n={n} P={world} rank {rank}"
                     )
                 hub.bytes_sent[rank] = 0
-                step(attn_fn(hub.group(rank)), mine, True)()
+                with step_probe() as probed:
+                    step(attn_fn(hub.group(rank)), mine, True)()
                 sent.append(hub.bytes_sent[rank])
+                steps += [s for s in probed if s[0]]
                 del mine
             model = comm_cost(
                 seq, world, heads, d, ws, rs, dtype, strategy=args.strategy, load_balance=mode
@@ -200,7 +249,10 @@ def simulate(args: argparse.Namespace, cuda: bool, device: str) -> list[dict[str
                  "bytes_max": max(sent), "model_bytes": model.total_bytes,
                  "comm_ms": max(sent) / link * 1e3, "projected_ms": projected,
                  "efficiency_work": t_whole / world / projected,
-                 "efficiency_n": t_one / projected, "rel_err": err}
+                 "efficiency_n": t_one / projected, "rel_err": err,
+                 "calls_per_step_mean": statistics.mean(c for c, _ in steps) if steps else 0.0,
+                 "calls_per_step_max": max((c for c, _ in steps), default=0),
+                 "host_us_per_step": statistics.mean(t for _, t in steps) * 1e6 if steps else 0.0}
             )  # fmt: skip
             print("row", json.dumps(rows[-1]), flush=True)
     print(
@@ -210,7 +262,7 @@ def simulate(args: argparse.Namespace, cuda: bool, device: str) -> list[dict[str
     print(
         f"{'n/rank':>7} {'P':>2} {'1GPU nP/P':>9} {'1GPU n':>8} {'rank max':>8} {'mean':>7} "
         f"{'MiB sent':>9} {'model':>9} {'comm ms':>7} {'proj ms':>8} {'eff(work)':>9} "
-        f"{'eff(n)':>6} {'err':>8}"
+        f"{'eff(n)':>6} {'err':>8} {'calls/step':>10} {'host us/step':>12}"
     )
     for r in rows:
         print(
@@ -218,7 +270,9 @@ def simulate(args: argparse.Namespace, cuda: bool, device: str) -> list[dict[str
             f"{r['single_n_ms']:>8.2f} {r['compute_ms_max']:>8.2f} {r['compute_ms_mean']:>7.2f} "
             f"{r['bytes_max'] / 2**20:>9.1f} {r['model_bytes'] / 2**20:>9.1f} "
             f"{r['comm_ms']:>7.2f} {r['projected_ms']:>8.2f} {r['efficiency_work']:>9.2f} "
-            f"{r['efficiency_n']:>6.2f} {r['rel_err']:>8.1e}"
+            f"{r['efficiency_n']:>6.2f} {r['rel_err']:>8.1e} "
+            f"{r['calls_per_step_mean']:>5.2f}/{r['calls_per_step_max']:<4} "
+            f"{r['host_us_per_step']:>12.0f}"
         )
     return rows
 

@@ -95,6 +95,35 @@ def test_rings_on_one_gpu_match_float64_reference(
         assert_close_to_reference(a, e, torch.bfloat16, f"{name} P={world} {strategy} {mode}")
 
 
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+@pytest.mark.parametrize("mode", ["contiguous", "striped"])
+def test_batched_ring_steps_on_one_gpu_match_float64_reference(
+    world: int, strategy: str, mode: str
+) -> None:
+    """The batched steps of the dense block body on the CUDA engines and the fused merge and
+    accumulate kernels: a batch of two, 16 heads of 128, grouped-query heads; a branch with
+    ``r >= heads`` (its phases on the primitive's head axis, head stride ``seq_stride +
+    head_stride``) and one with ``r < heads`` (its phases on the batch axis, looped per batch
+    row); striped shards batch segments with the batch rows."""
+    n = 2048 * world
+    ws, rs = (512, 2048, n), (1, 4, 16)
+    x = make_inputs(2, n, 16, 128, kv_heads=4, dtype=torch.bfloat16, device="cuda", seed=world)
+    g = torch.randn_like(x.q)
+    inputs = [x.q, x.k, x.v, g]
+
+    def rank_fn(rank: int, group: object) -> list[torch.Tensor]:
+        parts = [shard(t.detach(), rank, world, mode) for t in inputs]
+        passes = functools.partial(ring_passes, group=group, load_balance=mode, timeout_s=120.0)
+        return list(passes(*parts, ws, rs, is_causal=True, strategy=strategy))
+
+    per_rank = run_ranks(rank_fn, world, timeout_s=300)
+    ref, ref_grads = _judge([x.q, x.k, x.v], ws, rs, True, g)
+    for i, (name, want) in enumerate(zip(["out", "dq", "dk", "dv"], [ref, *ref_grads])):
+        got = unshard([r[i] for r in per_rank], mode)
+        assert_close_to_reference(got, want, torch.bfloat16, f"{name} P={world} {strategy} {mode}")
+
+
 def test_compiled_module_matches_eager() -> None:
     attn = RingDilatedAttention(list(WS), list(RS))
     x = make_inputs(1, 8192, 4, 64, dtype=torch.bfloat16, device="cuda", seed=1)

@@ -22,6 +22,13 @@ def test_outputs_and_gradients_match_reference(world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_batched_ring_steps_match_reference(world: int) -> None:
+    """Phases and segments batched into one call per ring step (see test_ring_steps.py) give
+    the reference's outputs and gradients over real process groups."""
+    run_distributed(workers.batched_steps, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_bad_inputs_raise_on_every_rank(world: int) -> None:
     run_distributed(workers.bad_inputs, world)
 

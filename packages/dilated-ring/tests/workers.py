@@ -130,6 +130,38 @@ def fixed_cases(rank: int, world: int) -> None:
             check_equivalence(rank, world, cfg, mode, torch.float32, 10 + i)
 
 
+def batched_steps(rank: int, world: int) -> None:
+    """Configurations whose ring steps batch phases (and striped segments) into one call of the
+    primitive: a batch of one, phases on the head axis (``r >= heads``), phases on the batch
+    axis, a key mask, grouped-query heads read unevenly (gathered), both schedules."""
+    n = 16 * world
+    cases = [
+        ({"segment_lengths": [n], "dilation_rates": [8], "heads": 4, "kv_heads": 2}, "contiguous"),
+        ({"segment_lengths": [n], "dilation_rates": [2], "heads": 4, "kv_heads": 4}, "contiguous"),
+        (
+            {"segment_lengths": [8, n], "dilation_rates": [1, 4], "heads": 8, "kv_heads": 2},
+            "striped",
+        ),
+        (
+            {"segment_lengths": [6, n], "dilation_rates": [3, 2], "heads": 8, "kv_heads": 2},
+            "zigzag",
+        ),
+    ]
+    i = 0
+    for branches, mode in cases:
+        for batch, causal, strategy in (
+            (1, True, "ring"),
+            (2, False, "allgather"),
+            (2, True, "ring"),
+        ):
+            cfg = {"seq": n, "is_causal": causal, "batch": batch, **branches}
+            masked = i % 2 == 1
+            check_equivalence(
+                rank, world, cfg, mode, torch.float64, 400 + i, strategy=strategy, masked=masked
+            )
+            i += 1
+
+
 def bad_inputs(rank: int, world: int) -> None:
     """Bad input raises ValueError on every rank (and the ranks stay usable afterwards)."""
     s = 8

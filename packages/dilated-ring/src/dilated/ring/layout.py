@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
+from dilated.core.caching import plan_cache
 from dilated.ring.sharding import chunk_length
 
 __all__ = [
@@ -151,7 +151,11 @@ def _pieces(run: tuple[int, int, int, int], w: int, r: int, p: int, packed: int)
     return pieces
 
 
-@lru_cache(maxsize=4096)
+@plan_cache(
+    "dilated.ring.layout.phase_layouts",
+    maxsize=4096,
+    key="(seq, world_size, load_balance, rank, w, r, heads, kv_heads)",
+)
 def phase_layouts(
     seq: int, world_size: int, mode: str, rank: int, w: int, r: int, heads: int, kv_heads: int
 ) -> tuple[PhaseLayout, ...]:

@@ -11,12 +11,12 @@ graph serves every call with the same options.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import torch
 
 from dilated.core.branches import compute_dtype
+from dilated.core.caching import plan_cache
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.ring.comm import gather_key_padding_mask, make_comm, resolve_group
 from dilated.ring.ring import RingPlan, ring_backward, ring_forward
@@ -30,7 +30,7 @@ _OPTIONS = (
 )
 
 
-@lru_cache(maxsize=1024)
+@plan_cache("dilated.ring.op.plan", maxsize=1024, key="the op's options and the shard's shape")
 def _plan(
     segment_lengths: tuple[int, ...],
     dilation_rates: tuple[int, ...],

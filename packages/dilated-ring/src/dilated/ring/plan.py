@@ -10,9 +10,9 @@ branch, and so are the dense calls of [`dilated.ring.dense_block`][dilated.ring.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Any
 
+from dilated.core.caching import plan_cache
 from dilated.core.reference import derive_dropout_seed
 from dilated.ring.layout import PhaseLayout, branch_members, is_local, phase_layouts
 
@@ -126,7 +126,7 @@ class SpanningBranch:
         return self.layouts[self.geometry.rank]
 
 
-@lru_cache(maxsize=1024)
+@plan_cache("dilated.ring.plan.spanning_branch", maxsize=1024, key="(shard geometry, index, w, r)")
 def spanning_branch(geometry: ShardGeometry, index: int, w: int, r: int) -> SpanningBranch:
     """The [`SpanningBranch`][dilated.ring.plan.SpanningBranch] of branch ``index`` ``(w, r)``,
     computed once per ``(geometry, index, w, r)`` (the cache's key)."""

@@ -67,17 +67,25 @@ def ring_forward(
     work = compute_dtype(q.dtype)
     b, s, h, d = q.shape
     if local is not None:
-        # The local result starts the float32 accumulators (one pass, no zero-fill).
-        acc = local[0].to(work, copy=True)
-        acc_lse = local[1].to(work, copy=True)
+        # The local result starts the float32 accumulators (one pass, no zero-fill); the LSE
+        # accumulator is (batch, seq / P, heads), laid out like the rows of q (one geometry).
+        acc = local[0].to(work, memory_format=torch.contiguous_format, copy=True)
+        acc_lse = _rows_major(local[1], work)
     else:
         acc = torch.zeros(b, s, h, d, dtype=work, device=q.device)
-        acc_lse = torch.full((b, h, s), float("-inf"), dtype=work, device=q.device)
+        acc_lse = torch.full((b, s, h), float("-inf"), dtype=work, device=q.device)
     schedule = get_schedule(plan.strategy)
-    rows = ForwardRows(q, acc, acc_lse)
+    rows = ForwardRows(q.contiguous(), acc, acc_lse)
+    k, v = k.contiguous(), v.contiguous()
+    mask = None if key_mask is None else key_mask.contiguous()
     for branch in spanning:
-        run_forward(schedule, DenseBlockBody(plan, branch, k, v, rows, key_mask), comm)
-    return acc.to(q.dtype), acc_lse
+        run_forward(schedule, DenseBlockBody(plan, branch, k, v, rows, mask), comm)
+    return acc.to(q.dtype), acc_lse.transpose(1, 2).contiguous()
+
+
+def _rows_major(lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``(batch, seq, heads)`` copy of an LSE ``(batch, heads, seq)``."""
+    return lse.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def ring_backward(
@@ -111,14 +119,17 @@ def ring_backward(
             return local[0].to(q.dtype), local[1].to(k.dtype), local[2].to(v.dtype)
     work = compute_dtype(q.dtype)
     if local is not None:
-        grads = tuple(part.to(work, copy=True) for part in local)
+        grads = [g.to(work, memory_format=torch.contiguous_format, copy=True) for g in local]
     else:
-        grads = tuple(torch.zeros(x.shape, dtype=work, device=q.device) for x in (q, k, v))
+        grads = [torch.zeros(x.shape, dtype=work, device=q.device) for x in (q, k, v)]
     dq, dk, dv = grads
     schedule = get_schedule(plan.strategy)
-    rows = BackwardRows(q, out, lse, d_out, dq, dk, dv)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    lse_rows = _rows_major(lse, work)
+    rows = BackwardRows(q, out.contiguous(), lse_rows, d_out.contiguous(), dq, dk, dv)
+    mask = None if key_mask is None else key_mask.contiguous()
     for branch in spanning:
-        run_backward(schedule, DenseBlockBody(plan, branch, k, v, rows, key_mask), comm)
+        run_backward(schedule, DenseBlockBody(plan, branch, k, v, rows, mask), comm)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
