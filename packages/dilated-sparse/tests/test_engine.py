@@ -50,7 +50,7 @@ def test_which_calls_skip_the_fill(
     cfg: SparsePatternConfig, rates: list[int], is_causal: bool, expected: bool
 ) -> None:
     layouts = resolve_layouts(cfg, [8, 16], rates)
-    runs = engine._run_tables(layouts, 37, 4, 4)
+    runs = engine.run_tables(layouts, 37, 4, 4)
     q = torch.empty(1, 37, 4, 8, device="meta")
     lse = torch.empty(1, 37, 4, 1, device="meta")
     plan = engine._steps(runs, cfg.block_size, is_causal, [q, q, q, q, lse], None)

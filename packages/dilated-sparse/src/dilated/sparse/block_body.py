@@ -26,7 +26,7 @@ import torch
 from dilated.core.branches import compute_dtype
 from dilated.core.sparsity import BranchLayout
 from dilated.ring.schedule import Held
-from dilated.sparse.engine import RunTable, _branch_runs, backward_into, forward_into
+from dilated.sparse.engine import RunTable, backward_into, branch_runs, forward_into
 
 __all__ = [
     "BlockSparseBody",
@@ -145,7 +145,7 @@ def spanning_runs(sh: Shards, i: int, lay: BranchLayout, rank: int) -> list[RunT
     """The engine's runs of branch ``i`` for ``rank``'s query blocks against a segment buffer."""
     _, length = _segment(sh, lay.segment_length, rank)
     table, a0 = _query_table(sh, lay, rank)
-    runs = _branch_runs(length, sh.heads, sh.kv_heads, i, length, lay.dilation_rate)
+    runs = branch_runs(length, sh.heads, sh.kv_heads, i, length, lay.dilation_rate)
     return [(dataclasses.replace(run, q_shift=a0 * sh.block), table) for run in runs]
 
 

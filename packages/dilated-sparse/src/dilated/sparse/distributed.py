@@ -42,9 +42,9 @@ from dilated.sparse.block_body import (
     transfer_elements,
 )
 from dilated.sparse.engine import (
-    _run_tables,
     backward_into,
     forward_into,
+    run_tables,
     uninitialized_accumulators,
 )
 from dilated.sparse.functional import ResolvedLayouts, resolve, sparse_op
@@ -166,7 +166,7 @@ class _ShardedCall:
 
     def local_runs(self, q: torch.Tensor, k: torch.Tensor) -> list[Any]:
         local = [lay for lay, spans in zip(self.layouts, self.spanning) if not spans]
-        return _run_tables(local, q.shape[1], q.shape[2], k.shape[2])
+        return run_tables(local, q.shape[1], q.shape[2], k.shape[2])
 
 
 class _ShardedBlockSparse(torch.autograd.Function):

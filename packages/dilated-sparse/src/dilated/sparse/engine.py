@@ -46,9 +46,9 @@ from dilated.sparse import flash4_path, paths
 
 # The distributed op imports the runs from here.
 from dilated.sparse.runs import RunTable as RunTable
-from dilated.sparse.runs import _branch_runs as _branch_runs
 from dilated.sparse.runs import _Run
-from dilated.sparse.runs import _run_tables as _run_tables
+from dilated.sparse.runs import branch_runs as branch_runs
+from dilated.sparse.runs import run_tables as run_tables
 from dilated.sparse.tile_plan import _RowsStep, _Step, _steps, _TileGeometry, _view
 
 __all__ = [
@@ -90,7 +90,7 @@ def count_calls(
     q = torch.empty(shape, device="meta")
     k = torch.empty(b, n, kv_heads, d, device="meta")
     lse = torch.empty(b, n, h, 1, device="meta")
-    runs = _run_tables(layouts, n, h, kv_heads)
+    runs = run_tables(layouts, n, h, kv_heads)
     block_m = block_rows.block_m(d) if rows_kernel else 0
     return len(_steps(runs, block_size, is_causal, [q, k, k, q, lse], None, block_m).steps)
 
@@ -159,7 +159,7 @@ def block_sparse_forward(
             q, k, v, layouts, block_size, scale=scale, is_causal=is_causal,
             key_padding_mask=key_padding_mask, layout_key=layout_key,
         )  # fmt: skip
-    runs = _run_tables(layouts, q.shape[1], q.shape[2], k.shape[2])
+    runs = run_tables(layouts, q.shape[1], q.shape[2], k.shape[2])
     acc, acc_lse = uninitialized_accumulators(q)
     forward_into(
         runs, block_size, q, k, v, acc, acc_lse, scale=scale, is_causal=is_causal,
@@ -294,7 +294,7 @@ def block_sparse_backward(
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
     dv = torch.zeros(v.shape, dtype=work, device=q.device)
-    runs = _run_tables(layouts, q.shape[1], q.shape[2], k.shape[2])
+    runs = run_tables(layouts, q.shape[1], q.shape[2], k.shape[2])
     backward_into(
         runs, block_size, grad_out, q, k, v, out, lse4, dq, dk, dv, scale=scale,
         is_causal=is_causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,

@@ -47,7 +47,7 @@ from dilated.sparse.block_tables import (
     refine,
 )
 from dilated.sparse.flash4_plan import Coef, Flash4Call, Flash4Plan, plan_calls, stride_of
-from dilated.sparse.runs import _run_tables
+from dilated.sparse.runs import run_tables
 
 __all__ = ["RunTables", "backward", "call_backward", "call_forward", "forward"]
 
@@ -211,7 +211,7 @@ def _plan(
     v: torch.Tensor,
 ) -> _Prepared:
     b, n, h, _ = q.shape
-    runs = [run for run, _ in _run_tables(layouts, n, h, k.shape[2])]
+    runs = [run for run, _ in run_tables(layouts, n, h, k.shape[2])]
     # Outputs, gradients, the LSE and the key mask are contiguous (batch, seq, ...) tensors.
     strides = [(x.stride(0), x.stride(1), x.stride(2)) for x in (q, k, v)] + [(n, 1, 1)]
     plan = plan_calls(runs, [lay.segment_length for lay in layouts], (b, n, h), strides)

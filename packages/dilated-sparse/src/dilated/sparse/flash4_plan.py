@@ -175,7 +175,7 @@ def plan_calls(
     ``(batch, seq, head)`` strides, and their piece tables.
 
     Args:
-        runs: every run of every branch ([`_run_tables`][dilated.sparse.runs]).
+        runs: every run of every branch ([`run_tables`][dilated.sparse.runs]).
         segment_lengths: ``w`` of each branch.
         shape: ``(batch, seq, heads)`` of the queries.
         strides: the ``(batch, seq, head)`` strides of every tensor the calls view.

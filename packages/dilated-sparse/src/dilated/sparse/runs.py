@@ -12,16 +12,16 @@ calls per run.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from dilated.core.branches import SubProblem, subproblems
+from dilated.core.caching import plan_cache
 from dilated.core.sparsity import BranchLayout
 
-__all__ = ["RunTable"]
+__all__ = ["RunTable", "branch_runs", "run_tables"]
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,15 @@ def _strided_kv(kv: tuple[int, ...]) -> tuple[int, int, int] | None:
     return kv[0], step, count
 
 
-@functools.lru_cache(maxsize=256)
-def _branch_runs(
+@plan_cache(
+    "dilated.sparse.runs.branch_runs", maxsize=256, key="(seq, heads, kv_heads, branch, w, r)"
+)
+def branch_runs(
     seq: int, heads: int, kv_heads: int, branch: int, w: int, r: int
 ) -> tuple[_Run, ...]:
+    """The runs of branch ``branch`` ``(w, r)`` on ``seq`` tokens: its sub-problems
+    ([`subproblems`][dilated.core.branches.subproblems]) grouped into runs that one call (or a
+    few) can take, shared by the single-process and the distributed op."""
     sps = subproblems(seq, heads, kv_heads, w, r)
     full = [sp for sp in sps if sp.start == 0 and sp.length == w // r]
     fold = (
@@ -105,11 +110,12 @@ def _single_run(branch: int, sp: SubProblem) -> _Run:
 RunTable = tuple[_Run, torch.Tensor]
 
 
-def _run_tables(
+def run_tables(
     layouts: Sequence[BranchLayout], seq: int, heads: int, kv_heads: int
 ) -> list[RunTable]:
+    """Every branch's runs on ``seq`` tokens, each with its branch's block table."""
     return [
         (run, lay.blocks)
         for i, lay in enumerate(layouts)
-        for run in _branch_runs(seq, heads, kv_heads, i, lay.segment_length, lay.dilation_rate)
+        for run in branch_runs(seq, heads, kv_heads, i, lay.segment_length, lay.dilation_rate)
     ]
