@@ -20,6 +20,7 @@ from dilated.core.sparsity import resolve_layouts
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     path = Path(__file__).parents[1] / "benchmarks" / "sparse.py"
+    sys.path.insert(0, str(path.parent))  # its sibling modules, as when run as a script
     spec = importlib.util.spec_from_file_location("sparse_benchmark", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

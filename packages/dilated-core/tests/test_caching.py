@@ -92,15 +92,10 @@ def test_bad_caches_are_refused_by_name() -> None:
 
 
 def test_registry_reports_and_clears_every_live_cache() -> None:
-    import dilated.kernels.engines  # noqa: F401  (registers its caches)
+    # dilated-core alone (its CI session installs no other package): its own caches.
     from dilated.core.branches import head_index
 
-    names = set(plan_cache_info())
-    assert {
-        "dilated.core.branches.head_index",
-        "dilated.kernels.engines.supporting_engines",
-        "dilated.kernels.engines.seen_shapes",
-    } <= names
+    assert "dilated.core.branches.head_index" in set(plan_cache_info())
     index = head_index([0, 2, 3], torch.device("cpu"))  # not a progression: a cached tensor
     assert isinstance(index, torch.Tensor)
     assert head_index([0, 2, 3], torch.device("cpu")) is index

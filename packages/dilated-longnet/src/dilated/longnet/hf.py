@@ -38,6 +38,7 @@ positions; pad on the right to keep the segments of the text.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -78,12 +79,17 @@ _UNSUPPORTED_KWARGS = {
 }
 
 
+#: Whether dilated-kernels is installed, read once without importing it (the import stays lazy,
+#: and a compiled forward sees a constant instead of tracing a failing import).
+_HAS_KERNELS = importlib.util.find_spec("dilated.kernels") is not None
+
+
 @functools.cache
 def _kernels_op() -> Callable[..., torch.Tensor] | None:
-    try:
-        from dilated.kernels import dilated_attention
-    except ImportError:
+    if not _HAS_KERNELS:
         return None
+    from dilated.kernels import dilated_attention
+
     return dilated_attention
 
 
