@@ -206,16 +206,11 @@ class BaseDilatedAttention(nn.Module, ABC):
         from dilated.core.testing import dense_dilated_attention
 
         c = self.config
+        causal = c.is_causal if is_causal is None else is_causal
         return dense_dilated_attention(
-            q,
-            k,
-            v,
-            c.segment_lengths,
-            c.dilation_rates,
-            scale=c.scale,
-            is_causal=c.is_causal if is_causal is None else is_causal,
+            q, k, v, c.segment_lengths, c.dilation_rates, scale=c.scale, is_causal=causal,
             key_padding_mask=key_padding_mask,
-        )
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         c = self.config
