@@ -327,3 +327,19 @@ def test_readable_copies_what_the_engines_cannot_read() -> None:
     overlapping = torch.randn(1, 1, 1, 16).expand(2, 8, 4, 16)  # zero strides
     assert readable(overlapping) is not overlapping
     assert torch.equal(readable(odd), odd)
+
+
+def test_output_gradient_in_another_layout_than_the_output() -> None:
+    # transformers' case: heads-first q/k/v give a heads-first output, whose gradient comes back
+    # (batch, seq, heads, head_dim)-contiguous; the backward reads dO in O's layout.
+    x = make_inputs(2, 24, 4, 16, requires_grad=True, seed=8)
+    inputs = [_heads_first(t) for t in (x.q, x.k, x.v)]
+    out = dilated_attention(*inputs, (8, 16), (1, 2), is_causal=True, backend="cudnn")
+    assert out.stride() != out.contiguous().stride()
+    g = torch.randn(out.shape)  # contiguous: another layout than out's
+    got = torch.autograd.grad(out, (x.q, x.k, x.v), g)
+    ref = [t.detach().double().requires_grad_() for t in (x.q, x.k, x.v)]
+    want_out = dilated_attention(*ref, (8, 16), (1, 2), is_causal=True, backend="reference")
+    want = torch.autograd.grad(want_out, ref, g.double())
+    for name, a, e in zip(("dq", "dk", "dv"), got, want):
+        assert_close_to_reference(a, e, torch.float32, name)

@@ -220,7 +220,12 @@ def backward(
     inputs as in [`forward`][dilated.kernels.strided_run.forward]."""
     hkv = k.shape[2]
     ke, ve, group = prepare_kv(q, k, v, call)
-    do = readable(grad_out.to(q.dtype))
+    do = grad_out.to(q.dtype)
+    if do.stride() != out.stride():
+        # dO in O's layout: each call then reads both through the same view (cuDNN 9.5+ has
+        # assumed equal strides for the two).
+        do = torch.empty_like(out).copy_(do)
+    do = readable(do)
     # zeros: rows of a packed batch's empty sequences (none otherwise) are never written.
     make = torch.zeros_like if call.bounds else torch.empty_like
     grads = (make(q), make(ke), make(ve))
