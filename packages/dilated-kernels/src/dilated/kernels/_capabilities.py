@@ -12,7 +12,13 @@ import os
 
 import torch
 
-__all__ = ["HAS_FLASH_ATTN_4", "HAS_TRITON", "cuda_capability_major", "has_cudnn_attention"]
+__all__ = [
+    "HAS_FLASH_ATTN_4",
+    "HAS_TRITON",
+    "cuda_capability_major",
+    "fused_float32_kernel",
+    "has_cudnn_attention",
+]
 
 HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
 
@@ -57,3 +63,12 @@ def cuda_capability_major(device_index: int) -> int:
 # graph break), without calling it: it imports torch._dynamo, 3 s at import time.
 # test_capabilities.py checks that the decorator still sets exactly this attribute.
 cuda_capability_major._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def fused_float32_kernel(setting: bool | None, acc: torch.Tensor) -> bool:
+    """Whether a one-launch Triton kernel updates the float32 accumulator ``acc``: the
+    ``setting`` when it is forced (True/False), else for CUDA float32 accumulators where
+    Triton is installed."""
+    if setting is not None:
+        return setting
+    return acc.is_cuda and acc.dtype == torch.float32 and HAS_TRITON

@@ -16,16 +16,13 @@ from __future__ import annotations
 import torch
 
 from dilated.core.settings import alias_module_switches, get_settings
-from dilated.kernels._capabilities import HAS_TRITON
+from dilated.kernels._capabilities import fused_float32_kernel
 
 __all__ = ["add_into", "add_windows"]
 
 
 def _fused(acc: torch.Tensor) -> bool:
-    forced = get_settings().fused_accumulate
-    if forced is not None:
-        return forced
-    return acc.is_cuda and acc.dtype == torch.float32 and HAS_TRITON
+    return fused_float32_kernel(get_settings().fused_accumulate, acc)
 
 
 def add_into(acc: torch.Tensor, grad: torch.Tensor) -> None:

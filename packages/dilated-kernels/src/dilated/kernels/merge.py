@@ -15,16 +15,13 @@ import torch
 
 from dilated.core.merge import merge_into as merge_into_reference
 from dilated.core.settings import alias_module_switches, get_settings
-from dilated.kernels._capabilities import HAS_TRITON
+from dilated.kernels._capabilities import fused_float32_kernel
 
 __all__ = ["merge_into"]
 
 
 def _fused(acc_out: torch.Tensor) -> bool:
-    forced = get_settings().fused_merge
-    if forced is not None:
-        return forced
-    return acc_out.is_cuda and acc_out.dtype == torch.float32 and HAS_TRITON
+    return fused_float32_kernel(get_settings().fused_merge, acc_out)
 
 
 def merge_into(
