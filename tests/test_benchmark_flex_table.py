@@ -5,9 +5,7 @@ pattern."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
@@ -18,15 +16,8 @@ from dilated.core.sparsity import resolve_layouts
 
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / "sparse.py"
-    sys.path.insert(0, str(path.parent))  # its sibling modules, as when run as a script
-    spec = importlib.util.spec_from_file_location("sparse_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(script: Callable[[str, str], ModuleType]) -> ModuleType:
+    return script("benchmarks/sparse.py", "sparse_benchmark")
 
 
 def test_tables_are_exact(bench: ModuleType) -> None:

@@ -4,9 +4,7 @@ judge), or the row would time another computation."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
@@ -17,15 +15,8 @@ from dilated.core.testing import dense_dilated_attention, make_inputs
 
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / "shapes.py"
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("shapes_benchmark", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(script: Callable[[str, str], ModuleType]) -> ModuleType:
+    return script("benchmarks/shapes.py", "shapes_benchmark")
 
 
 @pytest.mark.parametrize("seq", [40, 37, 64])

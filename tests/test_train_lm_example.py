@@ -3,33 +3,31 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("train_lm", ROOT / "examples" / "train_lm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def example(script: Callable[[str, str], ModuleType]) -> ModuleType:
+    return script("examples/train_lm.py", "train_lm")
 
 
-def test_default_plot_is_a_fresh_run_folder() -> None:
-    path = _example().default_plot_path(0.0)
+def test_default_plot_is_a_fresh_run_folder(example: ModuleType) -> None:
+    path = example.default_plot_path(0.0)
     assert path == Path("runs/19700101-000000/train_loss.png")
 
 
-def test_default_plot_folder_is_ignored_and_untracked() -> None:
+def test_default_plot_folder_is_ignored_and_untracked(example: ModuleType) -> None:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    path = _example().default_plot_path()
+    path = example.default_plot_path()
     ignored = subprocess.run(
         ["git", "check-ignore", "--no-index", "-q", str(path)], cwd=ROOT, check=False
     )
@@ -41,9 +39,9 @@ def test_default_plot_folder_is_ignored_and_untracked() -> None:
 
 
 def test_missing_plot_folder_fails_before_training(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    module = _example()
+    module = example
     monkeypatch.setattr("sys.argv", ["train_lm.py", "--plot", "/nonexistent-dir/loss.png"])
     with pytest.raises(SystemExit) as raised:
         module.main()
