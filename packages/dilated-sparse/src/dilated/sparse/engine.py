@@ -227,7 +227,7 @@ def forward_into(
                 if key_padding_mask is not None and mask8 is None:
                     mask8 = key_padding_mask.to(torch.int8).contiguous()
                 rows_forward_into(
-                    q, k, v, mask8, acc, acc_lse, step.geometry,
+                    q, k, v, mask8, acc, acc_lse, step.run,
                     step.first if empty else step.merging, scale=scale,
                 )  # fmt: skip
                 continue

@@ -20,34 +20,32 @@ import torch
 from dilated.core.branches import SubProblem, subproblems
 from dilated.core.caching import plan_cache
 from dilated.core.sparsity import BranchLayout
+from dilated.kernels.block_rows import RowsGeometry
 
 __all__ = ["RunTable", "branch_runs", "run_tables"]
 
 
 @dataclass(frozen=True)
-class _Run:
-    """Segments of one branch computed by the same tiles.
+class _Run(RowsGeometry):
+    """Segments of one branch computed by the same tiles: a
+    [`RowsGeometry`][dilated.kernels.block_rows.RowsGeometry] (what the rows kernel reads)
+    with its branch.
 
-    Query head ``c`` of folded phase ``p`` is head ``head0 + p + c * rate`` at rows
+    Query head ``c`` of folded phase ``p`` is head ``phase0 + p + c * rate`` at rows
     ``phase0 + p + rate * (start + i)``; it reads key/value head ``kv0 + p + (c // kv_group) *
     kv_step`` (``kv_index`` set: a gathered copy of the key/value heads instead).
     """
 
     branch: int
-    rate: int
-    phase0: int
-    phases: int
-    heads: int
-    kv0: int
-    kv_step: int
-    kv_heads: int
     kv_index: tuple[int, ...] | None
-    start: int
-    count: int
-    length: int
     # Query rows (and everything shaped like them) are read ``q_shift`` rows earlier: a rank
     # holding rows ``q_shift ..`` of a segment passes its shard as the queries.
     q_shift: int = 0
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads the run reads (query heads per key/value head: ``kv_group``)."""
+        return self.heads // self.kv_group
 
 
 def _strided_kv(kv: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -85,7 +83,12 @@ def branch_runs(
     if fold:
         sp = full[0]
         hp = len(range(heads)[sp.heads])
-        runs.append(_Run(branch, r, 0, len(full), hp, 0, r, hp, None, 0, sp.count, sp.length))
+        runs.append(
+            _Run(
+                rate=r, phase0=0, phases=len(full), heads=hp, kv0=0, kv_step=r, kv_group=1,
+                start=0, count=sp.count, length=sp.length, branch=branch, kv_index=None,
+            )
+        )  # fmt: skip
     for sp in sps:
         if fold and sp in full:
             continue
@@ -96,14 +99,13 @@ def branch_runs(
 def _single_run(branch: int, sp: SubProblem) -> _Run:
     hp = len(sp.kv_heads)
     strided = _strided_kv(sp.kv_heads)
-    if strided is None:
-        return _Run(
-            branch, sp.rate, sp.phase, 1, hp, 0, 1, hp, sp.kv_heads, sp.start, sp.count, sp.length
-        )
-    kv0, step, count = strided
+    # Not strided: a gathered copy of the key/value heads, one per query head.
+    kv0, step, count = (0, 1, hp) if strided is None else strided
     return _Run(
-        branch, sp.rate, sp.phase, 1, hp, kv0, step, count, None, sp.start, sp.count, sp.length
-    )
+        rate=sp.rate, phase0=sp.phase, phases=1, heads=hp, kv0=kv0, kv_step=step,
+        kv_group=hp // count, start=sp.start, count=sp.count, length=sp.length, branch=branch,
+        kv_index=sp.kv_heads if strided is None else None,
+    )  # fmt: skip
 
 
 #: A run and the bool ``(nb, nb)`` block table its tiles come from.

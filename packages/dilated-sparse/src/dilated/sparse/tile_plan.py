@@ -24,7 +24,7 @@ import torch
 
 from dilated.core.caching import PlanCache
 from dilated.core.settings import get_settings
-from dilated.kernels.block_rows import RowsGeometry, RowsTable
+from dilated.kernels.block_rows import RowsTable
 from dilated.sparse.runs import RunTable, _Run
 from dilated.sparse.tiles import Tile, is_row_tile, plan_tiles
 
@@ -219,10 +219,10 @@ def _geometry(
 class _RowsStep:
     """The one-row tiles of a run as one [`rows_forward_into`][dilated.kernels.block_rows.rows_forward_into]
     launch (forward only), after the run's other calls. ``first``: its table with each entry's
-    flag set where no earlier call wrote the rows; ``merging``: every flag clear."""
+    flag set where no earlier call wrote the rows; ``merging``: every flag clear. The run is the
+    geometry the kernel reads."""
 
     run: _Run
-    geometry: RowsGeometry
     first: RowsTable
     merging: RowsTable
 
@@ -350,15 +350,9 @@ def _rows_step(
         key_runs.extend(keys)
         for q_lo in range(a * block, stop, block_m):
             entries.append((q_lo, min(q_lo + block_m, stop), run0, len(key_runs), a in fresh))
-    geometry = RowsGeometry(
-        rate=run.rate, phase0=run.phase0, phases=run.phases, heads=run.heads, kv0=run.kv0,
-        kv_step=run.kv_step, kv_group=run.heads // run.kv_heads, start=run.start,
-        count=run.count, length=run.length,
-    )  # fmt: skip
     merging = tuple((*e[:4], 0) for e in entries)
     return _RowsStep(
         run,
-        geometry,
         RowsTable(tuple(entries), tuple(key_runs), block_m),
         RowsTable(merging, tuple(key_runs), block_m),
     )
