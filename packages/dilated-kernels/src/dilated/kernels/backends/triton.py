@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dilated.core.checks import first_derivative_only
+from dilated.core.gradients import first_derivative_only
 from dilated.kernels._capabilities import HAS_TRITON
 from dilated.kernels.triton_kernels import interpreter_lock, interpreting
 
