@@ -127,6 +127,23 @@ def test_hopper_with_flash4_runs_everything_it_can_there(monkeypatch: pytest.Mon
     assert _names(_spec(head_dim=12)) == ["reference"]
 
 
+def test_hopper_backward_leaves_flash4_where_its_dq_is_wrong(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On SM90, flash-attn-4's backward returns a wrong dQ at head_dim 16, 48, 80 (measured in
+    test_engines_gpu.py); the forward there is right and stays."""
+    _device(monkeypatch, major=9, fa4=True)
+    for head_dim in (16, 48, 80):
+        assert _names(_spec(head_dim=head_dim))[0] == "flash4"
+        with pytest.warns(UserWarning, match=rf"multiple of 32, got {head_dim}"):
+            assert choose_engine(_spec(head_dim=head_dim, backward=True), *_tensors()) is not flash4
+    for head_dim in (32, 64, 96, 160, 256):
+        assert _names(_spec(head_dim=head_dim, backward=True))[0] == "flash4"
+    _device(monkeypatch, major=10, fa4=True)  # the SM100 kernels are other code
+    engines._supporting.clear()
+    assert _names(_spec(head_dim=16, backward=True))[0] == "flash4"
+
+
 def test_dropout_and_key_masks_leave_flash4_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     _device(monkeypatch, major=9, fa4=True)
     with pytest.warns(UserWarning, match="'cudnn' engine instead of 'flash4'.*no dropout"):
@@ -209,3 +226,34 @@ def test_reference_engine_matches_float64_attention(causal: bool, kv_heads: int)
     want = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vr)
     assert_close_to_reference(out, want, torch.float32)
     assert_close_to_reference(lse, scores.logsumexp(-1), torch.float32, "lse")
+
+
+def test_flash4_calls_from_threads_run_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CuTe DSL's compile aborts the process when two threads run it at once (the ring's
+    ranks simulated on one GPU are threads): every flash-attn-4 call holds one lock."""
+    import threading
+    import time
+    import types
+
+    inside, most = 0, 0
+    count = threading.Lock()
+
+    def compile_and_run(*args: object, **kwargs: object) -> None:
+        nonlocal inside, most
+        with count:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.01)
+        with count:
+            inside -= 1
+
+    fake = types.SimpleNamespace(_flash_attn_fwd=compile_and_run)
+    monkeypatch.setattr(flash4, "_interface", lambda: fake)
+    threads = [
+        threading.Thread(target=flash4.call_interface, args=("_flash_attn_fwd",)) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1

@@ -71,6 +71,34 @@ def test_engine_matches_float64(
         assert_close_to_reference(got, expected, dtype, name)
 
 
+@needs_flash4
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_flash4_backward_runs_only_where_it_matches(head_dim: int, kv_heads: int) -> None:
+    """Asked for ``"flash4"``, the backward runs there only at the head sizes it computes
+    correctly (on SM90 its dQ is wrong at head_dim 16, 48, 80); the others go to an engine
+    that is."""
+    dtype = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(head_dim + kv_heads)
+    q = _strided(1, 333, 4, head_dim, dtype, gen)
+    k, v = (_strided(1, 333, kv_heads, head_dim, dtype, gen) for _ in range(2))
+    spec = SubproblemSpec.of(q, k, is_causal=False, key_mask=None, dropout_p=0.0, backward=True)
+    chosen = choose_engine(spec, q, k, v, "flash4").NAME
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert (chosen == "flash4") == (head_dim % flash4.SM90_BACKWARD_HEAD_DIM_MULTIPLE == 0)
+    out, lse = _float64_attention(q, k, v, 0.2, False)
+    g = torch.randn(q.shape, generator=gen, device="cuda", dtype=dtype)
+    grads = subproblem_attention_backward(
+        g, q, k, v, out.to(dtype), lse.float(), scale=0.2, is_causal=False, engine="flash4"
+    )
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = _float64_attention(*leaves, 0.2, False)
+    for name, got, expected in zip(
+        ("dq", "dk", "dv"), grads, torch.autograd.grad(ref, leaves, g.double())
+    ):
+        assert_close_to_reference(got, expected, dtype, f"{name} on {chosen}")
+
+
 @pytest.mark.parametrize("engine", ENGINES_HERE)
 def test_engine_parts_merge_into_one_softmax(engine: str) -> None:
     """Two halves of the keys on the engine, merged by LSE, equal attention over all keys; each

@@ -137,8 +137,8 @@ def forward(
         out, lse: written in place.
     """
     mod, aux_list = _mask_arguments(mask, aux)
-    flash4._interface()._flash_attn_fwd(
-        q, k, v, softmax_scale=scale, causal=False, mask_mod=mod,
+    flash4.call_interface(
+        "_flash_attn_fwd", q, k, v, softmax_scale=scale, causal=False, mask_mod=mod,
         block_sparse_tensors=_sparse_tensors(tables), return_lse=True, out=out, lse=lse,
         aux_tensors=aux_list,
     )  # fmt: skip
@@ -169,8 +169,8 @@ def backward(
     [`forward`][dilated.kernels.flash4_block_sparse.forward].
     """
     mod, aux_list = _mask_arguments(mask, aux)
-    flash4._interface()._flash_attn_bwd(
-        q, k, v, out, grad_out, lse, softmax_scale=scale, causal=False, mask_mod=mod,
+    flash4.call_interface(
+        "_flash_attn_bwd", q, k, v, out, grad_out, lse, softmax_scale=scale, causal=False, mask_mod=mod,
         block_sparse_tensors=_sparse_tensors(tables), aux_tensors=aux_list,
         dq=dq, dk=dk, dv=dv,
     )  # fmt: skip

@@ -15,6 +15,7 @@ the custom-op dispatch.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import torch
@@ -56,14 +57,38 @@ def _interface() -> Any:
     return interface
 
 
+# The CuTe DSL's compile is not thread-safe (two threads compiling at once abort the process),
+# and the ranks simulated on one GPU (``dilated.ring.loopback``) are threads. Uncontended, the
+# lock costs well under a microsecond; the kernels still run asynchronously.
+_CALL_LOCK = threading.Lock()
+
+
+def call_interface(name: str, *args: Any, **kwargs: Any) -> Any:
+    """``flash_attn.cute.interface.<name>(*args, **kwargs)``, one thread at a time."""
+    with _CALL_LOCK:
+        return getattr(_interface(), name)(*args, **kwargs)
+
+
 def available(device: torch.device) -> bool:
     """flash-attn-4 installed and ``device`` a CUDA GPU of SM80 or newer."""
     return device.type == "cuda" and installed() and cuda_capability_major(device.index or 0) >= 8
 
 
-def _head_dim_reason(major: int, head_dim: int) -> str | None:
+#: flash-attn-4's SM90 backward is correct at head sizes that are multiples of this. Measured
+#: against the float64 judge on H100 and H200 (2026-12-05, flash-attn-4 4.0.0b36), MHA and GQA,
+#: causal and not: head_dim 32, 64, 96, ..., 256 match to bfloat16 rounding; at 16, 48 and 80
+#: dQ (and with grouped-query heads dK and dV too) is off by 30-160 %, with no error raised.
+SM90_BACKWARD_HEAD_DIM_MULTIPLE = 32
+
+
+def _head_dim_reason(major: int, head_dim: int, backward: bool = False) -> str | None:
     if head_dim % 8:
         return f"flash-attn-4 takes head_dim a multiple of 8, got {head_dim}"
+    if backward and major == 9 and head_dim % SM90_BACKWARD_HEAD_DIM_MULTIPLE:
+        return (
+            f"flash-attn-4's SM90 backward is wrong unless head_dim is a multiple of "
+            f"{SM90_BACKWARD_HEAD_DIM_MULTIPLE}, got {head_dim}"
+        )
     if major == 9 and not 8 <= head_dim <= 256:
         return f"flash-attn-4 takes head_dim 8 to 256 on SM90, got {head_dim}"
     if major in (10, 11) and not (head_dim <= 128 or head_dim == 256):
@@ -86,7 +111,7 @@ def unsupported_reason(spec: SubproblemSpec) -> str | None:
         return f"flash-attn-4 has no backward before SM90 (this GPU is SM{major}x)"
     if spec.dtype not in (torch.float16, torch.bfloat16):
         return f"flash-attn-4 takes float16/bfloat16, got {spec.dtype}"
-    reason = _head_dim_reason(major, spec.head_dim)
+    reason = _head_dim_reason(major, spec.head_dim, spec.backward)
     if reason is not None:
         return reason
     if spec.empty:
@@ -103,8 +128,8 @@ def unsupported_reason(spec: SubproblemSpec) -> str | None:
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse, *_ = _interface()._flash_attn_fwd(
-        q, k, v, softmax_scale=scale, causal=is_causal, return_lse=True
+    out, lse, *_ = call_interface(
+        "_flash_attn_fwd", q, k, v, softmax_scale=scale, causal=is_causal, return_lse=True
     )
     return out, lse
 
@@ -119,7 +144,8 @@ def _backward(
     scale: float,
     is_causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _interface()._flash_attn_bwd(
+    grads = call_interface(
+        "_flash_attn_bwd",
         q, k, v, out.to(q.dtype), grad_out.to(q.dtype), lse.float(),
         softmax_scale=scale, causal=is_causal,
     )  # fmt: skip
