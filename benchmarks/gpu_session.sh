@@ -65,7 +65,9 @@ if has sparse && [ -f "$root/benchmarks/sparse.py" ]; then
 fi
 if has shapes; then
     # Short sequences (eager and graphed), a packed batch, segments longer than the sequence.
-    timeout 300 python3 "$root/benchmarks/shapes.py" --json "$OUT/shapes.json" \
+    # auto against cudnn: flash-attn-4's Python wrapper against cuDNN's C++ path, host-bound.
+    timeout 300 python3 "$root/benchmarks/shapes.py" ${SHAPES_ARGS:---backends auto cudnn} \
+        --json "$OUT/shapes.json" \
         >"$OUT/shapes.log" 2>&1
     summary+=("shapes: $(grep -c '^| ' "$OUT/shapes.log") table lines")
 fi

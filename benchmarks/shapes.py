@@ -3,8 +3,8 @@ batch, and segments longer than the sequence, each row against its baseline in t
 
 Rows (bf16, 16 x 128 heads, branches ``--segments``/``--rates``, batch 1):
 
-* ``short``: the op (``backend="auto"``) at ``--short-seqs`` tokens, fwd and fwd+bwd, eager and
-  replayed from a CUDA graph, against the pre-gathered ideal (the fastest of SDPA's backends and
+* ``short``: the op (each of ``--backends``, default ``"auto"``) at ``--short-seqs`` tokens, fwd
+  and fwd+bwd, eager and replayed from a CUDA graph, against the pre-gathered ideal (the fastest of SDPA's backends and
   flash-attn-4 on contiguous sub-problems: ``benchmarks/kernels.py``'s ``measure_ideal``).
   Target (issue 21): >= 0.8x of the ideal at 4K and 8K, >= 0.9x at 16K, eager.
 * ``packed``: one call with ``cu_seqlens`` over ``--packed-lengths`` against the sum of each
@@ -14,7 +14,10 @@ Rows (bf16, 16 x 128 heads, branches ``--segments``/``--rates``, batch 1):
   Target: within 1.2x.
 
     python benchmarks/shapes.py --json shapes.json
-    python benchmarks/shapes.py --rows short --short-seqs 4096
+    python benchmarks/shapes.py --rows short --short-seqs 4096 --backends auto cudnn
+
+Each eager row also reports its host time per call (``host_ms``: the calls queued back to back
+without a synchronization): where it is close to ``ms``, the call is bound by the host.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +65,7 @@ def op_runner(
     causal: bool,
     grad: bool,
     cu_seqlens: list[int] | None = None,
+    backend: str = "auto",
 ) -> Callable[[], None]:
     """One call of the op on fresh inputs of ``seq`` tokens."""
     q, k, v = (
@@ -72,7 +77,7 @@ def op_runner(
     def run() -> None:
         out = dilated_attention(
             q, k, v, list(ws), list(rs), is_causal=causal, cu_seqlens=cu_seqlens,
-            check_finite=False,
+            check_finite=False, backend=backend,
         )  # fmt: skip
         assert isinstance(out, torch.Tensor)
         if grad:
@@ -95,14 +100,35 @@ def graphed(run: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-def row(kind: str, what: str, mode: str, ms: float, base_ms: float, base: str) -> dict[str, Any]:
+def host_ms(run: Callable[[], None], calls: int = 20) -> float:
+    """Host time per call of ``run``: calls queued back to back, timed without waiting for the
+    GPU (one synchronization before and after)."""
+    run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
+def row(
+    kind: str,
+    what: str,
+    mode: str,
+    ms: float,
+    base_ms: float,
+    base: str,
+    host: float = math.nan,
+) -> dict[str, Any]:
     r = {
-        "kind": kind, "what": what, "mode": mode, "ms": ms, "baseline": base,
+        "kind": kind, "what": what, "mode": mode, "ms": ms, "host_ms": host, "baseline": base,
         "baseline_ms": base_ms, "baseline_over_this": base_ms / ms if ms else math.nan,
     }  # fmt: skip
     print(
-        f"{kind:>7} {what:>28} {mode:>7}: {ms:8.3f} ms  {base} {base_ms:8.3f} ms  "
-        f"ratio {r['baseline_over_this']:.2f}",
+        f"{kind:>7} {what:>28} {mode:>7}: {ms:8.3f} ms (host {host:.3f})  {base} "
+        f"{base_ms:8.3f} ms  ratio {r['baseline_over_this']:.2f}",
         flush=True,
     )
     return r
@@ -116,17 +142,20 @@ def short_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             for grad in (False, True):
                 mode = "fwd+bwd" if grad else "fwd"
                 base = ideal(seq, ws, rs, causal, grad)
-                run = op_runner(seq, ws, rs, causal, grad)
-                what = f"{seq} causal={'on' if causal else 'off'}"
-                rows.append(row("short", what, mode, measure(run).ms, base.ms, "ideal"))
-                try:
-                    replay = graphed(run)
-                except Exception as exc:  # a capture that fails is a row saying so
-                    print(f"    graph capture failed: {type(exc).__name__}: {exc}", flush=True)
-                    continue
-                rows.append(
-                    row("short", what + " graph", mode, measure(replay).ms, base.ms, "ideal")
-                )
+                for backend in args.backends:
+                    run = op_runner(seq, ws, rs, causal, grad, backend=backend)
+                    what = f"{seq} causal={'on' if causal else 'off'}"
+                    what += "" if backend == "auto" else f" {backend}"
+                    ms = measure(run).ms
+                    rows.append(row("short", what, mode, ms, base.ms, "ideal", host_ms(run)))
+                    try:
+                        replay = graphed(run)
+                    except Exception as exc:  # a capture that fails is a row saying so
+                        print(f"    graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+                        continue
+                    rows.append(
+                        row("short", what + " graph", mode, measure(replay).ms, base.ms, "ideal")
+                    )
     return rows
 
 
@@ -141,7 +170,8 @@ def packed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         base = sum(ideal(n, ws, rs, True, grad).ms for n in lengths)
         run = op_runner(bounds[-1], ws, rs, True, grad, cu_seqlens=bounds)
         what = f"{len(lengths)} seqs, {bounds[-1]} tokens"
-        rows.append(row("packed", what, mode, measure(run).ms, base, "sum of ideals"))
+        ms = measure(run).ms
+        rows.append(row("packed", what, mode, ms, base, "sum of ideals", host_ms(run)))
     return rows
 
 
@@ -167,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--short-seqs", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument(
+        "--backends", nargs="+", default=["auto"], help="the op's backends for the short rows"
+    )
+    ap.add_argument(
         "--packed-lengths",
         type=int,
         nargs="+",
@@ -183,12 +216,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = [r for name in args.rows for r in makers[name](args)]
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch 1, "
           f"{HEADS} x {HEAD_DIM} heads, branches {args.segments} / {args.rates}\n")  # fmt: skip
-    print("| kind | what | mode | ms | baseline | baseline ms | baseline/this |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kind | what | mode | ms | host ms | baseline | baseline ms | baseline/this |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['kind']} | {r['what']} | {r['mode']} | {r['ms']:.3f} | {r['baseline']} | "
-            f"{r['baseline_ms']:.3f} | {r['baseline_over_this']:.2f} |"
+            f"| {r['kind']} | {r['what']} | {r['mode']} | {r['ms']:.3f} | {r['host_ms']:.3f} | "
+            f"{r['baseline']} | {r['baseline_ms']:.3f} | {r['baseline_over_this']:.2f} |"
         )
     if args.json:
         with open(args.json, "w") as f:
