@@ -25,6 +25,7 @@ def test_defaults_and_field_rules() -> None:
     assert (s.fused_merge, s.fused_accumulate, s.sparse_rows_kernel, s.sparse_head_slot) == (
         None, None, None, True,
     )  # fmt: skip
+    assert s.sparse_flash4 is None and s.small_calls_on_sdpa_flash is True
     with pytest.raises(ArgumentTypeError, match=r"fused_merge must be a bool.*strings are not"):
         Settings(fused_merge="yes")  # type: ignore[arg-type]
     with pytest.raises(ArgumentTypeError, match="sparse_head_slot must be a bool"):
@@ -55,11 +56,13 @@ def test_from_environ_reads_one_variable_per_field() -> None:
         "DILATED_FUSED_ACCUMULATE": "",  # empty: the default
         "DILATED_SPARSE_ROWS_KERNEL": "auto",
         "DILATED_SPARSE_HEAD_SLOT": " off ",
+        "DILATED_SMALL_CALLS_ON_SDPA_FLASH": "no",
         "DILATED_SOMETHING_ELSE": "1",  # not a setting: ignored
     }
     assert Settings.from_environ(env) == Settings(
-        fused_merge=False, fused_accumulate=None, sparse_rows_kernel=None, sparse_head_slot=False
-    )
+        fused_merge=False, fused_accumulate=None, sparse_rows_kernel=None, sparse_head_slot=False,
+        small_calls_on_sdpa_flash=False,
+    )  # fmt: skip
     assert Settings.from_environ({"DILATED_FUSED_ACCUMULATE": "true"}).fused_accumulate is True
     with pytest.raises(ValueError, match="DILATED_SPARSE_HEAD_SLOT='auto'"):
         Settings.from_environ({"DILATED_SPARSE_HEAD_SLOT": "auto"})  # this one takes no None

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from dilated.core.settings import use_settings
 from dilated.core.testing import assert_close_to_reference
 from dilated.kernels import engines
 from dilated.kernels.engines import (
@@ -72,8 +73,10 @@ def _spec(
     )  # fmt: skip
 
 
-def _tensors(rows: int = 64, heads: int = 8, head_dim: int = 128) -> tuple[torch.Tensor, ...]:
-    x = torch.empty(1, rows, heads, head_dim)
+def _tensors(rows: int = 1 << 16, heads: int = 8, head_dim: int = 128) -> tuple[torch.Tensor, ...]:
+    """q, k, v of ``rows`` rows (no memory: one element expanded). The default is a large call,
+    above ``SMALL_CALL_WORK``."""
+    x = torch.empty(1, 1, 1, 1).expand(1, rows, heads, head_dim)
     return x, x, x
 
 
@@ -172,19 +175,19 @@ def test_ampere_runs_flash4_forward_only(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_without_flash4_a_new_shape_skips_the_cudnn_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     _device(monkeypatch, major=9, fa4=False)
     spec = _spec()
-    first = _tensors(rows=64)
+    first = _tensors(rows=(1 << 16) + 64)
     # The first sighting of a shape takes the engine without plans; from the
     # CUDNN_PLAN_AFTER-th on, cuDNN (planned once, then faster).
     picks = [choose_engine(spec, *first).NAME for _ in range(engines.CUDNN_PLAN_AFTER + 2)]
     assert picks == ["sdpa_flash"] * (engines.CUDNN_PLAN_AFTER - 1) + ["cudnn"] * 3
     # Every new length (decoding) is a new shape.
-    assert choose_engine(spec, *_tensors(rows=65)) is sdpa_flash
+    assert choose_engine(spec, *_tensors(rows=(1 << 16) + 65)) is sdpa_flash
     # Dropout has one engine whose backward replays its mask: the plan is paid at once.
-    assert choose_engine(_spec(dropout=True), *_tensors(rows=66)) is cudnn
+    assert choose_engine(_spec(dropout=True), *_tensors(rows=(1 << 16) + 66)) is cudnn
     # No flash kernels in this build: cuDNN plans every shape.
     engines._supporting.clear()
     monkeypatch.setattr(sdpa_flash, "available", lambda device: False)
-    assert choose_engine(spec, *_tensors(rows=67)) is cudnn
+    assert choose_engine(spec, *_tensors(rows=(1 << 16) + 67)) is cudnn
 
 
 def test_no_cudnn_plan_is_built_inside_a_cuda_graph_capture(
@@ -199,6 +202,45 @@ def test_no_cudnn_plan_is_built_inside_a_cuda_graph_capture(
     assert choose_engine(spec, *shape) is cudnn
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert choose_engine(spec, *shape) is cudnn  # planned already
+
+
+@pytest.mark.parametrize("fa4", [True, False])
+def test_small_calls_go_to_the_engine_with_the_lightest_host_path(
+    monkeypatch: pytest.MonkeyPatch, fa4: bool
+) -> None:
+    """Up to ``SMALL_CALL_WORK`` (batch x rows_q x rows_k x heads x head_dim) the host sets the
+    time, and PyTorch's flash kernels cost it least; above it, the usual order."""
+    _device(monkeypatch, major=9, fa4=fa4)
+    large = flash4 if fa4 else cudnn
+
+    def settled(spec: SubproblemSpec, *tensors: torch.Tensor) -> object:
+        # The choice once the shape repeats (cuDNN has planned it by then).
+        for _ in range(engines.CUDNN_PLAN_AFTER):
+            choose_engine(spec, *tensors)
+        return choose_engine(spec, *tensors)
+
+    for backward in (False, True):
+        spec = _spec(backward=backward)
+        assert settled(spec, *_tensors(rows=4096)) is sdpa_flash  # 4096^2 x 8 x 128 = 2**34
+        assert settled(spec, *_tensors()) is large
+    # The boundary: a call of exactly SMALL_CALL_WORK is small, one key row more is not.
+    edge = 1 << 13
+    assert edge * edge * 8 * 128 == engines.SMALL_CALL_WORK
+    q = torch.empty(1, 1, 1, 1).expand(1, edge, 8, 128)
+    k = torch.empty(1, 1, 1, 1).expand(1, edge + 1, 8, 128)
+    assert settled(_spec(), q, q, q) is sdpa_flash
+    assert settled(_spec(equal_rows=False), q, k, k) is large
+    # What PyTorch's flash kernels cannot take stays where it ran (key masks on cuDNN).
+    assert settled(_spec(key_mask=True, head_dim=64), *_tensors(rows=64, head_dim=64)) is cudnn
+    # A named engine runs the call whatever its size.
+    assert choose_engine(_spec(), *_tensors(rows=64), large.NAME) is large
+    # The setting turns the rule off.
+    with use_settings(small_calls_on_sdpa_flash=False):
+        assert settled(_spec(), *_tensors(rows=4097)) is large
+    # Without PyTorch's flash kernels there is nothing lighter to go to.
+    engines._supporting.clear()
+    monkeypatch.setattr(sdpa_flash, "available", lambda device: False)
+    assert settled(_spec(), *_tensors(rows=64)) is large
 
 
 def test_a_named_engine_runs_what_it_supports(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,13 @@ from dilated.core.merge import merge_into as merge_into_reference
 from dilated.core.reference import dense_segment_attention
 from dilated.core.testing import assert_close_to_reference, check_on_random_inputs, make_inputs
 from dilated.kernels import dilated_attention
-from dilated.kernels.engines import SubproblemSpec, available_engines, choose_engine, flash4
+from dilated.kernels.engines import (
+    SubproblemSpec,
+    available_engines,
+    choose_engine,
+    flash4,
+    sdpa_flash,
+)
 from dilated.kernels.subproblem import subproblem_attention, subproblem_attention_backward
 
 pytestmark = [
@@ -154,14 +160,18 @@ def test_flash_backend_refuses_a_key_mask_naming_the_reason() -> None:
 
 @needs_flash4
 def test_auto_prefers_flash4_where_it_runs() -> None:
-    q = torch.empty(1, 512, 8, 128, device="cuda", dtype=torch.bfloat16)
+    """Above ``SMALL_CALL_WORK``; below it the call goes to PyTorch's flash kernels."""
+    one = torch.empty(1, 1, 1, 1, device="cuda", dtype=torch.bfloat16)
+    large, small = one.expand(1, 16384, 8, 128), one.expand(1, 512, 8, 128)
     # flash-attn-4 has a backward from SM90 on.
     passes = [False, True] if torch.cuda.get_device_capability()[0] >= 9 else [False]
     for backward in passes:
         spec = SubproblemSpec.of(
-            q, q, is_causal=True, key_mask=None, dropout_p=0.0, backward=backward
+            large, large, is_causal=True, key_mask=None, dropout_p=0.0, backward=backward
         )
-        assert choose_engine(spec, q, q, q) is flash4
+        assert choose_engine(spec, large, large, large) is flash4
+        if sdpa_flash.available(torch.device("cuda")):
+            assert choose_engine(spec, small, small, small) is sdpa_flash
 
 
 @needs_flash4

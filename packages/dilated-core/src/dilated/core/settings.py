@@ -86,6 +86,11 @@ class Settings:
             None (default) flash-attn-4's block sparsity wherever it runs the call, else the
             tiles path; True flash-attn-4 always (a call it cannot run raises ``ValueError``
             saying why); False the tiles path always. ``DILATED_SPARSE_FLASH4``.
+        small_calls_on_sdpa_flash: ``engine="auto"`` sends a small dense call (at most
+            ``dilated.kernels.engines.SMALL_CALL_WORK``) to PyTorch's flash
+            kernels when they take it, whose host cost per call is a fraction of
+            flash-attn-4's and cuDNN's (default True); False keeps the usual order at every
+            size. ``DILATED_SMALL_CALLS_ON_SDPA_FLASH``.
 
     Raises:
         ArgumentTypeError: a field that is not a bool (or None where None is allowed).
@@ -96,6 +101,7 @@ class Settings:
     sparse_rows_kernel: bool | None = None
     sparse_head_slot: bool = True
     sparse_flash4: bool | None = None
+    small_calls_on_sdpa_flash: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
