@@ -69,7 +69,11 @@ if has shapes; then
     timeout 300 python3 "$root/benchmarks/shapes.py" ${SHAPES_ARGS:---backends auto cudnn} \
         --json "$OUT/shapes.json" \
         >"$OUT/shapes.log" 2>&1
-    summary+=("shapes: $(grep -c '^| ' "$OUT/shapes.log") table lines")
+    # The same short rows with the small-call rule off (flash-attn-4 at every size): the rule's
+    # before/after in one session.
+    DILATED_SMALL_CALLS_ON_SDPA_FLASH=0 timeout 200 python3 "$root/benchmarks/shapes.py" \
+        --rows short --json "$OUT/shapes-rule-off.json" >"$OUT/shapes-rule-off.log" 2>&1
+    summary+=("shapes: $(grep -c '^| ' "$OUT/shapes.log") table lines (rule off: shapes-rule-off.log)")
 fi
 if has decode; then
     # LongNetLM cached decoding after a 16K prompt: eager, and fast (the step from a CUDA graph).
