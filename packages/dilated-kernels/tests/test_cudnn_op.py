@@ -12,7 +12,7 @@ import torch
 
 from dilated.core.testing import make_inputs
 from dilated.kernels import dilated_attention
-from dilated.kernels.backends import cudnn  # noqa: F401  (registers the op)
+from dilated.kernels.backends import cudnn
 
 pytestmark = [
     pytest.mark.skipif(
@@ -80,3 +80,29 @@ def test_unused_lse_keeps_the_cudnn_backward(monkeypatch: pytest.MonkeyPatch) ->
     out, _ = dilated_attention(x.q, x.k, x.v, [4], [1], return_lse=True, backend="cudnn")
     out.sum().backward()
     assert x.q.grad is not None
+
+
+@pytest.mark.parametrize(("kv_heads", "padding", "causal"), [(4, False, True), (2, True, False)])
+def test_eager_calls_skip_the_dispatcher_and_equal_the_op(
+    kv_heads: int, padding: bool, causal: bool
+) -> None:
+    """Eager calls run an ``autograd.Function`` over the op's own functions (no dispatcher on a
+    short call's host path); out, LSE and the gradients through both equal the custom op's."""
+    x = make_inputs(1, 24, 4, 16, kv_heads=kv_heads, padding=padding, requires_grad=True, seed=5)
+    mask = None if x.key_padding_mask is None else ~x.key_padding_mask
+    args = (x.q, x.k, x.v, mask, None, [4, 8], [1, 2], 0.25, causal, 0.0, "auto", [])
+    out, lse = cudnn._attend(*args)
+    assert type(out.grad_fn).__name__ == "EagerBackward"
+    want_out, want_lse = _OP(*args)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out, lse), (x.q, x.k, x.v), (g, g_lse))
+    want = torch.autograd.grad((want_out, want_lse), (x.q, x.k, x.v), (g, g_lse))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    # Its backward is not differentiable (nor is the op's): a second derivative is refused.
+    out, _ = cudnn._attend(*args)
+    (dq,) = torch.autograd.grad(out.sum(), (x.q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(dq.sum(), (x.q,))

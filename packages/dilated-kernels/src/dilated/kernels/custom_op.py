@@ -10,15 +10,33 @@ backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["register_attention_autograd"]
 
+Attention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
-def register_attention_autograd(forward_op: Any, backward_op: Any, *, lse_grad: bool) -> None:
-    """Register the autograd of ``forward_op`` (a ``torch.library.custom_op``) as ``backward_op``.
+
+def register_attention_autograd(
+    forward_op: Any,
+    backward_op: Any,
+    *,
+    lse_grad: bool,
+    forward_impl: Attention,
+    backward_impl: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> Attention:
+    """Register the autograd of ``forward_op`` (a ``torch.library.custom_op``) as ``backward_op``,
+    and return the function that callers use.
+
+    The returned function runs the custom op under ``torch.compile`` (one opaque node for
+    Dynamo and CUDA graphs), and in eager mode an ``autograd.Function`` over the ops' own
+    implementations with the same context and backward: the dispatcher's schema parsing,
+    default filling and aliasing checks cost about 35 us per forward and 70 us per
+    forward+backward (a CPU measurement, 2026-12-05), which a short call cannot hide.
 
     Args:
         forward_op: ``(q, k, v, key_mask, seed, *options) -> (out, lse)``.
@@ -26,6 +44,10 @@ def register_attention_autograd(forward_op: Any, backward_op: Any, *, lse_grad: 
             ``(dq, dk, dv)``; it takes the LSE's gradient (None when the LSE is unused) when
             ``lse_grad``.
         lse_grad: the returned LSE is differentiable; otherwise it is marked non-differentiable.
+        forward_impl, backward_impl: the functions the two custom ops were made from.
+
+    Returns:
+        ``attend(q, k, v, key_mask, seed, *options) -> (out, lse)``.
     """
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -39,14 +61,44 @@ def register_attention_autograd(forward_op: Any, backward_op: Any, *, lse_grad: 
         # the cudnn backward to its Triton path.
         ctx.set_materialize_grads(False)
 
-    def backward(
-        ctx: Any, d_out: torch.Tensor | None, d_lse: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, key_mask, out, lse, seed = ctx.saved_tensors
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        lse_args = (d_lse,) if lse_grad else ()
-        grads = backward_op(d_out, *lse_args, q, k, v, key_mask, out, lse, seed, *ctx.opts)
-        return (*grads, None, None, *([None] * len(ctx.opts)))
+    def backward_with(
+        run: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> Callable[..., tuple[torch.Tensor | None, ...]]:
+        def backward(
+            ctx: Any, d_out: torch.Tensor | None, d_lse: torch.Tensor | None
+        ) -> tuple[torch.Tensor | None, ...]:
+            q, k, v, key_mask, out, lse, seed = ctx.saved_tensors
+            if d_out is None:
+                d_out = torch.zeros_like(out)
+            lse_args = (d_lse,) if lse_grad else ()
+            grads = run(d_out, *lse_args, q, k, v, key_mask, out, lse, seed, *ctx.opts)
+            return (*grads, None, None, *([None] * len(ctx.opts)))
 
-    forward_op.register_autograd(backward, setup_context=setup_context)
+        return backward
+
+    forward_op.register_autograd(backward_with(backward_op), setup_context=setup_context)
+
+    save = setup_context  # a class body does not see the enclosing function's names
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return forward_impl(*inputs)
+
+        setup_context = staticmethod(save)  # type: ignore[assignment]
+
+        @staticmethod
+        @once_differentiable  # type: ignore[misc]
+        def backward(ctx: Any, *grads: Any) -> Any:
+            return eager_backward(ctx, *grads)
+
+    eager_backward = backward_with(backward_impl)
+
+    def attend(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            out, lse = forward_op(*args)
+        else:
+            out, lse = Eager.apply(*args)
+        return out, lse
+
+    return attend

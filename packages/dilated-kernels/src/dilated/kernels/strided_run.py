@@ -72,6 +72,8 @@ def readable(x: torch.Tensor) -> torch.Tensor:
     ``head_dim`` is unit-stride and its address and every other stride are multiples of 16
     bytes (any order: a ``(batch, heads, seq, head_dim)`` tensor transposed, as transformers
     passes them, is read without a copy); a contiguous copy otherwise."""
+    if x.is_contiguous():
+        return x  # what the copy below would return (the usual case: a cheap exit)
     align = max(1, 16 // x.element_size())
     strides = x.stride()
     if (

@@ -43,13 +43,7 @@ _OPTIONS = (
 )
 
 
-@torch.library.custom_op(
-    "dilated_sparse::attention",
-    mutates_args=(),
-    schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {_OPTIONS}) "
-    "-> (Tensor, Tensor)",
-)
-def _attention(
+def _attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -80,19 +74,21 @@ def _attention(
     return out, lse
 
 
+_attention = torch.library.custom_op(
+    "dilated_sparse::attention",
+    mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {_OPTIONS}) "
+    "-> (Tensor, Tensor)",
+)(_attention_impl)
+
+
 @_attention.register_fake
 def _attention_fake(q: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, h, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, n), dtype=compute_dtype(q.dtype))
 
 
-@torch.library.custom_op(
-    "dilated_sparse::attention_backward",
-    mutates_args=(),
-    schema="(Tensor d_out, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor out, "
-    f"Tensor lse, Tensor? seed, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
-)
-def _attention_backward(
+def _attention_backward_impl(
     d_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,6 +124,14 @@ def _attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+_attention_backward = torch.library.custom_op(
+    "dilated_sparse::attention_backward",
+    mutates_args=(),
+    schema="(Tensor d_out, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor out, "
+    f"Tensor lse, Tensor? seed, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
+)(_attention_backward_impl)
+
+
 @_attention_backward.register_fake
 def _attention_backward_fake(
     d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any
@@ -135,7 +139,13 @@ def _attention_backward_fake(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-register_attention_autograd(_attention, _attention_backward, lse_grad=False)
+_attend = register_attention_autograd(
+    _attention,
+    _attention_backward,
+    lse_grad=False,
+    forward_impl=_attention_impl,
+    backward_impl=_attention_backward_impl,
+)
 
 
 @overload
@@ -291,7 +301,7 @@ def sparse_op(
     """``(out, lse)`` of the custom op ``dilated_sparse::attention`` on checked arguments (see
     [`prepare_call`][dilated.core.functional.prepare_call]): ``q`` ``(batch, seq, heads,
     head_dim)``, ``lse`` ``(batch, heads, seq)`` float32 (float64 for float64 inputs)."""
-    out, lse = torch.ops.dilated_sparse.attention(
+    out, lse = _attend(
         q,
         k,
         v,

@@ -176,13 +176,7 @@ def _call(
     return StridedCall(tuple(ws), tuple(rs), scale, is_causal, dropout_p, engine, tuple(bounds))
 
 
-@torch.library.custom_op(
-    "dilated_kernels::cudnn_attention",
-    mutates_args=(),
-    schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {_OPTIONS}) "
-    "-> (Tensor, Tensor)",
-)
-def _attention(
+def _attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -199,19 +193,21 @@ def _attention(
     )
 
 
+_attention = torch.library.custom_op(
+    "dilated_kernels::cudnn_attention",
+    mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {_OPTIONS}) "
+    "-> (Tensor, Tensor)",
+)(_attention_impl)
+
+
 @_attention.register_fake
 def _attention_fake(q: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, h, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
 
 
-@torch.library.custom_op(
-    "dilated_kernels::cudnn_attention_backward",
-    mutates_args=(),
-    schema="(Tensor d_out, Tensor? d_lse, Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
-    f"Tensor out, Tensor lse, Tensor? seed, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
-)
-def _attention_backward(
+def _attention_backward_impl(
     d_out: torch.Tensor,
     d_lse: torch.Tensor | None,
     q: torch.Tensor,
@@ -262,6 +258,14 @@ def _attention_backward(
     return grads[0], grads[1], grads[2]
 
 
+_attention_backward = torch.library.custom_op(
+    "dilated_kernels::cudnn_attention_backward",
+    mutates_args=(),
+    schema="(Tensor d_out, Tensor? d_lse, Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
+    f"Tensor out, Tensor lse, Tensor? seed, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
+)(_attention_backward_impl)
+
+
 @_attention_backward.register_fake
 def _attention_backward_fake(
     d_out: torch.Tensor, d_lse: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any
@@ -269,7 +273,13 @@ def _attention_backward_fake(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-register_attention_autograd(_attention, _attention_backward, lse_grad=True)
+_attend = register_attention_autograd(
+    _attention,
+    _attention_backward,
+    lse_grad=True,
+    forward_impl=_attention_impl,
+    backward_impl=_attention_backward_impl,
+)
 
 
 def forward(
@@ -305,7 +315,7 @@ def forward(
         name = "flash" if engine == flash4_engine.NAME else NAME
         raise ValueError(f"backend={name!r} cannot run this call: {reason}")
     seed = draw_dropout_seed(dropout_p)
-    out, lse = torch.ops.dilated_kernels.cudnn_attention(
+    out, lse = _attend(
         q,
         k,
         v,
