@@ -1,4 +1,4 @@
-"""The autograd of the project's attention custom ops, registered once for all of them.
+"""The project's attention custom ops: defined, faked and given their autograd in one place.
 
 An attention op ``(q, k, v, key_mask, seed, *options) -> (out, lse)`` (dilated-kernels'
 ``dilated_kernels::cudnn_attention``, dilated-sparse's ``dilated_sparse::attention``) has a
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["register_attention_autograd"]
+__all__ = ["define_attention_op", "register_attention_autograd"]
 
 Attention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -102,3 +102,60 @@ def register_attention_autograd(
         return out, lse
 
     return attend
+
+
+def define_attention_op(
+    name: str,
+    options: str,
+    forward_impl: Attention,
+    backward_impl: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    lse_grad: bool,
+    lse_dtype: Callable[[torch.dtype], torch.dtype],
+) -> Attention:
+    """Define the custom ops ``name`` and ``name + "_backward"`` from two functions, with their
+    fake implementations and autograd, and return the function callers use (see
+    [`register_attention_autograd`][dilated.kernels.custom_op.register_attention_autograd]).
+
+    Args:
+        name: ``"namespace::op"``.
+        options: the schema of the arguments after ``seed`` (``"int[] segment_lengths, ..."``).
+        forward_impl: ``(q, k, v, key_mask, seed, *options) -> (out, lse)``, ``out`` shaped
+            like ``q`` ``(batch, seq, heads, head_dim)``, ``lse`` ``(batch, heads, seq)``.
+        backward_impl: ``(d_out, [d_lse,] q, k, v, key_mask, out, lse, seed, *options) ->
+            (dq, dk, dv)`` shaped like ``q``, ``k``, ``v``.
+        lse_grad: the LSE is differentiable (``backward_impl`` takes ``d_lse``).
+        lse_dtype: the LSE's dtype for a ``q`` dtype (for the fake implementation).
+    """
+    forward_op = torch.library.custom_op(
+        name,
+        mutates_args=(),
+        schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {options}) "
+        "-> (Tensor, Tensor)",
+    )(forward_impl)
+
+    @forward_op.register_fake
+    def _forward_fake(q: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, h, _ = q.shape
+        return torch.empty_like(q), q.new_empty((b, h, n), dtype=lse_dtype(q.dtype))
+
+    d_lse = "Tensor? d_lse, " if lse_grad else ""
+    backward_op = torch.library.custom_op(
+        f"{name}_backward",
+        mutates_args=(),
+        schema=f"(Tensor d_out, {d_lse}Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
+        f"Tensor out, Tensor lse, Tensor? seed, {options}) -> (Tensor, Tensor, Tensor)",
+    )(backward_impl)
+
+    @backward_op.register_fake
+    def _backward_fake(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = args[2:5] if lse_grad else args[1:4]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    return register_attention_autograd(
+        forward_op,
+        backward_op,
+        lse_grad=lse_grad,
+        forward_impl=forward_impl,
+        backward_impl=backward_impl,
+    )

@@ -7,7 +7,7 @@ The op ``dilated_sparse::attention`` takes the layout by its key
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Literal, overload
 
 import torch
 
@@ -15,7 +15,7 @@ from dilated.core.branches import compute_dtype
 from dilated.core.config import SparsePatternConfig
 from dilated.core.functional import prepare_call
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
-from dilated.kernels.custom_op import register_attention_autograd
+from dilated.kernels.custom_op import define_attention_op
 from dilated.sparse.engine import block_sparse_backward, block_sparse_forward
 
 # The layouts' names, public here since the op was one module.
@@ -74,20 +74,6 @@ def _attention_impl(
     return out, lse
 
 
-_attention = torch.library.custom_op(
-    "dilated_sparse::attention",
-    mutates_args=(),
-    schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {_OPTIONS}) "
-    "-> (Tensor, Tensor)",
-)(_attention_impl)
-
-
-@_attention.register_fake
-def _attention_fake(q: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, n), dtype=compute_dtype(q.dtype))
-
-
 def _attention_backward_impl(
     d_out: torch.Tensor,
     q: torch.Tensor,
@@ -124,27 +110,13 @@ def _attention_backward_impl(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-_attention_backward = torch.library.custom_op(
-    "dilated_sparse::attention_backward",
-    mutates_args=(),
-    schema="(Tensor d_out, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor out, "
-    f"Tensor lse, Tensor? seed, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
-)(_attention_backward_impl)
-
-
-@_attention_backward.register_fake
-def _attention_backward_fake(
-    d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-_attend = register_attention_autograd(
-    _attention,
-    _attention_backward,
+_attend = define_attention_op(
+    "dilated_sparse::attention",
+    _OPTIONS,
+    _attention_impl,
+    _attention_backward_impl,
     lse_grad=False,
-    forward_impl=_attention_impl,
-    backward_impl=_attention_backward_impl,
+    lse_dtype=compute_dtype,
 )
 
 

@@ -42,7 +42,7 @@ from dilated.core.caching import plan_cache
 from dilated.core.reference import draw_dropout_seed, dropout_seed_value
 from dilated.kernels import strided_run
 from dilated.kernels._capabilities import HAS_TRITON, cuda_capability_major, has_cudnn_attention
-from dilated.kernels.custom_op import register_attention_autograd
+from dilated.kernels.custom_op import define_attention_op
 from dilated.kernels.engines import SubproblemSpec, get_engine
 from dilated.kernels.engines import cudnn as cudnn_engine
 from dilated.kernels.engines import flash4 as flash4_engine
@@ -193,20 +193,6 @@ def _attention_impl(
     )
 
 
-_attention = torch.library.custom_op(
-    "dilated_kernels::cudnn_attention",
-    mutates_args=(),
-    schema=f"(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? seed, {_OPTIONS}) "
-    "-> (Tensor, Tensor)",
-)(_attention_impl)
-
-
-@_attention.register_fake
-def _attention_fake(q: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n, h, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
-
-
 def _attention_backward_impl(
     d_out: torch.Tensor,
     d_lse: torch.Tensor | None,
@@ -258,27 +244,13 @@ def _attention_backward_impl(
     return grads[0], grads[1], grads[2]
 
 
-_attention_backward = torch.library.custom_op(
-    "dilated_kernels::cudnn_attention_backward",
-    mutates_args=(),
-    schema="(Tensor d_out, Tensor? d_lse, Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
-    f"Tensor out, Tensor lse, Tensor? seed, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
-)(_attention_backward_impl)
-
-
-@_attention_backward.register_fake
-def _attention_backward_fake(
-    d_out: torch.Tensor, d_lse: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-_attend = register_attention_autograd(
-    _attention,
-    _attention_backward,
+_attend = define_attention_op(
+    "dilated_kernels::cudnn_attention",
+    _OPTIONS,
+    _attention_impl,
+    _attention_backward_impl,
     lse_grad=True,
-    forward_impl=_attention_impl,
-    backward_impl=_attention_backward_impl,
+    lse_dtype=lambda dtype: torch.float32,
 )
 
 
