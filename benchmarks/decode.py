@@ -26,6 +26,7 @@ seconds (a smoke test of the script, not a measurement).
     python benchmarks/decode.py --json decode.json
     python benchmarks/decode.py --parts lm --json lm-decode.json
     python benchmarks/decode.py --quick
+    python benchmarks/decode.py --parts lm --profile-eager   # where an eager step's time goes
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ def lm_rows(
                     logits = model(logits.argmax(-1, keepdim=True), cache=cache)[:, -1]
                 sync(device)
                 steps.append((time.perf_counter() - start) * 1e3 / n)
+            if args.profile_eager:
+                token = prefill().argmax(-1, keepdim=True)  # the cache holds n more tokens
+                profile_steps(lambda: model(token, cache=cache), device, min(8, n))
         return {"prefill_ms": prefill_ms, "ms_per_token": statistics.median(steps[1:])}
 
     def fast() -> dict[str, Any]:
@@ -157,6 +161,20 @@ def lm_rows(
         row["speedup"] = ratio(base, row.get("ms_per_token", math.nan))
         row["target_200_tok_per_s"] = bool(row["tok_per_s"] >= 200)
     return rows
+
+
+def profile_steps(step: Callable[[], Any], device: torch.device, steps: int = 8) -> None:
+    """Print where the host and the device spend an eager decoding step (``torch.profiler``,
+    the ops with the most CPU time of their own): what a CUDA graph would remove."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    print(f"\neager decoding, {steps} steps:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
 def branches(args: argparse.Namespace) -> dict[str, list[int]]:
@@ -326,6 +344,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="write every row here")
+    ap.add_argument(
+        "--profile-eager",
+        action="store_true",
+        help="after the lm eager rows, print a torch.profiler table of a few eager steps",
+    )
     ap.add_argument(
         "--quick",
         action="store_true",

@@ -77,7 +77,8 @@ if has shapes; then
 fi
 if has decode; then
     # LongNetLM cached decoding after a 16K prompt: eager, and fast (the step from a CUDA graph).
-    timeout 300 python3 "$root/benchmarks/decode.py" --parts lm --json "$OUT/decode.json" \
+    timeout 300 python3 "$root/benchmarks/decode.py" --parts lm --profile-eager \
+        --json "$OUT/decode.json" \
         >"$OUT/decode.log" 2>&1
     summary+=("decode: $(grep -E '^\| (eager|fast) ' "$OUT/decode.log" | tr '\n' ' ')")
 fi

@@ -20,11 +20,12 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "decode.py"
 def test_quick_run_gives_every_row(tmp_path: Path) -> None:
     out = tmp_path / "decode.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--profile-eager", "--json", str(out)],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| fast |" in done.stdout  # the tables are printed
+    assert "eager decoding, 6 steps:" in done.stdout and "Self CPU" in done.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r.get("error") for r in rows] == [None] * len(rows)
     lm = [r for r in rows if r["part"] == "lm"]
