@@ -226,8 +226,7 @@ def test_small_calls_go_to_the_engine_with_the_lightest_host_path(
     # The boundary: a call of exactly SMALL_CALL_WORK is small, one key row more is not.
     edge = 1 << 13
     assert edge * edge * 8 * 128 == engines.SMALL_CALL_WORK
-    q = torch.empty(1, 1, 1, 1).expand(1, edge, 8, 128)
-    k = torch.empty(1, 1, 1, 1).expand(1, edge + 1, 8, 128)
+    q, k = _tensors(rows=edge)[0], _tensors(rows=edge + 1)[0]
     assert settled(_spec(), q, q, q) is sdpa_flash
     assert settled(_spec(equal_rows=False), q, k, k) is large
     # What PyTorch's flash kernels cannot take stays where it ran (key masks on cuDNN).

@@ -78,6 +78,8 @@ def register_attention_autograd(
 
     forward_op.register_autograd(backward_with(backward_op), setup_context=setup_context)
 
+    eager_backward = backward_with(backward_impl)
+
     # The form with ``ctx`` in ``forward`` (not a separate ``setup_context``): ``apply`` then
     # skips binding the arguments to a signature, about 20 us per call.
     class Eager(torch.autograd.Function):
@@ -91,8 +93,6 @@ def register_attention_autograd(
         @once_differentiable  # type: ignore[misc]
         def backward(ctx: Any, *grads: Any) -> Any:
             return eager_backward(ctx, *grads)
-
-    eager_backward = backward_with(backward_impl)
 
     def attend(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():

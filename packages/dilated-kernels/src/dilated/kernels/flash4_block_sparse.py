@@ -170,7 +170,7 @@ def backward(
     """
     mod, aux_list = _mask_arguments(mask, aux)
     flash4.call_interface(
-        "_flash_attn_bwd", q, k, v, out, grad_out, lse, softmax_scale=scale, causal=False, mask_mod=mod,
-        block_sparse_tensors=_sparse_tensors(tables), aux_tensors=aux_list,
+        "_flash_attn_bwd", q, k, v, out, grad_out, lse, softmax_scale=scale, causal=False,
+        mask_mod=mod, block_sparse_tensors=_sparse_tensors(tables), aux_tensors=aux_list,
         dq=dq, dk=dk, dv=dv,
     )  # fmt: skip

@@ -3,9 +3,10 @@
 
 It ships with every CUDA build of PyTorch, has no per-shape cost and the lightest host path
 (C++ dispatch), so ``"auto"`` uses it for small calls, where the host sets the time
-(``SMALL_CALL_WORK``), and for shapes cuDNN has not planned yet when flash-attn-4 is absent. It reads ``(batch, rows, heads,
-head_dim)`` strided views in place (unit stride on ``head_dim``), grouped-query heads natively,
-and returns the float32 LSE; no key mask and no dropout here (those go to ``"cudnn"``).
+(``SMALL_CALL_WORK``), and for shapes cuDNN has not planned yet when flash-attn-4 is absent.
+It reads ``(batch, rows, heads, head_dim)`` strided views in place (unit stride on
+``head_dim``), grouped-query heads natively, and returns the float32 LSE; no key mask and no
+dropout here (those go to ``"cudnn"``).
 """
 
 from __future__ import annotations
