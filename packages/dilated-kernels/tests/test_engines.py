@@ -224,7 +224,7 @@ def test_small_calls_go_to_the_engine_with_the_lightest_host_path(
         assert settled(spec, *_tensors(rows=4096)) is sdpa_flash  # 4096^2 x 8 x 128 = 2**34
         assert settled(spec, *_tensors()) is large
     # The boundary: a call of exactly SMALL_CALL_WORK is small, one key row more is not.
-    edge = 1 << 13
+    edge = 1 << 12
     assert edge * edge * 8 * 128 == engines.SMALL_CALL_WORK
     q, k = _tensors(rows=edge)[0], _tensors(rows=edge + 1)[0]
     assert settled(_spec(), q, q, q) is sdpa_flash

@@ -62,7 +62,8 @@ def test_fast_generate_equals_cached_and_uncached_on_gpu() -> None:
     model = _decoder_lm(torch.float32, attention_type="standard")
     ids = _prompt(45)
     fast = generate(model, ids, 250, fast=True)
-    assert torch.equal(fast, generate(model, ids, 250))
+    assert torch.equal(fast, generate(model, ids, 250, fast=False))
+    assert torch.equal(fast, generate(model, ids, 250))  # the default on CUDA: fast
     assert torch.equal(fast, generate(model, ids, 250, use_cache=False))
     # A held decoder replays its graph for another prompt.
     decoder = StaticDecoder(model, 2, 295)

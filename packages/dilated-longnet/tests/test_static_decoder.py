@@ -174,6 +174,32 @@ def test_argument_errors_name_the_argument() -> None:
         generate(model, ids, 3, fast=1)  # type: ignore[arg-type]
 
 
+def test_default_decodes_fast_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fast=None`` (the default) takes the StaticDecoder for a model on CUDA and the eager
+    cache elsewhere; without the cache it never does."""
+    import dilated.longnet.generation as generation
+
+    model = _lm(torch.float64, "longnet_tiny")
+    ids = _prompt(1, 29, seed=3)
+    made: list[int] = []
+
+    class Recording(StaticDecoder):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            made.append(1)
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(generation, "StaticDecoder", Recording)
+    eager = generate(model, ids, 40)
+    assert made == []
+    # What the default does for a model on CUDA, run on this CPU: the same tokens.
+    monkeypatch.setattr(generation, "_on_cuda", lambda model: True)
+    static = generate(model, ids, 40)
+    assert made == [1]
+    generate(model, ids, 40, use_cache=False)
+    assert made == [1]
+    assert torch.equal(static, eager)
+
+
 def test_fast_sampling_matches_cached_sampling() -> None:
     model = _lm(torch.float64, "longnet_tiny")
     ids = _prompt(2, 11, seed=8)

@@ -59,12 +59,13 @@ CUDNN_PLAN_AFTER = 2
 #: head_dim) to ``"sdpa_flash"`` when it takes it (setting ``small_calls_on_sdpa_flash``). At
 #: such sizes the host, not the GPU, sets the time: flash-attn-4's Python wrapper costs about
 #: 0.2 ms per forward and 0.6 ms per backward call on an H100 host (2026-12-05), PyTorch's
-#: flash kernels tens of microseconds, while a call's GPU work is a fraction of a millisecond.
-#: On an H200 at 8K tokens (2026-12-04) the op ran 2.1x faster forward and 1.7x forward+backward
-#: on ``"sdpa_flash"`` than on flash-attn-4, 1.2x faster than on cuDNN. 2**36 covers every
-#: call of a 16K-token sequence with 16 heads of 128 and the default branches; from 32K tokens
-#: the kernels' speed counts more and flash-attn-4 keeps them.
-SMALL_CALL_WORK = 1 << 36
+#: flash kernels tens of microseconds. Its GPU work is slower, though (about half of
+#: flash-attn-4's speed on an H100), so the rule pays only where host time dominates. On an H100
+#: (2026-12-05, 16 heads of 128, default branches, eager) it made a 4K-token sequence 1.3-1.7x
+#: faster forward and forward+backward; at 8K it was even and at 16K forward+backward 1.4x
+#: slower, so 2**34 takes every call of a 4K-token sequence and none of an 8K one. Under a CUDA
+#: graph (no host cost) flash-attn-4 is faster at every size: turn the setting off there.
+SMALL_CALL_WORK = 1 << 34
 
 _supporting: PlanCache[SubproblemSpec, tuple[Engine, ...]] = PlanCache(
     "dilated.kernels.engines.supporting_engines", maxsize=4096, key="the call's SubproblemSpec"
