@@ -200,6 +200,18 @@ def test_default_decodes_fast_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(static, eager)
 
 
+def test_generate_records_no_autograd_graph() -> None:
+    """Every mode decodes under ``torch.no_grad``: no step keeps activations for a backward."""
+    model = _lm(torch.float64, "longnet_tiny")
+    ids = _prompt(1, 9, seed=5)
+    grad_modes: list[bool] = []
+    model.embedding.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    for fast in (None, True, False):
+        generate(model, ids, 3, fast=fast)
+    generate(model, ids, 3, use_cache=False)
+    assert grad_modes and not any(grad_modes)
+
+
 def test_fast_sampling_matches_cached_sampling() -> None:
     model = _lm(torch.float64, "longnet_tiny")
     ids = _prompt(2, 11, seed=8)

@@ -31,11 +31,11 @@ def _pick(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def _on_cuda(model: LongNetLM) -> bool:
     return model.embedding.weight.device.type == "cuda"
 
 
+@torch.no_grad()
 def generate(
     model: LongNetLM,
     input_ids: torch.Tensor,
@@ -83,8 +83,9 @@ def generate(
         ValueError / TypeError: naming the argument: a prompt that is not ``(batch, >= 1)``
             integer ids in ``[0, num_tokens)``, a negative or non-int ``max_new_tokens``, a
             negative or non-finite ``temperature``, a ``top_k`` that is not a positive int
-            (``True`` included), a non-bool ``use_cache``, a ``fast`` that is neither a bool nor None, ``fast`` without
-            ``use_cache``, a ``generator`` that is not a ``torch.Generator``.
+            (``True`` included), a non-bool ``use_cache``, a ``fast`` that is neither a bool nor
+            None, ``fast`` without ``use_cache``, a ``generator`` that is not a
+            ``torch.Generator``.
     """
     if not isinstance(model, LongNetLM):
         raise ArgumentTypeError(f"model must be a LongNetLM, got {type(model).__name__}")
