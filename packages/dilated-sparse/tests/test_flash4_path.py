@@ -9,6 +9,7 @@ of the kernel's). Under ``TRITON_INTERPRET=1`` (the merge is a Triton kernel).
 from __future__ import annotations
 
 import functools
+import itertools
 
 import fa4_emulator
 import pytest
@@ -26,7 +27,13 @@ from dilated.core.testing import (
 from dilated.kernels import flash4_block_sparse
 from dilated.kernels.engines import flash4
 from dilated.kernels.engines.spec import SubproblemSpec
-from dilated.sparse import block_sparse_dilated_attention, engine, flash4_path, paths
+from dilated.sparse import (
+    block_sparse_dilated_attention,
+    engine,
+    flash4_path,
+    flash4_workspace,
+    paths,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -169,6 +176,51 @@ def test_half_precision_offsets() -> None:
         dtype=torch.float16,
         reference=functools.partial(dense_block_sparse_attention, sparse_config=cfg),
     )  # fmt: skip
+
+
+@pytest.mark.usefixtures("emulated_flash4")
+@pytest.mark.parametrize("budget", [1, 120_000], ids=["branch-each", "last-two-together"])
+def test_the_backward_in_branch_groups(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """A gradient workspace over the budget: the branches go in groups (one each, or the last
+    two, 77 + 38 kB, together), each group's sum added to the ones before; the judge's
+    gradients."""
+    monkeypatch.setattr(flash4_workspace, "BACKWARD_WORKSPACE_BYTES", budget)
+    groups: list[list[tuple[int, int]]] = []
+    real = flash4_workspace.branch_groups
+
+    def spy(*args: object) -> list[flash4_workspace.BranchGroup]:
+        got = real(*args)  # type: ignore[arg-type]
+        groups.append([g.branches for g in got])
+        return got
+
+    monkeypatch.setattr(flash4_path, "branch_groups", spy)
+    flash4_path._PREPARED.clear()  # the plans keep their groups
+    cfg = LAYOUTS[0]
+    check_on_random_inputs(
+        functools.partial(block_sparse_dilated_attention, sparse_config=cfg, return_lse=True),
+        2, 200, 4, 8, [64, 128, 256], [1, 2, 4], kv_heads=2, is_causal=True, padding=True,
+        reference=functools.partial(dense_block_sparse_attention, sparse_config=cfg),
+    )  # fmt: skip
+    want = [(0, 1), (1, 2), (2, 3)] if budget == 1 else [(0, 1), (1, 3)]
+    assert groups and all(g == want for g in groups), groups
+
+
+def test_branch_groups_cover_every_call_once() -> None:
+    cfg = LAYOUTS[2]
+    layouts = resolve_layouts(cfg, [64, 128, 256], [1, 2, 4])
+    q = torch.zeros(2, 230, 4, 8)
+    plan = flash4_path._prepared(layouts, cfg.block_size, False, q, q, q, None).plan
+    for budget in (1, 10_000, 40_000, 1 << 40):
+        groups = flash4_workspace.branch_groups(plan, len(layouts), 8, 4, budget)
+        assert [c for g in groups for c in g.calls] == list(plan.calls)
+        assert groups[0].branches[0] == 0 and groups[-1].branches[1] == len(layouts)
+        assert all(a.branches[1] == b.branches[0] for a, b in itertools.pairwise(groups))
+        for g in groups:
+            fits = g.layout_bytes(8, 4)["bwd_end"] <= budget
+            assert fits or g.branches[1] - g.branches[0] == 1, (budget, g.branches)
+            assert all(g.regions[0] <= c.region < g.regions[1] for c in g.calls)
+    whole = flash4_workspace.branch_groups(plan, len(layouts), 8, 4, 1 << 40)
+    assert [g.branches for g in whole] == [(0, 3)]
 
 
 @pytest.mark.usefixtures("emulated_flash4")

@@ -95,8 +95,11 @@ def sum_pieces(
     rmax: int,
     kv_group: int = 0,
     rows: tuple[int, int] | None = None,
+    accumulate: bool = False,
 ) -> None:
-    """Write the float32 sum of every piece of ``table`` into ``grad`` (rounded to its dtype).
+    """Write the float32 sum of every piece of ``table`` into ``grad`` (rounded to its dtype),
+    or with ``accumulate`` add it to what ``grad`` holds (the sum taken in float32, then
+    rounded once).
 
     Args:
         table: as in [`merge_pieces`][dilated.kernels.piece_gather.merge_pieces] (LSE fields
@@ -108,6 +111,7 @@ def sum_pieces(
             query head); else the query heads sharing each key/value head, every rate dividing
             or divided by it (each phase reads a strided set of key/value heads).
         rows: as in [`merge_pieces`][dilated.kernels.piece_gather.merge_pieces].
+        accumulate: add to ``grad`` instead of overwriting it.
     """
     from dilated.kernels.triton_kernels.gather_kernels import gather_pieces
 
@@ -119,5 +123,5 @@ def sum_pieces(
             gather_pieces[opts.pop("grid")](
                 table, grad, grad, n=n, B=b, H=h,
                 sob=grad.stride(0), son=grad.stride(1), soh=grad.stride(2),
-                slb=0, slh=0, MERGE=False, **opts,
+                slb=0, slh=0, MERGE=False, ACCUMULATE=accumulate, **opts,
             )  # fmt: skip

@@ -14,7 +14,9 @@ Forward: every call writes its output and LSE into its region of one workspace (
 ``out=``/``lse=``), then one launch merges every piece of every branch by its LSE
 ([`merge_pieces`][dilated.kernels.piece_gather.merge_pieces]). Backward: every call, given the
 final merged output and LSE, writes its gradients into its regions, and one launch per tensor
-sums them ([`sum_pieces`][dilated.kernels.piece_gather.sum_pieces]).
+sums them ([`sum_pieces`][dilated.kernels.piece_gather.sum_pieces]); where that workspace would
+be too large, in groups of branches, each group's sum added to the ones before
+([`dilated.sparse.flash4_workspace`][dilated.sparse.flash4_workspace]).
 
 [`call_forward`][dilated.sparse.flash4_path.call_forward] and
 [`call_backward`][dilated.sparse.flash4_path.call_backward] are the block body of one call,
@@ -23,7 +25,6 @@ for callers that merge elsewhere (a sharded op).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -35,7 +36,7 @@ from dilated.kernels import flash4_block_sparse as fa4
 from dilated.kernels._tables import upload
 from dilated.kernels.flash4_block_sparse import BlockLists
 from dilated.kernels.flash4_masks import KEEP_PER_BATCH, KEEP_PER_HEAD, ElementMask
-from dilated.kernels.piece_gather import ADDRESS_FIELDS, ROW_FIELDS, merge_pieces, sum_pieces
+from dilated.kernels.piece_gather import merge_pieces, sum_pieces
 from dilated.kernels.strided_plan import kv_layout
 from dilated.sparse.block_tables import (
     BlockClasses,
@@ -47,6 +48,13 @@ from dilated.sparse.block_tables import (
     refine,
 )
 from dilated.sparse.flash4_plan import Coef, Flash4Call, Flash4Plan, plan_calls, stride_of
+from dilated.sparse.flash4_workspace import (
+    BranchGroup,
+    backward_budget,
+    branch_groups,
+    layout_bytes,
+    piece_offsets,
+)
 from dilated.sparse.runs import run_tables
 
 __all__ = ["RunTables", "backward", "call_backward", "call_forward", "forward"]
@@ -118,6 +126,17 @@ class _Prepared:
         assert isinstance(hit, tuple)
         return hit
 
+    def groups(self, head_dim: int, element_size: int, budget: int) -> list[BranchGroup]:
+        """The backward's [`branch_groups`][dilated.sparse.flash4_workspace.branch_groups]."""
+        key = ("groups", head_dim, element_size, budget)
+        hit = self.on_device.get(key)
+        if hit is None:
+            hit = self.on_device[key] = branch_groups(
+                self.plan, len(self.layouts), head_dim, element_size, budget
+            )
+        assert isinstance(hit, list)
+        return hit
+
     def pieces(
         self, kind: str, device: torch.device, head_dim: int, element_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +145,7 @@ class _Prepared:
         key = (kind, device, head_dim, element_size)
         hit = self.on_device.get(key)
         if hit is None:
-            hit = _piece_offsets(self.plan, kind, head_dim, element_size)
+            hit = piece_offsets(self.plan, kind, head_dim, element_size)
             hit = tuple(upload(t, device) for t in hit)
             if not _capturing(device):
                 self.on_device[key] = hit
@@ -138,38 +157,6 @@ def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured (device copies made then belong to the graph:
     never cached)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _aligned(nbytes: int) -> int:
-    return math.ceil(nbytes / 16) * 16
-
-
-def _layout_bytes(plan: Flash4Plan, head_dim: int, element_size: int) -> dict[str, int]:
-    """Byte offsets of the workspace's parts: forward ``out`` values then ``lse``; backward
-    ``dq``, ``dk``, ``dv``; ``end`` of each."""
-    q_bytes = _aligned(plan.region_size * head_dim * element_size)
-    kv_bytes = _aligned(plan.kv_region_size * head_dim * element_size)
-    return {
-        "out": 0, "lse": q_bytes, "fwd_end": q_bytes + _aligned(plan.region_size * 4),
-        "dq": 0, "dk": q_bytes, "dv": q_bytes + kv_bytes, "bwd_end": q_bytes + 2 * kv_bytes,
-    }  # fmt: skip
-
-
-def _piece_offsets(
-    plan: Flash4Plan, kind: str, head_dim: int, element_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    at = _layout_bytes(plan, head_dim, element_size)
-    table = plan.piece_table(kind in ("dk", "dv"), head_dim, element_size, lse=kind == "out")
-    table[..., 0] += at[kind]
-    mask = torch.zeros(ROW_FIELDS, dtype=torch.int64)
-    mask[list(ADDRESS_FIELDS)] = 1
-    if kind == "out":
-        table[..., 1] += at["lse"]
-    else:
-        mask[1] = 0
-    # Rows of pieces that do not exist stay all zero (never read): no address there.
-    exists = (table[..., 2] != 0)[..., None].to(torch.int64)
-    return table, mask * exists
 
 
 _PREPARED: PlanCache[tuple[object, ...], _Prepared] = PlanCache(
@@ -322,12 +309,12 @@ def _kv_group(h: int, hkv: int, layouts: Sequence[BranchLayout]) -> int | None:
 
 
 def _regions(
-    ws: torch.Tensor, call: Flash4Call, start: int, like: torch.Tensor, kv: bool
+    ws: torch.Tensor, call: Flash4Call, start: int, like: torch.Tensor, kv: bool, base: int = 0
 ) -> torch.Tensor:
     """The call's ``(B, L, H, head_dim)`` region, in the dtype of ``like``, of the workspace
-    part at byte ``start``."""
+    part at byte ``start`` whose first row-head is region ``base``."""
     size = call.kv_region_size if kv else call.region_size
-    at = call.kv_region if kv else call.region
+    at = (call.kv_region if kv else call.region) - base
     heads = call.kv_heads[0] if kv else call.heads[0]
     head_dim, dtype, esize = like.shape[3], like.dtype, like.element_size()
     lo = start + at * head_dim * esize
@@ -336,10 +323,17 @@ def _regions(
 
 
 def _piece_table(
-    prepared: _Prepared, kind: str, ws: torch.Tensor, head_dim: int, esize: int
-) -> torch.Tensor:
+    prepared: _Prepared, kind: str, ws: torch.Tensor, head_dim: int, esize: int,
+    group: BranchGroup | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The device piece table of ``kind`` with addresses in ``ws``: the whole plan's, or the
+    rows of ``group``'s branches with ``ws`` holding that group's regions alone."""
     offsets, mask = prepared.pieces(kind, ws.device, head_dim, esize)
-    return torch.add(offsets, mask, alpha=ws.data_ptr())
+    if group is None:
+        return torch.add(offsets, mask, alpha=ws.data_ptr())
+    lo, hi = group.branches
+    shift = group.shift(prepared.plan, kind, head_dim, esize)
+    return torch.add(offsets[lo:hi], mask[lo:hi], alpha=ws.data_ptr() + shift)
 
 
 def forward(
@@ -363,7 +357,7 @@ def forward(
         k, v = (x.repeat_interleave(h // x.shape[2], dim=2) for x in (k, v))
     prepared = _prepared(layouts, block_size, is_causal, q, k, v, layout_key)
     plan, esize = prepared.plan, q.element_size()
-    at = _layout_bytes(plan, d, esize)
+    at = layout_bytes(plan, d, esize)
     ws = torch.empty(at["fwd_end"], dtype=torch.uint8, device=q.device)
     keep = None if key_padding_mask is None else key_padding_mask.contiguous()
     tables = prepared.tables(q.device)
@@ -407,29 +401,31 @@ def backward(
         k, v = (x.repeat_interleave(h // hkv, dim=2) for x in (k, v))
     prepared = _prepared(layouts, block_size, is_causal, q, k, v, layout_key)
     plan, esize = prepared.plan, q.element_size()
-    at = _layout_bytes(plan, d, esize)
-    ws = torch.empty(at["bwd_end"], dtype=torch.uint8, device=q.device)
     keep = None if key_padding_mask is None else key_padding_mask.contiguous()
     dout = grad_out.to(q.dtype).contiguous()
     out = out.to(q.dtype).contiguous()
     lse3 = lse.float().transpose(1, 2).contiguous()
     tables = prepared.tables(q.device)
-    for call in plan.calls:
-        call_backward(
-            call, tables[call.table], dout, q, k, v, out, lse3, keep, scale=scale,
-            dq=_regions(ws, call, at["dq"], q, False),
-            dk=_regions(ws, call, at["dk"], q, True),
-            dv=_regions(ws, call, at["dv"], q, True),
-        )  # fmt: skip
     ws_, rs = [lay.segment_length for lay in layouts], [lay.dilation_rate for lay in layouts]
-    grads = []
-    for kind, like in (("dq", q), ("dk", k), ("dv", v)):
-        grad = torch.empty(like.shape, dtype=q.dtype, device=q.device)
-        sum_pieces(
-            _piece_table(prepared, kind, ws, d, esize), grad, ws_, rs, plan.rmax,
-            kv_group=0 if kind == "dq" else (group or 0),
-        )  # fmt: skip
-        grads.append(grad)
+    grads = [torch.empty(x.shape, dtype=q.dtype, device=q.device) for x in (q, k, v)]
+    for index, part in enumerate(prepared.groups(d, esize, backward_budget(q.device))):
+        at = part.layout_bytes(d, esize)
+        ws = torch.empty(at["bwd_end"], dtype=torch.uint8, device=q.device)
+        for call in part.calls:
+            call_backward(
+                call, tables[call.table], dout, q, k, v, out, lse3, keep, scale=scale,
+                dq=_regions(ws, call, at["dq"], q, False, part.regions[0]),
+                dk=_regions(ws, call, at["dk"], q, True, part.kv_regions[0]),
+                dv=_regions(ws, call, at["dv"], q, True, part.kv_regions[0]),
+            )  # fmt: skip
+        lo, hi = part.branches
+        for kind, grad in zip(("dq", "dk", "dv"), grads):
+            sum_pieces(
+                _piece_table(prepared, kind, ws, d, esize, part), grad, ws_[lo:hi], rs[lo:hi],
+                plan.rmax, kv_group=0 if kind == "dq" else (group or 0), accumulate=index > 0,
+            )  # fmt: skip
+        # The next group's workspace may take this one's memory.
+        del ws
     dq, dk, dv = grads
     if group is None:
         dk, dv = (x.view(b, n, hkv, h // hkv, d).sum(3, dtype=torch.float32).to(q.dtype)

@@ -130,10 +130,12 @@ def gather_pieces(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     KV_GROUP: tl.constexpr,
+    ACCUMULATE: tl.constexpr = False,
 ):
     """Rows ``[t_start, t_stop)`` of ``Out``: the LSE merge of the pieces (``MERGE``, also
-    writing ``Lse``) or their plain sum (``Lse`` unused). ``H`` heads of query heads
-    (``KV_GROUP`` 0) or of key/value heads shared by ``KV_GROUP`` query heads."""
+    writing ``Lse``) or their plain sum (``Lse`` unused), added to what ``Out`` holds with
+    ``ACCUMULATE`` (sum only). ``H`` heads of query heads (``KV_GROUP`` 0) or of key/value
+    heads shared by ``KV_GROUP`` query heads."""
     # Heads vary fastest over programs, so programs running together write whole output rows.
     pid_bh = tl.program_id(0)
     bi = pid_bh // H
@@ -146,6 +148,11 @@ def gather_pieces(
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    # int64: seq * heads * head_dim passes 2**31 from about 1M tokens.
+    t64 = t.to(tl.int64)
+    o_ptrs = Out + bi.to(tl.int64) * sob + t64[:, None] * son + j * soh + dd[None, :]
+    if ACCUMULATE:
+        acc += tl.load(o_ptrs, mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     for i in tl.static_range(len(WS)):
         o_ptr, l_ptr, take = _piece_pointers(
             Table, t, t_first, j, bi, n, B, valid, i,
@@ -164,12 +171,9 @@ def gather_pieces(
             m = m_new
         else:
             acc += o_i.to(tl.float32)
-    # int64: seq * heads * head_dim passes 2**31 from about 1M tokens.
-    t64 = t.to(tl.int64)
     if MERGE:
         covered = denom > 0
         acc = acc * tl.where(covered, 1.0 / tl.where(covered, denom, 1.0), 0.0)[:, None]
         lse = tl.where(covered, m + tl.log(tl.where(covered, denom, 1.0)), float("-inf"))
         tl.store(Lse + bi.to(tl.int64) * slb + j * slh + t64, lse, mask=valid)
-    o_ptrs = Out + bi.to(tl.int64) * sob + t64[:, None] * son + j * soh + dd[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
