@@ -165,3 +165,28 @@ def test_decode_step_compiles_whole_with_a_device_position() -> None:
         position.fill_(t)
         got = step(x.q[:, t : t + 1], x.k, x.v, position)
         assert_close_to_reference(got, ref[:, t : t + 1], torch.float32)
+
+
+def test_an_eager_step_indexes_its_slots_once_for_every_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every layer of an eager decoding step reads the same slots: computed once, on the first
+    layer (each further layer would cost a copy to the device and about ten launches)."""
+    from dilated.longnet.kv_cache import DecodeSlots
+
+    model = _lm((4, 8, 16), (1, 2, 4), num_decoder_layers=3).eval()
+    calls: list[int] = []
+    real = DecodeSlots.index
+
+    def spy(self: DecodeSlots, position: torch.Tensor, keys: int) -> object:
+        calls.append(int(position))
+        return real(self, position, keys)
+
+    monkeypatch.setattr(DecodeSlots, "index", spy)
+    ids = torch.randint(0, 40, (2, 11))
+    cache = model.new_cache(2, 16)
+    with torch.no_grad():
+        model(ids, cache=cache, check_ids=False)
+        for t in range(11, 14):
+            model(ids[:, :1], cache=cache, check_ids=False)
+            assert calls[-1] == t and calls.count(t) == 1, calls

@@ -136,11 +136,13 @@ def attention_with_lse(
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # One launch each (isfinite is four, a *_like fill one more): a decoding step calls this
+    # once per layer and is bound by its launches.
+    row_max = torch.nan_to_num(row_max, nan=0.0, posinf=0.0, neginf=0.0)
     weights = torch.exp(scores - row_max)
     total = weights.sum(dim=-1, keepdim=True)
     empty = total == 0
-    safe_total = torch.where(empty, torch.ones_like(total), total)
+    safe_total = torch.where(empty, 1.0, total)
     probs = weights / safe_total
     if dropout_p > 0.0:
         if dropout_seed is None:
@@ -150,7 +152,7 @@ def attention_with_lse(
             probs = probs * keep / (1.0 - dropout_p)
     out = torch.matmul(probs, v)
     lse = torch.log(safe_total) + row_max
-    lse = torch.where(empty, torch.full_like(lse, float("-inf")), lse)
+    lse = torch.where(empty, float("-inf"), lse)
     return out, lse.squeeze(-1)
 
 

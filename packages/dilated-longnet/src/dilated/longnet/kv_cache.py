@@ -16,6 +16,7 @@ there is no per-branch call and no merge.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,7 @@ __all__ = [
     "DecodeSlots",
     "KVCache",
     "LayerKVCache",
+    "SlotIndex",
     "attend_with_cache",
     "cached_dilated_attention",
     "decode_slots",
@@ -294,8 +296,7 @@ def dilated_attention_at(
     )
     check_index("position", position, k.shape[1], f"k holds {k.shape[1]} positions")
     slots = decode_slots(ws, rs, q.shape[2], q.device)
-    t = torch.tensor(position, dtype=torch.int64).to(q.device, non_blocking=True)
-    return decode_step(q, k, v, t, slots, scale=sc, key_mask=key_mask)
+    return decode_step(q, k, v, position, slots, scale=sc, key_mask=key_mask)
 
 
 class DecodeSlots:
@@ -321,6 +322,51 @@ class DecodeSlots:
         self.r = torch.repeat_interleave(torch.tensor(rs), torch.tensor(counts)).to(device)
         self.j = torch.cat([torch.arange(c) for c in counts]).to(device)
         self.head_phase = torch.arange(heads, device=device)[:, None] % self.r[None, :]
+        self._last: tuple[tuple[int, int], SlotIndex] | None = None
+
+    def index(self, position: torch.Tensor, keys: int) -> SlotIndex:
+        """The slots' keys for the query at ``position`` (0-d int64 on the slots' device) over
+        ``keys`` cached positions, computed on the device."""
+        t = position
+        index = (t // self.w) * self.w + t % self.r + self.r * self.j
+        return SlotIndex(
+            t,
+            index.clamp(0, keys - 1),
+            (index <= t)[None, :],
+            self.head_phase == (t % self.r)[None, :],
+        )
+
+    def index_at(self, position: int, keys: int) -> SlotIndex:
+        """[`index`][dilated.longnet.kv_cache.DecodeSlots.index] of an int position, kept
+        for the last one asked: every layer of an eager decoding step asks for the same, and
+        computing it once saves each further layer a copy to the device and about ten
+        launches."""
+        key = (position, keys)
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
+        t = torch.tensor(position, dtype=torch.int64).to(self.w.device, non_blocking=True)
+        got = self.index(t, keys)
+        if not torch.compiler.is_compiling():
+            self._last = (key, got)
+        return got
+
+
+class SlotIndex(NamedTuple):
+    """Where the slots of [`DecodeSlots`][dilated.longnet.kv_cache.DecodeSlots] read for one
+    query position ``t``.
+
+    Attributes:
+        position: 0-d int64, ``t``.
+        keys: ``(slots,)`` int64, each slot's key, clamped into the cache.
+        present: bool ``(1, slots)``, the slot's key is at or before ``t``.
+        in_phase: bool ``(heads, slots)``, the head reads the slot (its phase is ``t``'s).
+    """
+
+    position: torch.Tensor
+    keys: torch.Tensor
+    present: torch.Tensor
+    in_phase: torch.Tensor
 
 
 @plan_cache("dilated.longnet.kv_cache.decode_slots", maxsize=64, key="(ws, rs, heads, device)")
@@ -341,7 +387,7 @@ def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    position: torch.Tensor,
+    position: torch.Tensor | int,
     slots: DecodeSlots,
     *,
     scale: float,
@@ -357,7 +403,8 @@ def decode_step(
         q: ``(batch, 1, heads, head_dim)``.
         k: ``(batch, n, kv_heads, head_dim)``, ``n > position``; v shaped like it.
         position: 0-d int64 tensor on the device of ``q``, in ``[0, n)`` (not checked here: an
-            index outside is clamped, so nothing outside ``k`` is read).
+            index outside is clamped, so nothing outside ``k`` is read); or an int (eager
+            decoding: its slot index is computed once for every layer).
         slots: [`decode_slots`][dilated.longnet.kv_cache.decode_slots] of the branches and the
             query heads.
         scale: softmax scale.
@@ -370,15 +417,14 @@ def decode_step(
     """
     b, _, h, d = q.shape
     hkv = k.shape[2]
-    t = position
-    index = (t // slots.w) * slots.w + t % slots.r + slots.r * slots.j  # (slots,)
-    index_c = index.clamp(0, k.shape[1] - 1)
+    if isinstance(position, int):
+        _, index_c, present, in_phase = slots.index_at(position, k.shape[1])
+    else:
+        _, index_c, present, in_phase = slots.index(position, k.shape[1])
     # A slot holds a key when it is at or before t (and not padding); a head reads it when the
     # head is in the slot's phase.
-    present = (index <= t)[None, :]  # (1 or batch, slots)
     if key_mask is not None:
-        present = present & key_mask.index_select(1, index_c)
-    in_phase = slots.head_phase == (t % slots.r)[None, :]  # (h, slots)
+        present = present & key_mask.index_select(1, index_c)  # (batch, slots)
     work = compute_dtype(q.dtype)  # float32 for 16-bit inputs, else their own
     keys = k.index_select(1, index_c).to(work)  # (b, slots, hkv, d)
     # Values of absent slots (the future, padding) are zeroed, not only weighted by 0: they may

@@ -46,20 +46,11 @@ class RotaryEmbedding(nn.Module):
             )
         self.head_dim = head_dim
         self.xpos_scale_base = xpos_scale_base
-        idx = torch.arange(0, head_dim, 2, dtype=torch.float64)
+        # Per element, the two of a pair sharing theirs: the angles (and scales) then come out
+        # interleaved like the elements they turn, with no per-call repeat.
+        idx = torch.arange(0, head_dim, 2, dtype=torch.float64).repeat_interleave(2)
         self.register_buffer("inv_freq", (base ** (-idx / head_dim)).float(), persistent=False)
         self.register_buffer("zeta", ((idx / head_dim + 0.4) / 1.4).float(), persistent=False)
-
-    def _rotate(
-        self, x: torch.Tensor, angles: torch.Tensor, scale: torch.Tensor | None
-    ) -> torch.Tensor:
-        cos = angles.cos()[None, :, None, :]
-        sin = angles.sin()[None, :, None, :]
-        x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-        if scale is not None:
-            x1, x2 = x1 * scale[None, :, None, :], x2 * scale[None, :, None, :]
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-        return out.to(x.dtype)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, offset: int | torch.Tensor = 0
@@ -75,11 +66,23 @@ class RotaryEmbedding(nn.Module):
         else:
             pos = torch.arange(offset, offset + n, device=q.device, dtype=torch.float32)
         angles = pos[:, None] * self.inv_freq.to(q.device)[None, :]
+        # Once for q and k: each is a launch, and a decoding step is bound by its launches.
+        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
         if self.xpos_scale_base is None:
-            return self._rotate(q, angles, None), self._rotate(k, angles, None)
+            return _rotate(q, cos, sin), _rotate(k, cos, sin)
         power = pos[:, None] / self.xpos_scale_base
-        scale = self.zeta.to(q.device)[None, :] ** power
-        return self._rotate(q, angles, scale), self._rotate(k, angles, 1.0 / scale)
+        scale = (self.zeta.to(q.device)[None, :] ** power)[None, :, None, :]
+        # Both elements of a pair share the scale, so it folds into the rotation.
+        return _rotate(q, cos * scale, sin * scale), _rotate(k, cos / scale, sin / scale)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, xpos_scale_base={self.xpos_scale_base}"
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Pair ``(x1, x2)`` of ``x`` to ``(x1 cos - x2 sin, x1 sin + x2 cos)`` in float32, given
+    ``cos``/``sin`` per element (interleaved like ``x``); returns the dtype of ``x``."""
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return torch.addcmul(xf * cos, turned, sin).to(x.dtype)
