@@ -199,7 +199,7 @@ def attend_with_cache(
         )
         for i in range(q.shape[1])
     ]
-    return torch.cat(rows, dim=1).to(q.dtype)
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)).to(q.dtype)
 
 
 def cached_dilated_attention(
