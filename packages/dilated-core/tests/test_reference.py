@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dilated.core import dilated_attention
+from dilated.core.reference import attention_output, attention_with_lse
 from dilated.core.testing import (
     assert_close_to_reference,
     assert_matches_reference,
@@ -171,3 +172,20 @@ def test_linear_memory_no_seq_by_seq_tensor() -> None:
         dilated_attention(inp.q, inp.k, inp.v, [32, 64], [1, 2], check_finite=False)
     assert largest <= seq * 32 * heads  # dense would be seq * seq * heads = 2M elements
     assert tolerance(torch.float32) == 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_output_is_the_output_of_attention_with_lse(dtype: torch.dtype) -> None:
+    """The LSE-free form (decoding) against a softmax written out, a row with no allowed key
+    included (0 there)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 4, 6, 8, generator=g, dtype=dtype) for _ in range(3))
+    mask = torch.rand(2, 3, 4, 6, generator=g) < 0.6  # per leading index, over the keys
+    mask[0, 1, 2] = False
+    got = attention_output(q, k, v, 0.3, key_mask=mask)
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask[..., None, :], float("-inf"))
+    want = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0) @ v
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[0, 1, 2], torch.zeros_like(got[0, 1, 2]))
+    with_lse = attention_with_lse(q, k, v, 0.3, key_mask=mask)[0]
+    torch.testing.assert_close(got, with_lse, rtol=0, atol=0)

@@ -190,3 +190,29 @@ def test_an_eager_step_indexes_its_slots_once_for_every_layer(
         for t in range(11, 14):
             model(ids[:, :1], cache=cache, check_ids=False)
             assert calls[-1] == t and calls.count(t) == 1, calls
+
+
+def test_an_eager_step_rotates_with_one_set_of_factors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """xPos: the first layer of a step computes the rotation's factors, the others reuse them;
+    the cached logits still equal the full recomputation's (where each layer computes its
+    own)."""
+    from dilated.longnet.rotary import RotaryEmbedding
+
+    model = _lm((4, 8), (1, 2), num_decoder_layers=3, rotary="xpos").eval()
+    made: list[int] = []
+    real = RotaryEmbedding._factors
+
+    def spy(self: RotaryEmbedding, device: torch.device, n: int, offset: object) -> object:
+        made.append(n)
+        return real(self, device, n, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RotaryEmbedding, "_factors", spy)
+    ids = torch.randint(0, 40, (1, 12))
+    cache = model.new_cache(1, 12)
+    with torch.no_grad():
+        model(ids[:, :9], cache=cache, check_ids=False)
+        assert made == [9, 9, 9]
+        steps = [model(ids[:, t : t + 1], cache=cache, check_ids=False) for t in range(9, 12)]
+        assert made == [9, 9, 9, 1, 1, 1]
+        full = model(ids, check_ids=False)
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 9:], rtol=1e-10, atol=1e-10)

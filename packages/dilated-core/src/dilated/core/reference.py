@@ -20,6 +20,7 @@ from dilated.core.branches import compute_dtype, phase_heads, run_branches
 
 __all__ = [
     "attention_backward_with_lse",
+    "attention_output",
     "attention_with_lse",
     "call_dropout_seed",
     "compute_dtype",
@@ -126,11 +127,47 @@ def attention_with_lse(
         results merge into one softmax whose probabilities are then dropped. Gradients stay
         finite in both cases.
     """
+    out, row_max, total, empty = _softmax_attention(
+        q, k, v, scale, is_causal, key_mask, dropout_p, dropout_seed
+    )
+    if total is None:
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+        return out, lse
+    lse = torch.log(total) + row_max
+    lse = torch.where(empty, float("-inf"), lse)
+    return out, lse.squeeze(-1)
+
+
+def attention_output(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The output of [`attention_with_lse`][dilated.core.reference.attention_with_lse] without
+    its log-sum-exp (three launches fewer, for a decoding step): ``(..., L, d)``, zero for a
+    query with no allowed key; arguments as there."""
+    return _softmax_attention(q, k, v, scale, False, key_mask, 0.0, None)[0]
+
+
+def _softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    is_causal: bool,
+    key_mask: torch.Tensor | None,
+    dropout_p: float,
+    dropout_seed: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(out, row max, row total, empty rows)``: the softmax's sum of exponentials with its
+    empty rows set to 1 (None with no key at all, where ``out`` is a zero of the right shape)."""
     if k.shape[-2] == 0:
         # No key at all: the empty-set convention, kept differentiable (zero gradients).
         out = torch.matmul(q, k.transpose(-1, -2)) @ v
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
-        return out, lse
+        return out, out, None, out
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     allowed = _allowed(scores.shape[-2], scores.shape[-1], is_causal, key_mask, q.device)
     if allowed is not None:
@@ -150,10 +187,7 @@ def attention_with_lse(
         else:
             keep = dropout_keep_mask(probs.shape, dropout_p, dropout_seed, probs.device)
             probs = probs * keep / (1.0 - dropout_p)
-    out = torch.matmul(probs, v)
-    lse = torch.log(safe_total) + row_max
-    lse = torch.where(empty, float("-inf"), lse)
-    return out, lse.squeeze(-1)
+    return torch.matmul(probs, v), row_max, safe_total, empty
 
 
 def attention_backward_with_lse(

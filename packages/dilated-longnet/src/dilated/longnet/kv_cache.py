@@ -25,7 +25,7 @@ from dilated.core.branches import compute_dtype
 from dilated.core.caching import plan_cache
 from dilated.core.checks import check_index, check_instance, check_positive_int, check_scale
 from dilated.core.functional import prepare_call
-from dilated.core.reference import attention_with_lse
+from dilated.core.reference import attention_output
 
 __all__ = [
     "DecodeSlots",
@@ -433,7 +433,7 @@ def decode_step(
     query = q.reshape(b, hkv, h // hkv, 1, d).to(work)  # each query head its own row
     allowed = in_phase.view(1, hkv, h // hkv, -1) & present[:, None, None, :]
     # dilated-core's masked softmax: a head that sees no key gets 0.
-    out, _ = attention_with_lse(
+    out = attention_output(
         query,
         keys.transpose(1, 2)[:, :, None],  # (b, hkv, 1, slots, d), shared by the group
         values.transpose(1, 2)[:, :, None],

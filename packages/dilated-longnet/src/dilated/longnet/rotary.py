@@ -45,6 +45,7 @@ class RotaryEmbedding(nn.Module):
                 "xpos_scale_base", xpos_scale_base, or_none=True
             )
         self.head_dim = head_dim
+        self.base = base
         self.xpos_scale_base = xpos_scale_base
         # Per element, the two of a pair sharing theirs: the angles (and scales) then come out
         # interleaved like the elements they turn, with no per-call repeat.
@@ -60,20 +61,41 @@ class RotaryEmbedding(nn.Module):
         integer tensor on the device of ``q`` (read there: no host synchronisation, the same
         angles); returns both in their input dtypes."""
         n = q.shape[1]
+        # An eager decoding step rotates one token at the same position in every layer: the
+        # factors of the last such call are kept (each is a few launches, and the step is
+        # bound by its launches).
+        key = None
+        if n == 1 and isinstance(offset, int) and not torch.compiler.is_compiling():
+            key = (offset, q.device, self.inv_freq.dtype, self.head_dim, self.base,
+                   self.xpos_scale_base)  # fmt: skip
+            last = _LAST_STEP
+            if last is not None and last[0] == key:
+                q_cos, q_sin, k_cos, k_sin = last[1]
+                return _rotate(q, q_cos, q_sin), _rotate(k, k_cos, k_sin)
+        factors = self._factors(q.device, n, offset)
+        if key is not None:
+            _remember((key, factors))
+        q_cos, q_sin, k_cos, k_sin = factors
+        return _rotate(q, q_cos, q_sin), _rotate(k, k_cos, k_sin)
+
+    def _factors(
+        self, device: torch.device, n: int, offset: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of q then of k, ``(1, n, 1, head_dim)`` float32."""
         if isinstance(offset, torch.Tensor):
-            steps = torch.arange(n, device=q.device, dtype=torch.float32)
-            pos = offset.to(device=q.device, dtype=torch.float32) + steps
+            steps = torch.arange(n, device=device, dtype=torch.float32)
+            pos = offset.to(device=device, dtype=torch.float32) + steps
         else:
-            pos = torch.arange(offset, offset + n, device=q.device, dtype=torch.float32)
-        angles = pos[:, None] * self.inv_freq.to(q.device)[None, :]
-        # Once for q and k: each is a launch, and a decoding step is bound by its launches.
+            pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
+        angles = pos[:, None] * self.inv_freq.to(device)[None, :]
+        # Once for q and k: each is a launch.
         cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
         if self.xpos_scale_base is None:
-            return _rotate(q, cos, sin), _rotate(k, cos, sin)
+            return cos, sin, cos, sin
         power = pos[:, None] / self.xpos_scale_base
-        scale = (self.zeta.to(q.device)[None, :] ** power)[None, :, None, :]
+        scale = (self.zeta.to(device)[None, :] ** power)[None, :, None, :]
         # Both elements of a pair share the scale, so it folds into the rotation.
-        return _rotate(q, cos * scale, sin * scale), _rotate(k, cos / scale, sin / scale)
+        return cos * scale, sin * scale, cos / scale, sin / scale
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, xpos_scale_base={self.xpos_scale_base}"
@@ -86,3 +108,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     pairs = xf.unflatten(-1, (-1, 2))
     turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     return torch.addcmul(xf * cos, turned, sin).to(x.dtype)
+
+
+_Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_LAST_STEP: tuple[tuple[object, ...], _Factors] | None = None
+
+
+def _remember(entry: tuple[tuple[object, ...], _Factors]) -> None:
+    global _LAST_STEP
+    _LAST_STEP = entry
