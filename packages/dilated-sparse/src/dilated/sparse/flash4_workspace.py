@@ -7,7 +7,7 @@ tables ([`dilated.kernels.piece_gather`][dilated.kernels.piece_gather]) give eac
 as a byte offset from the workspace's start, to which a call adds the workspace's address.
 
 The backward workspace of every branch at once can be large (a million tokens at 16 heads of
-128: about 12 GB per branch). Above [`BACKWARD_WORKSPACE_BYTES`][dilated.sparse.flash4_workspace.BACKWARD_WORKSPACE_BYTES]
+128: about 12 GB per branch). Above ``BACKWARD_WORKSPACE_BYTES``
 the branches go in [`BranchGroup`][dilated.sparse.flash4_workspace.BranchGroup]s, one
 workspace each, in turn.
 """
@@ -143,7 +143,7 @@ def branch_groups(
 
 def backward_budget(device: torch.device) -> int:
     """The bytes a backward workspace may take on ``device`` (see
-    [`BACKWARD_WORKSPACE_BYTES`][dilated.sparse.flash4_workspace.BACKWARD_WORKSPACE_BYTES])."""
+    ``BACKWARD_WORKSPACE_BYTES``)."""
     if BACKWARD_WORKSPACE_BYTES is not None:
         return BACKWARD_WORKSPACE_BYTES
     if device.type == "cuda":
