@@ -216,3 +216,18 @@ def test_an_eager_step_rotates_with_one_set_of_factors(monkeypatch: pytest.Monke
         assert made == [9, 9, 9, 1, 1, 1]
         full = model(ids, check_ids=False)
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 9:], rtol=1e-10, atol=1e-10)
+
+
+def test_a_step_after_inference_mode_still_trains() -> None:
+    """The kept slot index and rotation factors of a step decoded under inference_mode are not
+    reused by the same step with autograd on (inference tensors cannot be saved for backward)."""
+    model = _lm((4, 8), (1, 2), rotary="xpos")
+    ids = torch.randint(0, 40, (1, 6))
+    for mode in (torch.inference_mode, torch.enable_grad):
+        cache = model.new_cache(1, 8)
+        with torch.no_grad():
+            model(ids[:, :5], cache=cache, check_ids=False)
+        with mode():
+            logits = model(ids[:, 5:], cache=cache, check_ids=False)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

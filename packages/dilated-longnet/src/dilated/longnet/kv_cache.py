@@ -322,7 +322,7 @@ class DecodeSlots:
         self.r = torch.repeat_interleave(torch.tensor(rs), torch.tensor(counts)).to(device)
         self.j = torch.cat([torch.arange(c) for c in counts]).to(device)
         self.head_phase = torch.arange(heads, device=device)[:, None] % self.r[None, :]
-        self._last: tuple[tuple[int, int], SlotIndex] | None = None
+        self._last: tuple[tuple[int, int, bool, bool], SlotIndex] | None = None
 
     def index(self, position: torch.Tensor, keys: int) -> SlotIndex:
         """The slots' keys for the query at ``position`` (0-d int64 on the slots' device) over
@@ -341,7 +341,9 @@ class DecodeSlots:
         for the last one asked: every layer of an eager decoding step asks for the same, and
         computing it once saves each further layer a copy to the device and about ten
         launches."""
-        key = (position, keys)
+        # The grad modes too: an index made under inference_mode cannot be saved for a
+        # backward later.
+        key = (position, keys, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         last = self._last
         if last is not None and last[0] == key:
             return last[1]

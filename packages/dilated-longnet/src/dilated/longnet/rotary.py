@@ -66,8 +66,11 @@ class RotaryEmbedding(nn.Module):
         # bound by its launches).
         key = None
         if n == 1 and isinstance(offset, int) and not torch.compiler.is_compiling():
+            # The grad modes too: a factor made under inference_mode cannot be saved for a
+            # backward later.
             key = (offset, q.device, self.inv_freq.dtype, self.head_dim, self.base,
-                   self.xpos_scale_base)  # fmt: skip
+                   self.xpos_scale_base, torch.is_inference_mode_enabled(),
+                   torch.is_grad_enabled())  # fmt: skip
             last = _LAST_STEP
             if last is not None and last[0] == key:
                 q_cos, q_sin, k_cos, k_sin = last[1]
