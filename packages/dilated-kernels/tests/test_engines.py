@@ -90,6 +90,7 @@ def test_registry_lists_every_engine_once_in_preference_order() -> None:
     for name, module in ENGINES.items():
         assert name == module.NAME and get_engine(name) is module
         assert isinstance(module.PLANS_PER_SHAPE, bool) and isinstance(module.FALLBACK, bool)
+        assert isinstance(module.HEAVY_HOST_PATH, bool)
     # Exactly one engine backs up the others, and it takes every call.
     assert [m.NAME for m in ENGINES.values() if m.FALLBACK] == ["reference"]
 
@@ -209,9 +210,12 @@ def test_small_calls_go_to_the_engine_with_the_lightest_host_path(
     monkeypatch: pytest.MonkeyPatch, fa4: bool
 ) -> None:
     """Up to ``SMALL_CALL_WORK`` (batch x rows_q x rows_k x heads x head_dim) the host sets the
-    time, and PyTorch's flash kernels cost it least; above it, the usual order."""
+    time, and PyTorch's flash kernels cost it less than flash-attn-4's Python wrapper; above
+    it, the usual order. Without flash-attn-4 a small call stays on cuDNN, whose host path is
+    as light and whose kernels are faster."""
     _device(monkeypatch, major=9, fa4=fa4)
     large = flash4 if fa4 else cudnn
+    small = sdpa_flash if fa4 else cudnn
 
     def settled(spec: SubproblemSpec, *tensors: torch.Tensor) -> object:
         # The choice once the shape repeats (cuDNN has planned it by then).
@@ -221,13 +225,13 @@ def test_small_calls_go_to_the_engine_with_the_lightest_host_path(
 
     for backward in (False, True):
         spec = _spec(backward=backward)
-        assert settled(spec, *_tensors(rows=4096)) is sdpa_flash  # 4096^2 x 8 x 128 = 2**34
+        assert settled(spec, *_tensors(rows=4096)) is small  # 4096^2 x 8 x 128 = 2**34
         assert settled(spec, *_tensors()) is large
     # The boundary: a call of exactly SMALL_CALL_WORK is small, one key row more is not.
     edge = 1 << 12
     assert edge * edge * 8 * 128 == engines.SMALL_CALL_WORK
     q, k = _tensors(rows=edge)[0], _tensors(rows=edge + 1)[0]
-    assert settled(_spec(), q, q, q) is sdpa_flash
+    assert settled(_spec(), q, q, q) is small
     assert settled(_spec(equal_rows=False), q, k, k) is large
     # What PyTorch's flash kernels cannot take stays where it ran (key masks on cuDNN).
     assert settled(_spec(key_mask=True, head_dim=64), *_tensors(rows=64, head_dim=64)) is cudnn

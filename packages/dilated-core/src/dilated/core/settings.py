@@ -87,10 +87,10 @@ class Settings:
             tiles path; True flash-attn-4 always (a call it cannot run raises ``ValueError``
             saying why); False the tiles path always. ``DILATED_SPARSE_FLASH4``.
         small_calls_on_sdpa_flash: ``engine="auto"`` sends a small dense call (at most
-            ``dilated.kernels.engines.SMALL_CALL_WORK``) to PyTorch's flash
-            kernels when they take it, whose host cost per call is a fraction of
-            flash-attn-4's and cuDNN's (default True); False keeps the usual order at every
-            size. ``DILATED_SMALL_CALLS_ON_SDPA_FLASH``.
+            ``dilated.kernels.engines.SMALL_CALL_WORK``) that would go to flash-attn-4 to
+            PyTorch's flash kernels when they take it, whose host cost per call is a fraction
+            of flash-attn-4's (default True); False keeps the usual order at every size.
+            ``DILATED_SMALL_CALLS_ON_SDPA_FLASH``.
 
     Raises:
         ArgumentTypeError: a field that is not a bool (or None where None is allowed).

@@ -56,7 +56,9 @@ ENGINE_NAMES: tuple[str, ...] = ("auto", *ENGINES)
 CUDNN_PLAN_AFTER = 2
 
 #: ``"auto"`` sends a call of at most this much work (batch x rows_q x rows_k x heads x
-#: head_dim) to ``"sdpa_flash"`` when it takes it (setting ``small_calls_on_sdpa_flash``). At
+#: head_dim) to ``"sdpa_flash"`` when it takes it and the engine it would go to has a heavy host
+#: path (``HEAVY_HOST_PATH``: flash-attn-4; not cuDNN, whose host path is C++ like PyTorch's
+#: flash kernels' and whose GPU work is faster) (setting ``small_calls_on_sdpa_flash``). At
 #: such sizes the host, not the GPU, sets the time: flash-attn-4's Python wrapper costs about
 #: 0.2 ms per forward and 0.6 ms per backward call on an H100 host (2026-12-05), PyTorch's
 #: flash kernels tens of microseconds. Its GPU work is slower, though (about half of
@@ -142,8 +144,9 @@ def choose_engine(
     """The engine that runs this call.
 
     ``engine="auto"``: the first engine in ``ENGINES`` order that takes the call, except that a
-    small call (at most ``SMALL_CALL_WORK``) goes to ``"sdpa_flash"`` when it takes it (its host
-    cost is the lowest; setting ``small_calls_on_sdpa_flash``), a shape cuDNN has not yet run
+    small call (at most ``SMALL_CALL_WORK``) that would go to an engine with a heavy host path
+    (flash-attn-4) goes to ``"sdpa_flash"`` when it takes it (its host cost is the lowest;
+    setting ``small_calls_on_sdpa_flash``), a shape cuDNN has not yet run
     ``CUDNN_PLAN_AFTER`` times goes to the next engine without per-shape plans when one takes
     it (never to ``"reference"``), and a CUDA-graph capture never triggers a new cuDNN plan.
     The choice does not depend on whether a capture is under way otherwise, so a warm-up call
@@ -158,7 +161,7 @@ def choose_engine(
             return named
     best = candidates[0]
     if (
-        best is not sdpa_flash
+        best.HEAVY_HOST_PATH
         and sdpa_flash in candidates
         and q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2] * spec.head_dim <= SMALL_CALL_WORK
         and get_settings().small_calls_on_sdpa_flash

@@ -23,6 +23,7 @@ from dilated.kernels.engines.spec import SubproblemSpec
 
 __all__ = [
     "FALLBACK",
+    "HEAVY_HOST_PATH",
     "MASK_DROPOUT_HEAD_DIMS",
     "NAME",
     "PLANS_PER_SHAPE",
@@ -37,6 +38,7 @@ __all__ = [
 NAME = "cudnn"
 PLANS_PER_SHAPE = True
 FALLBACK = False
+HEAVY_HOST_PATH = False
 
 #: head_dim values with which cuDNN's bias (key mask) and dropout were verified on an H200.
 #: cuDNN has crashed the host process with a bias at other sizes (a segfault seen with

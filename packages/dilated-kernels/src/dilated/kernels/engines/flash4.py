@@ -25,6 +25,7 @@ from dilated.kernels.engines.spec import SubproblemSpec
 
 __all__ = [
     "FALLBACK",
+    "HEAVY_HOST_PATH",
     "INSTALL_HINT",
     "NAME",
     "PLANS_PER_SHAPE",
@@ -38,6 +39,7 @@ __all__ = [
 NAME = "flash4"
 PLANS_PER_SHAPE = False
 FALLBACK = False
+HEAVY_HOST_PATH = True
 
 INSTALL_HINT = (
     "flash-attn-4 is not installed: pip install 'dilated-kernels[flash]' "

@@ -19,6 +19,7 @@ from dilated.kernels.engines.spec import SubproblemSpec
 
 __all__ = [
     "FALLBACK",
+    "HEAVY_HOST_PATH",
     "NAME",
     "PLANS_PER_SHAPE",
     "available",
@@ -30,6 +31,7 @@ __all__ = [
 NAME = "reference"
 PLANS_PER_SHAPE = False
 FALLBACK = True
+HEAVY_HOST_PATH = True
 
 
 def available(device: torch.device) -> bool:

@@ -18,6 +18,7 @@ from dilated.kernels.engines.spec import SubproblemSpec
 
 __all__ = [
     "FALLBACK",
+    "HEAVY_HOST_PATH",
     "NAME",
     "PLANS_PER_SHAPE",
     "available",
@@ -29,6 +30,7 @@ __all__ = [
 NAME = "sdpa_flash"
 PLANS_PER_SHAPE = False
 FALLBACK = False
+HEAVY_HOST_PATH = False
 
 _HAS_OPS: bool = hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(
     torch.ops.aten, "_flash_attention_backward"

@@ -94,6 +94,9 @@ class Engine(Protocol):
     PLANS_PER_SHAPE: bool
     #: Whether the engine only backs up the others (chosen when no other takes the call).
     FALLBACK: bool
+    #: Whether each call pays a host path of hundreds of microseconds (a Python wrapper, or
+    #: plain PyTorch operations): ``"auto"`` then sends small calls to a lighter engine.
+    HEAVY_HOST_PATH: bool
 
     def available(self, device: torch.device) -> bool:
         """Whether the engine can run at all on ``device`` (installed, right hardware)."""
