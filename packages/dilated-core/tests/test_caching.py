@@ -10,6 +10,7 @@ import torch
 
 from dilated.core.caching import (
     CacheInfo,
+    LastStep,
     PlanCache,
     clear_plan_caches,
     plan_cache,
@@ -124,3 +125,21 @@ def test_concurrent_use_stays_within_the_bound() -> None:
     with ThreadPoolExecutor(4) as pool:  # a failed lookup re-raises here
         assert list(pool.map(work, range(4))) == [0, 1, 2, 3]
     assert len(cache) <= 16
+
+
+def test_last_step_keeps_one_value_per_key_and_grad_mode() -> None:
+    built: list[int] = []
+    last: LastStep[int, list[int]] = LastStep()
+
+    def get(key: int) -> list[int]:
+        return last.get_or_build(key, lambda: built.append(key) or [key])
+
+    first = get(1)
+    assert get(1) is first and built == [1]
+    assert get(2) == [2] and built == [1, 2]
+    assert get(1) is not first and built == [1, 2, 1]  # one entry: 2 replaced 1
+    with torch.no_grad():
+        get(1)
+    with torch.inference_mode():
+        get(1)
+    assert built == [1, 2, 1, 1, 1]  # each grad mode its own entry

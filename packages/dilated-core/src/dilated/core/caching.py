@@ -17,6 +17,10 @@ dropped (an evicted plan is worked out again at its next use, never lost); a doc
 misses of every live cache, and [`clear_plan_caches`][dilated.core.caching.clear_plan_caches]
 empties them all (to free the device tensors a plan holds, or to measure a cold start).
 
+[`LastStep`][dilated.core.caching.LastStep] is the other kind: one entry, the value of the last
+key asked for, for what every layer of an eager decoding step works out again from the same
+position (it holds tensors of that step, not a plan).
+
 Every cache can be shared between threads: a lookup never fails or returns another key's entry
 (a ``PlanCache`` counts its hits and misses without a lock, so under contention the counts are
 approximate); a plan is built outside any lock (two threads missing one key at once both build
@@ -33,10 +37,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+import torch
+
 from dilated.core.checks import check_instance, check_positive_int
 
 __all__ = [
     "CacheInfo",
+    "LastStep",
     "PlanCache",
     "clear_plan_caches",
     "plan_cache",
@@ -89,6 +96,30 @@ def _register(cache: _Registered, maxsize: int, key: str) -> None:
         if cache.name in _caches:
             raise ValueError(f"a plan cache named {cache.name!r} already exists")
         _caches[cache.name] = cache
+
+
+class LastStep(Generic[K, V]):
+    """The value of the last key asked for (one entry).
+
+    The key is extended by the grad modes, since a tensor made under ``torch.inference_mode``
+    cannot be saved for a backward later. Nothing is kept while ``torch.compile`` traces, because a
+    Python-side entry would be baked into the graph. A racing thread at worst rebuilds a value.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple[K, bool, bool], V] | None = None
+
+    def get_or_build(self, key: K, build: Callable[[], V]) -> V:
+        """The value kept for ``key`` (in the current grad modes), else ``build()``, kept."""
+        if torch.compiler.is_compiling():
+            return build()
+        full = (key, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        entry = self._entry
+        if entry is not None and entry[0] == full:
+            return entry[1]
+        value = build()
+        self._entry = (full, value)
+        return value
 
 
 class PlanCache(Generic[K, V]):

@@ -22,7 +22,7 @@ import torch
 
 from dilated.core.base import BaseDilatedAttention
 from dilated.core.branches import compute_dtype
-from dilated.core.caching import plan_cache
+from dilated.core.caching import LastStep, plan_cache
 from dilated.core.checks import check_index, check_instance, check_positive_int, check_scale
 from dilated.core.functional import prepare_call
 from dilated.core.reference import attention_output
@@ -322,7 +322,7 @@ class DecodeSlots:
         self.r = torch.repeat_interleave(torch.tensor(rs), torch.tensor(counts)).to(device)
         self.j = torch.cat([torch.arange(c) for c in counts]).to(device)
         self.head_phase = torch.arange(heads, device=device)[:, None] % self.r[None, :]
-        self._last: tuple[tuple[int, int, bool, bool], SlotIndex] | None = None
+        self._last: LastStep[tuple[int, int], SlotIndex] = LastStep()
 
     def index(self, position: torch.Tensor, keys: int) -> SlotIndex:
         """The slots' keys for the query at ``position`` (0-d int64 on the slots' device) over
@@ -330,7 +330,6 @@ class DecodeSlots:
         t = position
         index = (t // self.w) * self.w + t % self.r + self.r * self.j
         return SlotIndex(
-            t,
             index.clamp(0, keys - 1),
             (index <= t)[None, :],
             self.head_phase == (t % self.r)[None, :],
@@ -341,17 +340,12 @@ class DecodeSlots:
         for the last one asked: every layer of an eager decoding step asks for the same, and
         computing it once saves each further layer a copy to the device and about ten
         launches."""
-        # The grad modes too: an index made under inference_mode cannot be saved for a
-        # backward later.
-        key = (position, keys, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-        last = self._last
-        if last is not None and last[0] == key:
-            return last[1]
-        t = torch.tensor(position, dtype=torch.int64).to(self.w.device, non_blocking=True)
-        got = self.index(t, keys)
-        if not torch.compiler.is_compiling():
-            self._last = (key, got)
-        return got
+
+        def build() -> SlotIndex:
+            t = torch.tensor(position, dtype=torch.int64).to(self.w.device, non_blocking=True)
+            return self.index(t, keys)
+
+        return self._last.get_or_build((position, keys), build)
 
 
 class SlotIndex(NamedTuple):
@@ -359,13 +353,11 @@ class SlotIndex(NamedTuple):
     query position ``t``.
 
     Attributes:
-        position: 0-d int64, ``t``.
         keys: ``(slots,)`` int64, each slot's key, clamped into the cache.
         present: bool ``(1, slots)``, the slot's key is at or before ``t``.
         in_phase: bool ``(heads, slots)``, the head reads the slot (its phase is ``t``'s).
     """
 
-    position: torch.Tensor
     keys: torch.Tensor
     present: torch.Tensor
     in_phase: torch.Tensor
@@ -420,9 +412,9 @@ def decode_step(
     b, _, h, d = q.shape
     hkv = k.shape[2]
     if isinstance(position, int):
-        _, index_c, present, in_phase = slots.index_at(position, k.shape[1])
+        index_c, present, in_phase = slots.index_at(position, k.shape[1])
     else:
-        _, index_c, present, in_phase = slots.index(position, k.shape[1])
+        index_c, present, in_phase = slots.index(position, k.shape[1])
     # A slot holds a key when it is at or before t (and not padding); a head reads it when the
     # head is in the slot's phase.
     if key_mask is not None:

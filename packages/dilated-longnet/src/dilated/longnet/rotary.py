@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dilated.core.caching import LastStep
 from dilated.core.checks import check_positive_number
 
 __all__ = ["RotaryEmbedding"]
+
+_Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: The last one-token step's factors, shared by every layer's rotation.
+_STEP_FACTORS: LastStep[tuple[object, ...], _Factors] = LastStep()
 
 
 class RotaryEmbedding(nn.Module):
@@ -61,29 +66,19 @@ class RotaryEmbedding(nn.Module):
         integer tensor on the device of ``q`` (read there: no host synchronisation, the same
         angles); returns both in their input dtypes."""
         n = q.shape[1]
-        # An eager decoding step rotates one token at the same position in every layer: the
-        # factors of the last such call are kept (each is a few launches, and the step is
-        # bound by its launches).
-        key = None
-        if n == 1 and isinstance(offset, int) and not torch.compiler.is_compiling():
-            # The grad modes too: a factor made under inference_mode cannot be saved for a
-            # backward later.
+        if n == 1 and isinstance(offset, int):
+            # An eager decoding step rotates one token at the same position in every layer:
+            # its factors are worked out once (each is a few launches, and the step is bound by
+            # its launches).
             key = (offset, q.device, self.inv_freq.dtype, self.head_dim, self.base,
-                   self.xpos_scale_base, torch.is_inference_mode_enabled(),
-                   torch.is_grad_enabled())  # fmt: skip
-            last = _LAST_STEP
-            if last is not None and last[0] == key:
-                q_cos, q_sin, k_cos, k_sin = last[1]
-                return _rotate(q, q_cos, q_sin), _rotate(k, k_cos, k_sin)
-        factors = self._factors(q.device, n, offset)
-        if key is not None:
-            _remember((key, factors))
+                   self.xpos_scale_base)  # fmt: skip
+            factors = _STEP_FACTORS.get_or_build(key, lambda: self._factors(q.device, n, offset))
+        else:
+            factors = self._factors(q.device, n, offset)
         q_cos, q_sin, k_cos, k_sin = factors
         return _rotate(q, q_cos, q_sin), _rotate(k, k_cos, k_sin)
 
-    def _factors(
-        self, device: torch.device, n: int, offset: int | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _factors(self, device: torch.device, n: int, offset: int | torch.Tensor) -> _Factors:
         """``(cos, sin)`` of q then of k, ``(1, n, 1, head_dim)`` float32."""
         if isinstance(offset, torch.Tensor):
             steps = torch.arange(n, device=device, dtype=torch.float32)
@@ -111,12 +106,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     pairs = xf.unflatten(-1, (-1, 2))
     turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
     return torch.addcmul(xf * cos, turned, sin).to(x.dtype)
-
-
-_Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-_LAST_STEP: tuple[tuple[object, ...], _Factors] | None = None
-
-
-def _remember(entry: tuple[tuple[object, ...], _Factors]) -> None:
-    global _LAST_STEP
-    _LAST_STEP = entry

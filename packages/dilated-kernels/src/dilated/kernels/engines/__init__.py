@@ -65,8 +65,9 @@ CUDNN_PLAN_AFTER = 2
 #: flash-attn-4's speed on an H100), so the rule pays only where host time dominates. On an H100
 #: (2026-12-05, 16 heads of 128, default branches, eager) it made a 4K-token sequence 1.3-1.7x
 #: faster forward and forward+backward; at 8K and 16K it was mixed (16K non-causal
-#: forward+backward 1.4x slower, the causal rows faster), so 2**34 takes every call of a 4K-token sequence and none of an 8K one. Under a CUDA
-#: graph (no host cost) flash-attn-4 is faster at every size: turn the setting off there.
+#: forward+backward 1.4x slower, the causal rows faster), so 2**34 takes every call of a
+#: 4K-token sequence and none of an 8K one. Under a CUDA graph (no host cost) flash-attn-4 is
+#: faster at every size: turn the setting off there.
 SMALL_CALL_WORK = 1 << 34
 
 _supporting: PlanCache[SubproblemSpec, tuple[Engine, ...]] = PlanCache(
