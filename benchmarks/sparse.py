@@ -460,6 +460,9 @@ def bench_sequence(
             run = sparse_flash4.runner(q, k, v, lays, block, causal, mode == "fwd+bwd", True)
             if run is not None:
                 fa4_dense_ms[mode] = timer(run, args.warmup, args.repeats)[0]
+            # The baseline's pre-gathered copies (eight per call): at 1M tokens, 40 GB that the
+            # rows after it would otherwise run beside.
+            run = None
         torch.cuda.empty_cache()
     flex: FlexPattern | None = None
     flex_note = "seq > --flex-max-seq"
@@ -515,6 +518,7 @@ def bench_sequence(
                     fa4_ms = timer(run, args.warmup, args.repeats)[0]
             except Exception as exc:
                 note += f" fa4 failed: {type(exc).__name__}: {str(exc)[:120]}"
+            run = None
             torch.cuda.empty_cache()
             if flex is not None:
                 try:

@@ -223,6 +223,29 @@ def test_branch_groups_cover_every_call_once() -> None:
     assert [g.branches for g in whole] == [(0, 3)]
 
 
+@pytest.mark.parametrize(
+    ("free", "cached", "want"),
+    [
+        (70 << 30, 0, 16 << 30),  # a quarter of 80 GiB is 20 GiB: 16 as a power of two
+        (14 << 30, 2 << 30, 8 << 30),  # half of the 16 GiB free, cache included
+        (3 << 30, 0, 1 << 30),  # 1.5 GiB rounded down
+    ],
+)
+def test_the_backward_budget_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, free: int, cached: int, want: int
+) -> None:
+    """By default the smaller of a quarter of the card and half of what is free (to the driver
+    and in PyTorch's cache), as a power of two; the setting overrides it."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 + cached)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5)
+    assert flash4_workspace.backward_budget(torch.device("cuda", 0)) == want
+    monkeypatch.setattr(flash4_workspace, "BACKWARD_WORKSPACE_BYTES", 12345)
+    assert flash4_workspace.backward_budget(torch.device("cuda", 0)) == 12345
+    monkeypatch.setattr(flash4_workspace, "BACKWARD_WORKSPACE_BYTES", None)
+    assert flash4_workspace.backward_budget(torch.device("cpu")) == 1 << 62
+
+
 @pytest.mark.usefixtures("emulated_flash4")
 def test_a_key_holds_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     """The op passes its layout key down: the second call finds the plan by it, builds no

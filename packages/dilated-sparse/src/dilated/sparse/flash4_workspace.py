@@ -6,8 +6,8 @@ then every call's LSE; the backward one every call's ``dq``, then ``dk``, then `
 tables ([`dilated.kernels.piece_gather`][dilated.kernels.piece_gather]) give each piece's place
 as a byte offset from the workspace's start, to which a call adds the workspace's address.
 
-The backward workspace of every branch at once can be large (a million tokens at 16 heads of
-128: about 12 GB per branch). Above ``BACKWARD_WORKSPACE_BYTES``
+The backward workspace of every branch at once can be large (``longnet_1m`` at a million tokens,
+16 heads of 128, bf16: 16 GiB, 12 of them the rate-1 branch's). Above ``BACKWARD_WORKSPACE_BYTES``
 the branches go in [`BranchGroup`][dilated.sparse.flash4_workspace.BranchGroup]s, one
 workspace each, in turn.
 """
@@ -31,11 +31,13 @@ __all__ = [
     "piece_offsets",
 ]
 
-#: The most bytes the backward pass's gradient workspace takes at once; None (default) a
-#: quarter of the device's memory. Above it the calls run in groups of whole branches (one
-#: branch at least), each group's gradients added to the result before the next group's
-#: workspace is taken. The gradients are then rounded to their dtype once per group instead of
-#: once, and each group after the first reads them back.
+#: The most bytes the backward pass's gradient workspace takes at once; None (default) the
+#: smaller of a quarter of the device's memory and half of what is free when the backward starts
+#: (free to the driver plus cached by PyTorch's allocator), rounded down to a power of two. Above
+#: it the calls run in groups of whole branches (one branch at least), each group's gradients
+#: added to the result before the next group's workspace is taken. The gradients are then
+#: rounded to their dtype once per group instead of once, and each group after the first reads
+#: them back.
 BACKWARD_WORKSPACE_BYTES: int | None = None
 
 
@@ -146,6 +148,12 @@ def backward_budget(device: torch.device) -> int:
     ``BACKWARD_WORKSPACE_BYTES``)."""
     if BACKWARD_WORKSPACE_BYTES is not None:
         return BACKWARD_WORKSPACE_BYTES
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 4
-    return 1 << 62
+    if device.type != "cuda":
+        return 1 << 62
+    # What the caller holds counts: a quarter of the card alone ran out of memory at a million
+    # tokens beside 60 GB of other tensors. cudaMemGetInfo does not wait on the streams. The
+    # power of two keeps the groups' cache (keyed by the budget) to a few entries.
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    budget = min(total // 4, (free + cached) // 2)
+    return 1 << max(budget.bit_length() - 1, 0)
