@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import types
 
 import fa4_emulator
 import pytest
@@ -235,11 +236,18 @@ def test_the_backward_budget_on_a_gpu(
     monkeypatch: pytest.MonkeyPatch, free: int, cached: int, want: int
 ) -> None:
     """By default the smaller of a quarter of the card and half of what is free (to the driver
-    and in PyTorch's cache), as a power of two; the setting overrides it."""
+    and in PyTorch's cache), as a power of two (a quarter while capturing); the setting overrides
+    it."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 + cached)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert flash4_workspace.backward_budget(torch.device("cuda", 0)) == want
+    # Under a CUDA graph capture the graph's pool is not in the free figure: a quarter.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    props = types.SimpleNamespace(total_memory=80 << 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    assert flash4_workspace.backward_budget(torch.device("cuda", 0)) == 20 << 30
     monkeypatch.setattr(flash4_workspace, "BACKWARD_WORKSPACE_BYTES", 12345)
     assert flash4_workspace.backward_budget(torch.device("cuda", 0)) == 12345
     monkeypatch.setattr(flash4_workspace, "BACKWARD_WORKSPACE_BYTES", None)

@@ -33,7 +33,8 @@ __all__ = [
 
 #: The most bytes the backward pass's gradient workspace takes at once; None (default) the
 #: smaller of a quarter of the device's memory and half of what is free when the backward starts
-#: (free to the driver plus cached by PyTorch's allocator), rounded down to a power of two. Above
+#: (free to the driver plus cached by PyTorch's allocator), rounded down to a power of two (a
+#: quarter of the device's memory while a CUDA graph is captured). Above
 #: it the calls run in groups of whole branches (one branch at least), each group's gradients
 #: added to the result before the next group's workspace is taken. The gradients are then
 #: rounded to their dtype once per group instead of once, and each group after the first reads
@@ -150,6 +151,9 @@ def backward_budget(device: torch.device) -> int:
         return BACKWARD_WORKSPACE_BYTES
     if device.type != "cuda":
         return 1 << 62
+    if torch.cuda.is_current_stream_capturing():
+        # A capture allocates from its graph's own pool, which the free figure does not show.
+        return torch.cuda.get_device_properties(device).total_memory // 4
     # What the caller holds counts: a quarter of the card alone ran out of memory at a million
     # tokens beside 60 GB of other tensors. cudaMemGetInfo does not wait on the streams. The
     # power of two keeps the groups' cache (keyed by the budget) to a few entries.
