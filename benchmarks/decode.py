@@ -237,7 +237,7 @@ def generate_rows(
     rows = []
     for impl in IMPLS:
         model = llama(args, impl, device, dtype).eval()
-        for cache in CACHES:
+        for cache in args.caches:
             row: dict[str, Any] = {"part": "hf-generate", "impl": impl, "cache": cache}
             row["prompt"], row["new_tokens"] = args.prompt, args.new_tokens
             row |= guarded(
@@ -343,6 +343,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--caches",
+        nargs="+",
+        choices=CACHES,
+        default=list(CACHES),
+        help="hf-generate's caches (static: transformers compiles its step first, minutes)",
+    )
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument(
         "--profile-eager",

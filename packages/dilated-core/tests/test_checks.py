@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dilated.core import dilated_attention
-from dilated.core.checks import check_positive_number, first_derivative_only
+from dilated.core.checks import check_branches, check_positive_number, first_derivative_only
 
 
 def _qkv(
@@ -162,3 +162,19 @@ def test_first_derivative_only_refuses_a_second_derivative() -> None:
     torch.testing.assert_close(alias, fixed)
     with pytest.raises(RuntimeError, match=r"the op computes first derivatives only.*the other op"):
         ((alias * x).sum() + x.sum()).backward()
+
+
+def test_branch_lists_that_passed_are_looked_up_but_lookalikes_are_checked() -> None:
+    """A list of ints that passed once is not checked again; a bool, a float or a numpy int
+    equal to a cached entry is still checked, and refused as the rules say."""
+    np = pytest.importorskip("numpy")
+    assert check_branches([8, 16], [1, 2]) == ((8, 16), (1, 2))
+    assert check_branches((8, 16), [1, 2]) == ((8, 16), (1, 2))  # looked up
+    with pytest.raises(ValueError, match=r"dilation_rates\[0\]"):
+        check_branches([8, 16], [True, 2])
+    with pytest.raises(ValueError, match=r"segment_lengths\[1\]"):
+        check_branches([8, 16.0], [1, 2])
+    with pytest.raises(ValueError, match=r"segment_lengths\[0\]"):
+        check_branches([np.int64(8), 16], [1, 2])
+    with pytest.raises(ValueError, match=r"multiple of dilation_rates\[1\]"):
+        check_branches([8, 16], [1, 3])

@@ -11,7 +11,9 @@ gradients.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -144,3 +146,54 @@ def test_flash4_equals_the_tiles_at_size(monkeypatch: pytest.MonkeyPatch, causal
         ("out", "lse", "dq", "dk", "dv"), results["flash4"], results["tiles"]
     ):
         assert_close_to_reference(got.float(), want.float(), torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("cfg", LAYOUTS[:3], ids=IDS[:3])
+@pytest.mark.parametrize(("causal", "padding"), [(False, False), (True, True)])
+def test_the_sharded_op_on_gpu(
+    monkeypatch: pytest.MonkeyPatch, cfg: SparsePatternConfig, causal: bool, padding: bool
+) -> None:
+    """The distributed op on 4 loopback ranks of one GPU, on the flash4 path: the branch of
+    w=512 local to each 1024-token shard, w=2048 and w=4096 through the flash4 body; each
+    rank's output and gradients are its rows of the float64 judge's."""
+    from dilated.kernels import flash4_block_sparse
+    from dilated.ring.loopback import LoopbackGroup, run_ranks
+    from dilated.sparse.distributed import sparse_ring_passes
+
+    # The ranks are threads of one process here: one compiles or launches a kernel at a time
+    # (one process per rank in a real run).
+    lock = threading.Lock()
+    for name in ("forward", "backward"):
+        real = getattr(flash4_block_sparse, name)
+
+        def locked(*args: object, _real: Any = real, **kw: object) -> None:
+            with lock:
+                _real(*args, **kw)
+
+        monkeypatch.setattr(flash4_block_sparse, name, locked)
+    world, ws, rs = 4, [512, 2048, 4096], [1, 2, 4]
+    x = make_inputs(2, 4096, 4, 64, kv_heads=2, dtype=torch.bfloat16, device="cuda",
+                    seed=5, padding=padding)  # fmt: skip
+    grad = torch.randn(x.q.shape, device="cuda", dtype=torch.bfloat16)
+    size = 4096 // world
+    mask = x.key_padding_mask
+
+    def rank_fn(rank: int, group: LoopbackGroup) -> tuple[torch.Tensor, ...]:
+        # CUDA autograd runs every backward of a device on one engine thread, where the
+        # ranks' backward passes would wait for each other: both passes driven directly.
+        rows = slice(rank * size, (rank + 1) * size)
+        return sparse_ring_passes(
+            x.q[:, rows], x.k[:, rows], x.v[:, rows], grad[:, rows], ws, rs, sparse_config=cfg,
+            is_causal=causal, group=group, timeout_s=300.0,
+            key_padding_mask=None if mask is None else mask[:, rows],
+        )  # fmt: skip
+
+    got = [torch.cat(parts, dim=1) for parts in zip(*run_ranks(rank_fn, world, timeout_s=600.0))]
+    q, k, v = (t.detach().double().requires_grad_() for t in (x.q, x.k, x.v))
+    want, _ = dense_block_sparse_attention(
+        q, k, v, ws, rs, sparse_config=cfg, is_causal=causal, key_padding_mask=mask
+    )
+    want.backward(grad.double())
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, (want, q.grad, k.grad, v.grad)):
+        assert w is not None
+        assert_close_to_reference(g.float(), w.float(), torch.bfloat16, name)

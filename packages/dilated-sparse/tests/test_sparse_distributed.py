@@ -20,13 +20,15 @@ from dilated.core.testing import (
     dense_block_sparse_attention,
     make_inputs,
 )
+from dilated.kernels import flash4_block_sparse
 from dilated.ring.loopback import LoopbackGroup, run_ranks
 from dilated.sparse import (
     DistributedBlockSparseDilatedAttention,
     block_sparse_dilated_attention,
     block_sparse_ring_dilated_attention,
 )
-from dilated.sparse.distributed import check_sharding, comm_bytes
+from dilated.sparse.block_body import Flash4SparseBody
+from dilated.sparse.distributed import check_sharding, comm_bytes, sparse_ring_passes
 
 SEQ = 64
 # w=8 local on every world size here; w=32 spans 2 or 4 ranks; w=64 >= the whole sequence.
@@ -48,8 +50,11 @@ def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def _run(
-    cfg: SparsePatternConfig, world: int, is_causal: bool, kv_heads: int, padding: bool = False
-) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...], list[tuple[int, int]]]:
+    cfg: SparsePatternConfig, world: int, is_causal: bool, kv_heads: int, padding: bool = False,
+    judge: bool = False,
+) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...], list[tuple[int, int]]]:  # fmt: skip
+    """Every rank's output and gradients, the single-process op's (``judge``: the dense float64
+    judge's) and the bytes each rank sent forward and backward."""
     x = make_inputs(
         2, SEQ, 4, 8, kv_heads=kv_heads, dtype=torch.float64, seed=world, padding=padding
     )
@@ -74,13 +79,45 @@ def _run(
 
     results = run_ranks(rank_fn, world, timeout_s=120.0)
     q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
-    ref = block_sparse_dilated_attention(
-        q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=is_causal, key_padding_mask=mask
-    )
+    if judge:
+        ref, _ = dense_block_sparse_attention(
+            q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=is_causal,
+            key_padding_mask=mask,
+        )  # fmt: skip
+    else:
+        ref = block_sparse_dilated_attention(
+            q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=is_causal, key_padding_mask=mask
+        )
     ref.backward(grad)
     assert q.grad is not None and k.grad is not None and v.grad is not None
     counts = [(int(r[4][0]), int(r[4][1])) for r in results]
     return [r[:4] for r in results], (ref.detach(), q.grad, k.grad, v.grad), counts
+
+
+def _check_rows(
+    ranks: list[tuple[torch.Tensor, ...]], want: tuple[torch.Tensor, ...], world: int
+) -> None:
+    """Each rank's output and gradients are its rows of ``want``'s."""
+    for rank, got in enumerate(ranks):
+        for what, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+            assert_close_to_reference(
+                g, _shard(w, rank, world), torch.float64, f"rank {rank} {what}"
+            )
+
+
+def _check_bytes(
+    counts: list[tuple[int, int]], cfg: SparsePatternConfig, world: int, is_causal: bool,
+    padding: bool,
+) -> None:  # fmt: skip
+    """Each rank sent the bytes of the cost model, forward and backward."""
+    layouts = resolve_layouts(cfg, SEGMENTS, RATES)
+    for rank, (fwd, bwd) in enumerate(counts):
+        model = comm_bytes(
+            layouts, cfg.block_size, world_size=world, rank=rank, shard=SEQ // world, batch=2,
+            heads=4, kv_heads=2, head_dim=8, is_causal=is_causal, dtype=torch.float64,
+            key_padding_mask=padding,
+        )  # fmt: skip
+        assert (fwd, bwd) == (model["forward"], model["backward"])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -91,19 +128,65 @@ def test_shards_equal_the_single_process_op(
 ) -> None:
     cfg = CONFIGS[name]
     ranks, want, counts = _run(cfg, world, is_causal, kv_heads=2, padding=padding)
-    for rank, got in enumerate(ranks):
-        for what, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-            assert_close_to_reference(
-                g, _shard(w, rank, world), torch.float64, f"rank {rank} {what}"
-            )
-    layouts = resolve_layouts(cfg, SEGMENTS, RATES)
-    for rank, (fwd, bwd) in enumerate(counts):
-        model = comm_bytes(
-            layouts, cfg.block_size, world_size=world, rank=rank, shard=SEQ // world, batch=2,
-            heads=4, kv_heads=2, head_dim=8, is_causal=is_causal, dtype=torch.float64,
-            key_padding_mask=padding,
+    _check_rows(ranks, want, world)
+    _check_bytes(counts, cfg, world, is_causal, padding)
+
+
+@pytest.mark.usefixtures("emulated_flash4")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize(("is_causal", "padding"), [(False, False), (True, True)])
+def test_the_flash4_body_equals_the_judge(
+    monkeypatch: pytest.MonkeyPatch, name: str, world: int, is_causal: bool, padding: bool
+) -> None:
+    """On the flash4 path (its flash-attn-4 calls run by the CPU stand-in, kernel blocks of 4
+    rows against layout blocks of 2): the local branches on the shard and the spanning ones
+    through the flash4 body give each rank its rows of the dense judge, forward and backward,
+    with the bytes of the cost model (the same transfers as the tiles body)."""
+    monkeypatch.setattr(flash4_block_sparse, "BLOCK", (4, 4))
+    bodies: list[int] = []
+    real = Flash4SparseBody.forward
+
+    def counted(self: Flash4SparseBody, held: object) -> None:
+        bodies.append(self.index)
+        real(self, held)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Flash4SparseBody, "forward", counted)
+    cfg = CONFIGS[name]
+    ranks, want, counts = _run(cfg, world, is_causal, kv_heads=2, padding=padding, judge=True)
+    _check_rows(ranks, want, world)
+    # Every rank runs the body once per spanning branch (w=64 always, w=32 on 4 ranks).
+    spanning = [i for i, w in enumerate(SEGMENTS) if (SEQ // world) % w]
+    assert sorted(bodies) == sorted(spanning * world), bodies
+    _check_bytes(counts, cfg, world, is_causal, padding)
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_passes_without_autograd_equal_the_op(world: int) -> None:
+    """``sparse_ring_passes`` (both passes driven directly, for loopback ranks on CUDA) gives
+    each rank what the op and autograd give it."""
+    cfg = CONFIGS["global_local"]
+    x = make_inputs(1, SEQ, 4, 8, kv_heads=2, dtype=torch.float64, seed=2, padding=True)
+    grad = torch.randn(x.q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mask = x.key_padding_mask
+    assert mask is not None
+
+    def rank_fn(rank: int, group: LoopbackGroup) -> tuple[torch.Tensor, ...]:
+        q, k, v, g, m = (_shard(t, rank, world) for t in (x.q, x.k, x.v, grad, mask))
+        return sparse_ring_passes(
+            q, k, v, g, SEGMENTS, RATES, sparse_config=cfg, is_causal=True,
+            key_padding_mask=m, group=group, timeout_s=60.0,
         )  # fmt: skip
-        assert (fwd, bwd) == (model["forward"], model["backward"])
+
+    got = [torch.cat(p, dim=1) for p in zip(*run_ranks(rank_fn, world, timeout_s=120.0))]
+    q, k, v = (t.clone().requires_grad_() for t in (x.q, x.k, x.v))
+    want, _ = dense_block_sparse_attention(
+        q, k, v, SEGMENTS, RATES, sparse_config=cfg, is_causal=True, key_padding_mask=mask
+    )
+    want.backward(grad)
+    for what, g, w in zip(("out", "dq", "dk", "dv"), got, (want, q.grad, k.grad, v.grad)):
+        assert w is not None
+        assert_close_to_reference(g, w, torch.float64, what)
 
 
 def test_sparse_layouts_send_fewer_bytes_than_dense() -> None:

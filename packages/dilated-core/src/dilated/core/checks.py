@@ -223,7 +223,28 @@ def check_branches(
 
     Rules: both pass [`check_branch_list`][dilated.core.checks.check_branch_list], they have
     equal length, and every segment length is a multiple of its dilation rate (``w_i % r_i == 0``).
+    Lists or tuples of plain ints that passed once are looked up, not checked again (every
+    layer of every decoding step passes the same ones).
     """
+    if type(segment_lengths) in _PLAIN and type(dilation_rates) in _PLAIN:
+        ws_, rs_ = tuple(segment_lengths), tuple(dilation_rates)
+        # Only exact ints: True == 1 would otherwise find the entry of 1.
+        if all(type(x) is int for x in ws_ + rs_) and (ws_, rs_) in _CHECKED_BRANCHES:
+            return ws_, rs_
+    checked = _check_branches(segment_lengths, dilation_rates)
+    if len(_CHECKED_BRANCHES) < 256 and all(type(x) is int for x in checked[0] + checked[1]):
+        _CHECKED_BRANCHES.add(checked)
+    return checked
+
+
+_PLAIN = (list, tuple)
+#: Branch lists that passed (bounded: a program uses a few).
+_CHECKED_BRANCHES: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+
+
+def _check_branches(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     for name, seq in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or len(seq) == 0:
             check_branch_list(name, seq)  # raises, naming the rule

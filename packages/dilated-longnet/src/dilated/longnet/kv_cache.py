@@ -19,13 +19,12 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from dilated.core.base import BaseDilatedAttention
-from dilated.core.branches import compute_dtype
 from dilated.core.caching import LastStep, plan_cache
 from dilated.core.checks import check_index, check_instance, check_positive_int, check_scale
 from dilated.core.functional import prepare_call
-from dilated.core.reference import attention_output
 
 __all__ = [
     "DecodeSlots",
@@ -322,6 +321,8 @@ class DecodeSlots:
         self.r = torch.repeat_interleave(torch.tensor(rs), torch.tensor(counts)).to(device)
         self.j = torch.cat([torch.arange(c) for c in counts]).to(device)
         self.head_phase = torch.arange(heads, device=device)[:, None] % self.r[None, :]
+        #: A branch of rate 1 gives every head key t itself: no head sees nothing.
+        self.every_head_reads_t = 1 in rs
         self._last: LastStep[tuple[int, int], SlotIndex] = LastStep()
 
     def index(self, position: torch.Tensor, keys: int) -> SlotIndex:
@@ -329,8 +330,10 @@ class DecodeSlots:
         ``keys`` cached positions, computed on the device."""
         t = position
         index = (t // self.w) * self.w + t % self.r + self.r * self.j
+        # A slot in the future reads key t instead: written, so finite, where the future may
+        # hold anything (a masked NaN score stays NaN in the softmax).
         return SlotIndex(
-            index.clamp(0, keys - 1),
+            torch.minimum(index, t).clamp(0, keys - 1),
             (index <= t)[None, :],
             self.head_phase == (t % self.r)[None, :],
         )
@@ -353,7 +356,8 @@ class SlotIndex(NamedTuple):
     query position ``t``.
 
     Attributes:
-        keys: ``(slots,)`` int64, each slot's key, clamped into the cache.
+        keys: ``(slots,)`` int64, each slot's key (``t`` for a slot after ``t``), clamped
+            into the cache.
         present: bool ``(1, slots)``, the slot's key is at or before ``t``.
         in_phase: bool ``(heads, slots)``, the head reads the slot (its phase is ``t``'s).
     """
@@ -415,23 +419,21 @@ def decode_step(
         index_c, present, in_phase = slots.index_at(position, k.shape[1])
     else:
         index_c, present, in_phase = slots.index(position, k.shape[1])
-    # A slot holds a key when it is at or before t (and not padding); a head reads it when the
-    # head is in the slot's phase.
+    keys = k.index_select(1, index_c)  # (b, slots, hkv, d)
+    values = v.index_select(1, index_c)
     if key_mask is not None:
+        # A slot holds a key when it is at or before t and not padding. Padding may hold
+        # anything, NaN included: zeroed, not only masked (a masked NaN score stays NaN).
         present = present & key_mask.index_select(1, index_c)  # (batch, slots)
-    work = compute_dtype(q.dtype)  # float32 for 16-bit inputs, else their own
-    keys = k.index_select(1, index_c).to(work)  # (b, slots, hkv, d)
-    # Values of absent slots (the future, padding) are zeroed, not only weighted by 0: they may
-    # hold anything, NaN included.
-    values = torch.where(present[:, :, None, None], v.index_select(1, index_c).to(work), 0.0)
-    query = q.reshape(b, hkv, h // hkv, 1, d).to(work)  # each query head its own row
+        keys, values = (torch.where(present[:, :, None, None], x, 0.0) for x in (keys, values))
+    # A head reads a present slot when it is in the slot's phase. The query heads of one
+    # key/value head are the rows of its problem: one attention for every head and branch.
     allowed = in_phase.view(1, hkv, h // hkv, -1) & present[:, None, None, :]
-    # dilated-core's masked softmax: a head that sees no key gets 0.
-    out = attention_output(
-        query,
-        keys.transpose(1, 2)[:, :, None],  # (b, hkv, 1, slots, d), shared by the group
-        values.transpose(1, 2)[:, :, None],
-        scale,
-        key_mask=allowed,
-    )
-    return out.reshape(b, 1, h, d).to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q.reshape(b, hkv, h // hkv, d), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=allowed, scale=scale,
+    )  # fmt: skip
+    if key_mask is not None or not slots.every_head_reads_t:
+        # A head that sees no key gets 0 (a softmax over nothing is NaN).
+        out = torch.where(allowed.any(-1, keepdim=True), out, 0.0)
+    return out.reshape(b, 1, h, d)

@@ -37,6 +37,7 @@ class RotaryEmbedding(nn.Module):
 
     inv_freq: torch.Tensor
     zeta: torch.Tensor
+    sign: torch.Tensor
 
     def __init__(
         self, head_dim: int, base: float = 10000.0, xpos_scale_base: float | None = None
@@ -57,6 +58,9 @@ class RotaryEmbedding(nn.Module):
         idx = torch.arange(0, head_dim, 2, dtype=torch.float64).repeat_interleave(2)
         self.register_buffer("inv_freq", (base ** (-idx / head_dim)).float(), persistent=False)
         self.register_buffer("zeta", ((idx / head_dim + 0.4) / 1.4).float(), persistent=False)
+        # The sign of the partner's term: x1 cos - x2 sin, x2 cos + x1 sin.
+        sign = torch.tensor([-1.0, 1.0]).repeat(head_dim // 2)
+        self.register_buffer("sign", sign, persistent=False)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, offset: int | torch.Tensor = 0
@@ -79,7 +83,8 @@ class RotaryEmbedding(nn.Module):
         return _rotate(q, q_cos, q_sin), _rotate(k, k_cos, k_sin)
 
     def _factors(self, device: torch.device, n: int, offset: int | torch.Tensor) -> _Factors:
-        """``(cos, sin)`` of q then of k, ``(1, n, 1, head_dim)`` float32."""
+        """``(cos, sin)`` of q then of k, ``(1, n, 1, head_dim)`` float32, ``sin`` signed for
+        [`_rotate`][dilated.longnet.rotary._rotate]."""
         if isinstance(offset, torch.Tensor):
             steps = torch.arange(n, device=device, dtype=torch.float32)
             pos = offset.to(device=device, dtype=torch.float32) + steps
@@ -87,7 +92,8 @@ class RotaryEmbedding(nn.Module):
             pos = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
         angles = pos[:, None] * self.inv_freq.to(device)[None, :]
         # Once for q and k: each is a launch.
-        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        cos = angles.cos()[None, :, None, :]
+        sin = (angles.sin() * self.sign.to(device))[None, :, None, :]
         if self.xpos_scale_base is None:
             return cos, sin, cos, sin
         power = pos[:, None] / self.xpos_scale_base
@@ -101,8 +107,9 @@ class RotaryEmbedding(nn.Module):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Pair ``(x1, x2)`` of ``x`` to ``(x1 cos - x2 sin, x1 sin + x2 cos)`` in float32, given
-    ``cos``/``sin`` per element (interleaved like ``x``); returns the dtype of ``x``."""
-    xf = x.float()
-    pairs = xf.unflatten(-1, (-1, 2))
-    turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return torch.addcmul(xf * cos, turned, sin).to(x.dtype)
+    float32 ``cos`` and the signed ``sin`` (``-sin`` at ``x1``, ``sin`` at ``x2``) per element,
+    interleaved like ``x``; returns the dtype of ``x``."""
+    # Four launches (an eager decoding step is bound by them): the swap, and products that
+    # promote a 16-bit x to float32 themselves.
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)

@@ -10,8 +10,21 @@ reader, so it runs on dilated-ring's all-gather schedule
 block straight to its reader and each gradient straight back. Every rank derives every other
 rank's needs from the layout, so no metadata travels. The received rows fill a buffer of one
 segment (``min(w, seq)`` rows, as LongNet's all-gather holds them; only the needed rows are
-filled) and the tiles of the rank's rows run against it
-([`forward_into`][dilated.sparse.engine.forward_into], the queries shifted to the shard).
+filled) and the rank's rows run against it on the call's path
+([`dilated.sparse.paths`][dilated.sparse.paths]):
+
+- ``"tiles"`` ([`BlockSparseBody`][dilated.sparse.block_body.BlockSparseBody]): the engine's
+  tiles ([`forward_into`][dilated.sparse.engine.forward_into], the queries shifted to the
+  shard), merged into the rank's float32 accumulators call by call;
+- ``"flash4"`` ([`Flash4SparseBody`][dilated.sparse.block_body.Flash4SparseBody]): the
+  single-process flash4 path ([`dilated.sparse.flash4_path`][dilated.sparse.flash4_path]) on the
+  segment buffer, its queries (and in the backward pass the output, its gradient and the LSE)
+  placed at the rank's rows of a buffer of the same length, the layout's table cut to the
+  rank's query blocks: one flash-attn-4 call per run walks only those blocks, the other rows'
+  blocks are empty. The rank's rows of the result merge into the accumulators once per branch.
+  The price is memory: per spanning branch, buffers of one segment for the queries and the
+  output (in the backward pass also their gradients), beside the key/value buffers both
+  bodies hold.
 """
 
 from __future__ import annotations
@@ -24,12 +37,16 @@ from typing import Any
 import torch
 
 from dilated.core.branches import compute_dtype
+from dilated.core.caching import PlanCache
 from dilated.core.sparsity import BranchLayout
+from dilated.kernels.merge import merge_into
 from dilated.ring.schedule import Held
+from dilated.sparse import flash4_path
 from dilated.sparse.engine import RunTable, backward_into, branch_runs, forward_into
 
 __all__ = [
     "BlockSparseBody",
+    "Flash4SparseBody",
     "Shards",
     "SparseBackwardRows",
     "SparseForwardRows",
@@ -187,6 +204,8 @@ class BlockSparseBody:
             [`SparseBackwardRows`][dilated.sparse.block_body.SparseBackwardRows]: the pass.
         options: the keywords of [`forward_into`][dilated.sparse.engine.forward_into] (scale,
             causal flag, the segment's key padding mask, dropout).
+        layout_key: the call's [`layout_key`][dilated.sparse.layouts.layout_key] (the flash4
+            body's cache key of the rank's tables, with the branch and the sharding).
     """
 
     same_block_for_every_peer = False
@@ -201,8 +220,10 @@ class BlockSparseBody:
         v: torch.Tensor,
         rows: SparseForwardRows | SparseBackwardRows,
         options: dict[str, Any],
+        layout_key: str = "",
     ) -> None:
         self.sh, self.index, self.lay, self.rank = sh, index, lay, rank
+        self.layout_key = layout_key
         self.k, self.v, self.rows, self.options = k, v, rows, options
         self.members = tuple(range(sh.world))
         self.block_dtype = k.dtype
@@ -262,3 +283,76 @@ class BlockSparseBody:
         here = self.rank * self.sh.shard
         for reader, grad in grads:
             _unpack(grad, self.transfer(reader, self.rank), (rows.dk, rows.dv), here, add=True)
+
+
+_RANK_LAYOUTS: PlanCache[tuple[object, ...], BranchLayout] = PlanCache(
+    "dilated.sparse.block_body.rank_layouts",
+    maxsize=64,
+    key="the layout key, the branch, the sharding and the rank",
+)
+
+
+class Flash4SparseBody(BlockSparseBody):
+    """[`BlockSparseBody`][dilated.sparse.block_body.BlockSparseBody] on the flash4 path: the
+    rank's rows of one spanning branch as the single-process flash4 path on the segment buffer.
+
+    Args: as [`BlockSparseBody`][dilated.sparse.block_body.BlockSparseBody], ``options``
+        without dropout.
+    """
+
+    @property
+    def first(self) -> int:
+        """The rank's first row in the segment."""
+        start, _ = _segment(self.sh, self.lay.segment_length, self.rank)
+        return self.rank * self.sh.shard - start
+
+    @property
+    def layout(self) -> BranchLayout:
+        """The branch's layout with only the rank's query blocks (cached)."""
+        sh, lay, rank = self.sh, self.lay, self.rank
+        key = (self.layout_key, self.index, sh.seq, sh.shard, sh.world, rank, sh.block, sh.causal)
+        return _RANK_LAYOUTS.get_or_build(
+            key, lambda: dataclasses.replace(lay, blocks=_query_table(sh, lay, rank)[0])
+        )
+
+    def _placed(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """``x`` ``(batch, seq / P, ...)`` at the rank's rows of a zero buffer of ``length``."""
+        buf = x.new_zeros((x.shape[0], length, *x.shape[2:]))
+        buf[:, self.first : self.first + self.sh.shard] = x
+        return buf
+
+    def _call(self) -> dict[str, Any]:
+        return {
+            "scale": self.options["scale"],
+            "is_causal": self.sh.causal,
+            "key_padding_mask": self.options["key_padding_mask"],
+            "layout_key": f"{self.layout_key}|rows of branch {self.index}, rank {self.rank} "
+            f"of {self.sh.world}",
+        }
+
+    def forward(self, held: Sequence[Held]) -> None:
+        rows = self.rows
+        assert isinstance(rows, SparseForwardRows)
+        kbuf, vbuf, _ = self._buffers(held)
+        mine = slice(self.first, self.first + self.sh.shard)
+        out, lse = flash4_path.forward(
+            self._placed(rows.q, kbuf.shape[1]), kbuf, vbuf, [self.layout], self.sh.block,
+            **self._call(),
+        )  # fmt: skip
+        acc_lse = rows.acc_lse[..., 0].transpose(1, 2)
+        merge_into(rows.acc, acc_lse, out[:, mine], lse[:, :, mine])
+
+    def backward(self, held: Sequence[Held]) -> None:
+        rows = self.rows
+        assert isinstance(rows, SparseBackwardRows)
+        kbuf, vbuf, start = self._buffers(held)
+        length = kbuf.shape[1]
+        mine = slice(self.first, self.first + self.sh.shard)
+        lse = self._placed(rows.lse4[..., 0], length).transpose(1, 2)
+        dq, dk, dv = flash4_path.backward(
+            self._placed(rows.grad_out, length), self._placed(rows.q, length), kbuf, vbuf,
+            self._placed(rows.out, length), lse, [self.layout], self.sh.block, **self._call(),
+        )  # fmt: skip
+        rows.dq.add_(dq[:, mine])
+        for h in held:
+            h.grad = _pack(dk, dv, self.transfer(self.rank, h.src), start).to(self.grad_dtype)

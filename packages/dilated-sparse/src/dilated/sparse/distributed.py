@@ -11,6 +11,12 @@ key/value gradients of those rows go back to their owners (float32). Blocks outs
 are neither sent nor computed. The forward pass keeps the received rows for the backward pass,
 which sends only gradients.
 
+Both paths of the single-process op ([`dilated.sparse.paths`][dilated.sparse.paths]) run here,
+chosen by the same rule on the rank's shard: on ``"flash4"`` the local branches are the flash4
+path on the shard and the spanning branches run
+[`Flash4SparseBody`][dilated.sparse.block_body.Flash4SparseBody]; on ``"tiles"`` both are the
+engine's tiles.
+
 [`comm_bytes`][dilated.sparse.distributed.comm_bytes] is the cost model of those transfers; the
 tests compare it with the bytes the transport counts.
 """
@@ -28,13 +34,16 @@ from dilated.core.branches import compute_dtype
 from dilated.core.config import SparsePatternConfig
 from dilated.core.reference import derive_dropout_seed, draw_dropout_seed, dropout_seed_value
 from dilated.core.sparsity import BranchLayout
+from dilated.kernels.merge import merge_into
 from dilated.ring.comm import gather_key_padding_mask, make_comm
 from dilated.ring.functional import as_process_group, group_rank_and_size
 from dilated.ring.schedule import Kept, run_backward, run_forward
 from dilated.ring.schedules import get_schedule
 from dilated.ring.validation import CheckedCall, check_call
+from dilated.sparse import flash4_path
 from dilated.sparse.block_body import (
     BlockSparseBody,
+    Flash4SparseBody,
     Shards,
     SparseBackwardRows,
     SparseForwardRows,
@@ -48,8 +57,14 @@ from dilated.sparse.engine import (
     uninitialized_accumulators,
 )
 from dilated.sparse.functional import ResolvedLayouts, resolve, sparse_op
+from dilated.sparse.paths import choose_path
 
-__all__ = ["block_sparse_ring_dilated_attention", "check_sharding", "comm_bytes"]
+__all__ = [
+    "block_sparse_ring_dilated_attention",
+    "check_sharding",
+    "comm_bytes",
+    "sparse_ring_passes",
+]
 
 #: The blocks of a sparse body differ per reader: each goes straight to it.
 _SCHEDULE = get_schedule("allgather")
@@ -138,6 +153,8 @@ class _ShardedCall:
     scale: float
     group: Any
     timeout_s: float | None
+    layout_key: str
+    path: str
     dropout_p: float = 0.0
     dropout_seed: int | None = None
 
@@ -164,9 +181,30 @@ class _ShardedCall:
             mask = whole_mask[:, start : start + length]
         return self.options(branch, mask)
 
+    def local_layouts(self) -> list[BranchLayout]:
+        return [lay for lay, spans in zip(self.layouts, self.spanning) if not spans]
+
     def local_runs(self, q: torch.Tensor, k: torch.Tensor) -> list[Any]:
-        local = [lay for lay, spans in zip(self.layouts, self.spanning) if not spans]
-        return run_tables(local, q.shape[1], q.shape[2], k.shape[2])
+        return run_tables(self.local_layouts(), q.shape[1], q.shape[2], k.shape[2])
+
+    def flash4_options(self, mask: torch.Tensor | None) -> dict[str, Any]:
+        """Keywords of the flash4 path on the local branches (the shard fixes which they are)."""
+        return {
+            "scale": self.scale,
+            "is_causal": self.sh.causal,
+            "key_padding_mask": mask,
+            "layout_key": f"{self.layout_key}|local branches",
+        }
+
+    def body(
+        self, i: int, rank: int, k: torch.Tensor, v: torch.Tensor,
+        rows: SparseForwardRows | SparseBackwardRows, whole_mask: torch.Tensor | None,
+    ) -> BlockSparseBody:  # fmt: skip
+        """The block body of spanning branch ``i`` on the call's path."""
+        options = self.spanning_options(i, rank, whole_mask)
+        lay = self.layouts[i]
+        body = Flash4SparseBody if self.path == "flash4" else BlockSparseBody
+        return body(self.sh, i, lay, rank, k, v, rows, options, self.layout_key)
 
 
 class _ShardedBlockSparse(torch.autograd.Function):
@@ -184,15 +222,23 @@ class _ShardedBlockSparse(torch.autograd.Function):
         comm = make_comm(call.group, call.timeout_s)
         # forward_into(empty=True) fills only what the local branches do not write first.
         acc, acc_lse = uninitialized_accumulators(q)
-        options = call.options(None, mask)
-        forward_into(call.local_runs(q, k), sh.block, q, k, v, acc, acc_lse, empty=True, **options)
+        local = call.local_layouts()
+        if call.path == "tiles":
+            options = call.options(None, mask)
+            runs = call.local_runs(q, k)
+            forward_into(runs, sh.block, q, k, v, acc, acc_lse, empty=True, **options)
+        elif local:
+            out, lse = flash4_path.forward(q, k, v, local, sh.block, **call.flash4_options(mask))
+            merge_into(acc, acc_lse[..., 0].transpose(1, 2), out, lse, first=True)
+        else:
+            acc.zero_()
+            acc_lse.fill_(float("-inf"))
         rows = SparseForwardRows(q, acc, acc_lse)
         kept: list[Kept] = []
-        for i, (lay, spans) in enumerate(zip(call.layouts, call.spanning)):
+        for i, spans in enumerate(call.spanning):
             if spans:
-                options = call.spanning_options(i, comm.rank, whole_mask)
-                body = BlockSparseBody(sh, i, lay, comm.rank, k, v, rows, options)
                 kept.append({})
+                body = call.body(i, comm.rank, k, v, rows, whole_mask)
                 run_forward(_SCHEDULE, body, comm, kept[-1])
         out = acc.to(q.dtype)
         lse = acc_lse[..., 0].transpose(1, 2).contiguous()
@@ -217,18 +263,24 @@ class _ShardedBlockSparse(torch.autograd.Function):
         work = compute_dtype(q.dtype)
         lse4 = lse.transpose(1, 2).unsqueeze(-1).contiguous()
         dq, dk, dv = (torch.zeros(x.shape, dtype=work, device=q.device) for x in (q, k, v))
-        runs = call.local_runs(q, k)
-        if runs:
+        local = call.local_layouts()
+        if call.path == "tiles" and local:
             options = call.options(None, mask)
+            runs = call.local_runs(q, k)
             backward_into(runs, sh.block, grad_out, q, k, v, out, lse4, dq, dk, dv, **options)
+        elif local:
+            grads = flash4_path.backward(
+                grad_out, q, k, v, out, lse, local, sh.block, **call.flash4_options(mask)
+            )
+            for acc, grad in zip((dq, dk, dv), grads):
+                acc.add_(grad)
         rows = SparseBackwardRows(q, grad_out, out, lse4, dq, dk, dv)
         blocks = iter(received)
         sources = iter(ctx.sources)
-        for i, (lay, spans) in enumerate(zip(call.layouts, call.spanning)):
+        for i, spans in enumerate(call.spanning):
             if spans:
                 kept = {src: next(blocks) for src in next(sources)}
-                options = call.spanning_options(i, comm.rank, whole_mask)
-                body = BlockSparseBody(sh, i, lay, comm.rank, k, v, rows, options)
+                body = call.body(i, comm.rank, k, v, rows, whole_mask)
                 run_backward(_SCHEDULE, body, comm, kept)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -303,6 +355,47 @@ def block_sparse_ring_dilated_attention(
         ValueError: on every rank, when any rank's input is invalid or the ranks disagree.
         TimeoutError: when a peer rank does not join a transfer within ``timeout_s``.
     """
+    prepared = _prepare(
+        q, k, v, segment_lengths, dilation_rates, sparse_config, scale, is_causal,
+        key_padding_mask, dropout_p, group, timeout_s, return_lse, check_finite,
+    )  # fmt: skip
+    if isinstance(prepared, _SingleCall):
+        out, lse = prepared.run(q, k, v)
+    else:
+        out, lse = _ShardedBlockSparse.apply(q, k, v, *prepared)
+    return (out, lse) if return_lse else out
+
+
+@dataclass(frozen=True)
+class _SingleCall:
+    """A world of one: the single-process op's checked arguments."""
+
+    segment_lengths: list[int]
+    dilation_rates: list[int]
+    layout_key: str
+    scale: float
+    is_causal: bool
+    key_mask: torch.Tensor | None
+    dropout_p: float
+
+    def run(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)`` of [`sparse_op`][dilated.sparse.functional.sparse_op]."""
+        return sparse_op(
+            q, k, v, self.segment_lengths, self.dilation_rates, self.layout_key, self.scale,
+            self.is_causal, self.key_mask, self.dropout_p,
+        )  # fmt: skip
+
+
+def _prepare(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], sparse_config: SparsePatternConfig, scale: float | None,
+    is_causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float, group: Any,
+    timeout_s: float | None, return_lse: bool, check_finite: bool | None,
+) -> _SingleCall | tuple[_ShardedCall, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """The checked call of every rank: a world of one's arguments of the single-process op, or
+    the sharded call, this rank's key mask and the gathered one."""
     group = as_process_group(group)
     _, world = group_rank_and_size(group)
     # Resolved before the agreement, so that the ranks compare the layouts themselves (a custom
@@ -337,21 +430,70 @@ def block_sparse_ring_dilated_attention(
     )  # fmt: skip
     assert resolved is not None
     if world == 1:
-        out, lse = sparse_op(
-            q, k, v, call.segment_lengths, call.dilation_rates, resolved.key, call.scale,
+        return _SingleCall(
+            list(call.segment_lengths), list(call.dilation_rates), resolved.key, call.scale,
             is_causal, call.key_mask, dropout_p,
         )  # fmt: skip
-        return (out, lse) if return_lse else out
     _, shard, heads, _ = q.shape
     sh = Shards(shard * world, shard, world, heads, k.shape[2], resolved.block_size, is_causal)
     seed = dropout_seed_value(draw_dropout_seed(dropout_p))
     timeout = call.timeout_s
     run = _ShardedCall(
-        sh, resolved.layouts, tuple(spanning), call.scale, group, timeout, dropout_p, seed
-    )
+        sh, resolved.layouts, tuple(spanning), call.scale, group, timeout, resolved.key,
+        choose_path(q, k, dropout_p=dropout_p), dropout_p, seed,
+    )  # fmt: skip
     key_mask, whole_mask = call.key_mask, None
     if key_mask is not None and any(spanning):
         comm = make_comm(group, timeout)
         whole_mask = gather_key_padding_mask(key_mask, "contiguous", world, comm)
-    out, lse = _ShardedBlockSparse.apply(q, k, v, run, key_mask, whole_mask)
-    return (out, lse) if return_lse else out
+    return run, key_mask, whole_mask
+
+
+class _PassContext:
+    """Autograd's context, for both passes driven directly."""
+
+    saved_tensors: tuple[torch.Tensor, ...] = ()
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *tensors: torch.Tensor) -> None:
+        pass
+
+
+def sparse_ring_passes(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    sparse_config: SparsePatternConfig,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    group: Any = None,
+    timeout_s: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One rank's forward and backward passes of
+    [`block_sparse_ring_dilated_attention`][dilated.sparse.distributed.block_sparse_ring_dilated_attention]
+    without autograd: ``(out, dq, dk, dv)``, ``d_out`` the gradient of this rank's output rows.
+
+    For ranks that are [`dilated.ring.loopback`][dilated.ring.loopback] threads on CUDA, where
+    autograd runs every backward of a device on one engine thread, so the ranks' backward
+    passes would wait for each other there (as
+    [`ring_passes`][dilated.ring.ring.ring_passes]). Arguments as there, checked the same way.
+    """
+    prepared = _prepare(
+        q, k, v, segment_lengths, dilation_rates, sparse_config, None, is_causal,
+        key_padding_mask, 0.0, group, timeout_s, False, None,
+    )  # fmt: skip
+    if isinstance(prepared, _SingleCall):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out, _ = prepared.run(*leaves)
+        dq, dk, dv = torch.autograd.grad(out, leaves, d_out)
+        return out.detach(), dq, dk, dv
+    ctx = _PassContext()
+    out, _ = _ShardedBlockSparse.forward(ctx, q, k, v, *prepared)
+    dq, dk, dv, *_ = _ShardedBlockSparse.backward(ctx, d_out, None)
+    return out, dq, dk, dv
