@@ -178,9 +178,9 @@ def test_an_eager_step_indexes_its_slots_once_for_every_layer(
     calls: list[int] = []
     real = DecodeSlots.index
 
-    def spy(self: DecodeSlots, position: torch.Tensor, keys: int) -> object:
+    def spy(self: DecodeSlots, position: torch.Tensor, keys: int, dtype: torch.dtype) -> object:
         calls.append(int(position))
-        return real(self, position, keys)
+        return real(self, position, keys, dtype)
 
     monkeypatch.setattr(DecodeSlots, "index", spy)
     ids = torch.randint(0, 40, (2, 11))

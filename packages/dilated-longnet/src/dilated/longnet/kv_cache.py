@@ -323,22 +323,29 @@ class DecodeSlots:
         self.head_phase = torch.arange(heads, device=device)[:, None] % self.r[None, :]
         #: A branch of rate 1 gives every head key t itself: no head sees nothing.
         self.every_head_reads_t = 1 in rs
-        self._last: LastStep[tuple[int, int], SlotIndex] = LastStep()
+        self._last: LastStep[tuple[int, int, torch.dtype], SlotIndex] = LastStep()
 
-    def index(self, position: torch.Tensor, keys: int) -> SlotIndex:
+    def index(
+        self, position: torch.Tensor, keys: int, dtype: torch.dtype = torch.float32
+    ) -> SlotIndex:
         """The slots' keys for the query at ``position`` (0-d int64 on the slots' device) over
-        ``keys`` cached positions, computed on the device."""
+        ``keys`` cached positions, computed on the device; its additive mask in ``dtype``."""
         t = position
         index = (t // self.w) * self.w + t % self.r + self.r * self.j
         # A slot in the future reads key t instead: written, so finite, where the future may
         # hold anything (a masked NaN score stays NaN in the softmax).
+        present = (index <= t)[None, :]
+        in_phase = self.head_phase == (t % self.r)[None, :]
+        allowed = in_phase & present
+        # Additive, in the queries' dtype: SDPA converts a boolean mask at every call (about
+        # 40 us of host per layer on an H100), this is once per step.
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        bias.masked_fill_(~allowed, float("-inf"))
         return SlotIndex(
-            torch.minimum(index, t).clamp(0, keys - 1),
-            (index <= t)[None, :],
-            self.head_phase == (t % self.r)[None, :],
+            torch.minimum(index, t).clamp(0, keys - 1), present, in_phase, allowed, bias
         )
 
-    def index_at(self, position: int, keys: int) -> SlotIndex:
+    def index_at(self, position: int, keys: int, dtype: torch.dtype = torch.float32) -> SlotIndex:
         """[`index`][dilated.longnet.kv_cache.DecodeSlots.index] of an int position, kept
         for the last one asked: every layer of an eager decoding step asks for the same, and
         computing it once saves each further layer a copy to the device and about ten
@@ -346,9 +353,9 @@ class DecodeSlots:
 
         def build() -> SlotIndex:
             t = torch.tensor(position, dtype=torch.int64).to(self.w.device, non_blocking=True)
-            return self.index(t, keys)
+            return self.index(t, keys, dtype)
 
-        return self._last.get_or_build((position, keys), build)
+        return self._last.get_or_build((position, keys, dtype), build)
 
 
 class SlotIndex(NamedTuple):
@@ -360,11 +367,17 @@ class SlotIndex(NamedTuple):
             into the cache.
         present: bool ``(1, slots)``, the slot's key is at or before ``t``.
         in_phase: bool ``(heads, slots)``, the head reads the slot (its phase is ``t``'s).
+        allowed: bool ``(heads, slots)``, both (without key padding: the step's mask, computed
+            once for every layer).
+        bias: ``allowed`` as an additive mask ``(heads, slots)``: 0 where allowed, ``-inf``
+            elsewhere, in the dtype asked for.
     """
 
     keys: torch.Tensor
     present: torch.Tensor
     in_phase: torch.Tensor
+    allowed: torch.Tensor
+    bias: torch.Tensor
 
 
 @plan_cache("dilated.longnet.kv_cache.decode_slots", maxsize=64, key="(ws, rs, heads, device)")
@@ -416,22 +429,25 @@ def decode_step(
     b, _, h, d = q.shape
     hkv = k.shape[2]
     if isinstance(position, int):
-        index_c, present, in_phase = slots.index_at(position, k.shape[1])
+        index_c, present, in_phase, allowed, bias = slots.index_at(position, k.shape[1], q.dtype)
     else:
-        index_c, present, in_phase = slots.index(position, k.shape[1])
+        index_c, present, in_phase, allowed, bias = slots.index(position, k.shape[1], q.dtype)
     keys = k.index_select(1, index_c)  # (b, slots, hkv, d)
     values = v.index_select(1, index_c)
+    # A head reads a present slot when it is in the slot's phase. The query heads of one
+    # key/value head are the rows of its problem: one attention for every head and branch.
+    allowed = allowed.view(1, hkv, h // hkv, -1)
+    mask = bias.view(1, hkv, h // hkv, -1)
     if key_mask is not None:
         # A slot holds a key when it is at or before t and not padding. Padding may hold
         # anything, NaN included: zeroed, not only masked (a masked NaN score stays NaN).
         present = present & key_mask.index_select(1, index_c)  # (batch, slots)
         keys, values = (torch.where(present[:, :, None, None], x, 0.0) for x in (keys, values))
-    # A head reads a present slot when it is in the slot's phase. The query heads of one
-    # key/value head are the rows of its problem: one attention for every head and branch.
-    allowed = in_phase.view(1, hkv, h // hkv, -1) & present[:, None, None, :]
+        allowed = in_phase.view(1, hkv, h // hkv, -1) & present[:, None, None, :]
+        mask = allowed
     out = F.scaled_dot_product_attention(
         q.reshape(b, hkv, h // hkv, d), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=allowed, scale=scale,
+        attn_mask=mask, scale=scale,
     )  # fmt: skip
     if key_mask is not None or not slots.every_head_reads_t:
         # A head that sees no key gets 0 (a softmax over nothing is NaN).

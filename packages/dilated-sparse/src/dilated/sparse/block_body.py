@@ -296,8 +296,8 @@ class Flash4SparseBody(BlockSparseBody):
     """[`BlockSparseBody`][dilated.sparse.block_body.BlockSparseBody] on the flash4 path: the
     rank's rows of one spanning branch as the single-process flash4 path on the segment buffer.
 
-    Args: as [`BlockSparseBody`][dilated.sparse.block_body.BlockSparseBody], ``options``
-        without dropout.
+    It takes the arguments of [`BlockSparseBody`][dilated.sparse.block_body.BlockSparseBody],
+    ``options`` without dropout.
     """
 
     @property
