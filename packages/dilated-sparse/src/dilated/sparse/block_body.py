@@ -205,7 +205,8 @@ class BlockSparseBody:
         options: the keywords of [`forward_into`][dilated.sparse.engine.forward_into] (scale,
             causal flag, the segment's key padding mask, dropout).
         layout_key: the call's [`layout_key`][dilated.sparse.layouts.layout_key] (the flash4
-            body's cache key of the rank's tables, with the branch and the sharding).
+            body's cache key of the rank's tables, with the branch and the sharding: required,
+            since a key shared by two layouts would hand one the other's tables).
     """
 
     same_block_for_every_peer = False
@@ -220,7 +221,7 @@ class BlockSparseBody:
         v: torch.Tensor,
         rows: SparseForwardRows | SparseBackwardRows,
         options: dict[str, Any],
-        layout_key: str = "",
+        layout_key: str,
     ) -> None:
         self.sh, self.index, self.lay, self.rank = sh, index, lay, rank
         self.layout_key = layout_key
